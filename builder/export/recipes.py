@@ -1,0 +1,96 @@
+"""What each component's ONNX graph is: module, tensor names, dynamic axes and sample inputs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.export import Dim
+
+from builder.export.wrappers import AudioEncoder, LanguageModel, VisionEncoder
+from builder.source.checkpoint import SourceModel
+from builder.spec import LimitsSpec
+
+Sampler = Callable[[torch.Generator, int], tuple[torch.Tensor, ...]]
+
+
+@dataclass
+class ExportRecipe:
+    component: str  # vision_encoder | audio_encoder | llm
+    module: torch.nn.Module
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_shapes: dict[str, Any]
+    sample_inputs: Sampler  # (generator, variant) -> inputs; variant 0 is the export example
+
+
+def vision_recipe(source: SourceModel, limits: LimitsSpec) -> ExportRecipe:
+    size = source.facts.image_size
+
+    def sample(gen: torch.Generator, variant: int) -> tuple[torch.Tensor, ...]:
+        return (torch.randn(2 + variant % 3, 3, size, size, generator=gen),)
+
+    images = Dim("images", min=1, max=max(64, limits.max_images * 16))
+    return ExportRecipe(
+        "vision_encoder", VisionEncoder(source.model).eval(), ["pixel_values"], ["image_embeds"],
+        {"pixel_values": {0: images}}, sample,
+    )
+
+
+def audio_recipe(source: SourceModel, limits: LimitsSpec) -> ExportRecipe:
+    assert source.audio_tower is not None and source.audio_projector is not None
+    mels, frames = source.facts.num_mel_bins, source.facts.clip_samples // 160
+
+    def sample(gen: torch.Generator, variant: int) -> tuple[torch.Tensor, ...]:
+        return (torch.randn(2 + variant % 3, mels, frames, generator=gen),)
+
+    clips = Dim("clips", min=1, max=max(64, limits.max_audio_clips * 16))
+    return ExportRecipe(
+        "audio_encoder", AudioEncoder(source.audio_tower, source.audio_projector).eval(), ["input_features"],
+        ["audio_embeds"], {"input_features": {0: clips}}, sample,
+    )
+
+
+def kv_names(prefix: str, num_layers: int) -> list[str]:
+    return [f"{prefix}.{layer}.{kind}" for layer in range(num_layers) for kind in ("key", "value")]
+
+
+def llm_recipe(source: SourceModel, limits: LimitsSpec) -> ExportRecipe:
+    facts = source.facts
+    layers = facts.num_layers
+
+    def sample(gen: torch.Generator, variant: int) -> tuple[torch.Tensor, ...]:
+        # variant 0: a batch-2 prefill after a short past; others alternate prefill and decode shapes.
+        batch, seq, past = [(2, 5, 3), (1, 9, 0), (3, 1, 7)][variant % 3]
+        ids = torch.randint(0, facts.vocab_size, (batch, seq), generator=gen)
+        embeds = torch.randn(batch, seq, facts.hidden_size, generator=gen)
+        mask = torch.rand(batch, seq, generator=gen) > 0.5
+        attention = torch.ones(batch, past + seq, dtype=torch.long)
+        positions = torch.arange(past, past + seq).unsqueeze(0).repeat(batch, 1)
+        cache = [torch.randn(batch, facts.num_kv_heads, past, facts.head_dim, generator=gen) for _ in range(2 * layers)]
+        return (ids, embeds, mask, attention, positions, *cache)
+
+    batch = Dim("batch", min=1, max=256)
+    seq = Dim("sequence", min=1, max=limits.max_context)
+    past = Dim("past", min=0, max=limits.max_context)
+    total = Dim("total", min=1, max=2 * limits.max_context)
+    dynamic = {
+        "input_ids": {0: batch, 1: seq},
+        "multimodal_embeds": {0: batch, 1: seq},
+        "multimodal_mask": {0: batch, 1: seq},
+        "attention_mask": {0: batch, 1: total},  # must be fully dynamic: past + sequence
+        "position_ids": {0: batch, 1: seq},
+        "past": tuple({0: batch, 2: past} for _ in range(2 * layers)),
+    }
+    inputs = ["input_ids", "multimodal_embeds", "multimodal_mask", "attention_mask", "position_ids"]
+    return ExportRecipe(
+        "llm", LanguageModel(source.model).eval(), inputs + kv_names("past_key_values", layers),
+        ["logits"] + kv_names("present", layers), dynamic, sample,
+    )
+
+
+def recipes_for(source: SourceModel, limits: LimitsSpec, components: list[str]) -> list[ExportRecipe]:
+    makers = {"vision_encoder": vision_recipe, "audio_encoder": audio_recipe, "llm": llm_recipe}
+    return [makers[name](source, limits) for name in components]

@@ -1,0 +1,103 @@
+"""Small ``nn.Module`` wrappers with flat tensor I/O around the Hugging Face submodules.
+
+Each reuses the checkpoint's own modules, so the exported graph computes what the source model
+computes; :mod:`builder.export.parity` proves it on fresh inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import DynamicCache, Mistral3ForConditionalGeneration
+
+from builder.source.audio_modules import audio_embeddings
+
+
+class VisionEncoder(nn.Module):
+    """pixel_values [images, 3, H, W] -> image_embeds [images, tokens_per_image, hidden].
+
+    HF's Pixtral packs all images into one sequence with a block-diagonal mask and loops over
+    ``image_sizes`` in Python, which does not export with a dynamic image count. Images of one
+    size are independent, so running them as a batch computes exactly the same features.
+    """
+
+    def __init__(self, model: Mistral3ForConditionalGeneration) -> None:
+        super().__init__()
+        self.tower = model.model.vision_tower
+        self.projector = model.model.multi_modal_projector
+        self.feature_layer = model.config.vision_feature_layer
+        self.merge = model.config.spatial_merge_size
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        tower, projector = self.tower, self.projector
+        patches = tower.patch_conv(pixel_values)  # [N, C, h, w]
+        n, c, h, w = patches.shape
+        embeds = tower.ln_pre(patches.flatten(2).transpose(1, 2))  # [N, h*w, C]
+        rows = torch.arange(h, device=patches.device).repeat_interleave(w)
+        cols = torch.arange(w, device=patches.device).repeat(h)
+        position_ids = torch.stack([rows, cols], dim=-1)
+        position_embeddings = tower.patch_positional_embedding(embeds, position_ids)
+        hidden_states = [embeds]  # what HF's hidden_states holds: the input, then each layer's output
+        for layer in tower.transformer.layers:
+            hidden_states.append(layer(hidden_states[-1], None, position_embeddings=position_embeddings))
+        layers = [self.feature_layer] if isinstance(self.feature_layer, int) else self.feature_layer
+        features = projector.norm(torch.cat([hidden_states[i] for i in layers], dim=-1))
+        # The patch merger's unfold over each image's [C, h, w] grid, for a batch of images.
+        grid = features.transpose(1, 2).reshape(n, c, h, w)
+        merged = nn.functional.unfold(grid, kernel_size=self.merge, stride=self.merge)  # [N, C*m*m, L]
+        merged = projector.patch_merger.merging_layer(merged.transpose(1, 2))
+        return projector.linear_2(projector.act(projector.linear_1(merged)))
+
+
+class AudioEncoder(nn.Module):
+    """input_features [clips, mels, frames] -> audio_embeds [clips, tokens_per_clip, hidden]."""
+
+    def __init__(self, tower: nn.Module, projector: nn.Module) -> None:
+        super().__init__()
+        self.tower = tower
+        self.projector = projector
+
+    def forward(self, input_features: torch.Tensor) -> torch.Tensor:
+        embeds = audio_embeddings(self.tower, self.projector, input_features)
+        return embeds.reshape(input_features.shape[0], -1, embeds.shape[-1])
+
+
+class LanguageModel(nn.Module):
+    """One graph for prefill and decode, KV cache as flat ``past_key_values.{i}.key/value`` tensors.
+
+    Text embeddings are looked up inside the graph; ``multimodal_embeds`` replaces them where
+    ``multimodal_mask`` is set (the placeholder positions), which is the model's own
+    ``masked_scatter``. Only the last position's logits are returned: that is all decoding needs.
+    """
+
+    def __init__(self, model: Mistral3ForConditionalGeneration) -> None:
+        super().__init__()
+        self.embed_tokens = model.get_input_embeddings()
+        self.decoder = model.model.language_model
+        self.lm_head = model.lm_head
+        self.config = model.config.text_config
+        self.num_layers = self.config.num_hidden_layers
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [B, S] int64
+        multimodal_embeds: torch.Tensor,  # [B, S, hidden]
+        multimodal_mask: torch.Tensor,  # [B, S] bool
+        attention_mask: torch.Tensor,  # [B, past + S] int64
+        position_ids: torch.Tensor,  # [B, S] int64
+        *past: torch.Tensor,  # key_0, value_0, key_1, ... each [B, kv_heads, past, head_dim]
+    ) -> tuple[torch.Tensor, ...]:
+        embeds = self.embed_tokens(input_ids)
+        embeds = torch.where(multimodal_mask.unsqueeze(-1), multimodal_embeds.to(embeds.dtype), embeds)
+        cache = DynamicCache(config=self.config)
+        for layer in range(self.num_layers):
+            cache.update(past[2 * layer], past[2 * layer + 1], layer)
+        out = self.decoder(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=cache, use_cache=True, return_dict=True,
+        )
+        logits = self.lm_head(out.last_hidden_state[:, -1, :])
+        present = []
+        for layer in range(self.num_layers):
+            present += [out.past_key_values.layers[layer].keys, out.past_key_values.layers[layer].values]
+        return (logits, *present)

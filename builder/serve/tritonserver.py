@@ -1,0 +1,209 @@
+"""Find and run a real ``tritonserver`` (the one inside ``nvidia-pytriton`` by default).
+
+The server runs in its own process group so that stopping it also stops the Python
+backend stubs it forks, and with this interpreter's ``bin/`` first on ``PATH`` so that
+``model.py`` files run with this environment's packages.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from builder.errors import BuildError
+
+STUB_NAME = "triton_python_backend_stub"
+DEFAULT_CONTAINER_BACKENDS = Path("/opt/tritonserver/backends")
+# Error-level log lines, e.g. E1122 02:12:12.889 3225 model_lifecycle.cc:642] "failed to load ..."
+_ERROR_LINE = re.compile(r'^E\d{4} [\d:.]+ +\d+ (?P<where>[\w.]+:\d+)\] "?(?P<message>.*?)"?$', re.M)
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    binary: Path
+    backend_dir: Path
+
+
+def find_tritonserver() -> TritonInstall:
+    """The server named by ``$TRITONSERVER``, else the one shipped in the ``pytriton`` wheel."""
+    override = os.environ.get("TRITONSERVER")
+    if override:
+        backends = os.environ.get("TRITON_BACKEND_DIR", str(DEFAULT_CONTAINER_BACKENDS))
+        return TritonInstall(binary=Path(override), backend_dir=Path(backends))
+    try:
+        import pytriton
+    except ImportError:
+        raise BuildError("tritonserver not found: pip install -e '.[serve]' (nvidia-pytriton)") from None
+    root = Path(pytriton.__file__).parent / "tritonserver"
+    install = TritonInstall(binary=root / "bin" / "tritonserver", backend_dir=root / "backends")
+    _install_python_stub(root, install.backend_dir / "python")
+    return install
+
+
+def _install_python_stub(root: Path, python_backend: Path) -> None:
+    """Copy the backend stub built for this interpreter's version next to the Python backend."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    source = root / "python_backend_stubs" / version / STUB_NAME
+    target = python_backend / STUB_NAME
+    if not source.is_file():
+        raise BuildError(f"pytriton ships no Python backend stub for Python {version} ({source})")
+    if target.is_file() and filecmp.cmp(source, target):
+        return
+    try:
+        shutil.copy2(source, target)
+    except OSError as error:
+        raise BuildError(f"cannot install the Python backend stub into {python_backend}: {error}") from None
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class TritonServer:
+    """A ``tritonserver`` process serving ``model_repository``; use as a context manager."""
+
+    def __init__(
+        self,
+        model_repository: Path,
+        *,
+        host: str = "127.0.0.1",
+        grpc_port: int | None = None,
+        http_port: int | None = None,
+        metrics_port: int | None = None,
+        log_path: Path | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        self.model_repository = Path(model_repository)
+        self.host = host
+        self.grpc_port = grpc_port or _free_port(host)
+        self.http_port = http_port or _free_port(host)
+        self.metrics_port = metrics_port or _free_port(host)
+        if log_path is None:
+            log_path = Path(tempfile.mkdtemp(prefix="tritonserver-")) / "server.log"
+        self.log_path = Path(log_path)
+        self.extra_args = tuple(extra_args)
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    def command(self, install: TritonInstall) -> list[str]:
+        return [
+            str(install.binary),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={install.backend_dir}",
+            f"--grpc-address={self.host}",
+            f"--grpc-port={self.grpc_port}",
+            f"--http-address={self.host}",
+            f"--http-port={self.http_port}",
+            f"--metrics-address={self.host}",
+            f"--metrics-port={self.metrics_port}",
+            "--log-verbose=0",
+            *self.extra_args,
+        ]
+
+    def start(self) -> None:
+        if self._process is not None:
+            raise BuildError("tritonserver is already running")
+        install = find_tritonserver()
+        env = dict(os.environ)
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "wb") as log:
+            self._process = subprocess.Popen(
+                self.command(install),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # own process group: stop() also reaches the stubs
+            )
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        """Block until the server reports ready; BuildError (with the log tail) otherwise."""
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
+
+        if self._process is None:
+            raise BuildError("tritonserver was not started")
+        deadline = time.monotonic() + timeout
+        with grpcclient.InferenceServerClient(self.grpc_url) as client:
+            while time.monotonic() < deadline:
+                if self._process.poll() is not None:
+                    raise BuildError(
+                        f"tritonserver exited with code {self._process.returncode}:\n{self.log_tail()}"
+                    )
+                try:
+                    if client.is_server_ready(client_timeout=2):
+                        return
+                except InferenceServerException:
+                    pass
+                time.sleep(0.25)
+        raise BuildError(f"tritonserver not ready after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def stop(self, grace: float = 15) -> None:
+        """SIGTERM the server's process group, then SIGKILL whatever is left after ``grace`` s."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        group = process.pid  # start_new_session made the server its group leader
+        self._signal_group(group, signal.SIGTERM)
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+        self._signal_group(group, signal.SIGKILL)  # stubs that outlived the server, if any
+        process.wait()
+
+    @staticmethod
+    def _signal_group(group: int, sig: signal.Signals) -> None:
+        try:
+            os.killpg(group, sig)
+        except ProcessLookupError:
+            pass
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The server's error lines (e.g. why a model failed to load), then its last ``lines`` lines."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no server log)"
+        errors = [  # without the CUDA/NVML complaints of a machine with no GPU
+            f"{m['where']}: {m['message']}".replace("\\n", "\n").rstrip()
+            for m in _ERROR_LINE.finditer(text)
+            if "cuda" not in m["message"].lower()
+        ]
+        tail = "\n".join(text.splitlines()[-lines:])
+        return "\n".join([*errors, f"--- last {lines} lines of {self.log_path} ---", tail])
+
+    def __enter__(self) -> TritonServer:
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -1,0 +1,108 @@
+"""The ``tiny`` preset: a small tri-modal model with seeded random weights, saved as a real checkpoint.
+
+Architecture: ``Mistral3ForConditionalGeneration`` (Pixtral vision tower + patch-merger projector +
+Mistral decoder, the layout of Magistral Small 1.2) plus Voxtral's Whisper-style audio tower and
+projector feeding the same decoder. The audio parts are stored in the same ``model.safetensors``
+under ``audio_tower.`` / ``audio_projector.``, described by ``audio_config`` in ``config.json``;
+:mod:`builder.source.checkpoint` reads it back exactly as it reads a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PreTrainedTokenizerFast
+
+from builder.source.audio_modules import build_audio_modules
+
+# Special tokens first (ids 0..15), then the 256 byte-level tokens: any text round-trips.
+SPECIAL_TOKENS = [
+    "<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]", "[AUDIO]", "[BEGIN_AUDIO]",
+] + [f"<special_{i}>" for i in range(10, 16)]
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def tiny_config() -> Mistral3Config:
+    vocab = len(SPECIAL_TOKENS) + 256
+    ids = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    return Mistral3Config(
+        text_config=dict(
+            model_type="mistral", vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+            rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=ids["<s>"], eos_token_id=ids["</s>"],
+            pad_token_id=ids["<unk>"], tie_word_embeddings=False,
+        ),
+        vision_config=dict(
+            model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            head_dim=16, patch_size=8, image_size=64, num_channels=3, rope_theta=10000.0,
+        ),
+        # Voxtral-style audio encoder: 2 s clips (200 mel frames), 4 frames stacked per audio token.
+        audio_config=dict(
+            model_type="voxtral_encoder", hidden_size=32, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=2, num_mel_bins=16, max_source_positions=100,
+        ),
+        image_token_index=ids["[IMG]"],
+        audio_token_id=ids["[AUDIO]"],
+        spatial_merge_size=2,
+        vision_feature_layer=-1,
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=False,
+        bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], pad_token_id=ids["<unk>"],
+    )
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for char in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[char] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>"
+    )
+
+
+def _reinit(module: torch.nn.Module, std: float, generator: torch.Generator) -> None:
+    # HF's default std (0.02) makes random-weight greedy output repeat one token; a wider init makes
+    # the output depend on the prompt, the image and the audio, so the end-to-end checks mean something.
+    for name, param in module.named_parameters():
+        if param.dim() >= 2:
+            with torch.no_grad():
+                param.normal_(0.0, std, generator=generator)
+
+
+def write_tiny_checkpoint(directory: Path, seed: int = 0) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    config = tiny_config()
+    model = Mistral3ForConditionalGeneration(config).eval()
+    audio_tower, audio_projector = build_audio_modules(config)
+
+    _reinit(model.model.language_model, 0.1, generator)
+    _reinit(model.model.multi_modal_projector, 0.1, generator)
+    _reinit(audio_projector, 0.1, generator)
+    _reinit(model.lm_head, 0.2, generator)
+    with torch.no_grad():
+        # Never predict special tokens (EOS included): answers have the requested length and are text.
+        model.lm_head.weight[: len(SPECIAL_TOKENS)] = 0.0
+
+    model.save_pretrained(directory, safe_serialization=True)
+    weights_path = directory / "model.safetensors"
+    weights = load_file(weights_path)
+    weights.update({f"audio_tower.{k}": v.contiguous() for k, v in audio_tower.state_dict().items()})
+    weights.update({f"audio_projector.{k}": v.contiguous() for k, v in audio_projector.state_dict().items()})
+    save_file(weights, weights_path, metadata={"format": "pt"})
+
+    tiny_tokenizer().save_pretrained(directory)
+    (directory / "preprocessor_config.json").write_text(
+        json.dumps({"image_mean": CLIP_MEAN, "image_std": CLIP_STD, "patch_size": 8, "sampling_rate": 16000}, indent=2)
+    )
+    return directory

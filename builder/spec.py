@@ -1,0 +1,202 @@
+"""The build spec: one YAML file, validated on load into typed dataclasses.
+
+Every key is checked: an unknown or mistyped key, a value of the wrong type or out of range is a
+``SpecError`` that names the key (``components.vison: unknown key (did you mean 'vision'?)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from builder.errors import SpecError
+
+Precision = Literal["fp32", "fp16", "int8"]
+Target = Literal["python", "onnxruntime", "tensorrt"]
+
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Where the model comes from: the built-in ``tiny`` preset or a local checkpoint directory."""
+
+    preset: Literal["tiny"] | None = "tiny"
+    checkpoint: str | None = None  # a Hugging Face ``save_pretrained`` directory (safetensors only)
+    seed: int = 0  # seed of the tiny preset's random weights
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    enabled: bool = True
+    precision: Precision = "fp32"
+
+
+@dataclass(frozen=True)
+class ComponentsSpec:
+    vision: ComponentSpec = field(default_factory=ComponentSpec)
+    audio: ComponentSpec = field(default_factory=ComponentSpec)
+    llm: ComponentSpec = field(default_factory=ComponentSpec)
+
+
+@dataclass(frozen=True)
+class LimitsSpec:
+    """Shape ranges of the build and per-request limits enforced by the server."""
+
+    max_images: int = 4  # images per request
+    image_size: int = 64  # images are resized to image_size x image_size pixels
+    max_image_bytes: int = 20_000_000
+    max_image_pixels: int = 40_000_000
+    max_audio_clips: int = 4  # encoder clips (fixed-length chunks) per request
+    max_audio_bytes: int = 50_000_000
+    max_prompt_tokens: int = 384  # tokens of the prompt, placeholders included
+    max_context: int = 512  # prompt + generated tokens
+    max_tokens: int = 128  # cap on new tokens per request
+    default_max_tokens: int = 32
+
+
+@dataclass(frozen=True)
+class TritonSpec:
+    instances: int = 1
+    max_batch_size: int = 8  # encoders: images/clips batched together across requests
+    dynamic_batching: bool = True
+    max_queue_delay_us: int = 2000
+    response_cache: bool = False
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    opset: int = 20
+    parity_samples: int = 2  # fresh random inputs per component compared with PyTorch
+    atol: float = 1e-4
+    rtol: float = 1e-3
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    name: str = "tiny"
+    target: Target = "python"
+    source: SourceSpec = field(default_factory=SourceSpec)
+    components: ComponentsSpec = field(default_factory=ComponentsSpec)
+    limits: LimitsSpec = field(default_factory=LimitsSpec)
+    triton: TritonSpec = field(default_factory=TritonSpec)
+    export: ExportSpec = field(default_factory=ExportSpec)
+    path: Path | None = field(default=None, compare=False)  # the file it was loaded from
+
+    def section(self, name: str) -> dict[str, Any]:
+        """A section as plain data, for cache keys and the manifest."""
+        return dataclasses.asdict(getattr(self, name))
+
+
+def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> BuildSpec:
+    """Reads and validates a spec file; ``overrides`` are dotted keys (``target``, ``components.llm.precision``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"spec file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: the top level must be a mapping of keys")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    raw.pop("path", None)
+    spec = _build(BuildSpec, raw, "")
+    spec = dataclasses.replace(spec, path=path)
+    _check(spec)
+    return spec
+
+
+def parse_spec(data: dict[str, Any]) -> BuildSpec:
+    spec = _build(BuildSpec, data, "")
+    _check(spec)
+    return spec
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise SpecError(f"{prefix.rstrip('.') or 'spec'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls) if f.name != "path"}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), sorted(fields), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(sorted(fields))})"
+            raise SpecError(f"{prefix}{key}: unknown key{hint}")
+        kwargs[key] = _value(hints[key], value, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _value(hint: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union or str(origin) == "types.UnionType":
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _value(option, value, key)
+            except SpecError as exc:
+                errors.append(str(exc))
+        raise SpecError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            raise SpecError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise SpecError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SpecError(f"{key}: expected a whole number, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SpecError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise SpecError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"spec field {key} has an unsupported type {hint}")  # a bug in this file, not user input
+
+
+def _check(spec: BuildSpec) -> None:
+    """Rules that span keys."""
+    if not _NAME.match(spec.name):
+        raise SpecError(f"name: {spec.name!r} must be 1-64 letters, digits, '_', '-' or '.'")
+    if (spec.source.preset is None) == (spec.source.checkpoint is None):
+        raise SpecError("source: give exactly one of 'preset' or 'checkpoint'")
+    lim = spec.limits
+    positive = {k: v for k, v in dataclasses.asdict(lim).items() if v <= 0}
+    for key in positive:
+        raise SpecError(f"limits.{key}: must be greater than 0")
+    if lim.max_prompt_tokens >= lim.max_context:
+        raise SpecError(
+            f"limits.max_prompt_tokens ({lim.max_prompt_tokens}) must be smaller than limits.max_context ({lim.max_context})"
+        )
+    if lim.default_max_tokens > lim.max_tokens:
+        raise SpecError(f"limits.default_max_tokens ({lim.default_max_tokens}) exceeds limits.max_tokens ({lim.max_tokens})")
+    if not spec.components.llm.enabled:
+        raise SpecError("components.llm.enabled: the language model cannot be disabled")
+    for key in ("instances", "max_batch_size"):
+        if getattr(spec.triton, key) < 1:
+            raise SpecError(f"triton.{key}: must be at least 1")
+    if spec.export.parity_samples < 1:
+        raise SpecError("export.parity_samples: must be at least 1")

@@ -1,0 +1,131 @@
+"""Image preprocessing: equality with HF PixtralImageProcessorPil, and every rejection's message."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from builder.runtime.errors import RequestError
+from builder.runtime.image import ImageLimits, decode_image, image_to_pixels
+
+SIZE = 64
+LIMITS = ImageLimits(max_bytes=1 << 20, max_pixels=1000 * 1000)
+
+
+def _encode(img: Image.Image, fmt: str, **kwargs: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def _noise(rng: np.random.Generator, h: int, w: int, channels: int) -> np.ndarray:
+    return rng.integers(0, 256, (h, w, channels) if channels > 1 else (h, w), dtype=np.uint8)
+
+
+def _cases() -> list[tuple[str, bytes]]:
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(_noise(rng, 48, 80, 3))
+    rgba = Image.fromarray(_noise(rng, 90, 60, 4), mode="RGBA")
+    gray = Image.fromarray(_noise(rng, 33, 33, 1), mode="L")
+    palette = Image.fromarray(_noise(rng, 70, 40, 3)).quantize(colors=32)
+    palette_transparent = palette.copy()
+    palette_transparent.info["transparency"] = 3
+    la = Image.fromarray(_noise(rng, 20, 100, 2), mode="LA")
+    return [
+        ("rgb-png", _encode(rgb, "PNG")),
+        ("rgb-jpeg", _encode(rgb, "JPEG", quality=90)),
+        ("rgba-png", _encode(rgba, "PNG")),
+        ("gray-png", _encode(gray, "PNG")),
+        ("gray-jpeg", _encode(gray, "JPEG")),
+        ("palette-png", _encode(palette, "PNG")),
+        ("palette-transparent-png", _encode(palette_transparent, "PNG", transparency=3)),
+        ("la-png", _encode(la, "PNG")),
+        ("square-small-png", _encode(Image.fromarray(_noise(rng, 20, 20, 3)), "PNG")),
+        ("square-exact-png", _encode(Image.fromarray(_noise(rng, SIZE, SIZE, 3)), "PNG")),
+        ("large-jpeg", _encode(Image.fromarray(_noise(rng, 300, 257, 3)), "JPEG")),
+        ("cmyk-jpeg", _encode(Image.fromarray(_noise(rng, 40, 50, 4), mode="CMYK"), "JPEG")),
+    ]
+
+
+@pytest.mark.parametrize(("name", "data"), _cases(), ids=[c[0] for c in _cases()])
+def test_matches_hf_pixtral_pil_processor(name: str, data: bytes) -> None:
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    # patch_size == size makes Pixtral's output exactly one patch: size x size for any input shape.
+    hf = PixtralImageProcessorPil(size={"longest_edge": SIZE}, patch_size={"height": SIZE, "width": SIZE})
+    expected = hf(Image.open(io.BytesIO(data)), return_tensors="np")["pixel_values"][0]
+
+    img = decode_image(data, 0, LIMITS)
+    assert img.mode == "RGB"
+    pixels = image_to_pixels(img, SIZE, hf.image_mean, hf.image_std)
+    assert pixels.dtype == np.float32 and pixels.shape == (3, SIZE, SIZE)
+    np.testing.assert_allclose(pixels, expected, rtol=0, atol=1e-5)
+
+
+def test_alpha_is_composited_on_white() -> None:
+    transparent = Image.new("RGBA", (8, 8), (10, 20, 30, 0))
+    img = decode_image(_encode(transparent, "PNG"), 0, LIMITS)
+    assert np.all(np.asarray(img) == 255)
+
+
+def test_image_to_pixels_accepts_non_rgb() -> None:
+    gray = Image.new("L", (5, 7), 128)
+    out = image_to_pixels(gray, 4, [0.5] * 3, [0.5] * 3)
+    np.testing.assert_allclose(out, (128 / 255 - 0.5) / 0.5, atol=1e-6)
+
+
+def _rejects(data: bytes, limits: ImageLimits, *fragments: str, index: int = 1) -> None:
+    with pytest.raises(RequestError) as info:
+        decode_image(data, index, limits)
+    message = str(info.value)
+    assert message.startswith(f"image[{index}]: "), message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_rejects_empty() -> None:
+    _rejects(b"", LIMITS, "empty (0 bytes)")
+
+
+def test_rejects_too_many_bytes() -> None:
+    data = _encode(Image.new("RGB", (64, 64)), "PNG")
+    _rejects(data, ImageLimits(max_bytes=len(data) - 1, max_pixels=10**6), f"{len(data)} bytes", f"{len(data) - 1}")
+
+
+def test_rejects_non_image() -> None:
+    _rejects(b"hello, this is not an image at all", LIMITS, "not a PNG or JPEG image (cannot identify image file)")
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "BMP", "WEBP", "TIFF"])
+def test_rejects_other_formats(fmt: str) -> None:
+    data = _encode(Image.new("RGB", (8, 8)), fmt)
+    _rejects(data, LIMITS, f"{fmt} images are not accepted", "PNG or JPEG")
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_rejects_truncated(fmt: str) -> None:
+    noise = Image.fromarray(_noise(np.random.default_rng(1), 64, 64, 3))
+    data = _encode(noise, fmt)
+    _rejects(data[: len(data) // 2], LIMITS, f"corrupt or truncated {fmt} image")
+
+
+def test_rejects_too_many_pixels_before_decoding() -> None:
+    # A 400x300 PNG cut right after its header: only the header may be read to reject it.
+    data = _encode(Image.new("RGB", (400, 300)), "PNG")
+    limits = ImageLimits(max_bytes=1 << 20, max_pixels=100_000)
+    _rejects(data[:60], limits, "400x300 = 120000 pixels", "limit of 100000 pixels")
+
+
+def test_rejects_corrupt_header() -> None:
+    data = _encode(Image.new("RGB", (8, 8)), "JPEG")
+    _rejects(data[:30], LIMITS, "corrupt or truncated image header")
+
+
+def test_rejects_decompression_bomb() -> None:
+    # Over Pillow's own hard limit (2 * MAX_IMAGE_PIXELS): Pillow refuses at open, we report it.
+    side = int((2 * Image.MAX_IMAGE_PIXELS) ** 0.5) + 100
+    data = _encode(Image.new("1", (side, side)), "PNG")
+    _rejects(data, ImageLimits(max_bytes=1 << 24, max_pixels=1 << 40), "too many pixels")
