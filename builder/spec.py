@@ -51,7 +51,6 @@ class LimitsSpec:
     """Shape ranges of the build and per-request limits enforced by the server."""
 
     max_images: int = 4  # images per request
-    image_size: int = 64  # images are resized to image_size x image_size pixels
     max_image_bytes: int = 20_000_000
     max_image_pixels: int = 40_000_000
     max_audio_clips: int = 4  # encoder clips (fixed-length chunks) per request

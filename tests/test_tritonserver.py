@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import textwrap
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from builder.errors import BuildError
 pytest.importorskip("pytriton")
 grpcclient = pytest.importorskip("tritonclient.grpc")
 
-from builder.serve.tritonserver import TritonServer, find_tritonserver  # noqa: E402
+from builder.serve.tritonserver import TritonInstall, TritonServer, find_tritonserver  # noqa: E402
 
 pytestmark = pytest.mark.serving
 
@@ -66,11 +67,29 @@ def process_group_alive(group: int) -> bool:
     return True
 
 
-def test_find_tritonserver_installs_the_python_stub() -> None:
+def test_find_tritonserver_installs_the_python_stub(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITONSERVER", raising=False)
     install = find_tritonserver()
     assert install.binary.is_file()
     assert (install.backend_dir / "python" / "triton_python_backend_stub").is_file()
     assert find_tritonserver() == install  # idempotent
+
+
+def test_without_pytriton_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITONSERVER", raising=False)
+    monkeypatch.setitem(sys.modules, "pytriton", None)  # makes `import pytriton` fail
+    with pytest.raises(BuildError, match=r"pip install -e '\.\[serve\]'"):
+        find_tritonserver()
+
+
+def test_tritonserver_env_var_overrides(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    binary = tmp_path / "tritonserver"
+    binary.touch()
+    monkeypatch.setenv("TRITONSERVER", str(binary))
+    monkeypatch.delenv("TRITON_BACKEND_DIR", raising=False)
+    assert find_tritonserver() == TritonInstall(binary, Path("/opt/tritonserver/backends"))
+    monkeypatch.setenv("TRITON_BACKEND_DIR", str(tmp_path))
+    assert find_tritonserver().backend_dir == tmp_path
 
 
 def test_serves_a_python_model_and_stops_cleanly(tmp_path: Path) -> None:

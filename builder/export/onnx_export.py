@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -61,6 +62,7 @@ def export_graph(recipe: ExportRecipe, directory: Path, spec: ExportSpec) -> Exp
     path = directory / "model.onnx"
     example = recipe.sample_inputs(torch.Generator().manual_seed(0), 0)
     chatter = io.StringIO()
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" notes
     try:
         # The exporter prints progress lines and warnings of its own; our progress bar says enough.
         with warnings.catch_warnings(), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):

@@ -42,7 +42,7 @@ def decode_wav(data: bytes, index: int, limits: AudioLimits) -> tuple[np.ndarray
             frames, is_float = w.readframes(w.getnframes()), False
             expected = w.getnframes() * channels * width
     except wave.Error as e:
-        if "unknown format" not in str(e):
+        if not str(e).startswith("unknown"):  # "unknown format: 3", 3.12+: "unknown extended format"
             raise RequestError(f"{name}: not a valid WAV file ({e})") from None
         channels, width, rate, frames, is_float, expected = _read_riff(data, name)
     except (EOFError, struct.error) as e:
@@ -51,28 +51,26 @@ def decode_wav(data: bytes, index: int, limits: AudioLimits) -> tuple[np.ndarray
         raise RequestError(f"{name}: {channels} channels; only mono or stereo (1 or 2) are accepted")
     if not MIN_RATE <= rate <= MAX_RATE:
         raise RequestError(f"{name}: sample rate {rate} Hz is outside the accepted {MIN_RATE}-{MAX_RATE} Hz")
+    if width not in (1, 2, 3, 4) or (is_float and width != 4):
+        kind = "float" if is_float else "PCM"
+        raise RequestError(f"{name}: {8 * width}-bit {kind} WAV; accepted: 8/16/24/32-bit PCM or 32-bit float")
     if len(frames) < expected or len(frames) % (channels * width):
         raise RequestError(f"{name}: truncated WAV data ({len(frames)} of {expected} bytes)")
     if expected == 0:
         raise RequestError(f"{name}: WAV file has no samples")
     if is_float:
-        if width != 4:
-            raise RequestError(f"{name}: {8 * width}-bit float WAV; only 32-bit float is accepted")
         x = np.frombuffer(frames, "<f4").astype(np.float64)
         if not np.isfinite(x).all():
             raise RequestError(f"{name}: float WAV contains NaN or infinite samples")
         x = np.clip(x, -1.0, 1.0)
     elif width == 1:  # 8-bit WAV is unsigned
         x = (np.frombuffer(frames, np.uint8).astype(np.float64) - 128) / 128
-    elif width in (2, 4):
-        x = np.frombuffer(frames, f"<i{width}").astype(np.float64) / 2.0 ** (8 * width - 1)
     elif width == 3:  # little-endian 24-bit: put the 3 bytes in the top of an int32
-        raw = np.frombuffer(frames, np.uint8).reshape(-1, 3)
-        padded = np.zeros((len(raw), 4), np.uint8)
-        padded[:, 1:] = raw
+        padded = np.zeros((len(frames) // 3, 4), np.uint8)
+        padded[:, 1:] = np.frombuffer(frames, np.uint8).reshape(-1, 3)
         x = padded.view("<i4")[:, 0].astype(np.float64) / 2.0**31
     else:
-        raise RequestError(f"{name}: {8 * width}-bit PCM; only 8, 16, 24 or 32-bit PCM is accepted")
+        x = np.frombuffer(frames, f"<i{width}").astype(np.float64) / 2.0 ** (8 * width - 1)
     return x.reshape(-1, channels).mean(axis=1).astype(np.float32), rate
 
 
@@ -101,8 +99,8 @@ def _read_riff(data: bytes, name: str) -> tuple[int, int, int, bytes, bool, int]
 def resample(samples: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.ndarray:
     """Band-limited polyphase resampling (Kaiser-windowed sinc) by the exact ratio target/rate.
 
-    Output sample n sits at input time t = n * rate / target. Passband flat to ~0.87 of the lower
-    Nyquist frequency, -6 dB at 0.95, about -85 dB from ~1.03 on (32 sinc zero crossings a side).
+    Output sample n sits at input time t = n * rate / target. Relative to the lower Nyquist frequency
+    the response is flat (< 0.01 dB) up to 0.87, -6 dB at 0.95, below -60 dB from 1.03 (aliasing).
     """
     if not MIN_RATE <= rate <= MAX_RATE:
         raise RequestError(f"sample rate {rate} Hz is outside the accepted {MIN_RATE}-{MAX_RATE} Hz")
@@ -112,20 +110,22 @@ def resample(samples: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.nd
     g = math.gcd(rate, target)
     up, down = target // g, rate // g
     cutoff = 0.95 * min(1.0, target / rate)  # relative to the input Nyquist frequency
-    half = math.ceil(32 / cutoff)  # taps on each side of t, in input samples
-    # Phase p = frac(t) * up; tap j reads input floor(t) - half + 1 + j, at distance d from t.
-    d = np.arange(-half + 1, half + 1)[None, :] - np.arange(up)[:, None] / up
-    window = np.i0(8.6 * np.sqrt(np.clip(1 - (d / half) ** 2, 0, 1))) / np.i0(8.6)  # Kaiser, beta 8.6
-    kernel = cutoff * np.sinc(cutoff * d) * window
-    kernel /= kernel.sum(axis=1, keepdims=True)  # exact unity gain at DC for every phase
+    half = math.ceil(32 / cutoff)  # taps on each side of t (32 sinc zero crossings), in input samples
+    offsets = np.arange(-half + 1, half + 1)  # tap j reads input floor(t) + offsets[j]
+    kaiser_grid, kaiser = np.linspace(-1, 1, 16385), np.kaiser(16385, 8.6)  # beta 8.6: ~85 dB stopband
     n_out = -(-len(x) * up // down)
     padded = np.concatenate([np.zeros(half), x, np.zeros(half + 1)])
     frames = np.lib.stride_tricks.sliding_window_view(padded, 2 * half)  # row r = padded[r : r + 2 * half]
     out = np.empty(n_out, dtype=np.float64)
-    for p in range(min(up, n_out)):  # outputs p, p + up, ... share phase p; their floor(t) step by `down`
-        count = len(range(p, n_out, up))
-        first = (p * down) // up + 1  # row of output p's taps (+1: `half` leading zeros minus half - 1)
-        out[p::up] = frames[first : first + (count - 1) * down + 1 : down] @ kernel[p]
+    for block in range(0, min(up, n_out), 512):  # kernels built 512 phases at a time: bounded memory
+        ns = np.arange(block, min(block + 512, up, n_out))
+        d = offsets[None, :] - ((ns * down) % up / up)[:, None]  # distance from t to each tap (input samples)
+        kernels = cutoff * np.sinc(cutoff * d) * np.interp(d / half, kaiser_grid, kaiser)
+        kernels /= kernels.sum(axis=1, keepdims=True)  # exact unity gain at DC for every phase
+        for n, kernel in zip(ns.tolist(), kernels):  # outputs n, n + up, ... share frac(t)
+            first = (n * down) // up + 1  # floor(t) + 1 - half, shifted by the `half` leading zeros
+            count = len(range(n, n_out, up))
+            out[n::up] = frames[first : first + (count - 1) * down + 1 : down] @ kernel
     return out.astype(np.float32)
 
 
@@ -133,7 +133,8 @@ def mel_filter_bank(n_mels: int, sampling_rate: int = SAMPLE_RATE, n_fft: int = 
     """Slaney-scale, Slaney-normalized triangular filters from 0 to 8 kHz: float64 [n_fft // 2 + 1, n_mels]."""
 
     def hz_to_mel(f: np.ndarray) -> np.ndarray:  # linear below 1 kHz, logarithmic above
-        return np.where(f >= 1000.0, 15.0 + np.log(np.maximum(f, 1e-9) / 1000.0) * (27.0 / np.log(6.4)), 3.0 * f / 200.0)
+        log_part = 15.0 + np.log(np.maximum(f, 1e-9) / 1000.0) * (27.0 / np.log(6.4))
+        return np.where(f >= 1000.0, log_part, 3.0 * f / 200.0)
 
     def mel_to_hz(m: np.ndarray) -> np.ndarray:
         return np.where(m >= 15.0, 1000.0 * np.exp(np.log(6.4) / 27.0 * (m - 15.0)), 200.0 * m / 3.0)
@@ -169,7 +170,7 @@ def log_mel(samples: np.ndarray, filters: np.ndarray, n_samples: int) -> np.ndar
 def audio_to_clips(
     samples: np.ndarray, filters: np.ndarray, clip_samples: int, index: int, limits: AudioLimits
 ) -> np.ndarray:
-    """Split a 16 kHz waveform into clip_samples-long clips (last zero-padded) -> float32 [n_clips, n_mels, frames]."""
+    """Split a 16 kHz waveform into clips (last zero-padded): float32 [n_clips, n_mels, clip_samples // 160]."""
     n_clips = -(-len(samples) // clip_samples)
     seconds, clip_seconds = len(samples) / SAMPLE_RATE, clip_samples / SAMPLE_RATE
     if n_clips == 0:

@@ -20,7 +20,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 from builder.errors import BuildError
 
@@ -40,6 +39,8 @@ def find_tritonserver() -> TritonInstall:
     """The server named by ``$TRITONSERVER``, else the one shipped in the ``pytriton`` wheel."""
     override = os.environ.get("TRITONSERVER")
     if override:
+        if not Path(override).is_file():
+            raise BuildError(f"TRITONSERVER={override} is not a file")
         backends = os.environ.get("TRITON_BACKEND_DIR", str(DEFAULT_CONTAINER_BACKENDS))
         return TritonInstall(binary=Path(override), backend_dir=Path(backends))
     try:
@@ -73,6 +74,13 @@ def _free_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
+def _signal_group(group: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(group, sig)
+    except ProcessLookupError:  # the whole group is already gone
+        pass
+
+
 class TritonServer:
     """A ``tritonserver`` process serving ``model_repository``; use as a context manager."""
 
@@ -99,23 +107,22 @@ class TritonServer:
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    @property
     def grpc_url(self) -> str:
         return f"{self.host}:{self.grpc_port}"
 
     def command(self, install: TritonInstall) -> list[str]:
-        return [
+        args = [
             str(install.binary),
             f"--model-repository={self.model_repository}",
             f"--backend-directory={install.backend_dir}",
-            f"--grpc-address={self.host}",
-            f"--grpc-port={self.grpc_port}",
-            f"--http-address={self.host}",
-            f"--http-port={self.http_port}",
-            f"--metrics-address={self.host}",
-            f"--metrics-port={self.metrics_port}",
-            "--log-verbose=0",
-            *self.extra_args,
         ]
+        for service, port in (("grpc", self.grpc_port), ("http", self.http_port), ("metrics", self.metrics_port)):
+            args += [f"--{service}-address={self.host}", f"--{service}-port={port}"]
+        return [*args, "--log-verbose=0", *self.extra_args]
 
     def start(self) -> None:
         if self._process is not None:
@@ -162,20 +169,13 @@ class TritonServer:
         if process is None:
             return
         group = process.pid  # start_new_session made the server its group leader
-        self._signal_group(group, signal.SIGTERM)
+        _signal_group(group, signal.SIGTERM)
         try:
             process.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             pass
-        self._signal_group(group, signal.SIGKILL)  # stubs that outlived the server, if any
+        _signal_group(group, signal.SIGKILL)  # whatever outlived the grace period (stubs, a hung server)
         process.wait()
-
-    @staticmethod
-    def _signal_group(group: int, sig: signal.Signals) -> None:
-        try:
-            os.killpg(group, sig)
-        except ProcessLookupError:
-            pass
 
     def log_tail(self, lines: int = 30) -> str:
         """The server's error lines (e.g. why a model failed to load), then its last ``lines`` lines."""
@@ -200,10 +200,5 @@ class TritonServer:
             raise
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()

@@ -8,13 +8,13 @@ read from safetensors only: pickle files are never loaded, and no remote code is
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+from transformers.utils import logging as hf_logging
 
 from builder.errors import BuildError
 from builder.runtime.model_facts import ModelFacts
@@ -41,6 +41,20 @@ class SourceModel:
 
 
 def load_checkpoint(directory: Path) -> SourceModel:
+    weight_files = check_checkpoint_files(directory)
+    facts = read_facts(directory)
+    config = Mistral3Config.from_pretrained(directory)
+    model = _load_model(directory, config)
+    audio_tower = audio_projector = None
+    if getattr(config, "audio_config", None):
+        audio_tower, audio_projector = build_audio_modules(config)
+        _load_prefixed(weight_files, "audio_tower.", audio_tower)
+        _load_prefixed(weight_files, "audio_projector.", audio_projector)
+    return SourceModel(directory, model, audio_tower, audio_projector, facts)
+
+
+def check_checkpoint_files(directory: Path) -> list[Path]:
+    """The cheap checks (layout, architecture, safetensors headers); returns the weight files."""
     directory = Path(directory)
     if not directory.is_dir():
         raise BuildError(f"checkpoint directory not found: {directory}")
@@ -67,15 +81,7 @@ def load_checkpoint(directory: Path) -> SourceModel:
         _check_safetensors(path)
     if not (directory / "tokenizer.json").is_file():
         raise BuildError(f"{directory}: no tokenizer.json (a fast tokenizer file is required)")
-
-    config = Mistral3Config.from_pretrained(directory)
-    model = _load_model(directory, config)
-    audio_tower = audio_projector = None
-    if getattr(config, "audio_config", None):
-        audio_tower, audio_projector = build_audio_modules(config)
-        _load_prefixed(weight_files, "audio_tower.", audio_tower)
-        _load_prefixed(weight_files, "audio_projector.", audio_projector)
-    return SourceModel(directory, model, audio_tower, audio_projector, _facts(directory, config, audio_tower))
+    return weight_files
 
 
 def _check_safetensors(path: Path) -> None:
@@ -88,7 +94,8 @@ def _check_safetensors(path: Path) -> None:
 
 def _load_model(directory: Path, config: Mistral3Config) -> Mistral3ForConditionalGeneration:
     # transformers logs unexpected keys (our audio weights) as warnings; missing ones we check ourselves.
-    logging.getLogger("transformers.modeling_utils").setLevel(logging.ERROR)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         model, info = Mistral3ForConditionalGeneration.from_pretrained(
             directory, config=config, use_safetensors=True, trust_remote_code=False,
@@ -117,7 +124,10 @@ def _load_prefixed(weight_files: list[Path], prefix: str, module: torch.nn.Modul
     module.eval()
 
 
-def _facts(directory: Path, config: Mistral3Config, audio_tower: torch.nn.Module | None) -> ModelFacts:
+def read_facts(directory: Path) -> ModelFacts:
+    """What serving needs to know, from config.json and tokenizer.json alone (no weights loaded)."""
+    config = Mistral3Config.from_pretrained(directory)
+    has_audio = bool(getattr(config, "audio_config", None))
     vocab = json.loads((directory / "tokenizer.json").read_text())
     added = {t["content"]: t["id"] for t in vocab.get("added_tokens", [])}
 
@@ -129,8 +139,8 @@ def _facts(directory: Path, config: Mistral3Config, audio_tower: torch.nn.Module
     tokens = SpecialTokens(
         bos=token("<s>"), eos=token("</s>"), inst=token("[INST]"), inst_end=token("[/INST]"),
         image=token("[IMG]"), image_break=token("[IMG_BREAK]"), image_end=token("[IMG_END]"),
-        audio=token("[AUDIO]") if audio_tower is not None else -1,
-        begin_audio=token("[BEGIN_AUDIO]") if audio_tower is not None else -1,
+        audio=token("[AUDIO]") if has_audio else -1,
+        begin_audio=token("[BEGIN_AUDIO]") if has_audio else -1,
     )
     if tokens.image != config.image_token_index:
         raise BuildError(f"{directory}: [IMG] is token {tokens.image} in tokenizer.json but {config.image_token_index} in config.json")
@@ -156,5 +166,5 @@ def _facts(directory: Path, config: Mistral3Config, audio_tower: torch.nn.Module
         # Whisper-style: 2 mel frames per encoder position, 160 samples (10 ms) per frame.
         clip_samples=2 * max_positions * 160,
         audio_tokens_per_clip=max_positions * int(audio.get("hidden_size", 1)) // int(audio.get("intermediate_size", 1))
-        if audio_tower is not None else 0,
+        if has_audio else 0,
     )

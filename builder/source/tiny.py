@@ -70,8 +70,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def _reinit(module: torch.nn.Module, std: float, generator: torch.Generator) -> None:
-    # HF's default std (0.02) makes random-weight greedy output repeat one token; a wider init makes
-    # the output depend on the prompt, the image and the audio, so the end-to-end checks mean something.
+    # HF's default std (0.02) makes random-weight greedy output repeat one token; a wider init (0.3,
+    # unit-variance embeddings: tried side by side) makes the output vary with the prompt, the image
+    # and the audio, so the end-to-end checks mean something.
     for name, param in module.named_parameters():
         if param.dim() >= 2:
             with torch.no_grad():
@@ -86,11 +87,12 @@ def write_tiny_checkpoint(directory: Path, seed: int = 0) -> Path:
     model = Mistral3ForConditionalGeneration(config).eval()
     audio_tower, audio_projector = build_audio_modules(config)
 
-    _reinit(model.model.language_model, 0.1, generator)
-    _reinit(model.model.multi_modal_projector, 0.1, generator)
-    _reinit(audio_projector, 0.1, generator)
-    _reinit(model.lm_head, 0.2, generator)
+    _reinit(model.model.language_model, 0.3, generator)
+    _reinit(model.model.multi_modal_projector, 0.3, generator)
+    _reinit(audio_projector, 0.3, generator)
+    _reinit(model.lm_head, 0.3, generator)
     with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(0.0, 1.0, generator=generator)
         # Never predict special tokens (EOS included): answers have the requested length and are text.
         model.lm_head.weight[: len(SPECIAL_TOKENS)] = 0.0
 

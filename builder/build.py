@@ -1,0 +1,158 @@
+"""The whole build: source -> export -> compile -> repository, each stage cached, published atomically."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from builder.cache import StageCache, code_fingerprint, make_key, tool_versions
+from builder.compile.artifacts import CompiledModel
+from builder.compile.targets import compile_graph
+from builder.errors import BuildError
+from builder.export.onnx_export import ExportedGraph, load_exported
+from builder.repository.assemble import assemble_repository
+from builder.repository.plan import plan_repository
+from builder.repository.publish import publish, staging_directory
+from builder.runtime.model_facts import ModelFacts
+from builder.source.checkpoint import SourceModel, check_checkpoint_files, load_checkpoint, read_facts
+from builder.source.resolve import resolve_source
+from builder.spec import BuildSpec
+
+# The spec keys each component's graph depends on, besides its own components.<name> section.
+_COMPONENT_LIMITS = {"vision_encoder": ("max_images",), "audio_encoder": ("max_audio_clips",), "llm": ("max_context",)}
+_SPEC_COMPONENT = {"vision_encoder": "vision", "audio_encoder": "audio", "llm": "llm"}
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    output: Path
+    rebuilt: tuple[str, ...]
+    reused: tuple[str, ...]
+    published: bool
+    seconds: float
+
+    def summary(self) -> str:
+        if not self.published:
+            return f"{self.output} is up to date: nothing rebuilt ({self.seconds:.1f} s)"
+        rebuilt = ", ".join(self.rebuilt) or "nothing"
+        reused = f"; reused {', '.join(self.reused)}" if self.reused else ""
+        return f"built {self.output} in {self.seconds:.1f} s: rebuilt {rebuilt}{reused}"
+
+
+def build(spec: BuildSpec, output: Path, cache_dir: Path, progress: bool = True) -> BuildResult:
+    started = time.perf_counter()
+    _check_writable(output)
+    cache = StageCache(cache_dir)
+    source = resolve_source(spec.source, cache)
+    check_checkpoint_files(source.checkpoint)
+    facts = read_facts(source.checkpoint)
+
+    components = [c for c in ("vision_encoder", "audio_encoder", "llm") if _enabled(spec, c, facts)]
+    keys = {c: _export_key(spec, c, source.fingerprint) for c in components}
+    repo_key = make_key(keys, spec.target, spec.section("limits"), spec.section("triton"),
+                        code_fingerprint("repository", "runtime", "compile"), _templates_fingerprint())
+    if _published_key(output) == repo_key:
+        return BuildResult(output, (), tuple(components), False, time.perf_counter() - started)
+
+    rebuilt = [c for c in components if cache.lookup("export", c, keys[c]) is None]
+    exported: dict[str, ExportedGraph] = {}
+    loaded: SourceModel | None = None
+    for component in tqdm(components, desc="export + parity", unit="graph", disable=not progress):
+        entry = cache.lookup("export", component, keys[component])
+        if entry is None:
+            if loaded is None:
+                loaded = load_checkpoint(source.checkpoint)
+            entry = _export(loaded, spec, component, cache, keys[component])
+        exported[component] = load_exported(entry)
+
+    compiled = {
+        c: compile_graph(g, spec.target, getattr(spec.components, _SPEC_COMPONENT[c]).precision)
+        for c, g in exported.items()
+    }
+    with staging_directory(output) as staging:
+        shared = _shared_files(source.checkpoint, facts, staging)
+        plans = plan_repository(spec, facts, compiled, shared)
+        assemble_repository(plans, staging, _manifest(spec, repo_key, source.fingerprint, compiled))
+        for name in shared.values():
+            name.unlink()
+        publish(staging, output)
+    return BuildResult(output, tuple(rebuilt), tuple(c for c in components if c not in rebuilt), True,
+                       time.perf_counter() - started)
+
+
+def _enabled(spec: BuildSpec, component: str, facts: ModelFacts) -> bool:
+    if component == "audio_encoder" and facts.num_mel_bins == 0:
+        return False  # the checkpoint has no audio tower
+    return getattr(spec.components, _SPEC_COMPONENT[component]).enabled
+
+
+def _export_key(spec: BuildSpec, component: str, source_fingerprint: str) -> str:
+    limits = {k: getattr(spec.limits, k) for k in _COMPONENT_LIMITS[component]}
+    return make_key(
+        component, source_fingerprint, spec.section("export"), limits, tool_versions(),
+        code_fingerprint("export", "source"),
+    )
+
+
+def _export(source: SourceModel, spec: BuildSpec, component: str, cache: StageCache, key: str) -> Path:
+    from builder.export.onnx_export import export_graph
+    from builder.export.recipes import recipes_for
+
+    (recipe,) = recipes_for(source, spec.limits, [component])
+    with cache.writer("export", component, key) as tmp:
+        export_graph(recipe, tmp, spec.export)
+    return cache.entry("export", component, key)
+
+
+def _shared_files(checkpoint: Path, facts: ModelFacts, staging: Path) -> dict[str, Path]:
+    facts_path = staging / "model_facts.json"
+    facts.save(facts_path)
+    tokenizer = staging / "tokenizer.json"
+    tokenizer.write_bytes((checkpoint / "tokenizer.json").read_bytes())
+    return {"model_facts.json": facts_path, "tokenizer.json": tokenizer}
+
+
+def _manifest(spec: BuildSpec, repo_key: str, source_fingerprint: str, compiled: dict[str, CompiledModel]) -> dict:
+    return {
+        "repository_key": repo_key,
+        "spec": {k: v for k, v in dataclasses.asdict(spec).items() if k != "path"},
+        "source_fingerprint": source_fingerprint,
+        "tools": tool_versions(),
+        "components": {
+            name: {
+                "precision": model.precision,
+                "file": model.path.name,
+                "bytes": model.path.stat().st_size,
+                "parity": dataclasses.asdict(model.graph.parity),
+            }
+            for name, model in compiled.items()
+        },
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _published_key(output: Path) -> str | None:
+    try:
+        return json.loads((output / "manifest.json").read_text()).get("repository_key")
+    except (OSError, ValueError):
+        return None
+
+
+def _templates_fingerprint() -> str:
+    from builder.repository.render import TEMPLATES
+
+    return make_key([(p.name, p.read_text()) for p in sorted(TEMPLATES.glob("*.j2"))])
+
+
+def _check_writable(output: Path) -> None:
+    parent = output.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK) or (output.exists() and not os.access(output, os.W_OK)):
+        raise BuildError(f"cannot write {output}: permission denied")

@@ -1,0 +1,149 @@
+"""Command line: ``python -m builder {build,serve,ask}`` (also installed as ``mmtb``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from builder.errors import BuildError
+
+DEFAULT_SPEC = Path("specs/tiny.yaml")
+DEFAULT_OUTPUT = Path("model_repository")
+DEFAULT_CACHE = Path(".build_cache")
+
+
+def _overrides(pairs: list[str]) -> dict[str, object]:
+    result: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise BuildError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set components.llm.precision=int8")
+        result[key] = yaml.safe_load(value)  # "8" -> 8, "true" -> True, as in the spec file
+    return result
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from builder.build import build
+    from builder.spec import load_spec
+
+    overrides = _overrides(args.set)
+    if args.target:
+        overrides["target"] = args.target
+    spec = load_spec(args.spec, overrides)
+    result = build(spec, args.output, args.cache, progress=not args.quiet)
+    print(result.summary())
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from builder.serve.tritonserver import TritonServer
+
+    if not (args.repository / "manifest.json").is_file():
+        raise BuildError(f"{args.repository} holds no built repository: run `make engines` first")
+    server = TritonServer(args.repository, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
+                          metrics_port=args.metrics_port, log_path=args.log)
+    with server:
+        print(f"tritonserver ready: gRPC {server.grpc_url}, HTTP {server.host}:{server.http_port} "
+              f"(log: {server.log_path}); Ctrl-C stops it", flush=True)
+        try:
+            while server.running:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+    print("tritonserver stopped")
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    from builder.serve.client import Request, ask, ask_stream
+
+    try:
+        request = Request(
+            prompt=args.prompt, images=tuple(p.read_bytes() for p in args.image),
+            audio=tuple(p.read_bytes() for p in args.audio), max_tokens=args.max_tokens,
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+        )
+    except OSError as exc:
+        raise BuildError(f"cannot read {exc.filename}: {exc.strerror}") from None
+    try:
+        with grpcclient.InferenceServerClient(args.url) as client:
+            if args.stream:
+                count = 0
+                for delta, ids in ask_stream(client, request):
+                    print(delta, end="", flush=True)
+                    count += len(ids)
+                print(f"\n[{count} tokens streamed]")
+            else:
+                answer = ask(client, request)
+                print(answer.text)
+                print(f"[{len(answer.token_ids)} tokens: {answer.token_ids}]")
+    except InferenceServerException as exc:
+        raise BuildError(f"server error: {exc.message()}") from None
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="mmtb",
+        description="Build a multimodal LLM (image + audio + text in, text out) into a Triton model repository, "
+        "serve it, and ask it questions. Start with `build`, then `serve`, then `ask` in another shell.",
+    )
+    top.add_argument("--verbose", action="store_true", help="show tracebacks on errors")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="export, check and package the model into a Triton repository",
+                       description="Runs source -> export (checked against PyTorch) -> compile -> repository. "
+                       "Stages are cached: an unchanged build does nothing. The repository is replaced "
+                       "atomically, and only when every check passed.")
+    b.add_argument("--spec", type=Path, default=DEFAULT_SPEC, help=f"build spec YAML (default: {DEFAULT_SPEC})")
+    b.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help=f"repository directory (default: {DEFAULT_OUTPUT})")
+    b.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"stage cache (default: {DEFAULT_CACHE})")
+    b.add_argument("--target", choices=["python", "onnxruntime", "tensorrt"], help="override the spec's target")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec key, e.g. --set components.audio.enabled=false (repeatable)")
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
+    b.set_defaults(func=cmd_build)
+
+    s = sub.add_parser("serve", help="run tritonserver on the repository (localhost by default)")
+    s.add_argument("--repository", type=Path, default=DEFAULT_OUTPUT)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, localhost only)")
+    s.add_argument("--grpc-port", type=int, default=8001)
+    s.add_argument("--http-port", type=int, default=8000)
+    s.add_argument("--metrics-port", type=int, default=8002)
+    s.add_argument("--log", type=Path, default=Path("tritonserver.log"), help="server log file")
+    s.set_defaults(func=cmd_serve)
+
+    a = sub.add_parser("ask", help="send a prompt (with images/audio) to a running server")
+    a.add_argument("prompt")
+    a.add_argument("--image", type=Path, action="append", default=[], help="PNG/JPEG file (repeatable)")
+    a.add_argument("--audio", type=Path, action="append", default=[], help="WAV file (repeatable)")
+    a.add_argument("--url", default="127.0.0.1:8001", help="gRPC address of the server")
+    a.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    a.add_argument("--max-tokens", type=int)
+    a.add_argument("--temperature", type=float)
+    a.add_argument("--top-k", type=int)
+    a.add_argument("--top-p", type=float)
+    a.add_argument("--seed", type=int)
+    a.set_defaults(func=cmd_ask)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except BuildError as exc:
+        if args.verbose:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,51 @@
+"""Writes a planned repository into a staging directory: configs, model.py files, graphs, manifest."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from builder.repository.plan import ModelPlan
+from builder.repository.render import parse_config, render_config
+from builder.repository.validate import check_ensembles, check_graph_signature
+
+PYTHON_MODELS = Path(__file__).resolve().parent / "python_models"
+
+
+def render_model_config(plan: ModelPlan) -> str:
+    text = render_config(
+        plan.template, name=plan.name, inputs=plan.inputs, outputs=plan.outputs, parameters=plan.parameters,
+        max_batch_size=plan.max_batch_size, decoupled=plan.decoupled, instances=plan.instances,
+        dynamic_batching=plan.dynamic_batching, max_queue_delay_us=plan.max_queue_delay_us, steps=plan.steps,
+    )
+    config = parse_config(text, plan.name)
+    if config.name != plan.name:  # the parse proves syntax; this catches a template that ignores its input
+        raise AssertionError(f"template {plan.template} rendered name {config.name!r} for {plan.name!r}")
+    return text
+
+
+def assemble_repository(plans: list[ModelPlan], staging: Path, manifest: dict[str, Any]) -> None:
+    check_ensembles(plans)
+    for plan in plans:
+        check_graph_signature(plan)
+        version = staging / plan.name / "1"
+        version.mkdir(parents=True)
+        (staging / plan.name / "config.pbtxt").write_text(render_model_config(plan))
+        if plan.python_model:
+            shutil.copyfile(PYTHON_MODELS / f"{plan.python_model}.py", version / "model.py")
+        for name, source in plan.files.items():
+            _link_or_copy(source, version / name)
+            for extra in source.parent.glob(source.name + ".data"):  # ONNX external weights travel along
+                _link_or_copy(extra, version / extra.name)
+    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    # Graphs can be tens of GB: hard-link from the build cache when on the same filesystem.
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)

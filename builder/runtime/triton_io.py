@@ -1,0 +1,93 @@
+"""Helpers for the Python-backend ``model.py`` files: reading inputs, parameters, answering errors.
+
+Imported only inside Triton (``triton_python_backend_utils`` exists there and nowhere else).
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from builder.runtime.errors import RequestError
+from builder.runtime.generation import SamplingParams
+
+
+class ModelArgs:
+    """What ``initialize(args)`` gets, with typed access to the config's parameters and files."""
+
+    def __init__(self, args: dict[str, str]) -> None:
+        self.config = json.loads(args["model_config"])
+        self.name: str = self.config["name"]
+        self.directory = Path(args["model_repository"]) / args["model_version"]
+        self.parameters = {k: v["string_value"] for k, v in self.config.get("parameters", {}).items()}
+
+    def file(self, name: str) -> str:
+        return str(self.directory / name)
+
+    def int(self, key: str) -> int:
+        return int(self.parameters[key])
+
+    def bool(self, key: str) -> bool:
+        return self.parameters[key] == "true"
+
+
+def input_array(request: Any, name: str) -> np.ndarray | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+def input_bytes_list(request: Any, name: str) -> list[bytes]:
+    array = input_array(request, name)
+    return [] if array is None else [bytes(item) for item in array.reshape(-1)]
+
+
+def input_scalar(request: Any, name: str, default: Any, cast: Callable[[Any], Any]) -> Any:
+    array = input_array(request, name)
+    if array is None:
+        return default
+    if array.size != 1:
+        raise RequestError(f"{name}: expected one value, got {array.size}")
+    return cast(array.reshape(-1)[0])
+
+
+def output_tensors(outputs: dict[str, np.ndarray]) -> list[Any]:
+    return [pb_utils.Tensor(name, value) for name, value in outputs.items()]
+
+
+def error_response(exc: BaseException, model: str) -> Any:
+    """Client errors carry their own message; anything else is reported as an internal error."""
+    if isinstance(exc, RequestError):
+        message = str(exc)
+    else:
+        pb_utils.Logger.log_error(f"{model}: {''.join(traceback.format_exception(exc))}")
+        message = f"{model}: internal error: {type(exc).__name__}: {exc}"
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
+
+
+def respond_each(requests: list[Any], model: str, handle: Callable[[Any], dict[str, np.ndarray]]) -> list[Any]:
+    """One response per request; a failing request gets an error response and the others go on."""
+    responses = []
+    for request in requests:
+        try:
+            responses.append(pb_utils.InferenceResponse(output_tensors=output_tensors(handle(request))))
+        except Exception as exc:  # noqa: BLE001 - every failure becomes that request's error response
+            responses.append(error_response(exc, model))
+    return responses
+
+
+def read_sampling_params(request: Any, default_max_tokens: int, max_tokens_cap: int) -> SamplingParams:
+    """The optional sampling inputs of the client contract, validated; absent ones take defaults."""
+    params = SamplingParams(
+        max_tokens=input_scalar(request, "max_tokens", default_max_tokens, int),
+        temperature=input_scalar(request, "temperature", 0.0, float),
+        top_k=input_scalar(request, "top_k", 0, int),
+        top_p=input_scalar(request, "top_p", 1.0, float),
+        seed=input_scalar(request, "seed", None, int),
+    )
+    return params.validate(max_tokens_cap)
