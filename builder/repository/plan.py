@@ -55,6 +55,9 @@ SAMPLING_INPUTS = (
     Tensor("top_p", "TYPE_FP32", (1,), optional=True),
     Tensor("seed", "TYPE_UINT64", (1,), optional=True),
 )
+# Required, but declared optional: Triton 2.51 answers a request without it only with "unexpected
+# deadlock" in the ensemble; `preprocess` sees None and says "text_input: required input is missing".
+TEXT_INPUT = Tensor("text_input", "TYPE_STRING", (1,), optional=True)
 STREAM_INPUT = Tensor("stream", "TYPE_BOOL", (1,), optional=True)
 ANSWER_OUTPUTS = (Tensor("text_output", "TYPE_STRING", (-1,)), Tensor("output_ids", "TYPE_INT64", (-1,)))
 
@@ -73,7 +76,7 @@ def plan_repository(spec: BuildSpec, facts: ModelFacts, compiled: dict[str, Comp
         ModelPlan(
             "preprocess", "python_model.pbtxt.j2",
             inputs=(
-                Tensor("text_input", "TYPE_STRING", (1,)),
+                TEXT_INPUT,
                 Tensor("image", "TYPE_STRING", (-1,), optional=True),
                 Tensor("audio", "TYPE_STRING", (-1,), optional=True),
             ),
@@ -142,7 +145,7 @@ def plan_repository(spec: BuildSpec, facts: ModelFacts, compiled: dict[str, Comp
     ))
 
     client_inputs = (
-        Tensor("text_input", "TYPE_STRING", (1,)),
+        TEXT_INPUT,
         Tensor("image", "TYPE_STRING", (-1,), optional=True),
         Tensor("audio", "TYPE_STRING", (-1,), optional=True),
         *SAMPLING_INPUTS,

@@ -1,0 +1,93 @@
+"""Shared fixtures: the default build, its PyTorch source, a real tritonserver serving it."""
+
+from __future__ import annotations
+
+import io
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from builder.build import build
+from builder.cache import StageCache
+from builder.runtime.audio import AudioLimits
+from builder.runtime.image import ImageLimits
+from builder.runtime.model_facts import ModelFacts
+from builder.runtime.preprocess import Preprocessor, RequestLimits
+from builder.runtime.text import load_tokenizer
+from builder.source.checkpoint import SourceModel, load_checkpoint
+from builder.source.resolve import resolve_source
+from builder.spec import BuildSpec, load_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / ".build_cache"
+
+
+@pytest.fixture(scope="session")
+def tiny_spec() -> BuildSpec:
+    return load_spec(ROOT / "specs" / "tiny.yaml")
+
+
+@pytest.fixture(scope="session")
+def built_repository(tiny_spec: BuildSpec) -> Path:
+    """The default build (a no-op when `make engines` already ran)."""
+    output = ROOT / "model_repository"
+    build(tiny_spec, output, CACHE, progress=False)
+    return output
+
+
+@pytest.fixture(scope="session")
+def source_model(tiny_spec: BuildSpec) -> SourceModel:
+    return load_checkpoint(resolve_source(tiny_spec.source, StageCache(CACHE)).checkpoint)
+
+
+@pytest.fixture(scope="session")
+def preprocessor(built_repository: Path, tiny_spec: BuildSpec) -> Preprocessor:
+    """The server's own preprocessing, in-process: the reference sees the same tensors."""
+    lim = tiny_spec.limits
+    limits = RequestLimits(
+        max_images=lim.max_images,
+        image=ImageLimits(lim.max_image_bytes, lim.max_image_pixels),
+        audio=AudioLimits(lim.max_audio_bytes, lim.max_audio_clips),
+        max_prompt_tokens=lim.max_prompt_tokens,
+    )
+    directory = built_repository / "preprocess" / "1"
+    return Preprocessor(ModelFacts.load(directory / "model_facts.json"), load_tokenizer(str(directory / "tokenizer.json")), limits)
+
+
+@pytest.fixture(scope="session")
+def server(built_repository: Path, tmp_path_factory: pytest.TempPathFactory):
+    from builder.serve.tritonserver import TritonServer
+
+    log = tmp_path_factory.mktemp("triton") / "tritonserver.log"
+    with TritonServer(built_repository, log_path=log) as running:
+        yield running
+
+
+@pytest.fixture()
+def client(server):
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(server.grpc_url) as connection:
+        yield connection
+
+
+def png_bytes(seed: int, size: tuple[int, int] = (96, 72)) -> bytes:
+    pixels = (np.random.default_rng(seed).random((size[1], size[0], 3)) * 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def wav_bytes(seconds: float, frequency: float = 440.0, rate: int = 16000, channels: int = 1) -> bytes:
+    t = np.arange(int(seconds * rate)) / rate
+    tone = (0.3 * np.sin(2 * np.pi * frequency * t) * 32767).astype("<i2")
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(channels)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(np.repeat(tone, channels).tobytes())
+    return buffer.getvalue()
