@@ -1,0 +1,77 @@
+"""The build as a user runs it: caching, one-line errors, and the last good repository kept."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from builder.build import build
+from tests.conftest import CACHE, ROOT
+
+
+def tree_digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        digest.update(str(path.relative_to(root)).encode())
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "builder", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture()
+def published(built_repository, tmp_path) -> Path:
+    """A copy of the default repository in a place the test may break."""
+    output = tmp_path / "model_repository"
+    shutil.copytree(built_repository, output)
+    return output
+
+
+def test_unchanged_build_does_nothing(tiny_spec, built_repository):
+    result = build(tiny_spec, built_repository, CACHE, progress=False)
+    assert not result.published and result.seconds < 30
+    assert "up to date" in result.summary()
+
+
+def test_cli_summary_line(built_repository):
+    done = run_cli("build", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1].startswith("model_repository is up to date: nothing rebuilt")
+
+
+def test_changing_one_component_rebuilds_only_that_component(tiny_spec, published, tmp_path):
+    import dataclasses
+
+    spec = dataclasses.replace(tiny_spec, limits=dataclasses.replace(tiny_spec.limits, max_audio_clips=5))
+    result = build(spec, published, CACHE, progress=False)
+    assert result.published
+    assert result.rebuilt in ((), ("audio_encoder",))  # () when an earlier run cached this very graph
+    assert set(result.reused) >= {"vision_encoder", "llm"}
+    assert 'string_value: "5"' in (published / "preprocess" / "config.pbtxt").read_text()
+
+
+@pytest.mark.parametrize(
+    ("spec_text", "message"),
+    [
+        ("name: tiny\ncomponents:\n  vison: {precision: fp32}\n", "components.vison: unknown key (did you mean 'vision'?)"),
+        ("name: tiny\nsource: {preset: null, checkpoint: /nonexistent/checkpoint}\n", "directory not found: /nonexistent/checkpoint"),
+    ],
+)
+def test_bad_build_says_one_line_and_keeps_the_repository(spec_text, message, published, tmp_path):
+    before = tree_digest(published)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(spec_text)
+    done = run_cli("build", "--quiet", "--spec", str(spec), "--output", str(published))
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], done.stderr
+    assert "Traceback" not in done.stderr
+    assert tree_digest(published) == before

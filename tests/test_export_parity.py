@@ -1,0 +1,41 @@
+"""Each exported graph matches its PyTorch module on fresh inputs; a wrong graph is caught."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from builder.errors import BuildError
+from builder.export.parity import check_parity
+from builder.export.recipes import recipes_for
+
+COMPONENTS = ["vision_encoder", "audio_encoder", "llm"]
+
+
+@pytest.fixture(scope="module")
+def recipes(source_model, tiny_spec):
+    return {r.component: r for r in recipes_for(source_model, tiny_spec.limits, COMPONENTS)}
+
+
+@pytest.mark.parametrize("component", COMPONENTS)
+def test_exported_graph_matches_pytorch(component, recipes, built_repository, tiny_spec):
+    graph = built_repository / component / "1" / "model.onnx"
+    # A seed the build did not use, and three input shapes (batch / sequence / past length vary).
+    result = check_parity(recipes[component], graph, samples=3, atol=tiny_spec.export.atol, rtol=tiny_spec.export.rtol, seed=99)
+    assert result.min_cosine > 0.99999
+    assert result.max_abs_error < 1e-4
+
+
+@pytest.mark.parametrize("component", ["vision_encoder", "llm"])
+def test_a_perturbed_graph_fails_the_check(component, recipes, built_repository, tmp_path):
+    model = onnx.load(str(built_repository / component / "1" / "model.onnx"))
+    largest = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
+    weights = numpy_helper.to_array(largest).copy()
+    weights.flat[: weights.size // 10] *= 1.05  # a 5% error in a tenth of one weight matrix
+    largest.CopyFrom(numpy_helper.from_array(weights, largest.name))
+    broken = tmp_path / "model.onnx"
+    onnx.save(model, str(broken))
+    with pytest.raises(BuildError, match=rf"{component}: ONNX output \S+ differs from PyTorch"):
+        check_parity(recipes[component], broken, samples=1, atol=1e-4, rtol=1e-3)

@@ -1,0 +1,111 @@
+"""Every generated config parses as Triton's ModelConfig and agrees with the graph it serves."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import onnx
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from builder.errors import BuildError
+from builder.repository.plan import EnsembleStep, ModelPlan, Tensor
+from builder.repository.render import parse_config, render_config
+from builder.repository.validate import check_ensembles, check_graph_signature
+
+_TRITON_TYPES = {onnx.TensorProto.FLOAT: model_config_pb2.TYPE_FP32, onnx.TensorProto.INT64: model_config_pb2.TYPE_INT64,
+                 onnx.TensorProto.BOOL: model_config_pb2.TYPE_BOOL}
+
+
+def _configs(repository):
+    for path in sorted(repository.glob("*/config.pbtxt")):
+        config = model_config_pb2.ModelConfig()
+        text_format.Parse(path.read_text(), config)
+        yield path.parent, config
+
+
+def test_every_config_parses_and_names_its_directory(built_repository):
+    names = set()
+    for directory, config in _configs(built_repository):
+        assert config.name == directory.name
+        assert (directory / "1").is_dir()
+        if config.backend == "python":
+            assert (directory / "1" / "model.py").is_file()
+        names.add(config.name)
+    assert names == {"preprocess", "vision_encoder", "audio_encoder", "fuse", "llm", "generate", "ensemble", "ensemble_stream"}
+
+
+def test_encoder_configs_match_their_onnx_signature(built_repository):
+    for name in ("vision_encoder", "audio_encoder"):
+        config = dict(_configs(built_repository))[built_repository / name]
+        graph = onnx.load(str(built_repository / name / "1" / "model.onnx"), load_external_data=False).graph
+        for tensors, values in ((config.input, graph.input), (config.output, graph.output)):
+            assert [t.name for t in tensors] == [v.name for v in values]
+            for tensor, value in zip(tensors, values):
+                dims = [d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim]
+                assert list(tensor.dims) == dims
+                assert tensor.data_type == _TRITON_TYPES[value.type.tensor_type.elem_type]
+
+
+def test_ensembles_wire_every_step(built_repository):
+    configs = {d.name: c for d, c in _configs(built_repository)}
+    for name in ("ensemble", "ensemble_stream"):
+        ensemble = configs[name]
+        produced = {t.name for t in ensemble.input}
+        for step in ensemble.ensemble_scheduling.step:
+            model = configs[step.model_name]
+            assert set(step.input_map) <= {t.name for t in model.input}
+            assert set(step.input_map.values()) <= produced
+            produced |= set(step.output_map.values())
+        assert {t.name for t in ensemble.output} <= produced
+    assert configs["llm"].model_transaction_policy.decoupled
+    assert not configs["generate"].model_transaction_policy.decoupled
+
+
+def test_undefined_template_variable_fails_the_build():
+    with pytest.raises(BuildError, match="template python_model.pbtxt.j2: .*undefined"):
+        render_config("python_model.pbtxt.j2", name="x")
+
+
+def test_unparsable_config_fails_the_build():
+    with pytest.raises(BuildError, match="broken: rendered config.pbtxt is not a valid Triton ModelConfig"):
+        parse_config('name: "x"\nmax_batch_size: "eight"\n', "broken")
+
+
+def _plan(name, inputs, outputs, **kwargs):
+    return ModelPlan(name, "python_model.pbtxt.j2", inputs=inputs, outputs=outputs, **kwargs)
+
+
+def test_ensemble_checks_catch_miswiring():
+    a = _plan("a", (Tensor("x", "TYPE_FP32", (-1,)),), (Tensor("y", "TYPE_FP32", (-1,)),))
+    ok = ModelPlan("e", "ensemble.pbtxt.j2", inputs=(Tensor("in", "TYPE_FP32", (-1,)),),
+                   outputs=(Tensor("out", "TYPE_FP32", (-1,)),), steps=(EnsembleStep("a", {"x": "in"}, {"y": "out"}),))
+    check_ensembles([a, ok])
+    bad_tensor = dataclasses.replace(ok, steps=(EnsembleStep("a", {"x": "nowhere"}, {"y": "out"}),))
+    with pytest.raises(BuildError, match="reads 'nowhere', which no earlier step produces"):
+        check_ensembles([a, bad_tensor])
+    missing_model = dataclasses.replace(ok, steps=(EnsembleStep("b", {"x": "in"}, {"y": "out"}),))
+    with pytest.raises(BuildError, match="not in the repository"):
+        check_ensembles([a, missing_model])
+    wrong_type = dataclasses.replace(ok, inputs=(Tensor("in", "TYPE_INT64", (-1,)),))
+    with pytest.raises(BuildError, match="is TYPE_INT64 but a.x wants TYPE_FP32"):
+        check_ensembles([a, wrong_type])
+
+
+def test_config_dims_must_agree_with_the_graph(built_repository, tmp_path):
+    from builder.compile.artifacts import CompiledModel
+    from builder.export.onnx_export import graph_signature
+    from builder.export.parity import ParityResult
+
+    path = built_repository / "vision_encoder" / "1" / "model.onnx"
+    inputs, outputs = graph_signature(path)
+    from builder.export.onnx_export import ExportedGraph
+
+    graph = ExportedGraph("vision_encoder", path, inputs, outputs, ParityResult(1, 0.0, 1.0, 0.0, 0.0))
+    served = CompiledModel("vision_encoder", path, "fp32", graph)
+    good = _plan("vision_encoder", (Tensor("pixel_values", "TYPE_FP32", (-1, 3, 64, 64)),), (), serves=served)
+    check_graph_signature(good)
+    wrong = dataclasses.replace(good, inputs=(Tensor("pixel_values", "TYPE_FP32", (-1, 3, 224, 224)),))
+    with pytest.raises(BuildError, match=r"config pixel_values dims \[-1, 3, 224, 224\] disagree with the graph's \[-1, 3, 64, 64\]"):
+        check_graph_signature(wrong)

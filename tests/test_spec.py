@@ -1,0 +1,50 @@
+"""The build spec rejects what it does not understand, naming the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from builder.errors import SpecError
+from builder.spec import load_spec, parse_spec
+from tests.conftest import ROOT
+
+
+def test_default_spec_loads():
+    spec = load_spec(ROOT / "specs" / "tiny.yaml")
+    assert spec.source.preset == "tiny" and spec.target == "python"
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"components": {"vison": {}}}, r"components\.vison: unknown key \(did you mean 'vision'\?\)"),
+        ({"limits": {"max_imgaes": 3}}, r"limits\.max_imgaes: unknown key \(did you mean 'max_images'\?\)"),
+        ({"colour": "red"}, r"colour: unknown key"),
+        ({"limits": {"max_images": "four"}}, r"limits\.max_images: expected a whole number, got 'four'"),
+        ({"limits": {"max_images": True}}, r"limits\.max_images: expected a whole number"),
+        ({"components": {"llm": {"precision": "int4"}}}, r"components\.llm\.precision: 'int4' is not one of fp32, fp16, int8"),
+        ({"target": "cuda"}, r"target: 'cuda' is not one of"),
+        ({"components": {"audio": {"enabled": "yes"}}}, r"components\.audio\.enabled: expected true or false"),
+        ({"limits": {"max_prompt_tokens": 600, "max_context": 512}}, r"max_prompt_tokens \(600\) must be smaller than limits\.max_context"),
+        ({"limits": {"max_images": 0}}, r"limits\.max_images: must be greater than 0"),
+        ({"source": {"preset": "tiny", "checkpoint": "/x"}}, r"source: give exactly one of"),
+        ({"components": {"llm": {"enabled": False}}}, r"language model cannot be disabled"),
+        ({"name": "../etc"}, r"name: '\.\./etc' must be"),
+        ({"limits": []}, r"limits: expected a mapping"),
+    ],
+)
+def test_invalid_specs_name_the_key(data, message):
+    with pytest.raises(SpecError, match=message):
+        parse_spec(data)
+
+
+def test_overrides_and_file_errors(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text("name: x\nlimits: {max_images: 2}\n")
+    spec = load_spec(path, {"components.llm.precision": "fp16", "target": "python"})
+    assert spec.limits.max_images == 2 and spec.components.llm.precision == "fp16"
+    with pytest.raises(SpecError, match="spec file not found"):
+        load_spec(tmp_path / "missing.yaml")
+    path.write_text("name: [unclosed\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(path)
