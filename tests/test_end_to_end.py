@@ -95,3 +95,24 @@ def test_reference_uses_the_images_and_audio(preprocessor, source_model):
     a = reference_generate(source_model, with_image.input_ids, with_image.pixel_values, None, 8)
     b = reference_generate(source_model, with_image.input_ids, with_image.pixel_values * 0, None, 8)
     assert a != b
+
+
+@pytest.mark.serving
+def test_concurrent_requests_decode_together_and_answer_as_alone(server):
+    """Continuous batching: eight requests in flight at once get the answers they get alone."""
+    import concurrent.futures
+
+    import tritonclient.grpc as grpcclient
+
+    requests = [Request(f"Question number {i}: {'why ' * i}?", max_tokens=12 + i) for i in range(8)]
+    requests[3] = Request(**{**CASES["text+image+audio"].__dict__, "max_tokens": 14})
+
+    def run(request: Request) -> list[int]:
+        with grpcclient.InferenceServerClient(server.grpc_url) as connection:
+            return ask(connection, request).token_ids
+
+    alone = [run(r) for r in requests]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        together = list(pool.map(run, requests))
+    assert together == alone
+    assert [len(t) for t in together] == [r.max_tokens for r in requests]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnxruntime as ort
@@ -60,8 +60,36 @@ def choose_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Gene
     return int(rng.choice(probs.size, p=probs))
 
 
+@dataclass(eq=False)
+class Sequence:
+    """One request being decoded: its own KV cache, sampling state and the logits of its next token."""
+
+    params: SamplingParams
+    stop_ids: frozenset[int]
+    rng: np.random.Generator
+    past: list[np.ndarray]  # per KV tensor: [kv_heads, length, head_dim]
+    length: int  # positions in the cache
+    logits: np.ndarray  # [vocab] for the next token
+    tokens: list[int] = field(default_factory=list)
+    finished: bool = False
+
+    def next_token(self) -> int | None:
+        """Chooses the next token; None (and finished) on a stop id. Finished after max_tokens."""
+        token = choose_token(self.logits, self.params, self.rng)
+        if token in self.stop_ids:
+            self.finished = True
+            return None
+        self.tokens.append(token)
+        self.finished = len(self.tokens) >= self.params.max_tokens
+        return token
+
+
 class LanguageModelRunner:
-    """Drives the LLM graph for one request at a time; the KV cache lives only during ``generate``."""
+    """Drives the LLM graph: ``start`` prefills one prompt, ``decode`` advances any number of sequences.
+
+    Sequences of different lengths decode together: their caches are left-padded to the longest
+    and masked out, as HF does for a left-padded batch. A batch of one has no padding at all.
+    """
 
     def __init__(self, onnx_path: str, facts: ModelFacts, intra_op_threads: int = 0) -> None:
         options = ort.SessionOptions()
@@ -71,39 +99,69 @@ class LanguageModelRunner:
         self.kv_inputs = [i.name for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         self.kv_outputs = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
 
-    def generate(
+    def start(
         self,
         input_ids: np.ndarray,  # [S] int64
         multimodal_embeds: np.ndarray,  # [S, hidden] float32
         multimodal_mask: np.ndarray,  # [S] bool
         params: SamplingParams,
         stop_ids: frozenset[int] = frozenset(),
-    ) -> Iterator[int]:
-        """Yields new token ids as they are chosen; stops on a stop id (not yielded) or max_tokens."""
+    ) -> Sequence:
         facts = self.facts
-        rng = np.random.default_rng(params.seed)
         empty_kv = np.zeros((1, facts.num_kv_heads, 0, facts.head_dim), dtype=np.float32)
-        past = {name: empty_kv for name in self.kv_inputs}
+        length = int(input_ids.size)
         feeds = {
             "input_ids": input_ids[None].astype(np.int64),
             "multimodal_embeds": multimodal_embeds[None].astype(np.float32),
             "multimodal_mask": multimodal_mask[None].astype(bool),
-            "position_ids": np.arange(input_ids.size, dtype=np.int64)[None],
+            "attention_mask": np.ones((1, length), dtype=np.int64),
+            "position_ids": np.arange(length, dtype=np.int64)[None],
+            **{name: empty_kv for name in self.kv_inputs},
         }
-        length = input_ids.size
-        no_embeds = np.zeros((1, 1, facts.hidden_size), dtype=np.float32)
-        for _ in range(params.max_tokens):
-            feeds["attention_mask"] = np.ones((1, length), dtype=np.int64)
-            logits, *present = self.session.run(["logits", *self.kv_outputs], {**feeds, **past})
-            token = choose_token(logits[0], params, rng)
-            if token in stop_ids:
+        logits, *present = self.session.run(["logits", *self.kv_outputs], feeds)
+        return Sequence(params, stop_ids, np.random.default_rng(params.seed), [p[0] for p in present], length, logits[0])
+
+    def decode(self, sequences: list[Sequence]) -> None:
+        """Feeds each sequence its last token; updates its cache and next-token logits."""
+        facts = self.facts
+        batch, longest = len(sequences), max(s.length for s in sequences)
+        attention = np.zeros((batch, longest + 1), dtype=np.int64)
+        past = {name: np.zeros((batch, facts.num_kv_heads, longest, facts.head_dim), dtype=np.float32) for name in self.kv_inputs}
+        for row, seq in enumerate(sequences):
+            pad = longest - seq.length
+            attention[row, pad:] = 1
+            for name, cache in zip(self.kv_inputs, seq.past):
+                past[name][row, :, pad:] = cache
+        feeds = {
+            "input_ids": np.array([[s.tokens[-1]] for s in sequences], dtype=np.int64),
+            "multimodal_embeds": np.zeros((batch, 1, facts.hidden_size), dtype=np.float32),
+            "multimodal_mask": np.zeros((batch, 1), dtype=bool),
+            "attention_mask": attention,
+            "position_ids": np.array([[s.length] for s in sequences], dtype=np.int64),
+            **past,
+        }
+        logits, *present = self.session.run(["logits", *self.kv_outputs], feeds)
+        for row, seq in enumerate(sequences):
+            pad = longest - seq.length
+            seq.past = [p[row, :, pad:] for p in present]
+            seq.length += 1
+            seq.logits = logits[row]
+
+    def generate(
+        self,
+        input_ids: np.ndarray,
+        multimodal_embeds: np.ndarray,
+        multimodal_mask: np.ndarray,
+        params: SamplingParams,
+        stop_ids: frozenset[int] = frozenset(),
+    ) -> Iterator[int]:
+        """One request on its own: yields new token ids as they are chosen."""
+        seq = self.start(input_ids, multimodal_embeds, multimodal_mask, params, stop_ids)
+        while True:
+            token = seq.next_token()
+            if token is None:
                 return
             yield token
-            past = dict(zip(self.kv_inputs, present))
-            feeds = {
-                "input_ids": np.array([[token]], dtype=np.int64),
-                "multimodal_embeds": no_embeds,
-                "multimodal_mask": np.zeros((1, 1), dtype=bool),
-                "position_ids": np.array([[length]], dtype=np.int64),
-            }
-            length += 1
+            if seq.finished:
+                return
+            self.decode([seq])
