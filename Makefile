@@ -9,12 +9,15 @@ TARGET ?=
 BUILD_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup engines test serve clean
+QUICK ?=
+
+.PHONY: help setup system-deps engines test serve bench gpu-smoke clean
 
 help:
 	@echo "make engines   build $(SPEC) into $(OUTPUT)/ (installs what it needs into $(VENV)/)"
 	@echo "make test      run the test suite (builds first if needed)"
 	@echo "make serve     run tritonserver on $(OUTPUT)/ at 127.0.0.1:8001 (gRPC) / :8000 (HTTP)"
+	@echo "make bench     perf_analyzer + baselines into benchmarks/results/ (QUICK=1: a smoke run under 3 minutes)"
 	@echo "variables: SPEC=specs/<name>.yaml TARGET=python|onnxruntime|tensorrt BUILD_ARGS='--set key=value'"
 
 setup: $(STAMP)
@@ -25,16 +28,32 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[test]'
+	$(MAKE) --no-print-directory system-deps
 	touch $@
+
+# perf_analyzer (make bench, tests/test_bench.py) links Debian's libb64: apt-get only when it is missing.
+system-deps:
+	@dpkg -s libb64-0d >/dev/null 2>&1 || { command -v apt-get >/dev/null \
+	  && $$([ "$$(id -u)" = 0 ] || echo sudo) apt-get update -qq \
+	  && $$([ "$$(id -u)" = 0 ] || echo sudo) apt-get install -y -qq libb64-0d; } \
+	  || echo "warning: cannot install libb64-0d here; perf_analyzer needs it (apt-get install libb64-0d)"
 
 engines: $(STAMP)
 	$(PY) -m builder build --spec $(SPEC) --output $(OUTPUT) $(if $(TARGET),--target $(TARGET)) $(BUILD_ARGS)
 
-test: engines
+test: engines system-deps
 	$(PY) -m pytest -q tests
 
 serve: engines
 	$(PY) -m builder serve --repository $(OUTPUT)
+
+bench: engines system-deps
+	@$(if $(QUICK),,echo "make bench: the full run takes about 15 minutes on 2 cores (QUICK=1: under 3)")
+	$(PY) -m builder bench --spec $(SPEC) --repository $(OUTPUT) $(if $(QUICK),--quick)
+
+# GPU build server only (NGC container: TRITONSERVER=/opt/tritonserver/bin/tritonserver, pip install -e '.[tensorrt]').
+gpu-smoke: $(STAMP)
+	$(PY) benchmarks/gpu_smoke.py --spec $(SPEC)
 
 clean:
 	rm -rf $(OUTPUT) .build_cache

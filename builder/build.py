@@ -1,4 +1,4 @@
-"""The whole build: source -> export -> compile -> repository, each stage cached, published atomically."""
+"""The whole build: source -> export -> quantize -> compile -> repository, each stage cached, published atomically."""
 
 from __future__ import annotations
 
@@ -13,9 +13,12 @@ from tqdm import tqdm
 
 from builder.cache import StageCache, code_fingerprint, make_key, tool_versions
 from builder.compile.artifacts import CompiledModel
-from builder.compile.targets import compile_graph
+from builder.compile.targets import prepare_target
 from builder.errors import BuildError
 from builder.export.onnx_export import ExportedGraph, load_exported
+from builder.quantize.calibration_data import calibration_files
+from builder.quantize.report import write_report
+from builder.quantize.stage import quantize_components, quantize_key
 from builder.repository.assemble import assemble_repository
 from builder.repository.plan import plan_repository
 from builder.repository.publish import publish, staging_directory
@@ -48,6 +51,7 @@ class BuildResult:
 def build(spec: BuildSpec, output: Path, cache_dir: Path, progress: bool = True) -> BuildResult:
     started = time.perf_counter()
     _check_writable(output)
+    target = prepare_target(spec, cache_dir, output)  # stops at once if this machine cannot build spec.target
     cache = StageCache(cache_dir)
     source = resolve_source(spec.source, cache)
     check_checkpoint_files(source.checkpoint)
@@ -55,8 +59,12 @@ def build(spec: BuildSpec, output: Path, cache_dir: Path, progress: bool = True)
 
     components = [c for c in ("vision_encoder", "audio_encoder", "llm") if _enabled(spec, c, facts)]
     keys = {c: _export_key(spec, c, source.fingerprint) for c in components}
-    repo_key = make_key(keys, spec.target, spec.section("limits"), spec.section("triton"),
-                        code_fingerprint("repository", "runtime", "compile"), _templates_fingerprint())
+    precisions = {c: getattr(spec.components, _SPEC_COMPONENT[c]).precision for c in components}
+    files = calibration_files(spec, "audio_encoder" in components) if set(precisions.values()) != {"fp32"} else None
+    quantize_keys = {c: quantize_key(spec, keys[c], precisions[c], files) for c in components}
+    repo_key = make_key(quantize_keys, spec.target, spec.section("limits"), spec.section("triton"),
+                        code_fingerprint("repository", "runtime", "compile"), _templates_fingerprint(),
+                        target.fingerprint)
     if _published_key(output) == repo_key:
         return BuildResult(output, (), tuple(components), False, time.perf_counter() - started)
 
@@ -71,14 +79,18 @@ def build(spec: BuildSpec, output: Path, cache_dir: Path, progress: bool = True)
             entry = _export(loaded, spec, component, cache, keys[component])
         exported[component] = load_exported(entry)
 
+    settled = quantize_components(spec, facts, source.checkpoint / "tokenizer.json", exported, precisions, keys, files,
+                                  cache, progress)
     compiled = {
-        c: compile_graph(g, spec.target, getattr(spec.components, _SPEC_COMPONENT[c]).precision)
+        c: dataclasses.replace(target.compile(dataclasses.replace(g, path=settled[c].path), settled[c].precision),
+                               quantization=settled[c])
         for c, g in exported.items()
     }
     with staging_directory(output) as staging:
         shared = _shared_files(source.checkpoint, facts, staging)
         plans = plan_repository(spec, facts, compiled, shared)
         assemble_repository(plans, staging, _manifest(spec, repo_key, source.fingerprint, compiled))
+        write_report(staging / "build_report.md", spec, compiled)
         for name in shared.values():
             name.unlink()
         publish(staging, output)
@@ -130,6 +142,8 @@ def _manifest(spec: BuildSpec, repo_key: str, source_fingerprint: str, compiled:
                 "file": model.path.name,
                 "bytes": model.path.stat().st_size,
                 "parity": dataclasses.asdict(model.graph.parity),
+                "quantization": model.quantization.to_json() if model.quantization else None,
+                **model.manifest_extra(),
             }
             for name, model in compiled.items()
         },

@@ -1,4 +1,4 @@
-"""Command line: ``python -m builder {build,serve,ask}`` (also installed as ``mmtb``)."""
+"""Command line: ``python -m builder {build,serve,ask,bench}`` (also installed as ``mmtb``)."""
 
 from __future__ import annotations
 
@@ -89,6 +89,25 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from builder.bench.run import FULL, QUICK, run_bench
+    from builder.spec import load_spec
+
+    spec = load_spec(args.spec)
+    settings = QUICK if args.quick else FULL
+    if args.concurrency:
+        settings = dataclasses.replace(settings, concurrency=tuple(int(c) for c in args.concurrency.split(",")))
+    name = args.name or (f"{spec.name}-quick" if args.quick else spec.name)
+    command = (f"python -m builder bench{' --quick' if args.quick else ''} --spec {args.spec} --repository {args.repository}"
+               + (f" --concurrency {args.concurrency}" if args.concurrency else ""))
+    summary = run_bench(spec, args.repository, args.cache, args.results / name, settings, command)
+    print(summary.read_text().split("\n\n")[1])
+    print(f"report: {summary}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="mmtb",
@@ -132,6 +151,19 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--top-p", type=float)
     a.add_argument("--seed", type=int)
     a.set_defaults(func=cmd_ask)
+
+    m = sub.add_parser("bench", help="perf_analyzer against the served repository, with baselines, plots and a report",
+                       description="Builds if needed, measures in-process and Hugging Face eager baselines, serves the "
+                       "repository and runs perf_analyzer (gRPC) over a concurrency sweep; writes CSVs, summary.md and "
+                       "plots into RESULTS/NAME/.")
+    m.add_argument("--quick", action="store_true", help="a smoke run of a few minutes (short windows, concurrency 1, 2, 8)")
+    m.add_argument("--name", help="results directory name (default: the spec name, + '-quick' with --quick)")
+    m.add_argument("--repository", type=Path, default=DEFAULT_OUTPUT)
+    m.add_argument("--spec", type=Path, default=DEFAULT_SPEC)
+    m.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    m.add_argument("--results", type=Path, default=Path("benchmarks/results"))
+    m.add_argument("--concurrency", help="comma-separated concurrency sweep, e.g. 1,2 (default: 1,2,4,8,16; quick 1,2,8)")
+    m.set_defaults(func=cmd_bench)
     return top
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,8 @@ class TritonSpec:
     dynamic_batching: bool = True
     max_queue_delay_us: int = 2000
     response_cache: bool = False
+    # target onnxruntime: run the encoders through ORT's TensorRT execution provider on a GPU
+    ort_tensorrt_accelerator: bool = False
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,52 @@ class ExportSpec:
 
 
 @dataclass(frozen=True)
+class TensorRTSpec:
+    """target tensorrt. Each engine is compared with ONNX Runtime FP32 under the quantize stage's gate."""
+
+    comparison_samples: int = 2  # random inputs per optimization profile
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """Inputs of INT8 calibration and of the accuracy gate; they go through the server's own preprocessing.
+
+    Paths are relative to the spec file; unset means the set shipped in ``data/calibration/``. Files
+    are taken in name order: the first ``samples`` calibrate, the next ``holdout`` are the gate's.
+    """
+
+    images: str | None = None  # directory of PNG/JPEG files, any sizes
+    audio: str | None = None  # directory of WAV files, any rates
+    prompts: str | None = None  # text file, one prompt per line (the LLM gate's prompts)
+    samples: int = 8
+    holdout: int = 4
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """A quantized graph is used only if every output meets these against FP32 on held-out inputs."""
+
+    min_cosine: float = 0.99
+    max_abs_error: float | None = None  # unset: reported, not gated
+    max_mean_abs_error: float | None = None
+
+
+@dataclass(frozen=True)
+class LlmGateSpec(GateSpec):
+    min_cosine: float = 0.98
+
+
+@dataclass(frozen=True)
+class QuantizeSpec:
+    method: Literal["minmax", "entropy", "percentile"] = "minmax"  # the first calibration method tried
+    fallback: bool = True  # a failed gate walks the fallback ladder; false: the build fails
+    exclude_nodes: int = 4  # ladder rung: this many most sensitive nodes are kept in float
+    llm_block_size: int = 32  # weight-only INT8 LLM: weights per scale
+    gate: GateSpec = field(default_factory=GateSpec)  # encoders (INT8 and FP16)
+    llm_gate: LlmGateSpec = field(default_factory=LlmGateSpec)
+
+
+@dataclass(frozen=True)
 class BuildSpec:
     name: str = "tiny"
     target: Target = "python"
@@ -87,6 +136,9 @@ class BuildSpec:
     limits: LimitsSpec = field(default_factory=LimitsSpec)
     triton: TritonSpec = field(default_factory=TritonSpec)
     export: ExportSpec = field(default_factory=ExportSpec)
+    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
+    quantize: QuantizeSpec = field(default_factory=QuantizeSpec)
+    tensorrt: TensorRTSpec = field(default_factory=TensorRTSpec)
     path: Path | None = field(default=None, compare=False)  # the file it was loaded from
 
     def section(self, name: str) -> dict[str, Any]:
@@ -143,7 +195,7 @@ def _value(hint: Any, value: Any, key: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, key + ".")
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         errors = []
@@ -199,3 +251,26 @@ def _check(spec: BuildSpec) -> None:
             raise SpecError(f"triton.{key}: must be at least 1")
     if spec.export.parity_samples < 1:
         raise SpecError("export.parity_samples: must be at least 1")
+    if spec.tensorrt.comparison_samples < 1:
+        raise SpecError("tensorrt.comparison_samples: must be at least 1")
+    if spec.triton.ort_tensorrt_accelerator and spec.target != "onnxruntime":
+        raise SpecError("triton.ort_tensorrt_accelerator: applies to target onnxruntime only")
+    if spec.target != "python":  # Triton batches the encoders: one request's images must fit one batch
+        for key in ("max_images", "max_audio_clips"):
+            if getattr(lim, key) > spec.triton.max_batch_size:
+                raise SpecError(
+                    f"limits.{key} ({getattr(lim, key)}) exceeds triton.max_batch_size ({spec.triton.max_batch_size}): "
+                    f"target {spec.target} batches one request's inputs in one engine batch"
+                )
+    cal = spec.calibration
+    if cal.samples < 1 or cal.holdout < 1:
+        raise SpecError("calibration.samples and calibration.holdout: must be at least 1")
+    for key in ("gate", "llm_gate"):
+        gate = getattr(spec.quantize, key)
+        if not 0 < gate.min_cosine <= 1:
+            raise SpecError(f"quantize.{key}.min_cosine: {gate.min_cosine} must be in (0, 1]")
+        for bound in ("max_abs_error", "max_mean_abs_error"):
+            if getattr(gate, bound) is not None and getattr(gate, bound) <= 0:
+                raise SpecError(f"quantize.{key}.{bound}: must be greater than 0")
+    if spec.quantize.exclude_nodes < 1 or spec.quantize.llm_block_size < 16:
+        raise SpecError("quantize.exclude_nodes must be at least 1 and quantize.llm_block_size at least 16")

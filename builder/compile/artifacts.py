@@ -4,13 +4,37 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from builder.compile.plans import PlanRecord, cc_model_filenames
 from builder.export.onnx_export import ExportedGraph
+from builder.quantize.ladder import Settled
 
 
 @dataclass(frozen=True)
 class CompiledModel:
     component: str
-    path: Path  # the file Triton (or the Python model) loads: model.onnx, or a TensorRT plan
+    path: Path  # the file Triton (or the Python model) loads here: model.onnx, or this GPU's TensorRT plan
     precision: str
     graph: ExportedGraph  # the ONNX graph it was compiled from: its signature and parity figures
+    plans: tuple[PlanRecord, ...] = ()  # target tensorrt: this build's plan first, then other GPUs' carried plans
+    quantization: Settled | None = None  # how the quantize stage got this graph: method, gate figures, fallbacks
+
+    @property
+    def files(self) -> dict[str, Path]:
+        """Version-directory file name -> source."""
+        return {p.file: p.path for p in self.plans} if self.plans else {"model.onnx": self.path}
+
+    @property
+    def cc_model_filenames(self) -> dict[str, str]:
+        return cc_model_filenames(self.plans)
+
+    def manifest_extra(self) -> dict[str, Any]:
+        return {"plans": [p.to_json() for p in self.plans]} if self.plans else {}
+
+
+def engine_model_name(component: str, target: str) -> str:
+    """The Triton model that loads a component's compiled file. On targets onnxruntime and tensorrt
+    each encoder is a model of its own (behind a Python gate that skips requests without images or
+    audio); the LLM's file is always loaded by the ``llm`` decode model."""
+    return component if component == "llm" or target == "python" else f"{component}_{target}"

@@ -1,23 +1,97 @@
 """The compile stage: turns each exported (and quantized) ONNX graph into what the target loads.
 
-This is the seam where build targets plug in:
-- ``python`` (default, runs anywhere): the ONNX graph itself, run by ONNX Runtime inside
-  Python-backend models;
-- ``onnxruntime`` / ``tensorrt``: Triton's own backends (issue #6); not built yet.
+- ``python`` (default, runs anywhere) and ``onnxruntime`` (Triton's ORT backend): the ONNX graph itself;
+- ``tensorrt``: a plan per GPU architecture, built strongly typed with optimization profiles from
+  the spec, checked against ONNX Runtime FP32 and cached under a key of its inputs.
+
+:func:`prepare_target` runs first in a build, so a machine that cannot build the target stops
+before any export work.
 """
 
 from __future__ import annotations
 
-from builder.compile.artifacts import CompiledModel
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from builder.cache import StageCache, code_fingerprint, make_key
+from builder.compile.artifacts import CompiledModel, engine_model_name
+from builder.compile.compare import AccuracyGate, Comparison, Feeds, sample_feeds
+from builder.compile.plans import Device, carried_plans, file_sha256, plan_record, published_plans
+from builder.compile.profiles import Profile, check_profiles, check_request_fits, input_axes, profiles_for, request_ranges
 from builder.errors import BuildError
 from builder.export.onnx_export import ExportedGraph
+from builder.spec import BuildSpec
 
-SUPPORTED_TARGETS = ("python",)
+
+@dataclass(frozen=True)
+class BuildTarget:
+    spec: BuildSpec
+    cache: StageCache
+    output: Path  # the repository being (re)built: other GPUs' plans are carried over from it
+    device: Device | None = None  # target tensorrt only
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        """What, besides the spec, decides the compiled files: the GPU and TensorRT for plans."""
+        return {**dataclasses.asdict(self.device), **self.spec.section("tensorrt")} if self.device else {}
+
+    def compile(self, graph: ExportedGraph, precision: str) -> CompiledModel:
+        if self.device is None:
+            return CompiledModel(graph.component, graph.path, precision, graph)
+        return self._compile_plan(graph, precision, self.device)
+
+    def _compile_plan(self, graph: ExportedGraph, precision: str, device: Device) -> CompiledModel:
+        from builder.compile.tensorrt_build import build_plan, compare_plan
+
+        component, spec = graph.component, self.spec
+        profiles = profiles_for(component, spec)
+        check_profiles(component, profiles, 0 if component == "llm" else spec.triton.max_batch_size)
+        check_request_fits(component, profiles, request_ranges(component, spec))
+        onnx_sha256 = file_sha256(graph.path)
+        key = make_key(onnx_sha256, [dataclasses.asdict(p) for p in profiles], device.compute_capability,
+                       device.tensorrt, spec.section("tensorrt"), spec.section("quantize"), code_fingerprint("compile"))
+        entry = self.cache.lookup("tensorrt", component, key)
+        if entry is None:
+            quantize_gate = spec.quantize.llm_gate if component == "llm" else spec.quantize.gate  # the same figures
+            gate = AccuracyGate(quantize_gate.min_cosine, quantize_gate.max_abs_error)
+            with self.cache.writer("tensorrt", component, key) as tmp:
+                timing = self.cache.root / "tensorrt" / f"timing-{device.tensorrt}-{device.plan_file}.cache"
+                build_plan(graph.path, profiles, tmp / device.plan_file, timing)
+                # The reference is the FP32 export: what the quantize stage's gate also compares with.
+                comparison = compare_plan(tmp / device.plan_file, graph.path,
+                                          comparison_feeds(graph, profiles, spec.tensorrt.comparison_samples), gate)
+                if not comparison.passed:
+                    raise BuildError(
+                        f"{component}: the TensorRT engine disagrees with ONNX Runtime FP32 (cos {comparison.min_cosine:.6f}, "
+                        f"max|err| {comparison.max_abs_error:.2e} over {comparison.samples} inputs; "
+                        f"gate: cos >= {gate.min_cosine}, max|err| <= {gate.max_abs_error or 'not gated'})"
+                    )
+                (tmp / "comparison.json").write_text(json.dumps(dataclasses.asdict(comparison)))
+            entry = self.cache.entry("tensorrt", component, key)
+        comparison = Comparison(**json.loads((entry / "comparison.json").read_text()))
+        record = plan_record(device, onnx_sha256, comparison, entry / device.plan_file)
+        previous = published_plans(self.output, component, engine_model_name(component, "tensorrt"))
+        carried = carried_plans(previous, device, onnx_sha256, self.output)
+        return CompiledModel(component, record.path, precision, graph, plans=(record, *carried))
 
 
-def compile_graph(graph: ExportedGraph, target: str, precision: str) -> CompiledModel:
-    if target == "python":
-        return CompiledModel(graph.component, graph.path, precision, graph)
-    raise BuildError(
-        f"target {target!r} is not available in this build; targets that work here: {', '.join(SUPPORTED_TARGETS)}"
-    )
+def prepare_target(spec: BuildSpec, cache_dir: Path, output: Path) -> BuildTarget:
+    """Checks that this machine can build ``spec.target``; stops at once with one line if not."""
+    if spec.target != "tensorrt":
+        return BuildTarget(spec, StageCache(cache_dir), output)
+    from builder.compile.tensorrt_build import detect_device
+
+    return BuildTarget(spec, StageCache(cache_dir), output, detect_device())
+
+
+def comparison_feeds(graph: ExportedGraph, profiles: tuple[Profile, ...], samples: int) -> list[list[Feeds]]:
+    """``samples`` inputs per profile, at the profile's opt shapes."""
+    axes = input_axes(graph.path)
+    vocab = graph.output("logits").dims[-1] if graph.component == "llm" else 2
+    return [
+        [sample_feeds(graph.inputs, profile.shapes(axes), vocab, seed) for seed in range(samples)]
+        for profile in profiles
+    ]

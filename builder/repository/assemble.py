@@ -20,6 +20,7 @@ def render_model_config(plan: ModelPlan) -> str:
         plan.template, name=plan.name, inputs=plan.inputs, outputs=plan.outputs, parameters=plan.parameters,
         max_batch_size=plan.max_batch_size, decoupled=plan.decoupled, instances=plan.instances,
         dynamic_batching=plan.dynamic_batching, max_queue_delay_us=plan.max_queue_delay_us, steps=plan.steps,
+        **plan.template_options,
     )
     config = parse_config(text, plan.name)
     if config.name != plan.name:  # the parse proves syntax; this catches a template that ignores its input

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from builder.compile.artifacts import CompiledModel
+from builder.compile.artifacts import CompiledModel, engine_model_name
 from builder.runtime.model_facts import ModelFacts
 from builder.spec import BuildSpec
 
@@ -46,6 +47,7 @@ class ModelPlan:
     steps: tuple[EnsembleStep, ...] = ()
     serves: CompiledModel | None = None  # the graph whose signature the config must match
     adds_batch_axis: bool = False  # the model feeds one request as a batch of 1 (the decode loop)
+    template_options: dict[str, Any] = field(default_factory=dict)  # what only its template uses
 
 
 SAMPLING_INPUTS = (
@@ -96,27 +98,32 @@ def plan_repository(spec: BuildSpec, facts: ModelFacts, compiled: dict[str, Comp
             **per_model,
         ),
     ]
+    image_tokens = facts.image_grid[0] * facts.image_grid[1]
     encoders = [
-        ("vision_encoder", "pixel_values", (-1, 3, size, size), "image_embeds"),
-        ("audio_encoder", "input_features", (-1, facts.num_mel_bins, frames), "audio_embeds"),
+        ("vision_encoder", "pixel_values", (-1, 3, size, size), "image_embeds", image_tokens),
+        ("audio_encoder", "input_features", (-1, facts.num_mel_bins, frames), "audio_embeds", facts.audio_tokens_per_clip),
     ]
-    for name, in_name, in_dims, out_name in encoders:
+    for name, in_name, in_dims, out_name, tokens in encoders:
         graph = compiled.get(name)
+        native = graph is not None and spec.target != "python"  # Triton's own backend runs the graph
         models.append(ModelPlan(
             name, "python_model.pbtxt.j2",
             inputs=(Tensor(in_name, "TYPE_FP32", in_dims),),
-            outputs=(Tensor(out_name, "TYPE_FP32", (-1, -1, hidden)),),
-            python_model="encoder",
-            files={"model.onnx": graph.path} if graph else {},
-            parameters={"input": in_name, "output": out_name, "hidden_size": str(hidden)},
-            serves=graph, **per_model,
+            outputs=(Tensor(out_name, "TYPE_FP32", (-1, max(tokens, 1), hidden)),),
+            python_model="engine_gate" if native else "encoder",
+            files={"model.onnx": graph.path} if graph and not native else {},
+            parameters={"input": in_name, "output": out_name, "tokens": str(max(tokens, 1)), "hidden_size": str(hidden),
+                        **({"engine_model": engine_model_name(name, spec.target)} if native else {})},
+            serves=None if native else graph, **per_model,
         ))
+        if native:
+            models.append(_engine_model(spec, graph))
     models.append(ModelPlan(
         "fuse", "python_model.pbtxt.j2",
         inputs=(
             Tensor("input_ids", "TYPE_INT64", (-1,)),
-            Tensor("image_embeds", "TYPE_FP32", (-1, -1, hidden)),
-            Tensor("audio_embeds", "TYPE_FP32", (-1, -1, hidden)),
+            Tensor("image_embeds", "TYPE_FP32", (-1, image_tokens, hidden)),
+            Tensor("audio_embeds", "TYPE_FP32", (-1, max(facts.audio_tokens_per_clip, 1), hidden)),
         ),
         outputs=(Tensor("multimodal_embeds", "TYPE_FP32", (-1, hidden)), Tensor("multimodal_mask", "TYPE_BOOL", (-1,))),
         python_model="fuse", files=facts_file, **per_model,
@@ -130,10 +137,10 @@ def plan_repository(spec: BuildSpec, facts: ModelFacts, compiled: dict[str, Comp
     )
     models.append(ModelPlan(
         "llm", "python_model.pbtxt.j2", inputs=llm_inputs, outputs=ANSWER_OUTPUTS, python_model="llm",
-        files={"model.onnx": compiled["llm"].path, **facts_file, "tokenizer.json": shared["tokenizer.json"]},
+        files={**compiled["llm"].files, **facts_file, "tokenizer.json": shared["tokenizer.json"]},
         parameters={
             "max_tokens": str(lim.max_tokens), "default_max_tokens": str(lim.default_max_tokens),
-            "max_context": str(lim.max_context),
+            "max_context": str(lim.max_context), "max_decode_batch": str(triton.max_batch_size), **_llm_runner(compiled["llm"]),
         },
         decoupled=True, serves=compiled["llm"], adds_batch_axis=True, **per_model,
     ))
@@ -170,3 +177,30 @@ def plan_repository(spec: BuildSpec, facts: ModelFacts, compiled: dict[str, Comp
         steps=(*front, EnsembleStep("llm", {**decode_inputs, "stream": "stream"}, answer)), decoupled=True,
     ))
     return models
+
+
+_ENGINE_TEMPLATES = {"onnxruntime": "onnxruntime_model.pbtxt.j2", "tensorrt": "tensorrt_model.pbtxt.j2"}
+
+
+def _engine_model(spec: BuildSpec, compiled: CompiledModel) -> ModelPlan:
+    """An encoder's graph or plans under Triton's own backend, batched across requests on the graph's first axis."""
+    triton, graph = spec.triton, compiled.graph
+    options: dict[str, Any] = (
+        {"default_model_filename": compiled.path.name, "cc_model_filenames": compiled.cc_model_filenames}
+        if spec.target == "tensorrt" else {"tensorrt_accelerator": triton.ort_tensorrt_accelerator}
+    )
+    return ModelPlan(
+        engine_model_name(compiled.component, spec.target), _ENGINE_TEMPLATES[spec.target],
+        inputs=tuple(Tensor(sig.name, sig.data_type, sig.dims[1:]) for sig in graph.inputs),
+        outputs=tuple(Tensor(sig.name, sig.data_type, sig.dims[1:]) for sig in graph.outputs),
+        files=compiled.files, max_batch_size=triton.max_batch_size, instances=triton.instances,
+        dynamic_batching=triton.dynamic_batching, max_queue_delay_us=triton.max_queue_delay_us,
+        serves=compiled, template_options=options,
+    )
+
+
+def _llm_runner(compiled: CompiledModel) -> dict[str, str]:
+    """Target tensorrt: the decode model drives the plan built for the GPU it runs on."""
+    if not compiled.plans:
+        return {}
+    return {"runner": "tensorrt", "plans": ";".join(f"{p.compute_capability}={p.file}" for p in compiled.plans)}

@@ -11,20 +11,44 @@ from builder.repository.plan import ModelPlan, Tensor
 
 
 def check_graph_signature(plan: ModelPlan) -> None:
-    """Every config tensor that the served graph also has must agree in type and dims (-1 matches any)."""
+    """Every config tensor that the served graph also has must agree in type and dims (-1 matches any).
+
+    A model run by Triton's own backend (ONNX Runtime, TensorRT) must also list exactly the graph's
+    inputs, only outputs the graph has, and, when Triton batches it, a graph whose first axis is dynamic.
+    """
     if plan.serves is None:
         return
     graph = plan.serves.graph
+    if plan.python_model is None:
+        _check_native_io(plan)
     by_name = {sig.name: sig for sig in (*graph.inputs, *graph.outputs)}
     for tensor in (*plan.inputs, *plan.outputs):
         sig = by_name.get(tensor.name)
         if sig is None:
             continue
-        graph_dims = sig.dims[1:] if plan.adds_batch_axis else sig.dims
+        graph_dims = sig.dims[1:] if plan.adds_batch_axis or plan.max_batch_size > 0 else sig.dims
         if sig.data_type != tensor.data_type:
             raise BuildError(f"{plan.name}: config {tensor.name} is {tensor.data_type}, the graph's is {sig.data_type}")
         if not _dims_agree(tensor.dims, graph_dims):
             raise BuildError(f"{plan.name}: config {tensor.name} dims {list(tensor.dims)} disagree with the graph's {list(graph_dims)}")
+
+
+def _check_native_io(plan: ModelPlan) -> None:
+    assert plan.serves is not None
+    graph = plan.serves.graph
+    config_inputs, graph_inputs = {t.name for t in plan.inputs}, {sig.name for sig in graph.inputs}
+    if config_inputs != graph_inputs:
+        raise BuildError(f"{plan.name}: config inputs {sorted(config_inputs)} differ from the graph's {sorted(graph_inputs)}")
+    unknown = {t.name for t in plan.outputs} - {sig.name for sig in graph.outputs}
+    if unknown:
+        raise BuildError(f"{plan.name}: config outputs {sorted(unknown)} are not outputs of the graph")
+    if plan.max_batch_size > 0:
+        fixed = [sig.name for sig in (*graph.inputs, *graph.outputs) if not sig.dims or sig.dims[0] != -1]
+        if fixed:
+            raise BuildError(
+                f"{plan.name}: max_batch_size {plan.max_batch_size} needs a dynamic first (batch) axis, "
+                f"but {', '.join(fixed)} has a fixed one"
+            )
 
 
 def _dims_agree(config: tuple[int, ...], graph: tuple[int, ...]) -> bool:

@@ -46,7 +46,7 @@ def decode_wav(data: bytes, index: int, limits: AudioLimits) -> tuple[np.ndarray
             raise RequestError(f"{name}: not a valid WAV file ({e})") from None
         channels, width, rate, frames, is_float, expected = _read_riff(data, name)
     except (EOFError, struct.error) as e:
-        raise RequestError(f"{name}: not a valid WAV file (truncated header: {e or 'unexpected end'})") from None
+        raise RequestError(f"{name}: not a valid WAV file (truncated header: {str(e) or 'unexpected end of data'})") from None
     if not 1 <= channels <= 2:
         raise RequestError(f"{name}: {channels} channels; only mono or stereo (1 or 2) are accepted")
     if not MIN_RATE <= rate <= MAX_RATE:
@@ -167,12 +167,13 @@ def log_mel(samples: np.ndarray, filters: np.ndarray, n_samples: int) -> np.ndar
     return (spec + 4.0) / 4.0
 
 
-def audio_to_clips(
-    samples: np.ndarray, filters: np.ndarray, clip_samples: int, index: int, limits: AudioLimits
-) -> np.ndarray:
-    """Split a 16 kHz waveform into clips (last zero-padded): float32 [n_clips, n_mels, clip_samples // 160]."""
-    n_clips = -(-len(samples) // clip_samples)
-    seconds, clip_seconds = len(samples) / SAMPLE_RATE, clip_samples / SAMPLE_RATE
+def clip_count(n_samples: int, rate: int, clip_samples: int, index: int, limits: AudioLimits) -> int:
+    """Encoder clips that ``n_samples`` at ``rate`` Hz make once resampled to 16 kHz; checked against the limit.
+
+    Cheap, so the preprocessor calls it before resampling: a 10-minute clip is refused without being resampled.
+    """
+    n_clips = -(-(-(-n_samples * SAMPLE_RATE // rate)) // clip_samples)
+    seconds, clip_seconds = n_samples / rate, clip_samples / SAMPLE_RATE
     if n_clips == 0:
         raise RequestError(f"audio[{index}]: no samples")
     if n_clips > limits.max_clips:
@@ -180,5 +181,13 @@ def audio_to_clips(
             f"audio[{index}]: {seconds:.2f} s of audio needs {n_clips} clips of {clip_seconds:g} s; "
             f"the limit is {limits.max_clips} clips ({limits.max_clips * clip_seconds:g} s)"
         )
+    return n_clips
+
+
+def audio_to_clips(
+    samples: np.ndarray, filters: np.ndarray, clip_samples: int, index: int, limits: AudioLimits
+) -> np.ndarray:
+    """Split a 16 kHz waveform into clips (last zero-padded): float32 [n_clips, n_mels, clip_samples // 160]."""
+    n_clips = clip_count(len(samples), SAMPLE_RATE, clip_samples, index, limits)
     clips = [log_mel(samples[i * clip_samples : (i + 1) * clip_samples], filters, clip_samples) for i in range(n_clips)]
     return np.stack(clips).astype(np.float32, copy=False)

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 from tokenizers import Tokenizer
 
-from builder.runtime.audio import AudioLimits, audio_to_clips, decode_wav, mel_filter_bank, resample
+from builder.runtime.audio import (
+    SAMPLE_RATE, AudioLimits, audio_to_clips, clip_count, decode_wav, mel_filter_bank, resample,
+)
 from builder.runtime.errors import RequestError
 from builder.runtime.image import ImageLimits, decode_image, image_to_pixels
 from builder.runtime.model_facts import ModelFacts
@@ -55,32 +57,33 @@ class Preprocessor:
         if len(images) > limits.max_images:
             raise RequestError(f"image: {len(images)} images exceed the limit of {limits.max_images} per request")
 
-        size = facts.image_size
-        pixels = np.zeros((len(images), 3, size, size), dtype=np.float32)
-        for i, data in enumerate(images):
-            pixels[i] = image_to_pixels(decode_image(data, i, limits.image), size, facts.image_mean, facts.image_std)
-
-        clips: list[np.ndarray] = []
-        for i, data in enumerate(audio):
-            samples, rate = decode_wav(data, i, limits.audio)
-            assert self.mel_filters is not None
-            clips.append(audio_to_clips(resample(samples, rate), self.mel_filters, facts.clip_samples, i, limits.audio))
-        clip_counts = [len(c) for c in clips]
+        decoded = [decode_wav(data, i, limits.audio) for i, data in enumerate(audio)]
+        # Counts and lengths first: image decoding, resampling and mel features cost time per pixel or sample.
+        clip_counts = [clip_count(len(s), rate, facts.clip_samples, i, limits.audio) for i, (s, rate) in enumerate(decoded)]
         if sum(clip_counts) > limits.audio.max_clips:
-            seconds = sum(clip_counts) * facts.clip_samples / 16000
+            seconds = sum(len(s) / rate for s, rate in decoded)
             raise RequestError(
-                f"audio: {seconds:.0f} s of audio in {len(audio)} files exceeds the limit of "
-                f"{limits.audio.max_clips * facts.clip_samples / 16000:.0f} s per request"
+                f"audio: {seconds:.1f} s of audio in {len(audio)} files ({sum(clip_counts)} clips) exceeds the limit of "
+                f"{limits.audio.max_clips * facts.clip_samples / SAMPLE_RATE:g} s ({limits.audio.max_clips} clips) per request"
             )
-        frames = facts.clip_samples // 160
-        features = np.concatenate(clips) if clips else np.zeros((0, max(facts.num_mel_bins, 1), max(frames, 1)), np.float32)
-
         ids = facts.layout.prompt_ids(encode_text(self.tokenizer, prompt), len(images), clip_counts)
         if len(ids) > limits.max_prompt_tokens:
             raise RequestError(
                 f"text_input: the prompt is {len(ids)} tokens (images and audio included), "
                 f"over the limit of {limits.max_prompt_tokens}"
             )
+
+        size = facts.image_size
+        pixels = np.zeros((len(images), 3, size, size), dtype=np.float32)
+        for i, data in enumerate(images):
+            pixels[i] = image_to_pixels(decode_image(data, i, limits.image), size, facts.image_mean, facts.image_std)
+        assert self.mel_filters is not None or not decoded
+        clips = [
+            audio_to_clips(resample(samples, rate), self.mel_filters, facts.clip_samples, i, limits.audio)
+            for i, (samples, rate) in enumerate(decoded)
+        ]
+        frames = facts.clip_samples // 160
+        features = np.concatenate(clips) if clips else np.zeros((0, max(facts.num_mel_bins, 1), max(frames, 1)), np.float32)
         return ModelInputs(np.asarray(ids, dtype=np.int64), pixels, features.astype(np.float32))
 
 

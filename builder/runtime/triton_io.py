@@ -61,13 +61,13 @@ def output_tensors(outputs: dict[str, np.ndarray]) -> list[Any]:
 
 
 def error_response(exc: BaseException, model: str) -> Any:
-    """Client errors carry their own message; anything else is reported as an internal error."""
+    """Client errors carry their own message and status INVALID_ARGUMENT; anything else is an internal error."""
     if isinstance(exc, RequestError):
-        message = str(exc)
+        error = pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
     else:
         pb_utils.Logger.log_error(f"{model}: {''.join(traceback.format_exception(exc))}")
-        message = f"{model}: internal error: {type(exc).__name__}: {exc}"
-    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
+        error = pb_utils.TritonError(f"{model}: internal error: {type(exc).__name__}: {exc}")
+    return pb_utils.InferenceResponse(output_tensors=[], error=error)
 
 
 def respond_each(requests: list[Any], model: str, handle: Callable[[Any], dict[str, np.ndarray]]) -> list[Any]:

@@ -24,8 +24,10 @@ class TritonPythonModel:
         call = pb_utils.InferenceRequest(model_name=self.llm, inputs=inputs, requested_output_names=["text_output", "output_ids"])
         outputs = {}
         for response in call.exec(decoupled=True):
-            if response.has_error():
-                raise RequestError(response.error().message())  # the llm's own message, unchanged
+            if response.has_error():  # the llm's own message, unchanged; BLS drops its status code
+                message = response.error().message()
+                internal = message.startswith(f"{self.llm}: internal error")
+                raise (RuntimeError if internal else RequestError)(message)
             for name in ("text_output", "output_ids"):
                 tensor = pb_utils.get_output_tensor_by_name(response, name)
                 if tensor is not None:

@@ -1,0 +1,113 @@
+"""What the served numbers are compared with, on the same requests and the same number of new tokens.
+
+- in-process: the repository's own ONNX graphs, preprocessing and decode loop called directly,
+  without a server (the floor for serving overhead);
+- Hugging Face eager: the source checkpoint's ``generate`` in PyTorch (``builder.source.reference``),
+  fed by the same preprocessing, one request at a time (what users run without this project).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from builder.bench.inputs import Case
+from builder.runtime.audio import AudioLimits
+from builder.runtime.generation import LanguageModelRunner, SamplingParams
+from builder.runtime.image import ImageLimits
+from builder.runtime.model_facts import ModelFacts
+from builder.runtime.preprocess import Preprocessor, RequestLimits, fuse_embeddings
+from builder.runtime.text import load_tokenizer
+from builder.serve.client import Request
+from builder.spec import LimitsSpec
+
+
+@dataclass(frozen=True)
+class Timed:
+    latency_s: float
+    ttft_s: float | None
+    tokens: tuple[int, ...]
+
+
+def load_preprocessor(repository: Path, limits: LimitsSpec) -> Preprocessor:
+    """The ``preprocess`` model's work with the build's limits, from the repository's own files."""
+    directory = repository / "preprocess" / "1"
+    request_limits = RequestLimits(
+        max_images=limits.max_images,
+        image=ImageLimits(limits.max_image_bytes, limits.max_image_pixels),
+        audio=AudioLimits(limits.max_audio_bytes, limits.max_audio_clips),
+        max_prompt_tokens=limits.max_prompt_tokens,
+    )
+    facts = ModelFacts.load(directory / "model_facts.json")
+    return Preprocessor(facts, load_tokenizer(str(directory / "tokenizer.json")), request_limits)
+
+
+class InProcessPipeline:
+    """preprocess -> encoders -> fuse -> decode loop, as the repository's models chain them, in this process."""
+
+    def __init__(self, repository: Path, preprocessor: Preprocessor, max_tokens_cap: int) -> None:
+        self.preprocess = preprocessor
+        self.facts = preprocessor.facts
+        self.max_tokens_cap = max_tokens_cap
+        self.encoders = {
+            name: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            for name in ("vision_encoder", "audio_encoder")
+            if (path := repository / name / "1" / "model.onnx").is_file()
+        }
+        self.runner = LanguageModelRunner(str(repository / "llm" / "1" / "model.onnx"), self.facts)
+
+    def _encode(self, name: str, batch: np.ndarray) -> np.ndarray:
+        session = self.encoders.get(name)
+        if session is None or batch.shape[0] == 0:
+            return np.zeros((0, 0, self.facts.hidden_size), dtype=np.float32)
+        return session.run(None, {session.get_inputs()[0].name: batch})[0]
+
+    def __call__(self, request: Request) -> Iterator[int]:
+        inputs = self.preprocess(request.prompt, list(request.images), list(request.audio))
+        embeds, mask = fuse_embeddings(
+            inputs.input_ids, self._encode("vision_encoder", inputs.pixel_values),
+            self._encode("audio_encoder", inputs.input_features), self.facts,
+        )
+        params = SamplingParams(max_tokens=request.max_tokens or 0).validate(self.max_tokens_cap)
+        yield from self.runner.generate(inputs.input_ids, embeds, mask, params, frozenset({self.facts.tokens.eos}))
+
+
+class HuggingFaceEager:
+    """The source model's own greedy ``generate`` (the correctness oracle), on the same preprocessed tensors."""
+
+    def __init__(self, checkpoint: Path, preprocessor: Preprocessor) -> None:
+        from builder.source.checkpoint import load_checkpoint  # torch + transformers only here
+
+        self.source = load_checkpoint(checkpoint)
+        self.preprocess = preprocessor
+
+    def __call__(self, request: Request) -> Iterator[int]:
+        from builder.source.reference import reference_generate
+
+        inputs = self.preprocess(request.prompt, list(request.images), list(request.audio))
+        yield from reference_generate(self.source, inputs.input_ids, inputs.pixel_values, inputs.input_features,
+                                      max_new_tokens=request.max_tokens or 0)
+
+
+def time_requests(generate: Callable[[Request], Iterable[int]], cases: tuple[Case, ...], passes: int,
+                  streams: bool) -> list[Timed]:
+    """Each case ``passes`` times in turn, after one untimed warm-up call per case; TTFT only if ``streams``."""
+    for case in cases:
+        list(generate(case.request))
+    timed = []
+    for _ in range(passes):
+        for case in cases:
+            start = time.perf_counter()
+            first: float | None = None
+            tokens = []
+            for token in generate(case.request):
+                if first is None:
+                    first = time.perf_counter() - start
+                tokens.append(token)
+            timed.append(Timed(time.perf_counter() - start, first if streams else None, tuple(tokens)))
+    return timed

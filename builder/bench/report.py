@@ -1,0 +1,162 @@
+"""``summary.md``: the ratios against the targets on top, then every measured row, the machine and the build."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from builder.bench.metrics import RequestCounts
+from builder.bench.results import Row
+
+SERVED, STREAMED, IN_PROCESS, HF_EAGER = "ensemble", "ensemble_stream", "in-process", "HF eager"
+MAIN_MIX = "mixed"
+_PACKAGES = ("tritonclient", "nvidia-pytriton", "onnxruntime", "torch", "transformers", "numpy")
+
+
+def series(kind: str, mix: str) -> str:
+    return f"{kind} ({mix})"
+
+
+@dataclass(frozen=True)
+class Ratios:
+    latency_c1: float | None  # served p50 / in-process p50
+    tokens_c1: float | None  # served tokens/s / HF eager tokens/s
+    tokens_c8: float | None
+
+    @classmethod
+    def of(cls, rows: Sequence[Row]) -> Ratios:
+        def find(name: str, concurrency: int = 1) -> Row | None:
+            return next((r for r in rows if r.series == series(name, MAIN_MIX) and r.concurrency == concurrency), None)
+
+        served1, served8, floor, hf = find(SERVED), find(SERVED, 8), find(IN_PROCESS), find(HF_EAGER)
+        return cls(
+            served1.p50_ms / floor.p50_ms if served1 and floor else None,
+            served1.tokens_per_s / hf.tokens_per_s if served1 and hf and served1.tokens_per_s and hf.tokens_per_s else None,
+            served8.tokens_per_s / hf.tokens_per_s if served8 and hf and served8.tokens_per_s and hf.tokens_per_s else None,
+        )
+
+    def headline(self) -> str:
+        return "; ".join([
+            _ratio("served vs in-process p50 latency at concurrency 1", self.latency_c1, 1.15, at_most=True),
+            _ratio("served vs HF eager tokens/s at concurrency 1", self.tokens_c1, 2.0),
+            _ratio("at concurrency 8", self.tokens_c8, 5.0),
+        ])
+
+
+def _ratio(what: str, value: float | None, target: float, at_most: bool = False) -> str:
+    if value is None:
+        return f"{what}: not measured"
+    met = value <= target if at_most else value >= target
+    verdict = "met" if met else f"missed by {value / target:.2f}x" if at_most else f"short by {target / value:.2f}x"
+    return f"{what}: **{value:.2f}x** (target {'<=' if at_most else '>='} {target:g}x, {verdict})"
+
+
+def machine() -> dict[str, str]:
+    cpu = next((line.split(":", 1)[1].strip() for line in _read("/proc/cpuinfo").splitlines()
+                if line.startswith("model name")), platform.processor() or "unknown")
+    memory = next((line.split()[1] for line in _read("/proc/meminfo").splitlines() if line.startswith("MemTotal")), "0")
+    versions = ", ".join(f"{p} {_version(p)}" for p in _PACKAGES)
+    return {
+        "CPU": f"{cpu}, {os.cpu_count()} logical cores, {int(memory) / 2**20:.1f} GiB, no GPU" ,
+        "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "OS / Python": f"{platform.platform()}, Python {platform.python_version()}",
+        "versions": f"tritonserver 2.51 (from nvidia-pytriton), {versions}",
+    }
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "missing"
+
+
+def build_settings(repository: Path) -> dict[str, str]:
+    manifest = json.loads((repository / "manifest.json").read_text())
+    spec = manifest["spec"]
+    components = ", ".join(f"{name} {c['precision']}" for name, c in manifest["components"].items())
+    return {
+        "spec": f"{spec['name']} (target {spec['target']}), built {manifest['built_at']}",
+        "components": components,
+        "triton": ", ".join(f"{k}={v}" for k, v in spec["triton"].items()),
+        "limits": ", ".join(f"{k}={v}" for k, v in spec["limits"].items()),
+    }
+
+
+def _cell(value: float | None, digits: int = 1) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def table(rows: Sequence[Row]) -> str:
+    lines = ["| series | concurrency | requests/s | tokens/s | p50 ms | p95 ms | p99 ms | TTFT p50 ms | ITL ms |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        name = r.series if r.stable else f"{r.series} (unstable)"
+        lines.append(f"| {name} | {r.concurrency} | {r.requests_per_s:.2f} | {_cell(r.tokens_per_s)} | {r.p50_ms:.1f} | "
+                     f"{r.p95_ms:.1f} | {r.p99_ms:.1f} | {_cell(r.ttft_ms)} | {_cell(r.itl_ms, 2)} |")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Report:
+    name: str
+    command: str
+    rows: Sequence[Row]
+    requests: Sequence[RequestCounts]
+    tokens_per_request: dict[str, float]  # mix -> mean new tokens per request
+    same_tokens: bool  # served answers == in-process answers for every case
+    machine: dict[str, str]
+    build: dict[str, str]
+    minutes: float
+
+    def markdown(self) -> str:
+        served = [r for r in self.rows if r.series.startswith(f"{SERVED} (")]
+        streamed = [r for r in self.rows if r.series.startswith(STREAMED)]
+        baselines = [r for r in self.rows if r.series.startswith((IN_PROCESS, HF_EAGER))]
+        encoders = [r for r in self.rows if r not in (*served, *streamed, *baselines)]
+        total = sum(c.success for c in self.requests if c.model in (SERVED, STREAMED))
+        failed = sum(c.failure for c in self.requests)
+        tokens = ", ".join(f"{mix}: {n:.1f}" for mix, n in self.tokens_per_request.items())
+        sections = [
+            f"# Benchmark `{self.name}`",
+            Ratios.of(self.rows).headline() + ".",
+            f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} in {self.minutes:.1f} min with "
+            f"`{self.command}`. perf_analyzer over gRPC, one concurrency point per run (count windows; "
+            "\"unstable\" marks a point that did not settle within the stability threshold and was kept as measured).",
+            f"Requests: {total} to the ensembles, {failed} failed (server counters, every model). New tokens per request "
+            f"(greedy, fixed max_tokens): {tokens}; served answers {'equal' if self.same_tokens else 'DIFFER FROM'} the "
+            "in-process answers token for token.",
+            "Mixes: `text` = two text-only prompts; `mixed` = text, text+image (PNG), text+audio (WAV, 1.5 s), "
+            "text+image+audio, in turn. Served tokens/s = requests/s x mean new tokens per request.",
+            "## Served: `ensemble` (unary)", table(served),
+            "## Served, streaming: `ensemble_stream` (perf_analyzer `--streaming`; TTFT and inter-token latency "
+            "from its `--profile-export-file` response timestamps)", table(streamed),
+            "## Baselines, one request at a time in this process (same requests, same new tokens)", table(baselines),
+            "In-process: the repository's ONNX graphs + the server's preprocessing + `builder.runtime` decode loop. "
+            "HF eager: the source checkpoint's `generate` in PyTorch on the same preprocessed tensors.",
+            "## Encoders alone (the tensors `preprocess` makes for one image / one clip)", table(encoders),
+            "## Server request counts", "| model | success | failure |\n|---|---:|---:|\n"
+            + "\n".join(f"| {c.model} | {c.success} | {c.failure} |" for c in self.requests),
+            "## Machine", _pairs(self.machine),
+            "## Build", _pairs(self.build),
+            "Plots: `throughput_vs_concurrency.png`, `latency_vs_concurrency.png`; raw perf_analyzer CSVs, logs and "
+            "profile exports beside this file; every row above in `points.csv`.",
+        ]
+        return "\n\n".join(sections) + "\n"
+
+
+def _pairs(values: dict[str, str]) -> str:
+    return "\n".join(f"- {k}: {v}" for k, v in values.items())

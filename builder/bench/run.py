@@ -1,0 +1,159 @@
+"""The whole benchmark: build if needed, baselines, a served repository under perf_analyzer, the report."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from builder.bench import baselines, inputs, perf_analyzer, report
+from builder.bench.metrics import RequestCounts, request_counts
+from builder.bench.perf_analyzer import Measurement, Point
+from builder.bench.plots import plot
+from builder.bench.results import Row, perf_analyzer_row, sequential_row, stream_times, with_stream_times, write_rows
+from builder.errors import BuildError
+from builder.spec import BuildSpec
+
+
+@dataclass(frozen=True)
+class Settings:
+    concurrency: tuple[int, ...]
+    encoder_concurrency: tuple[int, ...]
+    max_tokens: int  # new tokens per request, the same for every request and every baseline
+    measurement: Measurement
+    baseline_passes: int  # times each request of a mix is timed per baseline
+
+    def estimate_minutes(self, request_s: float, cores: int) -> float:
+        """Rough: ~4 windows per point at the throughput of min(concurrency, cores) parallel requests."""
+        windows = 4 * self.measurement.requests * request_s
+        llm_points = sum(windows / min(c, cores) for c in self.concurrency) * 3  # 2 unary mixes + streaming
+        baselines = 2 * 6 * (self.baseline_passes + 1) * request_s * 3  # HF eager is ~several x slower
+        return (llm_points + baselines + 60) / 60
+
+
+ENCODER_INPUTS = {"vision_encoder": "pixel_values", "audio_encoder": "input_features"}
+QUICK = Settings((1, 2, 8), (1,), 32, Measurement(requests=6, stability=50, max_trials=4), baseline_passes=1)
+FULL = Settings((1, 2, 4, 8, 16), (1, 4), 32, Measurement(requests=40, stability=20, max_trials=10), baseline_passes=5)
+
+
+def run_bench(spec: BuildSpec, repository: Path, cache: Path, output: Path, settings: Settings, command: str) -> Path:
+    """Writes ``output`` (CSVs, summary.md, plots); returns summary.md. BuildError if any request failed."""
+    from builder.build import build
+    from builder.cache import StageCache
+    from builder.serve.tritonserver import TritonServer
+    from builder.source.resolve import resolve_source
+
+    started = time.monotonic()
+    pa = perf_analyzer.find_perf_analyzer()  # fail early, before minutes of baselines
+    print(build(spec, repository, cache, progress=False).summary(), flush=True)
+    checkpoint = resolve_source(spec.source, StageCache(cache)).checkpoint
+    output.mkdir(parents=True, exist_ok=True)
+    mixes = inputs.mixes(settings.max_tokens)
+    preprocessor = baselines.load_preprocessor(repository, spec.limits)
+
+    rows: list[Row] = []
+    answers: dict[str, tuple[int, ...]] = {}
+    in_process = baselines.InProcessPipeline(repository, preprocessor, spec.limits.max_tokens)
+    for mix, cases in mixes.items():
+        timed = baselines.time_requests(in_process, cases, settings.baseline_passes, streams=True)
+        answers.update((c.name, t.tokens) for c, t in zip(cases, timed))
+        rows.append(_baseline_row(report.IN_PROCESS, mix, timed))
+    request_s = float(np.mean([r.p50_ms for r in rows])) / 1000
+    print(f"benchmark {output.name}: about {settings.estimate_minutes(request_s, _cores()):.0f} min "
+          f"(concurrency {', '.join(map(str, settings.concurrency))}; in-process request {request_s * 1000:.0f} ms)", flush=True)
+
+    hf = baselines.HuggingFaceEager(checkpoint, preprocessor)
+    for mix, cases in mixes.items():
+        rows.append(_baseline_row(report.HF_EAGER, mix, baselines.time_requests(hf, cases, settings.baseline_passes, streams=False)))
+    del hf
+
+    data = _write_inputs(output / "inputs", mixes)
+    encoder_tensors = inputs.encoder_tensors(preprocessor, mixes[report.MAIN_MIX])
+    with TritonServer(repository, log_path=output / "tritonserver.log") as server:
+        served = _served_answers(server.grpc_url, mixes)
+        tokens = {mix: float(np.mean([len(served[c.name]) for c in cases])) for mix, cases in mixes.items()}
+        points = [(report.series(report.SERVED, mix), Point("ensemble", c, data[mix], output / f"ensemble_{mix}_c{c}.csv"), tokens[mix])
+                  for mix in mixes for c in settings.concurrency]
+        points += [(report.series(report.STREAMED, report.MAIN_MIX),
+                    Point("ensemble_stream", c, data["stream"], output / f"ensemble_stream_c{c}.csv", streaming=True),
+                    tokens[report.MAIN_MIX]) for c in settings.concurrency]
+        points += [(p.model, p, None) for p in _encoder_points(server.grpc_url, encoder_tensors, settings, output)]
+        for name, point, per_request in points:
+            print(f"  perf_analyzer {point.model} concurrency {point.concurrency}", flush=True)
+            stable = perf_analyzer.measure(pa, server.grpc_url, point, settings.measurement)
+            row = perf_analyzer_row(name, point.csv, per_request, stable)
+            rows.append(with_stream_times(row, stream_times(point.profile)) if point.streaming else row)
+        counts = request_counts(server.host, server.metrics_port)
+
+    write_rows(output / "points.csv", rows)
+    _write_counts(output / "requests.csv", counts)
+    plot(rows, output)
+    summary = output / "summary.md"
+    summary.write_text(report.Report(
+        output.name, command, rows, counts, tokens, same_tokens=served == answers, machine=report.machine(),
+        build=report.build_settings(repository), minutes=(time.monotonic() - started) / 60,
+    ).markdown())
+    failed = [c for c in counts if c.failure]
+    if failed:
+        raise BuildError(f"{sum(c.failure for c in failed)} requests failed ({', '.join(c.model for c in failed)}); see {summary}")
+    return summary
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def _baseline_row(kind: str, mix: str, timed: list[baselines.Timed]) -> Row:
+    return sequential_row(report.series(kind, mix), [t.latency_s for t in timed], [len(t.tokens) for t in timed],
+                          [t.ttft_s for t in timed if t.ttft_s is not None])
+
+
+def _write_inputs(directory: Path, mixes: dict[str, tuple[inputs.Case, ...]]) -> dict[str, Path]:
+    """perf_analyzer ``--input-data`` files for ``ensemble`` (one per mix) and ``ensemble_stream``, beside the media."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "image.png").write_bytes(inputs.gradient_png())
+    (directory / "audio.wav").write_bytes(inputs.chord_wav())
+    files = {mix: inputs.write_json(directory / f"ensemble_{mix}.json", inputs.ensemble_input_data(cases, stream=False))
+             for mix, cases in mixes.items()}
+    files["stream"] = inputs.write_json(directory / "ensemble_stream.json",
+                                        inputs.ensemble_input_data(mixes[report.MAIN_MIX], stream=True))
+    return files
+
+
+def _encoder_points(url: str, tensors: dict[str, np.ndarray], settings: Settings, output: Path) -> list[Point]:
+    """Each encoder the server has, with the tensor ``preprocess`` makes, shaped for the model's batching."""
+    import tritonclient.grpc as grpcclient
+
+    points = []
+    with grpcclient.InferenceServerClient(url) as client:
+        for model, name in ENCODER_INPUTS.items():
+            if not client.is_model_ready(model):
+                continue
+            batched = client.get_model_config(model).config.max_batch_size > 0
+            data = inputs.write_json(output / "inputs" / f"{model}.json",
+                                     inputs.encoder_input_data(name, tensors[name], batched))
+            batch = tensors[name].shape[0] if batched else 1
+            points += [Point(model, c, data, output / f"{model}_c{c}.csv", batch_size=batch) for c in settings.encoder_concurrency]
+    return points
+
+
+def _served_answers(url: str, mixes: dict[str, tuple[inputs.Case, ...]]) -> dict[str, tuple[int, ...]]:
+    """One unary call per case (also the server's warm-up): the new tokens each request yields."""
+    import tritonclient.grpc as grpcclient
+
+    from builder.serve.client import ask
+
+    with grpcclient.InferenceServerClient(url) as client:
+        return {c.name: tuple(ask(client, c.request).token_ids) for cases in mixes.values() for c in cases}
+
+
+def _write_counts(path: Path, counts: list[RequestCounts]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[f.name for f in dataclasses.fields(RequestCounts)])
+        writer.writeheader()
+        writer.writerows(dataclasses.asdict(c) for c in counts)

@@ -1,0 +1,128 @@
+"""TensorRT optimization profiles from the spec's shape ranges, and the rules that keep them and the config consistent.
+
+A graph's dynamic axes carry the names the export gave them (``images``, ``clips``, ``batch``,
+``sequence``, ``past``, ``total``); a profile gives each name a (min, opt, max) range and so every
+dynamic input a (min, opt, max) shape. The encoders get one profile whose batch axis spans
+1..``triton.max_batch_size`` (Triton batches images/clips across requests up to the config's
+``max_batch_size``). The LLM, driven one request at a time by the decode model, gets two: prefill
+(the whole prompt, empty past) and decode (one token, past up to the context).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from builder.errors import BuildError
+from builder.spec import BuildSpec
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class AxisRange:
+    min: int
+    opt: int
+    max: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min <= self.opt <= self.max:
+            raise BuildError(f"profile range {self.min}/{self.opt}/{self.max}: need 0 <= min <= opt <= max")
+
+
+@dataclass(frozen=True)
+class InputShapes:
+    min: Shape
+    opt: Shape
+    max: Shape
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str  # what the profile is for: "all", "prefill", "decode"
+    batch_axis: str  # the axis name Triton (or the decode model) batches on
+    axes: Mapping[str, AxisRange]
+
+    @property
+    def max_batch(self) -> int:
+        return self.axes[self.batch_axis].max
+
+    def shapes(self, dims: Mapping[str, tuple[int | str, ...]]) -> dict[str, InputShapes]:
+        """(min, opt, max) shape of every input; ``dims`` maps input -> fixed sizes and axis names."""
+        return {name: InputShapes(*(self._resolve(name, axes, part) for part in ("min", "opt", "max")))
+                for name, axes in dims.items()}
+
+    def _resolve(self, name: str, axes: tuple[int | str, ...], part: str) -> Shape:
+        shape = []
+        for axis in axes:
+            if isinstance(axis, int):
+                shape.append(axis)
+            elif axis in self.axes:
+                shape.append(getattr(self.axes[axis], part))
+            else:
+                raise BuildError(f"input {name}: dynamic axis {axis!r} has no range in the {self.name} profile")
+        return tuple(shape)
+
+
+def profiles_for(component: str, spec: BuildSpec) -> tuple[Profile, ...]:
+    lim, batch = spec.limits, spec.triton.max_batch_size
+    if component in ("vision_encoder", "audio_encoder"):
+        axis, per_request = ("images", lim.max_images) if component == "vision_encoder" else ("clips", lim.max_audio_clips)
+        return (Profile("all", axis, {axis: AxisRange(1, min(per_request, batch), batch)}),)
+    if component == "llm":
+        one = AxisRange(1, 1, 1)
+        prompt, context = lim.max_prompt_tokens, lim.max_context
+        typical = min(128, prompt)
+        return (
+            Profile("prefill", "batch", {"batch": one, "sequence": AxisRange(1, typical, prompt),
+                                         "past": AxisRange(0, 0, 0), "total": AxisRange(1, typical, prompt)}),
+            Profile("decode", "batch", {"batch": one, "sequence": one,
+                                        "past": AxisRange(1, context // 2, context - 1),
+                                        "total": AxisRange(2, context // 2 + 1, context)}),
+        )
+    raise BuildError(f"no optimization profile is defined for component {component!r}")
+
+
+def input_axes(onnx_path: Path) -> dict[str, tuple[int | str, ...]]:
+    """Each graph input's dims: fixed sizes as ints, dynamic axes by their name."""
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    axes: dict[str, tuple[int | str, ...]] = {}
+    for value in model.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if any(not d.HasField("dim_value") and not d.dim_param for d in dims):
+            raise BuildError(f"{onnx_path}: input {value.name} has an unnamed dynamic axis; profiles need axis names")
+        axes[value.name] = tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims)
+    return axes
+
+
+def check_profiles(model: str, profiles: tuple[Profile, ...], config_max_batch_size: int) -> None:
+    """Every profile must serve the batch Triton may send: up to ``max_batch_size``, or exactly 1
+    for a model without Triton batching (the decode model feeds one request at a time)."""
+    wanted = config_max_batch_size or 1
+    for profile in profiles:
+        if profile.max_batch != wanted:
+            raise BuildError(
+                f"{model}: profile {profile.name!r} allows batch up to {profile.max_batch} but the config's "
+                f"max_batch_size is {config_max_batch_size}: they must be equal"
+            )
+
+
+def check_request_fits(model: str, profiles: tuple[Profile, ...], request: Mapping[str, int]) -> None:
+    """``request`` maps axis name -> the largest size one request may need (spec limits); some
+    profile must reach it, else requests at the limit fail inside the server."""
+    for axis, size in request.items():
+        reach = max((p.axes[axis].max for p in profiles if axis in p.axes), default=0)
+        if size > reach:
+            raise BuildError(f"{model}: a request may need {axis} = {size}, but the profiles reach only {reach}")
+
+
+def request_ranges(component: str, spec: BuildSpec) -> dict[str, int]:
+    lim = spec.limits
+    return {
+        "vision_encoder": {"images": lim.max_images},
+        "audio_encoder": {"clips": lim.max_audio_clips},
+        "llm": {"sequence": lim.max_prompt_tokens, "total": lim.max_context, "past": lim.max_context - 1},
+    }[component]

@@ -1,0 +1,96 @@
+"""TensorRT engines through Polygraphy's TensorRT backend: the only part of the build that needs a GPU.
+
+Strongly typed networks (TensorRT 10/11 style): the precision of every layer comes from the ONNX
+graph itself (FP32, FP16 casts, or Q/DQ INT8 from the quantize stage), so there are no FP16/INT8
+builder flags and no calibrator. Polygraphy's loaders are lazy: nothing touches TensorRT until
+the composed loader is called. Follows Polygraphy's ``examples/api/00_inference_with_tensorrt``
+and ``02_validating_on_a_dataset``.
+
+Verified on CPU only up to the device boundary: detection, profiles and the comparison plumbing
+are tested without a GPU; ``build_plan`` and ``compare_plan`` run only on a GPU build server
+(``make gpu-smoke``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+from pathlib import Path
+
+from builder.compile.compare import AccuracyGate, Comparison, Feeds, compare_with_onnxruntime
+from builder.compile.plans import Device
+from builder.compile.profiles import Profile, input_axes
+from builder.errors import BuildError
+
+WORKS_WITHOUT_GPU = ("python", "onnxruntime")
+
+
+def detect_device() -> Device:
+    """The GPU this build runs on and the TensorRT that builds for it; one clear line if either is missing."""
+    missing = []
+    gpu = query_gpu()
+    if gpu is None:
+        missing.append("an NVIDIA GPU (nvidia-smi finds none)")
+    has_tensorrt = importlib.util.find_spec("tensorrt") is not None
+    if not has_tensorrt:
+        missing.append("the tensorrt package (pip install -e '.[tensorrt]')")
+    if missing:
+        raise BuildError(
+            f"target tensorrt needs {' and '.join(missing)}; targets that work on this machine: {', '.join(WORKS_WITHOUT_GPU)}"
+        )
+    import tensorrt
+
+    assert gpu is not None
+    name, capability, driver = gpu
+    return Device(name, capability, driver, tensorrt.__version__)
+
+
+def query_gpu() -> tuple[str, str, str] | None:
+    """(name, compute capability, driver) of GPU 0, from nvidia-smi."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    query = [smi, "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader", "--id=0"]
+    try:
+        line = subprocess.run(query, capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    parts = [p.strip() for p in line.split(",")]
+    return (parts[0], parts[1], parts[2]) if len(parts) == 3 else None
+
+
+def build_plan(onnx_path: Path, profiles: tuple[Profile, ...], plan_path: Path, timing_cache: Path) -> None:
+    """Builds and saves the engine; the timing cache is read first and written back after the build."""
+    from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, SaveEngine
+    from polygraphy.backend.trt import Profile as TrtProfile
+
+    axes = input_axes(onnx_path)
+    trt_profiles = []
+    for profile in profiles:
+        trt_profile = TrtProfile()
+        for name, shapes in profile.shapes(axes).items():
+            trt_profile.add(name, min=shapes.min, opt=shapes.opt, max=shapes.max)
+        trt_profiles.append(trt_profile)
+    timing_cache.parent.mkdir(parents=True, exist_ok=True)
+    network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)
+    config = CreateConfig(profiles=trt_profiles, load_timing_cache=str(timing_cache) if timing_cache.is_file() else None)
+    engine = EngineFromNetwork(network, config=config, save_timing_cache=str(timing_cache))
+    SaveEngine(engine, str(plan_path))()
+
+
+def compare_plan(plan_path: Path, reference_onnx: Path, feeds_per_profile: list[list[Feeds]], gate: AccuracyGate) -> Comparison:
+    """The engine against ONNX Runtime FP32, each profile on inputs at its own shapes."""
+    from polygraphy.backend.common import BytesFromPath
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+    engine = EngineFromBytes(BytesFromPath(str(plan_path)))
+    results = [
+        compare_with_onnxruntime(TrtRunner(engine, name=f"tensorrt-profile{index}", optimization_profile=index),
+                                 reference_onnx, feeds, gate)
+        for index, feeds in enumerate(feeds_per_profile)
+    ]
+    return Comparison(
+        sum(r.samples for r in results), min(r.min_cosine for r in results), max(r.max_abs_error for r in results),
+        all(r.passed for r in results),
+    )

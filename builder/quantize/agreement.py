@@ -1,0 +1,80 @@
+"""Teacher-forced agreement of two LLM pipelines: at each of the first positions, fed the reference's
+prefix, does the candidate pick the same next token, and how close are its logits?
+
+Free-running token equality is not the measure: one early flip changes every token after it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from builder.export.parity import cosine
+from builder.quantize.gate import OutputFigures
+from builder.runtime.generation import LanguageModelRunner, SamplingParams
+from builder.runtime.model_facts import ModelFacts
+from builder.runtime.preprocess import ModelInputs, fuse_embeddings
+
+POSITIONS = 32
+
+
+@dataclass(frozen=True)
+class FusedPrompt:
+    input_ids: np.ndarray  # [S]
+    embeds: np.ndarray  # [S, hidden]
+    mask: np.ndarray  # [S]
+
+
+@dataclass(frozen=True)
+class Agreement:
+    prompts: int
+    positions: int  # per prompt
+    agreement: float  # share of positions where both picked the same next token
+    logits: OutputFigures  # the candidate's logits vs the reference's, over all positions
+
+    def summary(self) -> str:
+        return (f"teacher-forced agreement {self.agreement:.1%} over {self.prompts} prompts x {self.positions} positions, "
+                f"logits cos >= {self.logits.cosine:.5f}")
+
+
+def fuse_prompt(inputs: ModelInputs, encoders: Mapping[str, ort.InferenceSession], facts: ModelFacts) -> FusedPrompt:
+    """What the ensemble does before the LLM: encode the images and audio, place them at their tokens.
+    ``encoders`` maps ``vision_encoder`` / ``audio_encoder`` to a session."""
+    empty = np.zeros((0, facts.hidden_size), np.float32)
+
+    def encode(name: str, feed: str, values: np.ndarray) -> np.ndarray:
+        return encoders[name].run(None, {feed: values})[0] if len(values) else empty
+
+    image = encode("vision_encoder", "pixel_values", inputs.pixel_values)
+    audio = encode("audio_encoder", "input_features", inputs.input_features)
+    embeds, mask = fuse_embeddings(inputs.input_ids, image, audio, facts)
+    return FusedPrompt(inputs.input_ids, embeds, mask)
+
+
+def teacher_forced(
+    reference: LanguageModelRunner, candidate: LanguageModelRunner,
+    prompts: Sequence[tuple[FusedPrompt, FusedPrompt]], positions: int = POSITIONS,
+) -> Agreement:
+    """``prompts`` pairs each prompt as the reference pipeline fused it with the candidate's fusion
+    (its own encoders); the LLMs then follow the reference's greedy tokens."""
+    params = SamplingParams(max_tokens=positions)
+    same, cos, max_err, mean_err = 0, 1.0, 0.0, 0.0
+    for ref_prompt, cand_prompt in prompts:
+        ref = reference.start(ref_prompt.input_ids, ref_prompt.embeds, ref_prompt.mask, params)
+        cand = candidate.start(cand_prompt.input_ids, cand_prompt.embeds, cand_prompt.mask, params)
+        for position in range(positions):
+            token = int(np.argmax(ref.logits))
+            same += int(np.argmax(cand.logits)) == token
+            diff = np.abs(cand.logits.astype(np.float64) - ref.logits)
+            cos = min(cos, cosine(cand.logits, ref.logits))
+            max_err, mean_err = max(max_err, float(diff.max())), max(mean_err, float(diff.mean()))
+            if position + 1 < positions:
+                ref.tokens.append(token)
+                cand.tokens.append(token)
+                reference.decode([ref])
+                candidate.decode([cand])
+    return Agreement(len(prompts), positions, same / (len(prompts) * positions),
+                     OutputFigures("logits", cos, max_err, mean_err))

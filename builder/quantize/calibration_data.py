@@ -1,0 +1,119 @@
+"""The spec's calibration files, split into calibration and held-out samples and preprocessed as the server does.
+
+Images and WAV files go through :class:`builder.runtime.preprocess.Preprocessor`, the code the
+``preprocess`` model runs, so calibration sees exactly the tensors the encoders see when serving.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from builder.errors import BuildError
+from builder.runtime.audio import AudioLimits
+from builder.runtime.errors import RequestError
+from builder.runtime.image import ImageLimits
+from builder.runtime.model_facts import ModelFacts
+from builder.runtime.preprocess import ModelInputs, Preprocessor, RequestLimits
+from builder.runtime.text import load_tokenizer
+from builder.spec import BuildSpec
+
+DEFAULT_DIRECTORY = Path(__file__).resolve().parents[2] / "data" / "calibration"
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+@dataclass(frozen=True)
+class CalibrationFiles:
+    """The files in name order: the first ``samples`` calibrate, the next ``holdout`` are held out."""
+
+    images: tuple[Path, ...]
+    audio: tuple[Path, ...]
+    prompts: tuple[str, ...]
+    samples: int
+    holdout: int
+
+    @property
+    def digest(self) -> str:
+        """Hash of every byte the stage reads, so the cache notices an edited or replaced file."""
+        digest = hashlib.sha256(f"{self.samples}/{self.holdout}".encode())
+        for path in (*self.images, *self.audio):
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+        digest.update("\n".join(self.prompts).encode())
+        return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Split:
+    calibration: tuple[np.ndarray, ...]  # one encoder input batch per file
+    holdout: tuple[np.ndarray, ...]
+
+
+@dataclass(frozen=True)
+class CalibrationSamples:
+    pixel_values: Split
+    input_features: Split | None  # None: the model has no audio encoder
+    prompts: tuple[ModelInputs, ...]  # held-out requests: prompt + image, prompt + audio, alternating
+
+
+def calibration_files(spec: BuildSpec, with_audio: bool) -> CalibrationFiles:
+    cal = spec.calibration
+    base = spec.path.parent if spec.path is not None else Path.cwd()
+    needed = cal.samples + cal.holdout
+
+    def located(value: str | None, default: str, key: str) -> Path:
+        path = (base / value) if value is not None else DEFAULT_DIRECTORY / default
+        if not path.exists():
+            raise BuildError(f"calibration.{key}: {path} does not exist")
+        return path
+
+    def listed(key: str, default: str, suffixes: tuple[str, ...]) -> tuple[Path, ...]:
+        directory = located(getattr(cal, key), default, key)
+        files = sorted(p for p in directory.iterdir() if p.suffix.lower() in suffixes)
+        if len(files) < needed:
+            raise BuildError(
+                f"calibration.{key}: {directory} holds {len(files)} {'/'.join(suffixes)} files; "
+                f"calibration.samples + calibration.holdout = {needed} are needed"
+            )
+        return tuple(files[:needed])
+
+    prompts_file = located(cal.prompts, "prompts.txt", "prompts")
+    prompts = tuple(line.strip() for line in prompts_file.read_text().splitlines() if line.strip())
+    if len(prompts) < needed:
+        raise BuildError(f"calibration.prompts: {prompts_file} has {len(prompts)} prompts; {needed} are needed")
+    audio = listed("audio", "audio", (".wav",)) if with_audio else ()
+    return CalibrationFiles(listed("images", "images", _IMAGE_SUFFIXES), audio, prompts[:needed], cal.samples, cal.holdout)
+
+
+def server_preprocessor(spec: BuildSpec, facts: ModelFacts, tokenizer_path: Path) -> Preprocessor:
+    lim = spec.limits
+    limits = RequestLimits(
+        max_images=lim.max_images, image=ImageLimits(lim.max_image_bytes, lim.max_image_pixels),
+        audio=AudioLimits(lim.max_audio_bytes, lim.max_audio_clips), max_prompt_tokens=lim.max_prompt_tokens,
+        vision_enabled=True, audio_enabled=facts.num_mel_bins > 0,
+    )
+    return Preprocessor(facts, load_tokenizer(str(tokenizer_path)), limits)
+
+
+def load_samples(files: CalibrationFiles, preprocess: Preprocessor) -> CalibrationSamples:
+    def request(prompt: str, image: Path | None = None, audio: Path | None = None) -> ModelInputs:
+        try:
+            return preprocess(prompt, [image.read_bytes()] if image else [], [audio.read_bytes()] if audio else [])
+        except RequestError as exc:  # it names the problem; say which file it was
+            raise BuildError(f"calibration sample {image or audio or prompt!r}: {exc}") from None
+
+    def split(values: list[np.ndarray]) -> Split:
+        return Split(tuple(values[: files.samples]), tuple(values[files.samples :]))
+
+    pixels = split([request("image", image=p).pixel_values for p in files.images])
+    features = split([request("audio", audio=p).input_features for p in files.audio]) if files.audio else None
+    held = range(files.samples, files.samples + files.holdout)
+    prompts = tuple(
+        request(files.prompts[i], image=files.images[i]) if (i - files.samples) % 2 == 0 or not files.audio
+        else request(files.prompts[i], audio=files.audio[i])
+        for i in held
+    )
+    return CalibrationSamples(pixels, features, prompts)

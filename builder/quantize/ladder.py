@@ -1,0 +1,206 @@
+"""Quantize a component, gate it, and fall back until a graph passes: nothing below the gate is used.
+
+The ladder for an INT8 encoder: the spec's calibration method, then the other methods (MinMax,
+Entropy, Percentile), then the best of them with the most sensitive nodes kept in float, then FP16
+(target ``tensorrt`` only: ONNX Runtime on CPU runs FP16 slower than FP32), then FP32. For the INT8
+LLM (weight-only, no calibration): the spec's block size, then blocks of 16, then FP16 / FP32.
+An FP16 component: FP16, then FP32. FP32 is the reference, so it always passes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from builder.errors import BuildError
+from builder.quantize.agreement import Agreement, FusedPrompt, teacher_forced
+from builder.quantize.fp16 import convert_fp16
+from builder.quantize.gate import GateResult, OutputFigures, judge, measure, session
+from builder.quantize.qdq import CALIBRATION_METHODS, LAYOUTS, quantize_qdq, weight_nodes
+from builder.quantize.reader import SampleReader
+from builder.quantize.sensitivity import most_sensitive_nodes
+from builder.quantize.weight_only import quantize_weights_int8
+from builder.runtime.generation import LanguageModelRunner
+from builder.runtime.model_facts import ModelFacts
+from builder.spec import GateSpec, QuantizeSpec
+
+
+@dataclass(frozen=True)
+class Attempt:
+    precision: str  # int8 | fp16 | fp32
+    scheme: str  # "U8S8 minmax", "weight-only block 32", "fp16", "fp32 (reference)"
+    excluded: tuple[str, ...] = ()  # nodes kept in float
+    gate: GateResult | None = None  # None: the FP32 reference itself
+    agreement: Agreement | None = None  # the LLM's teacher-forced figures
+
+    @property
+    def passed(self) -> bool:
+        return self.gate is None or self.gate.passed
+
+    def label(self) -> str:
+        kept = f", {len(self.excluded)} sensitive nodes in float" if self.excluded else ""
+        return f"{self.scheme}{kept}"
+
+
+@dataclass(frozen=True)
+class Settled:
+    """What the quantize stage hands on: the graph to compile and how it got there."""
+
+    component: str
+    requested: str
+    precision: str
+    path: Path
+    calibration_samples: int
+    holdout_samples: int
+    attempts: tuple[Attempt, ...]  # in order tried; the last is the one used
+
+    @property
+    def final(self) -> Attempt:
+        return self.attempts[-1]
+
+    @property
+    def fell_back(self) -> bool:
+        return len(self.attempts) > 1
+
+    def summary(self) -> str:
+        text = f"{self.component}: {self.precision} ({self.final.label()})"
+        if self.final.gate is not None:
+            text += f", {self.final.gate.summary()}"
+        if self.final.agreement is not None:
+            text += f"; {self.final.agreement.summary()}"
+        if self.fell_back:
+            tried = "; ".join(f"{a.label()}: {'pass' if a.passed else 'failed'}" for a in self.attempts[:-1])
+            text += f" [asked {self.requested}; fell back after {tried}]"
+        return text
+
+    def to_json(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["path"] = self.path.name
+        return data
+
+    @classmethod
+    def from_json(cls, raw: dict, directory: Path, fp32: Path) -> "Settled":
+        def gate(g: dict | None) -> GateResult | None:
+            return None if g is None else GateResult(g["samples"], tuple(OutputFigures(**o) for o in g["outputs"]), tuple(g["failures"]))
+
+        def agreement(a: dict | None) -> Agreement | None:
+            return None if a is None else Agreement(a["prompts"], a["positions"], a["agreement"], OutputFigures(**a["logits"]))
+
+        attempts = tuple(
+            Attempt(a["precision"], a["scheme"], tuple(a["excluded"]), gate(a["gate"]), agreement(a["agreement"]))
+            for a in raw["attempts"]
+        )
+        path = fp32 if raw["precision"] == "fp32" else directory / raw["path"]
+        return cls(raw["component"], raw["requested"], raw["precision"], path, raw["calibration_samples"],
+                   raw["holdout_samples"], attempts)
+
+
+@dataclass(frozen=True)
+class EncoderJob:
+    component: str
+    fp32: Path
+    input_name: str
+    output_names: tuple[str, ...]
+    calibration: tuple[np.ndarray, ...]
+    holdout: tuple[np.ndarray, ...]
+    ranges: Callable[[str], Path]  # calibration method -> ranges file (one cached pass per method)
+
+
+@dataclass(frozen=True)
+class LlmJob:
+    fp32: Path
+    facts: ModelFacts
+    prompts: tuple[FusedPrompt, ...]  # held-out prompts, fused with the FP32 encoders
+
+
+class _Ladder:
+    def __init__(self, component: str, requested: str, spec: QuantizeSpec, gate: GateSpec, directory: Path) -> None:
+        self.component, self.requested, self.spec, self.gate_spec = component, requested, spec, gate
+        self.directory = directory
+        self.attempts: list[Attempt] = []
+
+    def candidate(self) -> Path:
+        return self.directory / f"candidate-{len(self.attempts)}.onnx"
+
+    def record(self, attempt: Attempt) -> bool:
+        """Keeps the attempt; True if it passed. Without fallback, a failure ends the build."""
+        self.attempts.append(attempt)
+        if not attempt.passed and not self.spec.fallback:
+            raise BuildError(f"{self.component}: {attempt.label()} failed the accuracy gate ({attempt.gate.summary()}) "
+                             "and quantize.fallback is false")
+        return attempt.passed
+
+
+def settle_encoder(job: EncoderJob, requested: str, target: str, spec: QuantizeSpec, directory: Path, progress: bool) -> Settled:
+    ladder = _Ladder(job.component, requested, spec, spec.gate, directory)
+    reference = [session(job.fp32).run(list(job.output_names), {job.input_name: x}) for x in job.holdout]
+
+    def gated(path: Path) -> GateResult:
+        feeds = [{job.input_name: x} for x in job.holdout]
+        return judge(measure(reference, path, feeds, job.output_names), len(feeds), spec.gate)
+
+    def int8(method: str, excluded: Sequence[str] = ()) -> bool:
+        path = ladder.candidate()
+        quantize_qdq(job.fp32, path, LAYOUTS[target], method, job.ranges(method), excluded)
+        return ladder.record(Attempt("int8", f"{LAYOUTS[target].name} {method}", tuple(excluded), gated(path)))
+
+    if requested == "int8":
+        methods = [spec.method] + [m for m in CALIBRATION_METHODS if m != spec.method]
+        if any(int8(method) for method in methods):
+            return _settled(job.component, requested, ladder, len(job.calibration), len(job.holdout))
+        best = max(ladder.attempts, key=lambda a: a.gate.worst.cosine)
+        best_path = directory / f"candidate-{ladder.attempts.index(best)}.onnx"
+        method = best.scheme.split()[-1]
+        reader = SampleReader(job.input_name, job.calibration[:2], f"{job.component}: sensitivity", progress)
+        nodes = most_sensitive_nodes(best_path, weight_nodes(job.fp32, LAYOUTS[target].op_types), reader, spec.exclude_nodes)
+        if int8(method, nodes):
+            return _settled(job.component, requested, ladder, len(job.calibration), len(job.holdout))
+    if requested == "fp16" or target == "tensorrt":
+        path = ladder.candidate()
+        convert_fp16(job.fp32, path)
+        if ladder.record(Attempt("fp16", "fp16", gate=gated(path))):
+            return _settled(job.component, requested, ladder, len(job.calibration), len(job.holdout))
+    ladder.record(Attempt("fp32", "fp32 (reference)"))
+    return _settled(job.component, requested, ladder, len(job.calibration), len(job.holdout), fp32=job.fp32)
+
+
+def settle_llm(job: LlmJob, requested: str, target: str, spec: QuantizeSpec, directory: Path) -> Settled:
+    ladder = _Ladder("llm", requested, spec, spec.llm_gate, directory)
+    reference = LanguageModelRunner(str(job.fp32), job.facts)
+
+    def gated(precision: str, scheme: str, path: Path) -> bool:
+        agreement = teacher_forced(reference, LanguageModelRunner(str(path), job.facts), [(p, p) for p in job.prompts])
+        gate = judge((agreement.logits,), agreement.prompts * agreement.positions, spec.llm_gate)
+        return ladder.record(Attempt(precision, scheme, gate=gate, agreement=agreement))
+
+    if requested == "int8":
+        for block in dict.fromkeys((spec.llm_block_size, 16)):
+            path = ladder.candidate()
+            quantize_weights_int8(job.fp32, path, block)
+            if gated("int8", f"weight-only block {block}", path):
+                return _settled("llm", requested, ladder, 0, len(job.prompts))
+    if requested == "fp16" or target == "tensorrt":
+        path = ladder.candidate()
+        convert_fp16(job.fp32, path)
+        if gated("fp16", "fp16", path):
+            return _settled("llm", requested, ladder, 0, len(job.prompts))
+    ladder.record(Attempt("fp32", "fp32 (reference)"))
+    return _settled("llm", requested, ladder, 0, len(job.prompts), fp32=job.fp32)
+
+
+def _settled(component: str, requested: str, ladder: _Ladder, calibration: int, holdout: int, fp32: Path | None = None) -> Settled:
+    """Keeps the passing candidate as ``model.onnx`` (FP32: the export's own file) and drops the rest."""
+    final = ladder.directory / "model.onnx"
+    if fp32 is None:
+        (ladder.directory / f"candidate-{len(ladder.attempts) - 1}.onnx").rename(final)
+    for rejected in ladder.directory.glob("candidate-*.onnx"):
+        rejected.unlink()
+    attempts = tuple(ladder.attempts)
+    settled = Settled(component, requested, attempts[-1].precision, fp32 or final, calibration, holdout, attempts)
+    (ladder.directory / "quantize.json").write_text(json.dumps(settled.to_json(), indent=2))
+    return settled

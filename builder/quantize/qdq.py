@@ -1,0 +1,94 @@
+"""Static INT8 with Q/DQ nodes, one layout per target, from one calibration pass.
+
+Quantizer: ONNX Runtime's ``quantize_static`` (QDQ format). NVIDIA ModelOpt's ONNX PTQ
+(``modelopt.onnx.quantization``, 0.47) was tried side by side on the same graphs: it calibrates on
+CPU, but produces only TensorRT's layout (S8S8, per-channel weights, opaque node choices); without
+its ``[onnx]`` extra (which pulls onnxruntime-gpu and cupy and downgrades onnx) it still needs
+onnx-graphsurgeon, onnxslim, lief, PuLP, omegaconf and nvidia-ml-py; and it offers no U8S8 for
+ONNX Runtime on CPU. ORT's quantizer gives both layouts, with the ranges cached as JSON and reused
+between them, and is already a dependency. Measured figures are in ``benchmarks/int8_encoders.py``.
+
+Layouts:
+- ``U8S8`` (targets ``python``, ``onnxruntime``): asymmetric uint8 activations, symmetric
+  per-channel int8 weights: what ONNX Runtime's x86 kernels (VNNI) run fast.
+- ``S8S8`` (target ``tensorrt``): symmetric int8 activations and per-channel int8 weights, the
+  explicit-quantization layout TensorRT builds INT8 engines from.
+Both quantize only the Conv/MatMul/Gemm nodes that multiply by a weight: the layers that carry
+the compute. Attention's activation x activation MatMuls stay float: quantized, ORT's fused U8S8
+kernels dropped the tiny audio encoder's cosine to 0.978 on real speech (0.9997 with the same
+Q/DQ graph and optimizations off), and 0.9997 with them left float.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+CALIBRATION_METHODS = {
+    "minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile,
+}
+
+
+@dataclass(frozen=True)
+class QdqLayout:
+    name: str
+    activation_type: QuantType
+    symmetric_activations: bool
+    op_types: tuple[str, ...] = ("Conv", "MatMul", "Gemm")
+
+
+U8S8 = QdqLayout("U8S8", QuantType.QUInt8, symmetric_activations=False)
+S8S8 = QdqLayout("S8S8", QuantType.QInt8, symmetric_activations=True)
+LAYOUTS = {"python": U8S8, "onnxruntime": U8S8, "tensorrt": S8S8}
+
+
+def calibrate(fp32: Path, reader: CalibrationDataReader, method: str, ranges: Path) -> None:
+    """The one calibration pass: tensor ranges of every Conv/MatMul/Gemm input and output, as JSON.
+    Every layout, and every rung of the ladder that uses ``method``, quantizes from this file."""
+    with tempfile.TemporaryDirectory(prefix="calibrate.") as tmp, _quiet():
+        calibrator = create_calibrator(
+            fp32, list(U8S8.op_types), augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+            calibrate_method=CALIBRATION_METHODS[method], providers=["CPUExecutionProvider"],
+        )
+        calibrator.collect_data(reader)
+        save_tensors_data(calibrator.compute_data(), ranges)
+
+
+def quantize_qdq(fp32: Path, output: Path, layout: QdqLayout, method: str, ranges: Path, exclude: Sequence[str] = ()) -> None:
+    """Writes the Q/DQ graph of ``layout`` to ``output`` from the ranges :func:`calibrate` wrote."""
+    skip = set(exclude)
+    nodes = [name for name in weight_nodes(fp32, layout.op_types) if name not in skip]
+    with _quiet():
+        quantize_static(
+            str(fp32), str(output), None, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(layout.op_types),
+            nodes_to_quantize=nodes, per_channel=True, activation_type=layout.activation_type, weight_type=QuantType.QInt8,
+            calibrate_method=CALIBRATION_METHODS[method], calibration_cache_path=str(ranges),
+            extra_options={"ActivationSymmetric": layout.symmetric_activations, "WeightSymmetric": True},
+        )
+
+
+def weight_nodes(path: Path, op_types: Sequence[str]) -> list[str]:
+    """Names of the ``op_types`` nodes whose second input is a weight (an initializer)."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {init.name for init in graph.initializer}
+    return [node.name for node in graph.node if node.op_type in op_types and node.input[1] in weights]
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """ORT's quantizer logs advice ("consider pre-processing") on the root logger at every call."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)

@@ -1,0 +1,49 @@
+"""``build_report.md``: per component, what was built and how well it matches FP32."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from builder.compile.artifacts import CompiledModel
+from builder.spec import BuildSpec
+
+
+def write_report(path: Path, spec: BuildSpec, compiled: Mapping[str, CompiledModel]) -> None:
+    lines = [
+        f"# Build report: {spec.name}", "",
+        f"Target `{spec.target}`. Quantized graphs are compared with the FP32 graph on held-out inputs "
+        "(calibration samples are never among them); a graph below the gate is never published.", "",
+        "| component | precision | file | size | scheme | calibration samples | held-out | gate (worst output) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    details: list[str] = []
+    for name, model in compiled.items():
+        settled = model.quantization
+        size = f"{model.path.stat().st_size / 1e6:.2f} MB"
+        if settled is None or not settled.attempts:
+            lines.append(f"| {name} | {model.precision} | {model.path.name} | {size} | fp32 (exported) | - | - | export parity: "
+                         f"{model.graph.parity.summary()} |")
+            continue
+        final = settled.final
+        gate = final.gate.summary() if final.gate else "reference (FP32)"
+        precision = settled.precision if not settled.fell_back else f"{settled.precision} (asked {settled.requested})"
+        samples = str(settled.calibration_samples) if final.precision == "int8" and name != "llm" else "-"
+        lines.append(f"| {name} | {precision} | {model.path.name} | {size} | {final.label()} | {samples} | "
+                     f"{settled.holdout_samples} | {gate} |")
+        details.append(f"### {name}")
+        for number, attempt in enumerate(settled.attempts, 1):
+            verdict = "used" if attempt is final else "rejected"
+            figures = attempt.gate.summary() if attempt.gate else "FP32 reference"
+            details.append(f"{number}. {attempt.label()}: {figures} ({verdict})")
+            if attempt.agreement is not None:
+                details.append(f"   - {attempt.agreement.summary()}")
+            if attempt.excluded:
+                details.append(f"   - kept in float: {', '.join(f'`{n}`' for n in attempt.excluded)}")
+            if attempt.gate is not None:
+                details.extend(f"   - `{o.name}`: cos {o.cosine:.5f}, max|err| {o.max_abs_error:.3g}, mean|err| {o.mean_abs_error:.3g}"
+                               for o in attempt.gate.outputs)
+        details.append("")
+    if details:
+        lines += ["", "## Quantization, step by step", "", *details]
+    path.write_text("\n".join(lines) + "\n")

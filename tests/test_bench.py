@@ -1,0 +1,86 @@
+"""`make bench`'s quick path on a very short sweep: every output exists and parses, every request succeeded.
+
+Not timed: on a loaded machine a point that does not settle is kept and marked unstable, never failed.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from builder.bench.results import perf_analyzer_row, stream_times
+from builder.bench.run import QUICK, run_bench
+
+pytestmark = pytest.mark.serving
+
+SWEEP = (1, 2)
+SERIES = ("ensemble (mixed)", "ensemble (text)", "ensemble_stream (mixed)")
+BASELINES = ("in-process (mixed)", "in-process (text)", "HF eager (mixed)", "HF eager (text)")
+ENCODERS = ("vision_encoder", "audio_encoder")
+
+
+@pytest.fixture(scope="module")
+def results(built_repository: Path, tiny_spec, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.conftest import CACHE
+
+    output = tmp_path_factory.mktemp("bench") / "smoke"
+    settings = dataclasses.replace(QUICK, concurrency=SWEEP)
+    run_bench(tiny_spec, built_repository, CACHE, output, settings, command="pytest tests/test_bench.py")
+    return output
+
+
+def _records(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_raw_perf_analyzer_csvs_parse(results: Path) -> None:
+    for c in SWEEP:
+        for name in ("ensemble_mixed", "ensemble_text", "ensemble_stream"):
+            row = perf_analyzer_row(name, results / f"{name}_c{c}.csv", 32, stable=True)
+            assert row.concurrency == c and row.requests_per_s > 0 and 0 < row.p50_ms <= row.p99_ms
+        times = stream_times(results / f"ensemble_stream_c{c}.profile.json")
+        assert times.ttft_ms and all(t > 0 for t in times.ttft_ms)
+        assert times.itl_ms and all(t > 0 for t in times.itl_ms)
+    for name in ENCODERS:
+        assert perf_analyzer_row(name, results / f"{name}_c1.csv", None, stable=True).requests_per_s > 0
+
+
+def test_points_cover_every_series_with_finite_numbers(results: Path) -> None:
+    points = _records(results / "points.csv")
+    found = {(p["series"], int(p["concurrency"])) for p in points}
+    expected = {(s, c) for s in SERIES for c in SWEEP} | {(b, 1) for b in BASELINES} | {(e, 1) for e in ENCODERS}
+    assert found == expected
+    for p in points:
+        for key in ("requests_per_s", "p50_ms", "p95_ms", "p99_ms"):
+            assert math.isfinite(float(p[key])) and float(p[key]) > 0, (p["series"], key)
+        if p["series"] not in ENCODERS:
+            assert float(p["tokens_per_s"]) > 0
+    streamed = [p for p in points if p["series"] == "ensemble_stream (mixed)"]
+    assert all(float(p["ttft_ms"]) > 0 and float(p["itl_ms"]) > 0 for p in streamed)
+
+
+def test_every_request_succeeded(results: Path) -> None:
+    counts = {r["model"]: (int(r["success"]), int(r["failure"])) for r in _records(results / "requests.csv")}
+    assert all(failure == 0 for _, failure in counts.values()), counts
+    assert all(counts[model][0] > 0 for model in ("ensemble", "ensemble_stream", *ENCODERS)), counts
+
+
+def test_summary_states_the_ratios_and_the_same_tokens(results: Path) -> None:
+    text = (results / "summary.md").read_text()
+    assert "served vs in-process p50 latency at concurrency 1: **" in text
+    assert "served vs HF eager tokens/s at concurrency 1: **" in text
+    assert "at concurrency 8: not measured" in text  # this sweep stops at 2
+    assert "served answers equal the in-process answers" in text
+    assert ", 0 failed" in text
+
+
+def test_plots_are_pngs(results: Path) -> None:
+    for name in ("throughput_vs_concurrency.png", "latency_vs_concurrency.png"):
+        with Image.open(results / name) as image:
+            assert image.format == "PNG" and image.size[0] > 300

@@ -1,0 +1,128 @@
+"""Targets onnxruntime and tensorrt on a machine without a GPU: configs that validate, a clean refusal.
+
+The CPU-only tritonserver here has only the Python backend, so these repositories are checked by
+parsing every config as Triton's ModelConfig and checking it against its graph, not by serving them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from builder.build import build
+from builder.compile.artifacts import CompiledModel
+from builder.compile.compare import Comparison
+from builder.compile.plans import Device, plan_record
+from builder.compile.tensorrt_build import query_gpu
+from builder.errors import BuildError
+from builder.export.onnx_export import ExportedGraph, graph_signature
+from builder.export.parity import ParityResult
+from builder.repository.assemble import assemble_repository
+from builder.repository.plan import plan_repository
+from builder.repository.validate import check_graph_signature
+from builder.runtime.model_facts import ModelFacts
+from tests.conftest import CACHE, ROOT
+
+ENCODERS = ("vision_encoder", "audio_encoder")
+
+
+def configs(repository: Path) -> dict[str, model_config_pb2.ModelConfig]:
+    parsed = {}
+    for path in sorted(repository.glob("*/config.pbtxt")):
+        parsed[path.parent.name] = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+    return parsed
+
+
+def test_onnxruntime_target_renders_configs_for_tritons_ort_backend(tiny_spec, tmp_path):
+    spec = dataclasses.replace(tiny_spec, target="onnxruntime")
+    build(spec, tmp_path / "repo", CACHE, progress=False)
+    parsed = configs(tmp_path / "repo")
+    for name in ENCODERS:
+        engine = parsed[f"{name}_onnxruntime"]
+        assert engine.backend == "onnxruntime" and engine.max_batch_size == spec.triton.max_batch_size
+        assert engine.HasField("dynamic_batching") and not engine.HasField("optimization")
+        assert (tmp_path / "repo" / f"{name}_onnxruntime" / "1" / "model.onnx").is_file()
+        gate = parsed[name]
+        assert gate.backend == "python" and gate.parameters["engine_model"].string_value == f"{name}_onnxruntime"
+    assert parsed["llm"].backend == "python"  # the decode loop stays a Python model running ORT
+
+
+def test_ort_tensorrt_accelerator_is_selectable(tiny_spec, tmp_path):
+    spec = dataclasses.replace(tiny_spec, target="onnxruntime",
+                               triton=dataclasses.replace(tiny_spec.triton, ort_tensorrt_accelerator=True))
+    build(spec, tmp_path / "repo", CACHE, progress=False)
+    engine = configs(tmp_path / "repo")["vision_encoder_onnxruntime"]
+    (accelerator,) = engine.optimization.execution_accelerators.gpu_execution_accelerator
+    assert accelerator.name == "tensorrt"
+
+
+def test_make_engines_target_tensorrt_fails_cleanly_without_a_gpu(tmp_path):
+    if query_gpu() is not None:
+        pytest.skip("a GPU is present")
+    done = subprocess.run([sys.executable, "-m", "builder", "build", "--target", "tensorrt", "--output", str(tmp_path / "r")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and not (tmp_path / "r").exists()
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "targets that work on this machine: python, onnxruntime" in lines[0], done.stderr
+
+
+def _tensorrt_compiled(built: Path, tmp_path: Path) -> dict[str, CompiledModel]:
+    """What the compile stage hands over after builds on two GPU architectures (fake plan bytes)."""
+    devices = [Device("NVIDIA L4", "8.9", "550.54", "10.8.0"), Device("NVIDIA A10", "8.6", "550.54", "10.8.0")]
+    compiled = {}
+    for component in (*ENCODERS, "llm"):
+        onnx_path = built / component / "1" / "model.onnx"
+        inputs, outputs = graph_signature(onnx_path)
+        graph = ExportedGraph(component, onnx_path, inputs, outputs, ParityResult(1, 0.0, 1.0, 1e-4, 1e-3))
+        plans = []
+        for device in devices:
+            path = tmp_path / component / device.plan_file
+            path.parent.mkdir(exist_ok=True)
+            path.write_bytes(b"plan")
+            plans.append(plan_record(device, "sha", Comparison(2, 0.999, 1e-3, True), path))
+        compiled[component] = CompiledModel(component, plans[0].path, "fp32", graph, tuple(plans))
+    return compiled
+
+
+def test_tensorrt_target_configs_with_plans_for_two_architectures(tiny_spec, built_repository, tmp_path):
+    spec = dataclasses.replace(tiny_spec, target="tensorrt")
+    shared = {name: built_repository / "llm" / "1" / name for name in ("model_facts.json", "tokenizer.json")}
+    facts = ModelFacts.load(shared["model_facts.json"])
+    plans = plan_repository(spec, facts, _tensorrt_compiled(built_repository, tmp_path), shared)
+    assemble_repository(plans, tmp_path / "repo", {})
+    parsed = configs(tmp_path / "repo")
+    for name in ENCODERS:
+        engine = parsed[f"{name}_tensorrt"]
+        assert engine.platform == "tensorrt_plan" and engine.max_batch_size == spec.triton.max_batch_size
+        assert engine.default_model_filename == "model_sm89.plan"
+        assert dict(engine.cc_model_filenames) == {"8.9": "model_sm89.plan", "8.6": "model_sm86.plan"}
+        assert sorted(p.name for p in (tmp_path / "repo" / f"{name}_tensorrt" / "1").iterdir()) == [
+            "model_sm86.plan", "model_sm89.plan"]
+    llm = parsed["llm"]
+    assert llm.backend == "python" and llm.parameters["runner"].string_value == "tensorrt"
+    assert llm.parameters["plans"].string_value == "8.9=model_sm89.plan;8.6=model_sm86.plan"
+    assert not (tmp_path / "repo" / "llm" / "1" / "model.onnx").exists()
+
+
+def test_native_configs_must_match_the_graph_exactly(tiny_spec, built_repository, tmp_path):
+    spec = dataclasses.replace(tiny_spec, target="tensorrt")
+    shared = {name: built_repository / "llm" / "1" / name for name in ("model_facts.json", "tokenizer.json")}
+    plans = plan_repository(spec, ModelFacts.load(shared["model_facts.json"]),
+                            _tensorrt_compiled(built_repository, tmp_path), shared)
+    engine = next(p for p in plans if p.name == "vision_encoder_tensorrt")
+    check_graph_signature(engine)
+    wrong_dims = dataclasses.replace(engine, inputs=(dataclasses.replace(engine.inputs[0], dims=(3, 32, 32)),))
+    with pytest.raises(BuildError, match="disagree with the graph's"):
+        check_graph_signature(wrong_dims)
+    with pytest.raises(BuildError, match="config inputs .* differ from the graph's"):
+        check_graph_signature(dataclasses.replace(engine, inputs=()))
+    graph = engine.serves.graph
+    fixed_batch = dataclasses.replace(graph, inputs=(dataclasses.replace(graph.inputs[0], dims=(2, 3, 64, 64)),))
+    with pytest.raises(BuildError, match="needs a dynamic first \\(batch\\) axis"):
+        check_graph_signature(dataclasses.replace(engine, serves=dataclasses.replace(engine.serves, graph=fixed_batch)))
