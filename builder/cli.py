@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
@@ -27,13 +28,14 @@ def _overrides(pairs: list[str]) -> dict[str, object]:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from builder.build import build
     from builder.spec import load_spec
 
     overrides = _overrides(args.set)
     if args.target:
         overrides["target"] = args.target
-    spec = load_spec(args.spec, overrides)
+    spec = load_spec(args.spec, overrides)  # before importing torch: a bad spec is reported at once
+    from builder.build import build
+
     result = build(spec, args.output, args.cache, progress=not args.quiet)
     print(result.summary())
     return 0
@@ -46,6 +48,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise BuildError(f"{args.repository} holds no built repository: run `make engines` first")
     server = TritonServer(args.repository, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
                           metrics_port=args.metrics_port, log_path=args.log)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops the server like Ctrl-C does
     with server:
         print(f"tritonserver ready: gRPC {server.grpc_url}, HTTP {server.host}:{server.http_port} "
               f"(log: {server.log_path}); Ctrl-C stops it", flush=True)
@@ -179,3 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - a bug, still one line; --verbose shows the traceback
+        if args.verbose:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"error: internal error: {type(exc).__name__}: {first}; rerun with --verbose", file=sys.stderr)
+        return 1

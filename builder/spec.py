@@ -153,8 +153,10 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Buil
         raise SpecError(f"spec file not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: not valid YAML: {exc}") from None
+    except yaml.YAMLError as exc:  # one line: where, and what the parser expected
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError(f"{path}{where}: not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: the top level must be a mapping of keys")
     for dotted, value in (overrides or {}).items():

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import shutil
+import subprocess
+import sys
 import wave
 from pathlib import Path
 
@@ -25,6 +29,21 @@ ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".build_cache"
 
 
+def tree_digest(root: Path) -> str:
+    """Names and bytes of every file under ``root``: equal digests mean byte-for-byte equal trees."""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        digest.update(str(path.relative_to(root)).encode())
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m builder ARGS`` from the project root, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "builder", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.fixture(scope="session")
 def tiny_spec() -> BuildSpec:
     return load_spec(ROOT / "specs" / "tiny.yaml")
@@ -35,6 +54,14 @@ def built_repository(tiny_spec: BuildSpec) -> Path:
     """The default build (a no-op when `make engines` already ran)."""
     output = ROOT / "model_repository"
     build(tiny_spec, output, CACHE, progress=False)
+    return output
+
+
+@pytest.fixture()
+def published(built_repository, tmp_path) -> Path:
+    """A copy of the default repository in a place the test may break."""
+    output = tmp_path / "model_repository"
+    shutil.copytree(built_repository, output)
     return output
 
 

@@ -2,37 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
-import shutil
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from builder.build import build
-from tests.conftest import CACHE, ROOT
-
-
-def tree_digest(root: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*")):
-        digest.update(str(path.relative_to(root)).encode())
-        if path.is_file():
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "builder", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
-
-
-@pytest.fixture()
-def published(built_repository, tmp_path) -> Path:
-    """A copy of the default repository in a place the test may break."""
-    output = tmp_path / "model_repository"
-    shutil.copytree(built_repository, output)
-    return output
+from tests.conftest import CACHE, run_cli, tree_digest
 
 
 def test_unchanged_build_does_nothing(tiny_spec, built_repository):

@@ -49,9 +49,10 @@ def test_encoder_profile_spans_one_to_max_batch_size():
     assert audio.axes["clips"] == AxisRange(1, 8, 8)
 
 
-def test_llm_profiles_cover_prefill_and_decode_at_batch_one():
+def test_llm_profiles_prefill_one_prompt_and_decode_up_to_max_decode_batch():
     prefill, decode = profiles_for("llm", SPEC)
-    assert prefill.max_batch == decode.max_batch == 1
+    assert prefill.axes["batch"] == AxisRange(1, 1, 1) and prefill.batch_limit == ""
+    assert decode.axes["batch"] == AxisRange(1, 8, 8) and decode.batch_limit == "max_decode_batch"
     assert prefill.axes["sequence"].max == 100 and prefill.axes["past"] == AxisRange(0, 0, 0)
     assert decode.axes["sequence"] == AxisRange(1, 1, 1)
     assert decode.axes["past"].max == 255 and decode.axes["total"].max == 256
@@ -71,7 +72,13 @@ def test_config_max_batch_size_must_equal_every_profile_max():
     check_profiles("vision_encoder", profiles, 8)
     with pytest.raises(BuildError, match="allows batch up to 8 but the config's max_batch_size is 16"):
         check_profiles("vision_encoder", profiles, 16)
-    check_profiles("llm", profiles_for("llm", SPEC), 0)  # the decode model feeds batch 1
+    check_profiles("llm", profiles_for("llm", SPEC), 8)  # the llm's max_decode_batch: triton.max_batch_size
+    with pytest.raises(BuildError, match="'decode' allows batch up to 8 but the config's max_decode_batch is 4"):
+        check_profiles("llm", profiles_for("llm", SPEC), 4)
+    prefill, decode = profiles_for("llm", SPEC)
+    batched_prefill = dataclasses.replace(prefill, axes={**prefill.axes, "batch": AxisRange(1, 1, 8)})
+    with pytest.raises(BuildError, match="'prefill' allows batch up to 8 but it is fed one request at a time"):
+        check_profiles("llm", (batched_prefill, decode), 8)
 
 
 def test_request_shape_ranges_must_lie_inside_the_profiles():
@@ -152,8 +159,8 @@ def test_llm_comparison_inputs_are_ones_of_the_mask_and_positions_after_the_past
             "position_ids": ("batch", "sequence"), "multimodal_mask": ("batch", "sequence")}
     feeds = sample_feeds(inputs, decode.shapes(dims), vocab=50, seed=0)
     past = decode.axes["past"].opt
-    assert feeds["attention_mask"].shape == (1, past + 1) and feeds["attention_mask"].all()
-    assert feeds["position_ids"].tolist() == [[past]]
+    assert feeds["attention_mask"].shape == (8, past + 1) and feeds["attention_mask"].all()
+    assert feeds["position_ids"].tolist() == [[past]] * 8
     assert 0 <= feeds["input_ids"].min() and feeds["input_ids"].max() < 50
 
 

@@ -121,6 +121,7 @@ class Report:
     machine: dict[str, str]
     build: dict[str, str]
     minutes: float
+    error: str | None = None  # why the sweep stopped early, if it did
 
     def markdown(self) -> str:
         served = [r for r in self.rows if r.series.startswith(f"{SERVED} (")]
@@ -133,6 +134,7 @@ class Report:
         sections = [
             f"# Benchmark `{self.name}`",
             Ratios.of(self.rows).headline() + ".",
+            *([f"**The sweep stopped early**: {self.error.splitlines()[0]}"] if self.error else []),
             f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} in {self.minutes:.1f} min with "
             f"`{self.command}`. perf_analyzer over gRPC, one concurrency point per run (count windows; "
             "\"unstable\" marks a point that did not settle within the stability threshold and was kept as measured).",

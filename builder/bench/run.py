@@ -83,9 +83,14 @@ def run_bench(spec: BuildSpec, repository: Path, cache: Path, output: Path, sett
                     Point("ensemble_stream", c, data["stream"], output / f"ensemble_stream_c{c}.csv", streaming=True),
                     tokens[report.MAIN_MIX]) for c in settings.concurrency]
         points += [(p.model, p, None) for p in _encoder_points(server.grpc_url, encoder_tensors, settings, output)]
+        error = None
         for name, point, per_request in points:
             print(f"  perf_analyzer {point.model} concurrency {point.concurrency}", flush=True)
-            stable = perf_analyzer.measure(pa, server.grpc_url, point, settings.measurement)
+            try:
+                stable = perf_analyzer.measure(pa, server.grpc_url, point, settings.measurement)
+            except BuildError as exc:  # report what was measured, then fail
+                error = str(exc)
+                break
             row = perf_analyzer_row(name, point.csv, per_request, stable)
             rows.append(with_stream_times(row, stream_times(point.profile)) if point.streaming else row)
         counts = request_counts(server.host, server.metrics_port)
@@ -96,8 +101,10 @@ def run_bench(spec: BuildSpec, repository: Path, cache: Path, output: Path, sett
     summary = output / "summary.md"
     summary.write_text(report.Report(
         output.name, command, rows, counts, tokens, same_tokens=served == answers, machine=report.machine(),
-        build=report.build_settings(repository), minutes=(time.monotonic() - started) / 60,
+        build=report.build_settings(repository), minutes=(time.monotonic() - started) / 60, error=error,
     ).markdown())
+    if error:
+        raise BuildError(f"{error}\n(partial report: {summary})")
     failed = [c for c in counts if c.failure]
     if failed:
         raise BuildError(f"{sum(c.failure for c in failed)} requests failed ({', '.join(c.model for c in failed)}); see {summary}")

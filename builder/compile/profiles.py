@@ -4,8 +4,9 @@ A graph's dynamic axes carry the names the export gave them (``images``, ``clips
 ``sequence``, ``past``, ``total``); a profile gives each name a (min, opt, max) range and so every
 dynamic input a (min, opt, max) shape. The encoders get one profile whose batch axis spans
 1..``triton.max_batch_size`` (Triton batches images/clips across requests up to the config's
-``max_batch_size``). The LLM, driven one request at a time by the decode model, gets two: prefill
-(the whole prompt, empty past) and decode (one token, past up to the context).
+``max_batch_size``). The LLM gets two: prefill (one prompt at a time, empty past) and decode (one
+token for each of 1..``max_decode_batch`` sequences decoding together, past up to the context); the
+``llm`` model's ``max_decode_batch`` is the spec's ``triton.max_batch_size`` too.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class Profile:
     name: str  # what the profile is for: "all", "prefill", "decode"
     batch_axis: str  # the axis name Triton (or the decode model) batches on
     axes: Mapping[str, AxisRange]
+    batch_limit: str = "max_batch_size"  # the config setting its batch range must reach; "" for one request at a time
 
     @property
     def max_batch(self) -> int:
@@ -78,10 +80,13 @@ def profiles_for(component: str, spec: BuildSpec) -> tuple[Profile, ...]:
         typical = min(128, prompt)
         return (
             Profile("prefill", "batch", {"batch": one, "sequence": AxisRange(1, typical, prompt),
-                                         "past": AxisRange(0, 0, 0), "total": AxisRange(1, typical, prompt)}),
-            Profile("decode", "batch", {"batch": one, "sequence": one,
+                                         "past": AxisRange(0, 0, 0), "total": AxisRange(1, typical, prompt)},
+                    batch_limit=""),
+            # opt at the full batch: under load, where throughput matters, every decode step is full.
+            Profile("decode", "batch", {"batch": AxisRange(1, batch, batch), "sequence": one,
                                         "past": AxisRange(1, context // 2, context - 1),
-                                        "total": AxisRange(2, context // 2 + 1, context)}),
+                                        "total": AxisRange(2, context // 2 + 1, context)},
+                    batch_limit="max_decode_batch"),
         )
     raise BuildError(f"no optimization profile is defined for component {component!r}")
 
@@ -98,16 +103,16 @@ def input_axes(onnx_path: Path) -> dict[str, tuple[int | str, ...]]:
     return axes
 
 
-def check_profiles(model: str, profiles: tuple[Profile, ...], config_max_batch_size: int) -> None:
-    """Every profile must serve the batch Triton may send: up to ``max_batch_size``, or exactly 1
-    for a model without Triton batching (the decode model feeds one request at a time)."""
-    wanted = config_max_batch_size or 1
+def check_profiles(model: str, profiles: tuple[Profile, ...], max_batch: int) -> None:
+    """Every profile must serve exactly the batch it will be sent: up to ``max_batch`` (the config's
+    ``max_batch_size`` for an encoder, the ``llm`` model's ``max_decode_batch`` for the decode
+    profile), or 1 for a profile fed one request at a time (the LLM's prefill)."""
     for profile in profiles:
-        if profile.max_batch != wanted:
-            raise BuildError(
-                f"{model}: profile {profile.name!r} allows batch up to {profile.max_batch} but the config's "
-                f"max_batch_size is {config_max_batch_size}: they must be equal"
-            )
+        where = f"{model}: profile {profile.name!r} allows batch up to {profile.max_batch}"
+        if not profile.batch_limit and profile.max_batch != 1:
+            raise BuildError(f"{where} but it is fed one request at a time: it must be 1")
+        if profile.batch_limit and profile.max_batch != max_batch:
+            raise BuildError(f"{where} but the config's {profile.batch_limit} is {max_batch}: they must be equal")
 
 
 def check_request_fits(model: str, profiles: tuple[Profile, ...], request: Mapping[str, int]) -> None:

@@ -48,7 +48,7 @@ class BuildTarget:
 
         component, spec = graph.component, self.spec
         profiles = profiles_for(component, spec)
-        check_profiles(component, profiles, 0 if component == "llm" else spec.triton.max_batch_size)
+        check_profiles(component, profiles, spec.triton.max_batch_size)  # llm: max_decode_batch
         check_request_fits(component, profiles, request_ranges(component, spec))
         onnx_sha256 = file_sha256(graph.path)
         key = make_key(onnx_sha256, [dataclasses.asdict(p) for p in profiles], device.compute_capability,

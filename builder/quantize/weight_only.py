@@ -17,6 +17,9 @@ import onnx
 from onnxruntime.quantization import QuantFormat
 from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
+# Importing that module calls logging.basicConfig(level=INFO): every library's INFO lines would print.
+logging.getLogger().setLevel(logging.WARNING)
+
 
 def quantize_weights_int8(fp32: Path, output: Path, block_size: int, exclude: list[str] | None = None) -> None:
     config = DefaultWeightOnlyQuantConfig(

@@ -39,6 +39,10 @@ def staging_directory(output: Path) -> Iterator[Path]:
         raise BuildError(f"cannot write the repository next to {output}: {exc.strerror or exc}") from None
     try:
         yield staging
+    except OSError as exc:  # e.g. a full disk: the previous repository stays as it was
+        shutil.rmtree(staging, ignore_errors=True)
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise BuildError(f"cannot write the repository next to {output}: {exc.strerror or exc}{where}") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

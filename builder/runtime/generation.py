@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -67,7 +68,7 @@ class Sequence:
     params: SamplingParams
     stop_ids: frozenset[int]
     rng: np.random.Generator
-    past: list[np.ndarray]  # per KV tensor: [kv_heads, length, head_dim]
+    past: Any  # the runner's cache: per KV tensor [kv_heads, length, head_dim] (ONNX Runtime) or device memory
     length: int  # positions in the cache
     logits: np.ndarray  # [vocab] for the next token
     tokens: list[int] = field(default_factory=list)
@@ -84,7 +85,48 @@ class Sequence:
         return token
 
 
-class LanguageModelRunner:
+class SequenceRunner(Protocol):
+    """What :class:`~builder.runtime.scheduler.DecodeScheduler` drives: ``start`` prefills one prompt and
+    returns its :class:`Sequence` with the logits of its first token; ``decode`` feeds each given
+    sequence its last token in one batched step, appending to its cache, ``length += 1`` and fresh
+    ``logits``. Any sequences may be decoded together, in any order and grouping from step to step."""
+
+    def start(
+        self,
+        input_ids: np.ndarray,  # [S] int64
+        multimodal_embeds: np.ndarray,  # [S, hidden] float32
+        multimodal_mask: np.ndarray,  # [S] bool
+        params: SamplingParams,
+        stop_ids: frozenset[int] = ...,
+    ) -> Sequence: ...
+
+    def decode(self, sequences: list[Sequence]) -> None: ...
+
+
+class GenerateOne:
+    """``generate`` for any :class:`SequenceRunner`: one request on its own, without the scheduler."""
+
+    def generate(
+        self: SequenceRunner,
+        input_ids: np.ndarray,
+        multimodal_embeds: np.ndarray,
+        multimodal_mask: np.ndarray,
+        params: SamplingParams,
+        stop_ids: frozenset[int] = frozenset(),
+    ) -> Iterator[int]:
+        """Yields new token ids as they are chosen; stops on a stop id (not yielded) or after max_tokens."""
+        seq = self.start(input_ids, multimodal_embeds, multimodal_mask, params, stop_ids)
+        while True:
+            token = seq.next_token()
+            if token is None:
+                return
+            yield token
+            if seq.finished:
+                return
+            self.decode([seq])
+
+
+class LanguageModelRunner(GenerateOne):
     """Drives the LLM graph: ``start`` prefills one prompt, ``decode`` advances any number of sequences.
 
     Sequences of different lengths decode together: their caches are left-padded to the longest
@@ -146,22 +188,3 @@ class LanguageModelRunner:
             seq.past = [p[row, :, pad:] for p in present]
             seq.length += 1
             seq.logits = logits[row]
-
-    def generate(
-        self,
-        input_ids: np.ndarray,
-        multimodal_embeds: np.ndarray,
-        multimodal_mask: np.ndarray,
-        params: SamplingParams,
-        stop_ids: frozenset[int] = frozenset(),
-    ) -> Iterator[int]:
-        """One request on its own: yields new token ids as they are chosen."""
-        seq = self.start(input_ids, multimodal_embeds, multimodal_mask, params, stop_ids)
-        while True:
-            token = seq.next_token()
-            if token is None:
-                return
-            yield token
-            if seq.finished:
-                return
-            self.decode([seq])

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from builder.runtime.generation import LanguageModelRunner, SamplingParams, Sequence
+from builder.runtime.generation import SamplingParams, Sequence, SequenceRunner
 
 
 @dataclass
@@ -30,7 +30,7 @@ class DecodeJob:
 
 
 class DecodeScheduler:
-    def __init__(self, runner: LanguageModelRunner, max_batch: int) -> None:
+    def __init__(self, runner: SequenceRunner, max_batch: int) -> None:
         self.runner = runner
         self.max_batch = max_batch
         self.pending: queue.Queue[DecodeJob | None] = queue.Queue()

@@ -1,22 +1,37 @@
-"""The decode loop over the LLM's TensorRT plan, with the KV cache kept in device memory between steps.
+"""The LLM's TensorRT plan behind the ``start``/``decode`` contract, with the KV cache in device memory.
 
-Same contract as :class:`builder.runtime.generation.LanguageModelRunner` (same sampling through
-``choose_token``, same stop rules), so the ``llm`` decode model streams the same way on both.
-Per token only the new token's inputs go to the device and only its logits come back: every
-layer's past/present lives in two device buffers of ``max_context`` positions that swap roles
-each step (a plan cannot read and write one tensor in place).
+Same contract as :class:`builder.runtime.generation.LanguageModelRunner` (the
+:class:`~builder.runtime.generation.SequenceRunner` protocol, the same :class:`Sequence` and
+``choose_token``), so :class:`~builder.runtime.scheduler.DecodeScheduler` batches requests and the
+``llm`` model samples, stops and streams the same way on both targets.
 
-The plan has two optimization profiles (see :mod:`builder.compile.profiles`): 0 for prefill (the
-prompt, empty past), 1 for decode (one token); each has its own execution context.
+Where the cache lives, all on the device:
 
-Runs only on a GPU with ``tensorrt`` installed, inside the NGC container's Python backend. It
-was written and type-checked without a GPU and has not run here; ``make gpu-smoke`` is its test
-(greedy output ids equal to the PyTorch reference).
+- each sequence owns one buffer ``[kv tensors, kv_heads, prompt + max_tokens, head_dim]`` (its
+  ``Sequence.past``): the prefill's cache is copied into it and every decode step appends the new
+  position to it, so it is always current;
+- a step runs on two batch buffers, past and present (per KV tensor ``[batch, kv_heads, longest
+  (+ 1), head_dim]``): the sequences' caches are gathered into past left-padded with zeros, and
+  masked as in ``LanguageModelRunner``. When a step decodes the same sequences as the step before
+  (a batch's steady state), the previous present already is this past: the two swap roles and
+  nothing is gathered.
+
+Every cache copy is device to device (``cudaMemcpy2DAsync``, one per sequence and KV tensor); per
+step only the new tokens' small inputs go to the device and only the logits ``[batch, vocab]`` come
+back. The plan has two optimization profiles (:mod:`builder.compile.profiles`): 0 prefill (batch 1,
+the prompt, empty past), 1 decode (batch 1..``max_decode_batch``, one token each), each with its
+own execution context.
+
+NOT RUN ON A GPU: this was written and imported-checked on a machine without one and has never
+executed. It needs a GPU and ``tensorrt`` (the NGC container's Python backend); ``make gpu-smoke``
+is its test (greedy output ids equal to the PyTorch reference through the served ensemble).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import weakref
+from ctypes import c_size_t, c_void_p
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +40,21 @@ import tensorrt as trt
 from polygraphy import cuda
 
 from builder.compile.tensorrt_build import query_gpu
-from builder.runtime.generation import SamplingParams, choose_token
+from builder.runtime.generation import GenerateOne, SamplingParams, Sequence
 from builder.runtime.model_facts import ModelFacts
 
 PREFILL, DECODE = 0, 1
 
 
-class TensorRTLanguageModelRunner:
+@dataclass(frozen=True)
+class DeviceCache:
+    """One sequence's KV cache: ``[kv tensors, kv_heads, capacity, head_dim]`` in ``buffer`` (raw bytes)."""
+
+    buffer: cuda.DeviceArray
+    capacity: int  # positions per head
+
+
+class TensorRTLanguageModelRunner(GenerateOne):
     def __init__(self, plan_path: Path, facts: ModelFacts, max_context: int) -> None:
         self.facts, self.max_context = facts, max_context
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
@@ -42,15 +65,19 @@ class TensorRTLanguageModelRunner:
         self.contexts = [self.engine.create_execution_context() for _ in (PREFILL, DECODE)]
         self.contexts[DECODE].set_optimization_profile_async(DECODE, self.stream.ptr)
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
         self.kv_inputs = [n for n in names if n.startswith("past_key_values.")]
         self.kv_outputs = [n.replace("past_key_values.", "present.", 1) for n in self.kv_inputs]
-        kv_shape = (1, facts.num_kv_heads, max_context, facts.head_dim)
-        # Two buffers per layer tensor: one holds the past, the other receives the present.
-        self.kv = [[cuda.DeviceArray(kv_shape, self._dtype(name)) for _ in range(2)] for name in self.kv_inputs]
-        # The other tensors, allocated once at their largest; DeviceArray.resize within that reuses the memory.
-        largest = {"logits": facts.vocab_size, "multimodal_embeds": max_context * facts.hidden_size}
-        self.small = {n: cuda.DeviceArray((largest.get(n, max_context),), self._dtype(n))
-                      for n in names if not n.startswith(("past_key_values.", "present."))}
+        kv_dtypes = {self.dtypes[n] for n in (*self.kv_inputs, *self.kv_outputs)}
+        if len(kv_dtypes) != 1:
+            raise RuntimeError(f"{plan_path}: KV tensors of several types {sorted(map(str, kv_dtypes))}; expected one")
+        self.position_bytes = facts.head_dim * kv_dtypes.pop().itemsize  # one position of one head
+        max_batch = self.engine.get_tensor_profile_shape(self.kv_inputs[0], DECODE)[2][0]
+        self.kv_limit = len(self.kv_inputs) * self._kv_bytes(max_batch, max_context)  # largest batch buffer
+        # The other tensors; DeviceArray.resize reallocates only when one grows.
+        self.small = {n: cuda.DeviceArray((1,), self.dtypes[n]) for n in names if n not in (*self.kv_inputs, *self.kv_outputs)}
+        self.past, self.present = cuda.DeviceArray.raw((1,)), cuda.DeviceArray.raw((1,))
+        self.resident: list[Sequence] = []  # the sequences whose caches `past` holds as the last step left them
 
     @classmethod
     def for_this_gpu(cls, directory: Path, plans: str, facts: ModelFacts, max_context: int) -> "TensorRTLanguageModelRunner":
@@ -62,63 +89,124 @@ class TensorRTLanguageModelRunner:
             raise RuntimeError(f"no LLM plan for {found}; plans present: {', '.join(sorted(by_capability))}")
         return cls(Path(directory) / by_capability[gpu[1]], facts, max_context)
 
-    def _dtype(self, name: str) -> np.dtype[Any]:
-        return np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
-
-    def generate(
+    def start(
         self,
         input_ids: np.ndarray,  # [S] int64
         multimodal_embeds: np.ndarray,  # [S, hidden]
         multimodal_mask: np.ndarray,  # [S] bool
         params: SamplingParams,
         stop_ids: frozenset[int] = frozenset(),
-    ) -> Iterator[int]:
-        """Yields new token ids as they are chosen; stops on a stop id (not yielded) or max_tokens."""
+    ) -> Sequence:
         length = int(input_ids.size)  # the llm model has checked length + max_tokens <= max_context
-        rng = np.random.default_rng(params.seed)
-        hidden = self.facts.hidden_size
-        step = {
+        logits = self._run(PREFILL, {
             "input_ids": input_ids[None],
             "multimodal_embeds": multimodal_embeds[None],
             "multimodal_mask": multimodal_mask[None],
+            "attention_mask": np.ones((1, length), dtype=np.int64),
             "position_ids": np.arange(length, dtype=np.int64)[None],
-        }
-        past, current = 0, 0  # past length; which of the two KV buffers holds it
-        for _ in range(params.max_tokens):
-            profile = PREFILL if past == 0 else DECODE
-            step["attention_mask"] = np.ones((1, past + step["input_ids"].shape[1]), dtype=np.int64)
-            logits = self._run(self.contexts[profile], step, past, current)
-            token = choose_token(logits, params, rng)
-            if token in stop_ids:
-                return
-            yield token
-            past, current = past + step["input_ids"].shape[1], 1 - current
-            step = {
-                "input_ids": np.array([[token]], dtype=np.int64),
-                "multimodal_embeds": np.zeros((1, 1, hidden), dtype=np.float32),
-                "multimodal_mask": np.zeros((1, 1), dtype=bool),
-                "position_ids": np.array([[past]], dtype=np.int64),
-            }
+        }, past_length=0)
+        capacity = length + params.max_tokens
+        cache = DeviceCache(cuda.DeviceArray.raw((len(self.kv_inputs) * self._kv_bytes(1, capacity),)), capacity)
+        present = self._kv_bytes(1, length)
+        for index in range(len(self.kv_inputs)):
+            self._copy_heads(self._at(cache, index, 0), capacity, self.present.ptr + index * present, length, length)
+        self.stream.synchronize()
+        seq = Sequence(params, stop_ids, np.random.default_rng(params.seed), cache, length, logits[0].astype(np.float32))
+        weakref.finalize(seq, cache.buffer.free).atexit = False  # DeviceArray has no __del__
+        return seq
 
-    def _run(self, context: trt.IExecutionContext, host: dict[str, np.ndarray], past: int, current: int) -> np.ndarray:
-        facts = self.facts
+    def decode(self, sequences: list[Sequence]) -> None:
+        """Feeds each sequence its last token in one batched step; see the module docstring for the cache."""
+        batch, longest = len(sequences), max(s.length for s in sequences)
+        for seq in sequences:
+            if seq.length >= seq.past.capacity:
+                raise RuntimeError(f"a sequence decoded past its max_tokens ({seq.params.max_tokens})")
+        resident, self.resident = self.resident, []  # until this step has succeeded
+        if sequences != resident:  # identity: Sequence compares by identity
+            self._gather(sequences, longest)
+        attention = np.zeros((batch, longest + 1), dtype=np.int64)
+        for row, seq in enumerate(sequences):
+            attention[row, longest - seq.length:] = 1
+        logits = self._run(DECODE, {
+            "input_ids": np.array([[s.tokens[-1]] for s in sequences], dtype=np.int64),
+            "multimodal_embeds": np.zeros((batch, 1, self.facts.hidden_size), dtype=np.float32),
+            "multimodal_mask": np.zeros((batch, 1), dtype=bool),
+            "attention_mask": attention,
+            "position_ids": np.array([[s.length] for s in sequences], dtype=np.int64),
+        }, past_length=longest)
+        present, heads = self._kv_bytes(batch, longest + 1), self.facts.num_kv_heads
+        for row, seq in enumerate(sequences):  # append the new position (index `longest` of present) to each cache
+            for index in range(len(self.kv_inputs)):
+                new = self.present.ptr + index * present + (row * heads * (longest + 1) + longest) * self.position_bytes
+                self._copy_heads(self._at(seq.past, index, seq.length), seq.past.capacity, new, longest + 1, 1)
+        self.stream.synchronize()
+        self.past, self.present = self.present, self.past
+        self.resident = list(sequences)
+        for row, seq in enumerate(sequences):
+            seq.length += 1
+            seq.logits = logits[row].astype(np.float32)
+
+    def _gather(self, sequences: list[Sequence], longest: int) -> None:
+        """The sequences' caches into ``past`` as one left-padded batch."""
+        past = self._kv_bytes(len(sequences), longest)
+        self._reserve(self.past, past * len(self.kv_inputs))
+        if any(s.length < longest for s in sequences):  # padding is masked out, but must not hold NaN
+            cudart = cuda.wrapper()
+            cudart.check(cudart.handle.cudaMemsetAsync(
+                c_void_p(self.past.ptr), 0, c_size_t(past * len(self.kv_inputs)), c_void_p(self.stream.ptr)))
+        for row, seq in enumerate(sequences):
+            for index in range(len(self.kv_inputs)):
+                padded = self.past.ptr + index * past + (row * self.facts.num_kv_heads * longest + longest - seq.length) * self.position_bytes
+                self._copy_heads(padded, longest, self._at(seq.past, index, 0), seq.past.capacity, seq.length)
+
+    def _run(self, profile: int, host: dict[str, np.ndarray], past_length: int) -> np.ndarray:
+        """One plan execution: past from ``self.past``, present into ``self.present``. Returns the host
+        array the logits [batch, vocab] are being copied into: valid once the caller synchronizes."""
+        context, facts = self.contexts[profile], self.facts
+        batch, new = host["input_ids"].shape
         for name, array in host.items():
             buffer = self.small[name]
-            array = np.ascontiguousarray(array, dtype=buffer.dtype)
+            array = np.ascontiguousarray(array, dtype=self.dtypes[name])
             buffer.resize(array.shape)
             buffer.copy_from(array, self.stream)
-            context.set_input_shape(name, array.shape)
-            context.set_tensor_address(name, buffer.ptr)
-        for (name, out_name), pair in zip(zip(self.kv_inputs, self.kv_outputs), self.kv):
-            context.set_input_shape(name, (1, facts.num_kv_heads, past, facts.head_dim))
-            context.set_tensor_address(name, pair[current].ptr)
-            context.set_tensor_address(out_name, pair[1 - current].ptr)
-        logits = self.small["logits"]
-        logits.resize((1, facts.vocab_size))
+            self._bind(context, name, buffer.ptr, array.shape)
+        past, present = self._kv_bytes(batch, past_length), self._kv_bytes(batch, past_length + new)
+        self._reserve(self.present, present * len(self.kv_inputs))
+        for index, (name, out_name) in enumerate(zip(self.kv_inputs, self.kv_outputs)):
+            self._bind(context, name, self.past.ptr + index * past, (batch, facts.num_kv_heads, past_length, facts.head_dim))
+            context.set_tensor_address(out_name, self.present.ptr + index * present)
+        logits = self.small["logits"].resize((batch, facts.vocab_size))
         context.set_tensor_address("logits", logits.ptr)
         if not context.execute_async_v3(self.stream.ptr):
             raise RuntimeError("TensorRT execution failed")
-        host_logits = np.empty((1, facts.vocab_size), dtype=logits.dtype)
+        host_logits = np.empty((batch, facts.vocab_size), dtype=self.dtypes["logits"])
         logits.copy_to(host_logits, self.stream)
-        self.stream.synchronize()
-        return host_logits[0]
+        return host_logits
+
+    @staticmethod
+    def _bind(context: Any, name: str, address: int, shape: tuple[int, ...]) -> None:
+        if not context.set_input_shape(name, shape):
+            raise RuntimeError(f"{name}: shape {shape} is outside the plan's optimization profile")
+        context.set_tensor_address(name, address)
+
+    def _kv_bytes(self, batch: int, positions: int) -> int:
+        """Bytes of one KV tensor [batch, kv_heads, positions, head_dim]."""
+        return batch * self.facts.num_kv_heads * positions * self.position_bytes
+
+    def _at(self, cache: DeviceCache, index: int, position: int) -> int:
+        """Address of KV tensor ``index``, head 0, ``position`` in a sequence's cache."""
+        return cache.buffer.ptr + (index * self.facts.num_kv_heads * cache.capacity + position) * self.position_bytes
+
+    def _reserve(self, array: cuda.DeviceArray, nbytes: int) -> None:
+        """Grows a batch buffer (contents lost) to at least ``nbytes``: doubling, up to the decode profile's largest."""
+        if nbytes > array.allocated_nbytes:
+            array.resize((max(nbytes, min(2 * array.allocated_nbytes, self.kv_limit)),))
+
+    def _copy_heads(self, dst: int, dst_positions: int, src: int, src_positions: int, count: int) -> None:
+        """Copies ``count`` positions of every KV head between two [kv_heads, positions, head_dim] layouts."""
+        cudart, row = cuda.wrapper(), self.position_bytes
+        cudart.check(cudart.handle.cudaMemcpy2DAsync(
+            c_void_p(dst), c_size_t(dst_positions * row), c_void_p(src), c_size_t(src_positions * row),
+            c_size_t(count * row), c_size_t(self.facts.num_kv_heads), cuda.MemcpyKind.DeviceToDevice,
+            c_void_p(self.stream.ptr),
+        ))

@@ -1,0 +1,107 @@
+"""The `engine_gate` encoder model (targets onnxruntime/tensorrt) served by a real tritonserver on CPU.
+
+The CPU server has only the Python backend, so a toy Python model stands in for the native engine
+model (`vision_encoder_onnxruntime`): batched across requests like the real one, doubling the
+first values of each image, and answering an error for negative pixels.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pytriton")
+grpcclient = pytest.importorskip("tritonclient.grpc")
+
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+from builder.repository.assemble import assemble_repository, render_model_config  # noqa: E402
+from builder.repository.plan import ModelPlan, Tensor  # noqa: E402
+from builder.serve.tritonserver import TritonServer  # noqa: E402
+
+pytestmark = pytest.mark.serving
+
+TOKENS, HIDDEN = 2, 8
+ENGINE = "vision_encoder_onnxruntime"
+
+TOY_ENGINE = f"""
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            pixels = pb_utils.get_input_tensor_by_name(request, "pixel_values").as_numpy()
+            if (pixels < 0).any():
+                error = pb_utils.TritonError("toy engine: negative pixels")
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=error))
+                continue
+            embeds = 2 * pixels.reshape(len(pixels), -1)[:, :{TOKENS * HIDDEN}].reshape(-1, {TOKENS}, {HIDDEN})
+            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("image_embeds", embeds)]))
+        return responses
+"""
+
+
+def write_repository(root: Path) -> None:
+    gate = ModelPlan(
+        "vision_encoder", "python_model.pbtxt.j2",
+        inputs=(Tensor("pixel_values", "TYPE_FP32", (-1, 3, 4, 4)),),
+        outputs=(Tensor("image_embeds", "TYPE_FP32", (-1, TOKENS, HIDDEN)),),
+        python_model="engine_gate",
+        parameters={"input": "pixel_values", "output": "image_embeds", "tokens": str(TOKENS),
+                    "hidden_size": str(HIDDEN), "engine_model": ENGINE},
+    )
+    assemble_repository([gate], root, {})  # the gate as the build writes it: its config and model.py
+    engine = ModelPlan(
+        ENGINE, "python_model.pbtxt.j2", inputs=(Tensor("pixel_values", "TYPE_FP32", (3, 4, 4)),),
+        outputs=(Tensor("image_embeds", "TYPE_FP32", (TOKENS, HIDDEN)),), max_batch_size=8, dynamic_batching=True,
+    )
+    (root / ENGINE / "1").mkdir(parents=True)
+    (root / ENGINE / "config.pbtxt").write_text(render_model_config(engine))
+    (root / ENGINE / "1" / "model.py").write_text(textwrap.dedent(TOY_ENGINE))
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("engine_gate")
+    write_repository(root / "repo")
+    with TritonServer(root / "repo", log_path=root / "server.log") as server:
+        with grpcclient.InferenceServerClient(server.grpc_url) as connection:
+            yield connection
+
+
+def encode(client, pixels: np.ndarray) -> np.ndarray:
+    request = grpcclient.InferInput("pixel_values", list(pixels.shape), "FP32")
+    request.set_data_from_numpy(pixels)
+    return client.infer("vision_encoder", [request]).as_numpy("image_embeds")
+
+
+def engine_inferences(client) -> int:
+    (stats,) = client.get_inference_statistics(ENGINE).model_stats
+    return stats.inference_count
+
+
+def test_no_images_are_answered_by_the_gate_itself(client):
+    before = engine_inferences(client)
+    embeds = encode(client, np.zeros((0, 3, 4, 4), dtype=np.float32))
+    assert embeds.shape == (0, TOKENS, HIDDEN) and embeds.dtype == np.float32
+    assert engine_inferences(client) == before  # an engine has no batch of 0: never asked
+
+
+def test_images_are_forwarded_to_the_engine_and_its_answer_returned(client):
+    before = engine_inferences(client)
+    pixels = np.random.default_rng(0).random((3, 3, 4, 4), dtype=np.float32)
+    embeds = encode(client, pixels)
+    np.testing.assert_array_equal(embeds, 2 * pixels.reshape(3, -1)[:, : TOKENS * HIDDEN].reshape(3, TOKENS, HIDDEN))
+    assert engine_inferences(client) == before + 3  # counted per image: one batch of three
+
+
+def test_an_engine_error_is_the_requests_error(client):
+    with pytest.raises(InferenceServerException, match=f"{ENGINE}: toy engine: negative pixels"):
+        encode(client, -np.ones((1, 3, 4, 4), dtype=np.float32))
+    assert encode(client, np.ones((1, 3, 4, 4), dtype=np.float32)).shape == (1, TOKENS, HIDDEN)  # and it serves on
