@@ -126,3 +126,49 @@ def test_native_configs_must_match_the_graph_exactly(tiny_spec, built_repository
     fixed_batch = dataclasses.replace(graph, inputs=(dataclasses.replace(graph.inputs[0], dims=(2, 3, 64, 64)),))
     with pytest.raises(BuildError, match="needs a dynamic first \\(batch\\) axis"):
         check_graph_signature(dataclasses.replace(engine, serves=dataclasses.replace(engine.serves, graph=fixed_batch)))
+
+
+def test_tensorrt_runner_bookkeeping_on_a_fake_device(built_repository, monkeypatch):
+    """The TensorRT runner's cache copies, padding and buffer swaps, with numpy standing in for the GPU
+    and ONNX Runtime for the plan (tests/fake_tensorrt.py): the same tokens as LanguageModelRunner, alone
+    and continuously batched. Not a GPU test: TensorRT itself and real CUDA calls run only in make gpu-smoke."""
+    import importlib
+
+    import numpy as np
+    import polygraphy
+
+    from builder.runtime.generation import LanguageModelRunner, SamplingParams
+    from tests import fake_tensorrt
+
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt.tensorrt_module(max_batch=4))
+    monkeypatch.setitem(sys.modules, "polygraphy.cuda", fake_tensorrt.cuda)
+    monkeypatch.setattr(polygraphy, "cuda", fake_tensorrt.cuda, raising=False)
+    sys.modules.pop("builder.runtime.trt_generation", None)
+    trt_generation = importlib.import_module("builder.runtime.trt_generation")
+    sys.modules.pop("builder.runtime.trt_generation")  # later imports get the real one, not this faked one
+
+    directory = built_repository / "llm" / "1"
+    facts = ModelFacts.load(directory / "model_facts.json")
+    reference = LanguageModelRunner(str(directory / "model.onnx"), facts)
+    runner = trt_generation.TensorRTLanguageModelRunner(directory / "model.onnx", facts, max_context=256)
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(16, 272, n).astype(np.int64) for n in (5, 31, 12, 60, 2, 19)]
+
+    def inputs(ids):
+        return ids, np.zeros((ids.size, facts.hidden_size), np.float32), np.zeros(ids.size, bool)
+
+    alone = [list(reference.generate(*inputs(p), SamplingParams(16))) for p in prompts]
+    assert [list(runner.generate(*inputs(p), SamplingParams(16))) for p in prompts] == alone
+    sampled = SamplingParams(10, temperature=0.8, top_k=20, seed=3)
+    assert list(runner.generate(*inputs(prompts[1]), sampled)) == list(reference.generate(*inputs(prompts[1]), sampled))
+
+    sequences = [runner.start(*inputs(p), SamplingParams(16)) for p in prompts]
+    together = [[seq.next_token()] for seq in sequences]
+    step = 0
+    while waiting := [(out, seq) for out, seq in zip(together, sequences) if not seq.finished]:
+        step += 1  # batches of up to 4 in turn: the composition changes every step, then a steady tail
+        batch = waiting[:4] if step % 2 or len(waiting) <= 4 else waiting[-4:]
+        runner.decode([seq for _, seq in batch])
+        for out, seq in batch:
+            out.append(seq.next_token())
+    assert together == alone
