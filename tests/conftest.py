@@ -27,6 +27,8 @@ from builder.spec import BuildSpec, load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".build_cache"
+# CLI arguments for a build that needs a new repository but no new graph (only a config value changes).
+REPOSITORY_CHANGE = ("--set", "triton.max_queue_delay_us=1999")
 
 
 def tree_digest(root: Path) -> str:

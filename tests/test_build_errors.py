@@ -17,10 +17,7 @@ import pytest
 
 from builder.cache import StageCache
 from builder.source.resolve import resolve_source
-from tests.conftest import CACHE, run_cli, tree_digest
-
-# A change that needs a new repository but no new graph: the build gets as far as writing it.
-REPOSITORY_CHANGE = ("--set", "triton.max_queue_delay_us=1999")
+from tests.conftest import CACHE, REPOSITORY_CHANGE, run_cli, tree_digest
 
 
 def _edit_config(**changes: object) -> Callable[[Path], None]:
@@ -88,7 +85,7 @@ CASES: dict[str, BadBuild] = {
     "set_without_value": BadBuild("name: tiny\n", "--set 'limits.max_images': expected KEY=VALUE", args=("--set", "limits.max_images")),
     "set_unknown_key": BadBuild("name: tiny\n", "limits.max_image: unknown key (did you mean 'max_images'?)", args=("--set", "limits.max_image=3")),
     # The checkpoint.
-    "missing_checkpoint": BadBuild(CHECKPOINT_SPEC.replace("{checkpoint}", "/nonexistent/ckpt"), "directory not found: /nonexistent/ckpt"),
+    "missing_checkpoint": BadBuild(CHECKPOINT_SPEC.format(checkpoint="/nonexistent/ckpt"), "directory not found: /nonexistent/ckpt"),
     "empty_checkpoint": BadBuild(CHECKPOINT_SPEC, "checkpoint directory is empty", breaks=_empty),
     "pickle_weights_only": BadBuild(
         CHECKPOINT_SPEC, "only pickle weights (pytorch_model.bin), which are never loaded; convert the checkpoint to safetensors",
@@ -202,3 +199,17 @@ def test_full_disk_keeps_the_previous_repository(tmpfs, built_repository):
     assert_one_line_error(done, f"cannot write the repository next to {output}: No space left on device")
     assert tree_digest(output) == before
     assert sorted(p.name for p in disk.iterdir()) == ["model_repository"]  # the staging directory is gone
+
+
+def test_unexpected_exception_is_one_line_too(monkeypatch, capsys):
+    """A bug (not a BuildError) still ends in one line, and --verbose shows its traceback."""
+    from builder import cli
+
+    def crash(*_args: object, **_kwargs: object) -> None:
+        raise KeyError("vision_config")
+
+    monkeypatch.setattr("builder.build.build", crash)
+    assert cli.main(["build", "--quiet"]) == 1
+    assert capsys.readouterr().err == "error: internal error: KeyError: 'vision_config'; rerun with --verbose\n"
+    with pytest.raises(KeyError):
+        cli.main(["--verbose", "build", "--quiet"])

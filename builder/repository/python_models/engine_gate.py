@@ -29,7 +29,8 @@ class TritonPythonModel:
         ).exec()
         if response.has_error():
             raise RuntimeError(f"{self.engine}: {response.error().message()}")
-        return {self.output: pb_utils.get_output_tensor_by_name(response, self.output).as_numpy()}
+        # Copied: the view points into the response's shared memory, released when it goes.
+        return {self.output: pb_utils.get_output_tensor_by_name(response, self.output).as_numpy().copy()}
 
     def execute(self, requests):
         return respond_each(requests, self.args.name, self.handle)

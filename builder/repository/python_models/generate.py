@@ -31,7 +31,7 @@ class TritonPythonModel:
             for name in ("text_output", "output_ids"):
                 tensor = pb_utils.get_output_tensor_by_name(response, name)
                 if tensor is not None:
-                    outputs[name] = tensor.as_numpy()
+                    outputs[name] = tensor.as_numpy().copy()  # the view dies with its response
         return outputs
 
     def execute(self, requests):
