@@ -68,7 +68,11 @@ def build(spec: BuildSpec, output: Path, cache_dir: Path, progress: bool = True)
     if _published_key(output) == repo_key:
         return BuildResult(output, (), tuple(components), False, time.perf_counter() - started)
 
-    rebuilt = [c for c in components if cache.lookup("export", c, keys[c]) is None]
+    rebuilt = [
+        c for c in components
+        if cache.lookup("export", c, keys[c]) is None
+        or (precisions[c] != "fp32" and cache.lookup("quantize", c, quantize_keys[c]) is None)
+    ]
     exported: dict[str, ExportedGraph] = {}
     loaded: SourceModel | None = None
     for component in tqdm(components, desc="export + parity", unit="graph", disable=not progress):

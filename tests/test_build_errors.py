@@ -7,6 +7,7 @@ Checkpoint cases break a copy of the tiny preset's checkpoint (a real ``save_pre
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors import safe_open
 
 from builder.cache import StageCache
 from builder.source.resolve import resolve_source
@@ -213,3 +216,45 @@ def test_unexpected_exception_is_one_line_too(monkeypatch, capsys):
     assert capsys.readouterr().err == "error: internal error: KeyError: 'vision_config'; rerun with --verbose\n"
     with pytest.raises(KeyError):
         cli.main(["--verbose", "build", "--quiet"])
+
+
+class _PicklePayload:
+    """Unpickling this touches ``marker``: proof that a pickle was loaded."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[Path]]:
+        return Path.touch, (self.marker,)
+
+
+def test_checkpoint_pickles_and_code_are_never_run(tiny_checkpoint, tmp_path):
+    """Beside its safetensors, a checkpoint ships a pickle and remote code: neither runs, weights are the safetensors'."""
+    from builder.source.checkpoint import load_checkpoint
+
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    marker = tmp_path / "code_ran"
+    (checkpoint / "pytorch_model.bin").write_bytes(pickle.dumps(_PicklePayload(marker)))
+    for module in ("configuration_evil", "modeling_evil"):
+        (checkpoint / f"{module}.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n")
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_evil.EvilConfig", "AutoModel": "modeling_evil.EvilModel"}
+    (checkpoint / "config.json").write_text(json.dumps(config))
+
+    loaded = load_checkpoint(checkpoint)
+    assert not marker.exists()
+    with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as weights:
+        saved = weights.get_tensor("language_model.model.embed_tokens.weight")
+    assert torch.equal(loaded.model.get_input_embeddings().weight, saved)
+
+
+def test_serve_binds_localhost_unless_told_otherwise():
+    from builder.cli import parser
+    from builder.serve.tritonserver import TritonInstall, TritonServer
+
+    args = parser().parse_args(["serve"])
+    assert args.host == "127.0.0.1"
+    command = TritonServer(args.repository, host=args.host).command(TritonInstall(Path("tritonserver"), Path("backends")))
+    for service in ("grpc", "http", "metrics"):
+        assert f"--{service}-address=127.0.0.1" in command

@@ -60,12 +60,13 @@ class BuildTarget:
             with self.cache.writer("tensorrt", component, key) as tmp:
                 timing = self.cache.root / "tensorrt" / f"timing-{device.tensorrt}-{device.plan_file}.cache"
                 build_plan(graph.path, profiles, tmp / device.plan_file, timing)
-                # The reference is the FP32 export: what the quantize stage's gate also compares with.
+                # The reference is the graph the plan was built from, run by ONNX Runtime; a quantized
+                # graph was itself gated against the FP32 export by the quantize stage.
                 comparison = compare_plan(tmp / device.plan_file, graph.path,
                                           comparison_feeds(graph, profiles, spec.tensorrt.comparison_samples), gate)
                 if not comparison.passed:
                     raise BuildError(
-                        f"{component}: the TensorRT engine disagrees with ONNX Runtime FP32 (cos {comparison.min_cosine:.6f}, "
+                        f"{component}: the TensorRT engine disagrees with its ONNX graph under ONNX Runtime (cos {comparison.min_cosine:.6f}, "
                         f"max|err| {comparison.max_abs_error:.2e} over {comparison.samples} inputs; "
                         f"gate: cos >= {gate.min_cosine}, max|err| <= {gate.max_abs_error or 'not gated'})"
                     )

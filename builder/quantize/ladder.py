@@ -3,7 +3,8 @@
 The ladder for an INT8 encoder: the spec's calibration method, then the other methods (MinMax,
 Entropy, Percentile), then the best of them with the most sensitive nodes kept in float, then FP16
 (target ``tensorrt`` only: ONNX Runtime on CPU runs FP16 slower than FP32), then FP32. For the INT8
-LLM (weight-only, no calibration): the spec's block size, then blocks of 16, then FP16 / FP32.
+LLM (weight-only, no calibration): the spec's block size with int8 then float compute, then blocks of 16,
+then FP16 / FP32.
 An FP16 component: FP16, then FP32. FP32 is the reference, so it always passes.
 """
 
@@ -179,10 +180,12 @@ def settle_llm(job: LlmJob, requested: str, target: str, spec: QuantizeSpec, dir
         return ladder.record(Attempt(precision, scheme, gate=gate, agreement=agreement))
 
     if requested == "int8":
-        for block in dict.fromkeys((spec.llm_block_size, 16)):
+        # Fastest first: int8 compute, then float compute of the same weights, then smaller blocks.
+        for block, level in dict.fromkeys(((spec.llm_block_size, 4), (spec.llm_block_size, 0), (16, 0))):
             path = ladder.candidate()
-            quantize_weights_int8(job.fp32, path, block)
-            if gated("int8", f"weight-only block {block}", path):
+            quantize_weights_int8(job.fp32, path, block, accuracy_level=level)
+            compute = "int8" if level == 4 else "float"
+            if gated("int8", f"weight-only block {block}, {compute} compute", path):
                 return _settled("llm", requested, ladder, 0, len(job.prompts))
     if requested == "fp16" or target == "tensorrt":
         path = ladder.candidate()

@@ -1,0 +1,173 @@
+"""The LLM in INT8 on this CPU: decode ms/token and teacher-forced agreement, weight-only INT8 vs FP32.
+
+A Mistral decoder of realistic but CPU-friendly size (hidden 768, 12 layers, 12 heads / 4 KV heads,
+intermediate 3072, vocab 32768: about 154M parameters) with random weights: the tiny preset's wider
+init (``_reinit``; its std 0.3 was chosen at hidden 64, so it is scaled by sqrt(64 / hidden) to keep
+the same gain per layer) and unit-variance embeddings. Built with the same wrappers, recipe and
+export as the build, quantized by the build's ``quantize_weights_int8`` (block-wise ``MatMulNBits``,
+the spec's default block size) and run by the server's ``LanguageModelRunner``.
+
+Prompts: the real text of data/calibration/prompts.txt in the server's [INST] layout, tokenized by
+the tiny preset's byte-level tokenizer; its 272 ids are the first ids of the larger vocab, so the
+prompts are real text while the model predicts over all 32768 ids. Weight-only INT8 is not
+calibrated, so every prompt is held out. Batch 1 decodes one prompt; batch 8 decodes 8 prompts of
+different lengths in one ``decode`` call per step, left-padded as the server batches them (ms/token
+there: a step's time / 8). Agreement and logit cosine (the lowest over all positions) are teacher-forced
+over the first 32 positions (builder.quantize.agreement, as the build's LLM gate).
+
+    python benchmarks/int8_llm.py            # full: 128 steps per batch size (minutes; keep the machine quiet)
+    python benchmarks/int8_llm.py --quick    # smoke run: a small 2-layer decoder, few steps
+
+Writes llm.csv and llm.png into benchmarks/results/int8/ (or --output) and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import Mistral3ForConditionalGeneration
+
+from builder.bench.report import machine
+from builder.export.onnx_export import export_graph
+from builder.export.recipes import llm_recipe
+from builder.quantize.agreement import FusedPrompt, teacher_forced
+from builder.quantize.weight_only import quantize_weights_int8
+from builder.runtime.generation import LanguageModelRunner, SamplingParams
+from builder.runtime.model_facts import ModelFacts
+from builder.source.checkpoint import SourceModel, read_facts
+from builder.source.tiny import _reinit, tiny_config, tiny_tokenizer
+from builder.spec import ExportSpec, LimitsSpec, QuantizeSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "int8"
+PROMPTS = ROOT / "data" / "calibration" / "prompts.txt"
+BATCH = 8
+
+
+@dataclass(frozen=True)
+class Row:
+    variant: str
+    mb: float
+    batch1_ms: float  # per token
+    batch8_ms: float  # per token: a step of 8 sequences / 8
+    cosine: float  # logits vs FP32, the lowest over the teacher-forced positions
+    agreement: float  # teacher-forced: share of positions picking FP32's next token
+
+
+def build_source(quick: bool, directory: Path) -> SourceModel:
+    """The tiny preset's model with a bigger decoder; facts read back as the build reads a checkpoint."""
+    hidden, layers, heads, kv_heads, intermediate, vocab = (256, 2, 4, 2, 512, 4096) if quick else (768, 12, 12, 4, 3072, 32768)
+    config = tiny_config()
+    tiny_hidden = config.text_config.hidden_size
+    for key, value in dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, head_dim=64,
+                           num_key_value_heads=kv_heads, intermediate_size=intermediate, vocab_size=vocab).items():
+        setattr(config.text_config, key, value)
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    model = Mistral3ForConditionalGeneration(config).eval()
+    std = 0.3 * math.sqrt(tiny_hidden / hidden)  # the tiny preset's gain per layer
+    _reinit(model.model.language_model, std, generator)
+    _reinit(model.lm_head, std, generator)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(0.0, 1.0, generator=generator)
+    config.save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return SourceModel(directory, model, None, None, read_facts(directory))
+
+
+def held_out_prompts(facts: ModelFacts) -> list[FusedPrompt]:
+    tokenizer = tiny_tokenizer()
+    prompts = []
+    for text in filter(None, map(str.strip, PROMPTS.read_text().splitlines())):
+        ids = np.array(facts.layout.prompt_ids(tokenizer.encode(text, add_special_tokens=False), 0, []), np.int64)
+        prompts.append(FusedPrompt(ids, np.zeros((ids.size, facts.hidden_size), np.float32), np.zeros(ids.size, bool)))
+    return prompts
+
+
+def decode_ms(runner: LanguageModelRunner, prompts: list[FusedPrompt], steps: int, warmup: int) -> float:
+    """Median ms per decode step of ``prompts`` decoded together, after ``warmup`` steps."""
+    params = SamplingParams(max_tokens=warmup + steps + 1)
+    sequences = [runner.start(p.input_ids, p.embeds, p.mask, params) for p in prompts]
+    times = []
+    for _ in range(warmup + steps):
+        for seq in sequences:
+            seq.next_token()
+        start = time.perf_counter()
+        runner.decode(sequences)
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times[warmup:])
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5), layout="tight")
+    x = np.arange(2)
+    for offset, row in zip((-0.2, 0.2), rows):
+        ax.bar(x + offset, [row.batch1_ms, row.batch8_ms], 0.4, label=f"{row.variant} ({row.mb:.0f} MB)")
+    ax.set_xticks(x, ["batch 1", f"batch {BATCH}"])
+    ax.set(ylabel="median decode ms/token", title=f"INT8: agreement {rows[-1].agreement:.1%}, logits cos {rows[-1].cosine:.4f}")
+    ax.legend()
+    fig.savefig(path, dpi=100)
+
+
+def measure(source: SourceModel, directory: Path, prompts: list[FusedPrompt], steps: int) -> list[Row]:
+    fp32 = export_graph(llm_recipe(source, LimitsSpec()), directory, ExportSpec(parity_samples=1, atol=1e-3, rtol=1e-2)).path
+    int8 = directory / "int8.onnx"
+    quantize_weights_int8(fp32, int8, QuantizeSpec().llm_block_size)
+    reference, candidate = LanguageModelRunner(str(fp32), source.facts), LanguageModelRunner(str(int8), source.facts)
+    agreement = teacher_forced(reference, candidate, [(p, p) for p in prompts])
+    warmup = max(2, steps // 16)
+    return [Row(variant, path.stat().st_size / 1e6, decode_ms(runner, prompts[:1], steps, warmup),
+                decode_ms(runner, prompts[:BATCH], steps, warmup) / BATCH, cos, agree)
+            for variant, path, runner, cos, agree in (("fp32", fp32, reference, 1.0, 1.0),
+                                                      ("int8", int8, candidate, agreement.logits.cosine, agreement.agreement))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a small 2-layer decoder and few steps: a smoke run")
+    parser.add_argument("--steps", type=int, help="timed decode steps per batch size; default 128, quick 12")
+    parser.add_argument("--output", type=Path, default=RESULTS, help="where llm.csv and llm.png go")
+    args = parser.parse_args()
+    steps = args.steps or (12 if args.quick else 128)
+    with tempfile.TemporaryDirectory() as tmp:
+        source = build_source(args.quick, Path(tmp))
+        decoder = source.model.model.language_model
+        params = sum(p.numel() for p in decoder.parameters()) + source.model.lm_head.weight.numel()
+        prompts = held_out_prompts(source.facts)
+        rows = measure(source, Path(tmp), prompts, steps)
+    args.output.mkdir(parents=True, exist_ok=True)
+    with (args.output / "llm.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["variant", "MB", "batch1_ms_per_token", "batch8_ms_per_token", "logits_cosine", "agreement"])
+        writer.writerows([r.variant, f"{r.mb:.2f}", f"{r.batch1_ms:.2f}", f"{r.batch8_ms:.2f}", f"{r.cosine:.5f}",
+                          f"{r.agreement:.4f}"] for r in rows)
+    plot(rows, args.output / "llm.png")
+    facts, base = source.facts, rows[0]
+    print(f"\n{'quick smoke run: ' if args.quick else ''}Mistral decoder, {params / 1e6:.0f}M parameters "
+          f"({facts.num_layers} layers, hidden {facts.hidden_size}, vocab {facts.vocab_size}); median of {steps} decode steps; "
+          f"teacher-forced over {len(prompts)} prompts x 32 positions")
+    for key, value in machine().items():
+        print(f"{key}: {value}")
+    print("\n| graph | size MB (vs FP32) | batch 1 ms/token | batch 8 ms/token | speed-up b1 / b8 | logits cos | agreement |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r.variant} | {r.mb:.1f} ({r.mb / base.mb:.0%}) | {r.batch1_ms:.1f} | {r.batch8_ms:.1f} | "
+              f"{base.batch1_ms / r.batch1_ms:.2f}x / {base.batch8_ms / r.batch8_ms:.2f}x | {r.cosine:.5f} | {r.agreement:.1%} |")
+
+
+if __name__ == "__main__":
+    main()
