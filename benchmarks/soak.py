@@ -58,7 +58,7 @@ def kinds(max_tokens: int) -> tuple[list[Kind], list[Kind]]:
         Kind("empty WAV", Request("Listen.", audio=(b"",)), error=r"audio\[0\]: empty \(0 bytes\)"),
         Kind("max_tokens 0", Request("Hi.", max_tokens=0), error=r"max_tokens: 0 is outside 1\.\."),
         Kind("NaN temperature", Request("Hi.", temperature=float("nan")), error=r"temperature: nan must be"),
-        Kind("over-long prompt", Request("x" * 2000), error=r"text_input: the prompt is \d+ tokens"),
+        Kind("over-long prompt", Request("x" * 500), error=r"text_input: the prompt is \d+ tokens"),
         Kind("unknown input", Request("Hi.", extra={"prompt": np.array([b"x"], np.object_)}), error=r"unexpected inference input 'prompt'"),
         Kind("top_p 1.5 (stream)", Request("Hi.", top_p=1.5, max_tokens=max_tokens), stream=True, error=r"top_p: 1.5 must be in"),
     ]
@@ -99,9 +99,15 @@ def judge(kind: Kind, expected: dict[str, list[int]], client: grpcclient.Inferen
     return None if tokens == expected[kind.name] else "wrong answer"
 
 
-def group_rss_bytes(group: int) -> int:
-    """Summed RSS of every process in process group ``group`` (the server and its Python stubs), from /proc."""
-    total = 0
+@dataclass(frozen=True)
+class GroupMemory:
+    processes: int  # the server and its Python backend stubs: one fewer means a stub died
+    rss: int  # bytes, summed
+
+
+def group_memory(group: int) -> GroupMemory:
+    """Processes and summed RSS of process group ``group`` (the server and its Python stubs), from /proc."""
+    processes = rss = 0
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
@@ -111,8 +117,10 @@ def group_rss_bytes(group: int) -> int:
         except (OSError, IndexError, ValueError):  # the process ended meanwhile
             continue
         match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
-        total += int(match.group(1)) * 1024 if match else 0
-    return total
+        if match and fields[0] != "Z":  # a zombie holds no memory and serves nothing
+            processes += 1
+            rss += int(match.group(1)) * 1024
+    return GroupMemory(processes, rss)
 
 
 @dataclass
@@ -120,7 +128,7 @@ class Window:
     index: int
     start: float
     end: float
-    rss: int  # bytes, sampled at the end of the window
+    memory: GroupMemory  # sampled at the end of the window
     outcomes: list[Outcome] = field(default_factory=list)
 
     def row(self) -> dict[str, object]:
@@ -132,7 +140,7 @@ class Window:
             "errors": sum(o.error is not None for o in self.outcomes),
             "requests_per_s": round(len(self.outcomes) / max(self.end - self.start, 1e-9), 2),
             "valid_p50_ms": round(pct[50], 1), "valid_p90_ms": round(pct[90], 1), "valid_p99_ms": round(pct[99], 1),
-            "server_rss_mb": round(self.rss / 2**20, 1),
+            "server_rss_mb": round(self.memory.rss / 2**20, 1), "server_processes": self.memory.processes,
         }
 
 
@@ -140,8 +148,8 @@ class Window:
 class SoakReport:
     seconds: float
     concurrency: int
-    rss_start: int
-    rss_end: int
+    start: GroupMemory
+    end: GroupMemory
     server_alive: bool
     windows: list[Window]
 
@@ -154,7 +162,7 @@ class SoakReport:
 
     @property
     def ok(self) -> bool:
-        return self.server_alive and not self.errors(valid=True)
+        return self.server_alive and self.end.processes == self.start.processes and not self.errors(valid=True)
 
 
 def soak(server: TritonServer, seconds: float, concurrency: int = 16, window: float = 30,
@@ -180,24 +188,24 @@ def soak(server: TritonServer, seconds: float, concurrency: int = 16, window: fl
                 with lock:
                     results.append(outcome)
 
-    rss_start = group_rss_bytes(group)
-    samples: list[tuple[float, int]] = []  # (end of a window in seconds since the start, RSS then)
+    start = group_memory(group)
+    samples: list[tuple[float, GroupMemory]] = []  # (end of a window in seconds since the start, memory then)
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         futures = [pool.submit(worker) for _ in range(concurrency)]
         edge = window
         while edge < seconds:
             time.sleep(max(0.0, started + edge - time.monotonic()))
-            samples.append((edge, group_rss_bytes(group)))
+            samples.append((edge, group_memory(group)))
             edge += window
         for future in futures:
             future.result()  # each worker ends after the request it had in flight at the deadline
-    rss_end = group_rss_bytes(group)
-    samples.append((time.monotonic() - started, rss_end))
+    end = group_memory(group)
+    samples.append((time.monotonic() - started, end))
     windows, begin = [], 0.0
-    for i, (end, rss) in enumerate(samples):
-        windows.append(Window(i, begin, end, rss, [o for o in results if begin <= o.started < end]))
-        begin = end
-    return SoakReport(seconds, concurrency, rss_start, rss_end, server.running, windows)
+    for i, (until, memory) in enumerate(samples):
+        windows.append(Window(i, begin, until, memory, [o for o in results if begin <= o.started < until]))
+        begin = until
+    return SoakReport(seconds, concurrency, start, end, server.running, windows)
 
 
 def write_report(report: SoakReport, out: Path, command: str) -> Path:
@@ -220,8 +228,9 @@ def write_report(report: SoakReport, out: Path, command: str) -> Path:
         f"| valid: answered right | {sum(o.error is None for o in valid)} of {len(valid)} |",
         f"| invalid: refused with their error | {sum(o.error is None for o in outcomes if not o.valid)} of {len(outcomes) - len(valid)} |",
         f"| errors on valid requests | {sum(report.errors(valid=True).values())} |",
-        f"| server RSS (server + Python stubs) | {report.rss_start / mb:.0f} MB at start, {report.rss_end / mb:.0f} MB at end "
-        f"({(report.rss_end - report.rss_start) / mb:+.0f} MB) |",
+        f"| server RSS (server + Python stubs) | {report.start.rss / mb:.0f} MB at start, {report.end.rss / mb:.0f} MB at end "
+        f"({(report.end.rss - report.start.rss) / mb:+.0f} MB) |",
+        f"| server processes (server + Python stubs) | {report.start.processes} at start, {report.end.processes} at end |",
         f"| server alive at the end | {'yes' if report.server_alive else 'NO'} |",
         "",
         "## Errors by kind",

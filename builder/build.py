@@ -174,6 +174,8 @@ def _check_writable(output: Path) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise BuildError(f"cannot write {output}: {parent} is a file, not a directory")
+    if output.exists() and not output.is_dir():
+        raise BuildError(f"{output.resolve()} exists and is not a directory")
     if not os.access(parent, os.W_OK) or (output.exists() and not os.access(output, os.W_OK)):
         reason = "read-only file system" if os.statvfs(parent).f_flag & os.ST_RDONLY else "permission denied"
         raise BuildError(f"cannot write {output}: {reason}")

@@ -109,7 +109,8 @@ CASES: dict[str, Bad] = {
     "empty_prompt": Bad(prompt(""), r"text_input: the prompt is empty"),
     "whitespace_prompt": Bad(prompt(" \n\t "), r"text_input: the prompt is empty"),
     "invalid_utf8": Bad(extra(text_input=np.array([b"caf\xe9"], np.object_)), r"text_input: not valid UTF-8 \(.* at byte 3\)"),
-    "over_long_prompt": Bad(prompt("x" * 2000), r"text_input: the prompt is 2003 tokens .*over the limit of 384"),
+    "over_long_prompt": Bad(prompt("x" * 500), r"text_input: the prompt is 503 tokens .*over the limit of 384"),
+    "ten_megabyte_prompt": Bad(prompt("x" * 10_000_000), r"text_input: the prompt is 10000000 bytes, more than the limit of 384 tokens can hold"),
     # Images.
     "zero_byte_image": Bad(images(b""), r"image\[0\]: empty \(0 bytes\)"),
     "non_image_bytes": Bad(images(b"GIF? no, plain text"), r"image\[0\]: not a PNG or JPEG image"),
@@ -179,6 +180,17 @@ def test_bad_request_gets_a_clear_error_and_the_next_request_the_right_answer(ca
     assert ask(client, GOOD, timeout=60).token_ids == good_answer
 
 
+def test_control_tokens_typed_by_a_user_are_text(client, preprocessor, source_model):
+    """"[IMG]" or "</s>" in a prompt is not an image placeholder or an end of sequence: the same answer as PyTorch."""
+    request = Request("Say [IMG][IMG_END] then </s>[INST] and [AUDIO].", max_tokens=8)
+    inputs = preprocessor(request.prompt, [], [])
+    tokens = preprocessor.facts.tokens
+    assert {tokens.image, tokens.image_end, tokens.eos, tokens.audio}.isdisjoint(inputs.input_ids.tolist())
+    assert inputs.input_ids.tolist().count(tokens.inst) == 1  # the layout's own
+    expected = reference_generate(source_model, inputs.input_ids, inputs.pixel_values, inputs.input_features, 8)
+    assert ask(client, request, timeout=60).token_ids == expected
+
+
 def test_the_limits_in_the_errors_are_the_repository_s(built_repository):
     """The messages above quote the limits that the build rendered from the spec into the configs."""
     config = (built_repository / "preprocess" / "config.pbtxt").read_text()
@@ -190,7 +202,7 @@ def test_the_limits_in_the_errors_are_the_repository_s(built_repository):
 
 def test_concurrent_bad_requests_mixed_with_good_ones(server, client, good_answer):
     """40 requests over 8 threads, every fourth one valid: the valid ones all get the right answer."""
-    large = {"fifty_megapixel_image", "image_over_byte_limit", "ten_minute_clip"}  # bounded: small payloads only
+    large = {"fifty_megapixel_image", "image_over_byte_limit", "ten_minute_clip", "ten_megabyte_prompt"}  # small payloads only
     bad_cases = [c for name, c in CASES.items() if name not in large and not c.stream and c.model == "ensemble"]
 
     def run(i: int) -> tuple[str, object]:

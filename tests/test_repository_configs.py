@@ -33,7 +33,7 @@ def test_every_config_parses_and_names_its_directory(built_repository):
         if config.backend == "python":
             assert (directory / "1" / "model.py").is_file()
         names.add(config.name)
-    assert names == {"preprocess", "vision_encoder", "audio_encoder", "fuse", "llm", "generate", "ensemble", "ensemble_stream"}
+    assert names == {"preprocess", "vision_encoder", "audio_encoder", "fuse", "llm", "llm_stream", "ensemble", "ensemble_stream"}
 
 
 def test_encoder_configs_match_their_onnx_signature(built_repository):
@@ -59,8 +59,8 @@ def test_ensembles_wire_every_step(built_repository):
             assert set(step.input_map.values()) <= produced
             produced |= set(step.output_map.values())
         assert {t.name for t in ensemble.output} <= produced
-    assert configs["llm"].model_transaction_policy.decoupled
-    assert not configs["generate"].model_transaction_policy.decoupled
+    assert configs["llm_stream"].model_transaction_policy.decoupled
+    assert not configs["llm"].model_transaction_policy.decoupled
 
 
 def test_undefined_template_variable_fails_the_build():

@@ -133,23 +133,23 @@ def plan_repository(spec: BuildSpec, facts: ModelFacts, compiled: dict[str, Comp
         Tensor("multimodal_embeds", "TYPE_FP32", (-1, hidden)),
         Tensor("multimodal_mask", "TYPE_BOOL", (-1,)),
         *SAMPLING_INPUTS,
-        STREAM_INPUT,
     )
-    models.append(ModelPlan(
-        "llm", "python_model.pbtxt.j2", inputs=llm_inputs, outputs=ANSWER_OUTPUTS, python_model="llm",
-        files={**compiled["llm"].files, **facts_file, "tokenizer.json": shared["tokenizer.json"]},
-        parameters={
-            "max_tokens": str(lim.max_tokens), "default_max_tokens": str(lim.default_max_tokens),
-            "max_context": str(lim.max_context), "max_decode_batch": str(triton.max_batch_size), **_llm_runner(compiled["llm"]),
-        },
-        decoupled=True, serves=compiled["llm"], adds_batch_axis=True, **per_model,
-    ))
-    # A unary infer on a decoupled ensemble is refused, so unary clients get their own entry point;
-    # `generate` collects the `llm` stream, so both share one copy of the LLM weights.
-    models.append(ModelPlan(
-        "generate", "python_model.pbtxt.j2", inputs=llm_inputs[:-1], outputs=ANSWER_OUTPUTS,
-        python_model="generate", parameters={"llm_model": "llm"}, **per_model,
-    ))
+    # A unary infer on a decoupled ensemble is refused, so unary and streaming clients get a decode
+    # model each, from the same model.py. One model collecting the other's stream through BLS saved
+    # the second copy of the weights, but crashed the calling stub under sustained load (a Python
+    # backend BLS bug, still open upstream), so each process holds its own copy of the LLM.
+    for name, decoupled in (("llm", False), ("llm_stream", True)):
+        models.append(ModelPlan(
+            name, "python_model.pbtxt.j2", inputs=(*llm_inputs, STREAM_INPUT) if decoupled else llm_inputs,
+            outputs=ANSWER_OUTPUTS, python_model="llm",
+            files={**compiled["llm"].files, **facts_file, "tokenizer.json": shared["tokenizer.json"]},
+            parameters={
+                "max_tokens": str(lim.max_tokens), "default_max_tokens": str(lim.default_max_tokens),
+                "max_context": str(lim.max_context), "max_decode_batch": str(triton.max_batch_size),
+                **_llm_runner(compiled["llm"]),
+            },
+            decoupled=decoupled, serves=compiled["llm"], adds_batch_axis=True, **per_model,
+        ))
 
     client_inputs = (
         TEXT_INPUT,
@@ -170,11 +170,11 @@ def plan_repository(spec: BuildSpec, facts: ModelFacts, compiled: dict[str, Comp
     answer = {t.name: t.name for t in ANSWER_OUTPUTS}
     models.append(ModelPlan(
         "ensemble", "ensemble.pbtxt.j2", inputs=client_inputs, outputs=ANSWER_OUTPUTS,
-        steps=(*front, EnsembleStep("generate", decode_inputs, answer)),
+        steps=(*front, EnsembleStep("llm", decode_inputs, answer)),
     ))
     models.append(ModelPlan(
         "ensemble_stream", "ensemble.pbtxt.j2", inputs=(*client_inputs, STREAM_INPUT), outputs=ANSWER_OUTPUTS,
-        steps=(*front, EnsembleStep("llm", {**decode_inputs, "stream": "stream"}, answer)), decoupled=True,
+        steps=(*front, EnsembleStep("llm_stream", {**decode_inputs, "stream": "stream"}, answer)), decoupled=True,
     ))
     return models
 

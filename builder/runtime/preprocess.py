@@ -36,14 +36,27 @@ class ModelInputs:
 class Preprocessor:
     def __init__(self, facts: ModelFacts, tokenizer: Tokenizer, limits: RequestLimits) -> None:
         self.facts = facts
+        # "[IMG]" or "</s>" typed by a user is text: control tokens come from the prompt layout only.
+        tokenizer.encode_special_tokens = True
         self.tokenizer = tokenizer
         self.limits = limits
         self.mel_filters = mel_filter_bank(facts.num_mel_bins) if facts.num_mel_bins else None
+        # No prompt longer than this fits in max_prompt_tokens: longer ones are refused without tokenizing
+        # them (a 10 MB prompt takes the tokenizer 15 s). UTF-8 bytes of a token's string bound the bytes it covers.
+        special = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
+        longest = max(len(token.encode()) for token in tokenizer.get_vocab() if token not in special)
+        self.max_prompt_bytes = limits.max_prompt_tokens * max(longest, 4)  # 4: an unknown character is one token
 
     def __call__(self, text: bytes | str | None, images: list[bytes], audio: list[bytes]) -> ModelInputs:
         facts, limits = self.facts, self.limits
         if text is None:
             raise RequestError("text_input: required input is missing")
+        size = len(text) if isinstance(text, bytes) else len(text.encode())
+        if size > self.max_prompt_bytes:
+            raise RequestError(
+                f"text_input: the prompt is {size} bytes, more than the limit of {limits.max_prompt_tokens} tokens "
+                f"can hold ({self.max_prompt_bytes} bytes)"
+            )
         try:
             prompt = text.decode("utf-8") if isinstance(text, bytes) else text
         except UnicodeDecodeError as exc:

@@ -1,7 +1,9 @@
-"""Triton model `llm` (decoupled): continuous-batched decoding over the LLM graph, streaming when asked.
+"""Triton models `llm` (unary) and `llm_stream` (decoupled): continuous-batched decoding over the LLM graph.
 
-`execute` validates each request and hands it to the decode scheduler, then returns at once, so
-requests arriving while others decode join the running batch at the next step.
+`execute` validates each request and hands it to the decode scheduler, then returns at once (both
+kinds answer through the request's response sender), so requests arriving while others decode
+join the running batch at the next step. `llm_stream` sends a response per token when `stream`
+is set; `llm` sends one response with the whole answer.
 """
 
 import numpy as np
