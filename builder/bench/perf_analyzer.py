@@ -101,6 +101,7 @@ def measure(pa: PerfAnalyzer, url: str, point: Point, measurement: Measurement) 
             f"--stability-percentage={stability}", f"--max-trials={measurement.max_trials}", "-f", str(point.csv),
         ]
         if point.streaming:
+            point.profile.unlink(missing_ok=True)  # perf_analyzer refuses to overwrite one (a rerun, a retry)
             command += ["--streaming", f"--profile-export-file={point.profile}"]
         try:
             result = subprocess.run(command, capture_output=True, text=True, env=pa.env, check=False,
