@@ -39,9 +39,6 @@ class ExportedGraph:
     outputs: tuple[TensorSig, ...]
     parity: ParityResult
 
-    def input(self, name: str) -> TensorSig:
-        return next(sig for sig in self.inputs if sig.name == name)
-
     def output(self, name: str) -> TensorSig:
         return next(sig for sig in self.outputs if sig.name == name)
 

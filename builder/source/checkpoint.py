@@ -35,10 +35,6 @@ class SourceModel:
     audio_projector: torch.nn.Module | None
     facts: ModelFacts
 
-    @property
-    def has_audio(self) -> bool:
-        return self.audio_tower is not None
-
 
 def load_checkpoint(directory: Path) -> SourceModel:
     weight_files = check_checkpoint_files(directory)
