@@ -59,7 +59,8 @@ def export_graph(recipe: ExportRecipe, directory: Path, spec: ExportSpec) -> Exp
     path = directory / "model.onnx"
     example = recipe.sample_inputs(torch.Generator().manual_seed(0), 0)
     chatter = io.StringIO()
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" notes
+    for chatty in ("torch.onnx", "onnxscript", "onnx_ir"):  # "torchvision is not installed", constant-folding notes
+        logging.getLogger(chatty).setLevel(logging.ERROR)
     try:
         # The exporter prints progress lines and warnings of its own; our progress bar says enough.
         with warnings.catch_warnings(), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
