@@ -179,7 +179,9 @@ def settle_llm(job: LlmJob, requested: str, target: str, spec: QuantizeSpec, dir
         gate = judge((agreement.logits,), agreement.prompts * agreement.positions, spec.llm_gate)
         return ladder.record(Attempt(precision, scheme, gate=gate, agreement=agreement))
 
-    if requested == "int8":
+    # MatMulNBits is an ONNX Runtime contrib op that TensorRT cannot parse: on that target an INT8
+    # request settles on FP16 (a block-wise Q/DQ weight-only graph would be TensorRT's INT8 form).
+    if requested == "int8" and target != "tensorrt":
         # Fastest first: int8 compute, then float compute of the same weights, then smaller blocks.
         for block, level in dict.fromkeys(((spec.llm_block_size, 4), (spec.llm_block_size, 0), (16, 0))):
             path = ladder.candidate()
