@@ -68,7 +68,9 @@ class TritonSpec:
     max_batch_size: int = 8  # encoders: images/clips batched together across requests
     dynamic_batching: bool = True
     max_queue_delay_us: int = 2000
-    response_cache: bool = False
+    # Which client entry points to build: `ensemble` (unary) and/or `ensemble_stream` (decoupled).
+    # Each has its own decode model holding its own copy of the LLM weights: build one to halve that.
+    entry_points: Literal["both", "unary", "streaming"] = "both"
     # target onnxruntime: run the encoders through ORT's TensorRT execution provider on a GPU
     ort_tensorrt_accelerator: bool = False
 

@@ -109,3 +109,14 @@ def test_config_dims_must_agree_with_the_graph(built_repository, tmp_path):
     wrong = dataclasses.replace(good, inputs=(Tensor("pixel_values", "TYPE_FP32", (-1, 3, 224, 224)),))
     with pytest.raises(BuildError, match=r"config pixel_values dims \[-1, 3, 224, 224\] disagree with the graph's \[-1, 3, 64, 64\]"):
         check_graph_signature(wrong)
+
+
+@pytest.mark.parametrize(("entry_points", "expected"), [("unary", {"llm", "ensemble"}), ("streaming", {"llm_stream", "ensemble_stream"})])
+def test_one_entry_point_builds_one_decode_model(entry_points, expected, tiny_spec, tmp_path):
+    from builder.build import build
+    from tests.conftest import CACHE
+
+    spec = dataclasses.replace(tiny_spec, triton=dataclasses.replace(tiny_spec.triton, entry_points=entry_points))
+    build(spec, tmp_path / "repo", CACHE, progress=False)
+    names = {d.name for d, _ in _configs(tmp_path / "repo")}
+    assert names & {"llm", "llm_stream", "ensemble", "ensemble_stream"} == expected

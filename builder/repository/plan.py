@@ -137,8 +137,11 @@ def plan_repository(spec: BuildSpec, facts: ModelFacts, compiled: dict[str, Comp
     # A unary infer on a decoupled ensemble is refused, so unary and streaming clients get a decode
     # model each, from the same model.py. One model collecting the other's stream through BLS saved
     # the second copy of the weights, but crashed the calling stub under sustained load (a Python
-    # backend BLS bug, still open upstream), so each process holds its own copy of the LLM.
-    for name, decoupled in (("llm", False), ("llm_stream", True)):
+    # backend BLS bug, still open upstream), so each process holds its own copy of the LLM;
+    # `triton.entry_points` builds just one of them.
+    decode_models = {"unary": [("llm", False)], "streaming": [("llm_stream", True)]}
+    wanted = decode_models.get(triton.entry_points, decode_models["unary"] + decode_models["streaming"])
+    for name, decoupled in wanted:
         models.append(ModelPlan(
             name, "python_model.pbtxt.j2", inputs=(*llm_inputs, STREAM_INPUT) if decoupled else llm_inputs,
             outputs=ANSWER_OUTPUTS, python_model="llm",
@@ -168,14 +171,16 @@ def plan_repository(spec: BuildSpec, facts: ModelFacts, compiled: dict[str, Comp
     decode_inputs = {"input_ids": "_input_ids", "multimodal_embeds": "_multimodal_embeds",
                      "multimodal_mask": "_multimodal_mask", **{t.name: t.name for t in SAMPLING_INPUTS}}
     answer = {t.name: t.name for t in ANSWER_OUTPUTS}
-    models.append(ModelPlan(
-        "ensemble", "ensemble.pbtxt.j2", inputs=client_inputs, outputs=ANSWER_OUTPUTS,
-        steps=(*front, EnsembleStep("llm", decode_inputs, answer)),
-    ))
-    models.append(ModelPlan(
-        "ensemble_stream", "ensemble.pbtxt.j2", inputs=(*client_inputs, STREAM_INPUT), outputs=ANSWER_OUTPUTS,
-        steps=(*front, EnsembleStep("llm_stream", {**decode_inputs, "stream": "stream"}, answer)), decoupled=True,
-    ))
+    if triton.entry_points != "streaming":
+        models.append(ModelPlan(
+            "ensemble", "ensemble.pbtxt.j2", inputs=client_inputs, outputs=ANSWER_OUTPUTS,
+            steps=(*front, EnsembleStep("llm", decode_inputs, answer)),
+        ))
+    if triton.entry_points != "unary":
+        models.append(ModelPlan(
+            "ensemble_stream", "ensemble.pbtxt.j2", inputs=(*client_inputs, STREAM_INPUT), outputs=ANSWER_OUTPUTS,
+            steps=(*front, EnsembleStep("llm_stream", {**decode_inputs, "stream": "stream"}, answer)), decoupled=True,
+        ))
     return models
 
 
