@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,13 +92,11 @@ def build(spec: BuildSpec, output: Path, cache_dir: Path, progress: bool = True)
                                quantization=settled[c])
         for c, g in exported.items()
     }
-    with staging_directory(output) as staging:
-        shared = _shared_files(source.checkpoint, facts, staging)
+    with staging_directory(output) as staging, tempfile.TemporaryDirectory() as scratch:
+        shared = _shared_files(source.checkpoint, facts, Path(scratch))
         plans = plan_repository(spec, facts, compiled, shared)
         assemble_repository(plans, staging, _manifest(spec, repo_key, source.fingerprint, compiled))
         write_report(staging / "build_report.md", spec, compiled)
-        for name in shared.values():
-            name.unlink()
         publish(staging, output)
     return BuildResult(output, tuple(rebuilt), tuple(c for c in components if c not in rebuilt), True,
                        time.perf_counter() - started)
@@ -126,12 +126,11 @@ def _export(source: SourceModel, spec: BuildSpec, component: str, cache: StageCa
     return cache.entry("export", component, key)
 
 
-def _shared_files(checkpoint: Path, facts: ModelFacts, staging: Path) -> dict[str, Path]:
-    facts_path = staging / "model_facts.json"
-    facts.save(facts_path)
-    tokenizer = staging / "tokenizer.json"
-    tokenizer.write_bytes((checkpoint / "tokenizer.json").read_bytes())
-    return {"model_facts.json": facts_path, "tokenizer.json": tokenizer}
+def _shared_files(checkpoint: Path, facts: ModelFacts, scratch: Path) -> dict[str, Path]:
+    """The files several models carry; copied, so the repository never shares an inode with the checkpoint."""
+    facts.save(scratch / "model_facts.json")
+    shutil.copyfile(checkpoint / "tokenizer.json", scratch / "tokenizer.json")
+    return {"model_facts.json": scratch / "model_facts.json", "tokenizer.json": scratch / "tokenizer.json"}
 
 
 def _manifest(spec: BuildSpec, repo_key: str, source_fingerprint: str, compiled: dict[str, CompiledModel]) -> dict:

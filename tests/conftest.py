@@ -16,11 +16,8 @@ from PIL import Image
 
 from builder.build import build
 from builder.cache import StageCache
-from builder.runtime.audio import AudioLimits
-from builder.runtime.image import ImageLimits
-from builder.runtime.model_facts import ModelFacts
-from builder.runtime.preprocess import Preprocessor, RequestLimits
-from builder.runtime.text import load_tokenizer
+from builder.bench.baselines import load_preprocessor
+from builder.runtime.preprocess import Preprocessor
 from builder.source.checkpoint import SourceModel, load_checkpoint
 from builder.source.resolve import resolve_source
 from builder.spec import BuildSpec, load_spec
@@ -75,15 +72,7 @@ def source_model(tiny_spec: BuildSpec) -> SourceModel:
 @pytest.fixture(scope="session")
 def preprocessor(built_repository: Path, tiny_spec: BuildSpec) -> Preprocessor:
     """The server's own preprocessing, in-process: the reference sees the same tensors."""
-    lim = tiny_spec.limits
-    limits = RequestLimits(
-        max_images=lim.max_images,
-        image=ImageLimits(lim.max_image_bytes, lim.max_image_pixels),
-        audio=AudioLimits(lim.max_audio_bytes, lim.max_audio_clips),
-        max_prompt_tokens=lim.max_prompt_tokens,
-    )
-    directory = built_repository / "preprocess" / "1"
-    return Preprocessor(ModelFacts.load(directory / "model_facts.json"), load_tokenizer(str(directory / "tokenizer.json")), limits)
+    return load_preprocessor(built_repository, tiny_spec.limits)
 
 
 @pytest.fixture(scope="session")

@@ -17,9 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from builder.bench.inputs import Case
-from builder.runtime.audio import AudioLimits
 from builder.runtime.generation import LanguageModelRunner, SamplingParams
-from builder.runtime.image import ImageLimits
 from builder.runtime.model_facts import ModelFacts
 from builder.runtime.preprocess import Preprocessor, RequestLimits, fuse_embeddings
 from builder.runtime.text import load_tokenizer
@@ -37,14 +35,8 @@ class Timed:
 def load_preprocessor(repository: Path, limits: LimitsSpec) -> Preprocessor:
     """The ``preprocess`` model's work with the build's limits, from the repository's own files."""
     directory = repository / "preprocess" / "1"
-    request_limits = RequestLimits(
-        max_images=limits.max_images,
-        image=ImageLimits(limits.max_image_bytes, limits.max_image_pixels),
-        audio=AudioLimits(limits.max_audio_bytes, limits.max_audio_clips),
-        max_prompt_tokens=limits.max_prompt_tokens,
-    )
     facts = ModelFacts.load(directory / "model_facts.json")
-    return Preprocessor(facts, load_tokenizer(str(directory / "tokenizer.json")), request_limits)
+    return Preprocessor(facts, load_tokenizer(str(directory / "tokenizer.json")), RequestLimits.from_spec(limits))
 
 
 class InProcessPipeline:

@@ -13,9 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from builder.errors import BuildError
-from builder.runtime.audio import AudioLimits
 from builder.runtime.errors import RequestError
-from builder.runtime.image import ImageLimits
 from builder.runtime.model_facts import ModelFacts
 from builder.runtime.preprocess import ModelInputs, Preprocessor, RequestLimits
 from builder.runtime.text import load_tokenizer
@@ -89,12 +87,7 @@ def calibration_files(spec: BuildSpec, with_audio: bool) -> CalibrationFiles:
 
 
 def server_preprocessor(spec: BuildSpec, facts: ModelFacts, tokenizer_path: Path) -> Preprocessor:
-    lim = spec.limits
-    limits = RequestLimits(
-        max_images=lim.max_images, image=ImageLimits(lim.max_image_bytes, lim.max_image_pixels),
-        audio=AudioLimits(lim.max_audio_bytes, lim.max_audio_clips), max_prompt_tokens=lim.max_prompt_tokens,
-        vision_enabled=True, audio_enabled=facts.num_mel_bins > 0,
-    )
+    limits = RequestLimits.from_spec(spec.limits, audio_enabled=facts.num_mel_bins > 0)
     return Preprocessor(facts, load_tokenizer(str(tokenizer_path)), limits)
 
 

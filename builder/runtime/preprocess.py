@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -15,6 +16,9 @@ from builder.runtime.image import ImageLimits, decode_image, image_to_pixels
 from builder.runtime.model_facts import ModelFacts
 from builder.runtime.text import encode_text
 
+if TYPE_CHECKING:  # the spec is build-side; serving renders its limits into config parameters
+    from builder.spec import LimitsSpec
+
 
 @dataclass(frozen=True)
 class RequestLimits:
@@ -24,6 +28,15 @@ class RequestLimits:
     max_prompt_tokens: int
     vision_enabled: bool = True
     audio_enabled: bool = True
+
+    @classmethod
+    def from_spec(cls, limits: "LimitsSpec", audio_enabled: bool = True) -> "RequestLimits":
+        """The limits the build renders into the ``preprocess`` model, for preprocessing in-process."""
+        return cls(
+            max_images=limits.max_images, image=ImageLimits(limits.max_image_bytes, limits.max_image_pixels),
+            audio=AudioLimits(limits.max_audio_bytes, limits.max_audio_clips),
+            max_prompt_tokens=limits.max_prompt_tokens, audio_enabled=audio_enabled,
+        )
 
 
 @dataclass(frozen=True)
