@@ -55,8 +55,9 @@ def held_by_process(server_pid: int) -> dict[str, int]:
 
 
 def serve_and_measure(repository: Path, entry_points: str, log: Path) -> dict[str, int]:
-    from builder.serve.tritonserver import TritonServer
     import tritonclient.grpc as grpcclient
+
+    from builder.serve.tritonserver import TritonServer
 
     with TritonServer(repository, log_path=log) as server:
         with grpcclient.InferenceServerClient(server.grpc_url) as client:  # every decode model has run

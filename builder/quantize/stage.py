@@ -62,7 +62,8 @@ def quantize_components(
         settled, result = _gate(stage, spec, facts, files)
         with cache.writer("pipeline", "gate", gate_key) as tmp:
             (tmp / "pipeline.json").write_text(json.dumps(result.to_json(), indent=2))
-    tqdm.write(f"pipeline gate ({result.cpu}): {result.figures.summary()}")
+    chosen = ", ".join(f"{c} {s.precision}" + (f" ({s.final.label()})" if s.precision == "int8" else "") for c, s in settled.items())
+    tqdm.write(f"pipeline gate ({result.cpu}): settled on {chosen}; {result.figures.summary()}")
     return settled, result
 
 
