@@ -19,10 +19,11 @@ from builder.compile.artifacts import CompiledModel
 from builder.compile.targets import prepare_target
 from builder.errors import BuildError
 from builder.export.onnx_export import ExportedGraph, load_exported
+from builder.export.precision import ExportDtype, export_dtype
 from builder.families import family_for
 from builder.quantize.calibration_data import calibration_files
 from builder.quantize.pipeline import PipelineResult
-from builder.quantize.stage import quantize_components, quantize_key
+from builder.quantize.stage import is_quantized, quantize_components, quantize_key
 from builder.repository.assemble import assemble_repository
 from builder.repository.plan import plan_repository
 from builder.repository.publish import publish, staging_directory
@@ -70,9 +71,11 @@ def build(spec: BuildSpec, output: Path, cache_dir: Path, progress: bool = True)
     facts = _served_facts(spec, read_facts(source.checkpoint))
     target = dataclasses.replace(target, image=facts.image)
     components = [c for c in ("vision_encoder", "audio_encoder", "llm") if c == "llm" or _media(facts, c) is not None]
-    keys = {c: _export_key(spec, c, source.fingerprint) for c in components}
     precisions = {c: getattr(spec.components, _SPEC_COMPONENT[c]).precision for c in components}
-    files = calibration_files(spec, "audio_encoder" in components) if set(precisions.values()) != {"fp32"} else None
+    dtypes = {c: export_dtype(p) for c, p in precisions.items()}
+    keys = {c: _export_key(spec, c, dtypes[c], source.fingerprint) for c in components}
+    quantized = any(map(is_quantized, precisions.values()))
+    files = calibration_files(spec, "audio_encoder" in components) if quantized else None
     quantize_keys = {c: quantize_key(spec, keys[c], precisions[c], files) for c in components}
     repo_key = make_key(quantize_keys, spec.target, spec.section("limits"), spec.section("triton"),
                         code_fingerprint("repository", "runtime", "compile", "families", "source"), _templates_fingerprint(),
@@ -89,16 +92,16 @@ def build(spec: BuildSpec, output: Path, cache_dir: Path, progress: bool = True)
     loaded: SourceModel | None = None
     preflight = None
     if any(cache.lookup("export", c, keys[c]) is None for c in components):  # the checkpoint will be loaded
-        preflight = estimate(weight_files, cache_dir, extra_copy=set(precisions.values()) != {"fp32"})
+        preflight = estimate(weight_files, cache_dir, dtypes["llm"], extra_copy=quantized)
         preflight.check()
         if progress:
             tqdm.write(f"pre-flight: {preflight.summary()}")
     for component in tqdm(components, desc="export + parity", unit="graph", disable=not progress):
         entry = cache.lookup("export", component, keys[component])
         if entry is None:
-            if loaded is None:
-                loaded = load_checkpoint(source.checkpoint)
-            entry = _export(loaded, spec, component, cache, keys[component])
+            if loaded is None:  # in the LLM's dtype: it holds nearly all the weights
+                loaded = load_checkpoint(source.checkpoint, dtypes["llm"])
+            entry = _export(loaded, spec, component, dtypes[component], cache, keys[component])
         exported[component] = load_exported(entry)
 
     with staging_directory(output) as staging, tempfile.TemporaryDirectory() as scratch:
@@ -131,20 +134,20 @@ def _media(facts: ModelFacts, component: str) -> object | None:
     return facts.image if component == "vision_encoder" else facts.audio
 
 
-def _export_key(spec: BuildSpec, component: str, source_fingerprint: str) -> str:
+def _export_key(spec: BuildSpec, component: str, dtype: str, source_fingerprint: str) -> str:
     limits = {k: getattr(spec.limits, k) for k in _COMPONENT_LIMITS[component]}
     return make_key(
-        component, source_fingerprint, spec.section("export"), limits, tool_versions(),
+        component, dtype, source_fingerprint, spec.section("export"), limits, tool_versions(),
         code_fingerprint("export", "source", "families"),
     )
 
 
-def _export(source: SourceModel, spec: BuildSpec, component: str, cache: StageCache, key: str) -> Path:
+def _export(source: SourceModel, spec: BuildSpec, component: str, dtype: ExportDtype, cache: StageCache, key: str) -> Path:
     from builder.export.onnx_export import export_graph
 
     (recipe,) = family_for(source.directory).recipes(source, spec.limits, [component])
     with cache.writer("export", component, key) as tmp:
-        export_graph(recipe, tmp, spec.export)
+        export_graph(recipe, tmp, spec.export, dtype)
     return cache.entry("export", component, key)
 
 

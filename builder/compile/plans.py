@@ -9,7 +9,6 @@ plan only loads in the TensorRT version that built it).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import sys
 from dataclasses import dataclass
@@ -52,14 +51,6 @@ class PlanRecord:
 def plan_record(device: Device, onnx_sha256: str, comparison: Comparison, path: Path) -> PlanRecord:
     return PlanRecord(device.plan_file, device.compute_capability, device.name, device.driver, device.tensorrt,
                       onnx_sha256, comparison, path)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def published_plans(repository: Path, component: str, model: str) -> list[PlanRecord]:

@@ -19,10 +19,11 @@ from typing import Any
 from builder.cache import StageCache, code_fingerprint, make_key
 from builder.compile.artifacts import CompiledModel, engine_model_name
 from builder.compile.compare import AccuracyGate, Comparison, Feeds, sample_feeds
-from builder.compile.plans import Device, carried_plans, file_sha256, plan_record, published_plans
+from builder.compile.plans import Device, carried_plans, plan_record, published_plans
 from builder.compile.profiles import Profile, check_profiles, check_request_fits, input_axes, profiles_for, request_ranges
 from builder.errors import BuildError
 from builder.export.onnx_export import ExportedGraph
+from builder.onnx_files import graph_sha256
 from builder.runtime.model_facts import ImageFacts
 from builder.spec import BuildSpec
 
@@ -52,7 +53,7 @@ class BuildTarget:
         profiles = profiles_for(component, spec, self.image)
         check_profiles(component, profiles, spec.triton.max_batch_size)  # llm: max_decode_batch
         check_request_fits(component, profiles, request_ranges(component, spec))
-        onnx_sha256 = file_sha256(graph.path)
+        onnx_sha256 = graph_sha256(graph.path)  # its weights too
         key = make_key(onnx_sha256, [dataclasses.asdict(p) for p in profiles], device.compute_capability,
                        device.tensorrt, spec.section("tensorrt"), spec.section("quantize"), code_fingerprint("compile"))
         entry = self.cache.lookup("tensorrt", component, key)

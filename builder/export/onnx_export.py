@@ -15,7 +15,9 @@ import torch
 
 from builder.errors import BuildError
 from builder.export.parity import ParityResult, check_parity
+from builder.export.precision import ExportDtype, cast_weights
 from builder.export.recipes import ExportRecipe
+from builder.onnx_files import EXTERNAL_DATA_THRESHOLD
 from builder.spec import ExportSpec
 
 _ELEM_TYPES = {
@@ -54,9 +56,10 @@ def graph_signature(path: Path) -> tuple[tuple[TensorSig, ...], tuple[TensorSig,
     return tuple(map(sig, model.graph.input)), tuple(map(sig, model.graph.output))
 
 
-def export_graph(recipe: ExportRecipe, directory: Path, spec: ExportSpec) -> ExportedGraph:
-    """Exports ``recipe`` into ``directory/model.onnx`` and records the parity check in ``export.json``."""
+def export_graph(recipe: ExportRecipe, directory: Path, spec: ExportSpec, dtype: ExportDtype = "float32") -> ExportedGraph:
+    """Exports ``recipe`` in ``dtype`` into ``directory/model.onnx`` and records the parity check in ``export.json``."""
     path = directory / "model.onnx"
+    cast_weights(recipe.module, dtype)
     example = recipe.sample_inputs(torch.Generator().manual_seed(0), 0)
     chatter = io.StringIO()
     for chatty in ("torch.onnx", "onnxscript", "onnx_ir"):  # "torchvision is not installed", constant-folding notes
@@ -72,7 +75,8 @@ def export_graph(recipe: ExportRecipe, directory: Path, spec: ExportSpec) -> Exp
             )
     except Exception as exc:  # the exporter raises many types; all mean the same to the user
         raise BuildError(f"{recipe.component}: ONNX export failed: {str(exc).splitlines()[0]}") from exc
-    parity = check_parity(recipe, path, spec.parity_samples, spec.atol, spec.rtol)
+    cosine_gate = spec.fp16_min_cosine if dtype == "float16" else None
+    parity = check_parity(recipe, path, spec.parity_samples, spec.atol, spec.rtol, cosine_gate=cosine_gate)
     inputs, outputs = graph_signature(path)
     exported = ExportedGraph(recipe.component, path, inputs, outputs, parity)
     (directory / "export.json").write_text(json.dumps(_to_json(exported), indent=2))
@@ -103,5 +107,4 @@ def _dynamic_shapes_by_position(recipe: ExportRecipe) -> tuple:
 
 
 def _needs_external_data(module: torch.nn.Module) -> bool:
-    size = sum(p.numel() * p.element_size() for p in module.parameters())
-    return size > 1_800_000_000  # protobuf's 2 GB limit, with room for the graph itself
+    return sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_THRESHOLD

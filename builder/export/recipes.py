@@ -68,6 +68,7 @@ def kv_names(prefix: str, num_layers: int) -> list[str]:
 def llm_recipe(source: SourceModel, limits: LimitsSpec) -> ExportRecipe:
     facts = source.facts
     layers = facts.num_layers
+    module = LanguageModel(source.model).eval()
 
     def sample(gen: torch.Generator, variant: int) -> tuple[torch.Tensor, ...]:
         # variant 0: a batch-2 prefill after a short past; others alternate prefill and decode shapes.
@@ -77,7 +78,9 @@ def llm_recipe(source: SourceModel, limits: LimitsSpec) -> ExportRecipe:
         mask = torch.rand(batch, seq, generator=gen) > 0.5
         attention = torch.ones(batch, past + seq, dtype=torch.long)
         positions = torch.arange(past, past + seq).unsqueeze(0).repeat(batch, 1)
-        cache = [torch.randn(batch, facts.num_kv_heads, past, facts.head_dim, generator=gen) for _ in range(2 * layers)]
+        kv_dtype = module.lm_head.weight.dtype  # at call time: the export casts the weights first
+        cache = [torch.randn(batch, facts.num_kv_heads, past, facts.head_dim, generator=gen).to(kv_dtype)
+                 for _ in range(2 * layers)]
         return (ids, embeds, mask, attention, positions, *cache)
 
     batch = Dim("batch", min=1, max=256)
@@ -94,6 +97,6 @@ def llm_recipe(source: SourceModel, limits: LimitsSpec) -> ExportRecipe:
     }
     inputs = ["input_ids", "multimodal_embeds", "multimodal_mask", "attention_mask", "position_ids"]
     return ExportRecipe(
-        "llm", LanguageModel(source.model).eval(), inputs + kv_names("past_key_values", layers),
+        "llm", module, inputs + kv_names("past_key_values", layers),
         ["logits"] + kv_names("present", layers), dynamic, sample,
     )

@@ -30,7 +30,7 @@ class VisionEncoder(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         tower, projector = self.tower, self.projector
-        patches = tower.patch_conv(pixel_values)  # [N, C, h, w]
+        patches = tower.patch_conv(pixel_values.to(tower.patch_conv.weight.dtype))  # [N, C, h, w]
         n, c, h, w = patches.shape
         embeds = tower.ln_pre(patches.flatten(2).transpose(1, 2))  # [N, h*w, C]
         # HF's 2-D positions (row, column) per patch; meshgrid keeps both sides symbolic in the export.
@@ -47,7 +47,7 @@ class VisionEncoder(nn.Module):
         grid = features.transpose(1, 2).reshape(n, c, h, w)
         merged = nn.functional.unfold(grid, kernel_size=self.merge, stride=self.merge)  # [N, C*m*m, L]
         merged = projector.patch_merger.merging_layer(merged.transpose(1, 2))
-        return projector.linear_2(projector.act(projector.linear_1(merged)))
+        return projector.linear_2(projector.act(projector.linear_1(merged))).float()  # FP32 out, whatever the weights
 
 
 class AudioEncoder(nn.Module):
@@ -59,8 +59,9 @@ class AudioEncoder(nn.Module):
         self.projector = projector
 
     def forward(self, input_features: torch.Tensor) -> torch.Tensor:
-        embeds = audio_embeddings(self.tower, self.projector, input_features)
-        return embeds.reshape(input_features.shape[0], -1, embeds.shape[-1])
+        dtype = next(self.tower.parameters()).dtype
+        embeds = audio_embeddings(self.tower, self.projector, input_features.to(dtype))
+        return embeds.reshape(input_features.shape[0], -1, embeds.shape[-1]).float()
 
 
 class LanguageModel(nn.Module):
@@ -97,7 +98,7 @@ class LanguageModel(nn.Module):
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=cache, use_cache=True, return_dict=True,
         )
-        logits = self.lm_head(out.last_hidden_state[:, -1, :])
+        logits = self.lm_head(out.last_hidden_state[:, -1, :]).float()  # the KV cache alone is in the weights' dtype
         present = []
         for layer in range(self.num_layers):
             present += [out.past_key_values.layers[layer].keys, out.past_key_values.layers[layer].values]

@@ -41,8 +41,8 @@ class Family(ABC):
         """From config.json, tokenizer and processor files alone (no weights loaded)."""
 
     @abstractmethod
-    def load(self, directory: Path) -> SourceModel:
-        """The checkpoint's modules, weights checked against its config."""
+    def load(self, directory: Path, dtype: str = "float32") -> SourceModel:
+        """The checkpoint's modules in ``dtype`` (a torch dtype's name), weights checked against its config."""
 
     @abstractmethod
     def recipes(self, source: SourceModel, limits: "LimitsSpec", components: list[str]) -> list["ExportRecipe"]:

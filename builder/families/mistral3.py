@@ -133,7 +133,7 @@ class Mistral3(Family):
             audio=audio,
         )
 
-    def load(self, directory: Path) -> SourceModel:
+    def load(self, directory: Path, dtype: str = "float32") -> SourceModel:
         import torch
         from transformers import Mistral3Config, Mistral3ForConditionalGeneration
         from transformers.utils import logging as hf_logging
@@ -145,7 +145,7 @@ class Mistral3(Family):
         try:
             model, info = Mistral3ForConditionalGeneration.from_pretrained(
                 directory, config=config, use_safetensors=True, trust_remote_code=False,
-                output_loading_info=True, dtype=torch.float32,
+                output_loading_info=True, dtype=getattr(torch, dtype),
             )
         except (RuntimeError, ValueError, OSError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -13,7 +13,8 @@ from pathlib import Path
 import onnx
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
+from builder.onnx_files import save_onnx
+
 
 def convert_fp16(fp32: Path, output: Path) -> None:
-    model = convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True, disable_shape_infer=True)
-    onnx.save(model, str(output))
+    save_onnx(convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True, disable_shape_infer=True), output)

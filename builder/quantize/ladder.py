@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from builder.errors import BuildError
+from builder.onnx_files import move_onnx, remove_onnx
 from builder.quantize.agreement import Agreement, FusedPrompt, teacher_forced
 from builder.quantize.fp16 import convert_fp16
 from builder.quantize.gate import GateResult, OutputFigures, judge, measure, session
@@ -172,7 +173,7 @@ def settle_encoder(job: EncoderJob, requested: str, target: str, spec: QuantizeS
         nodes = most_sensitive_nodes(best_path, weight_nodes(job.fp32, LAYOUTS[target].op_types), reader, spec.exclude_nodes)
         if int8(method, nodes):
             return _settled(job.component, requested, ladder, len(job.calibration), len(job.holdout))
-    if requested == "fp16" or target == "tensorrt":
+    if target == "tensorrt":  # INT8 failed: FP16 before FP32 on a GPU
         path = ladder.candidate()
         convert_fp16(job.fp32, path)
         if ladder.record(Attempt("fp16", "fp16", gate=gated(path))):
@@ -206,7 +207,7 @@ def settle_llm(job: LlmJob, requested: str, target: str, spec: QuantizeSpec, dir
             compute = "int8" if level == 4 else "float"
             if gated("int8", f"weight-only block {block}, {compute} compute", path):
                 return _settled("llm", requested, ladder, 0, len(job.prompts))
-    if requested == "fp16" or target == "tensorrt":
+    if target == "tensorrt":  # INT8 failed: FP16 before FP32 on a GPU
         path = ladder.candidate()
         convert_fp16(job.fp32, path)
         if gated("fp16", "fp16", path):
@@ -219,9 +220,9 @@ def _settled(component: str, requested: str, ladder: _Ladder, calibration: int, 
     """Keeps the passing candidate as ``model.onnx`` (FP32: the export's own file) and drops the rest."""
     final = ladder.directory / "model.onnx"
     if fp32 is None:
-        (ladder.directory / f"candidate-{len(ladder.attempts) - 1}.onnx").rename(final)
+        move_onnx(ladder.directory / f"candidate-{len(ladder.attempts) - 1}.onnx", final)
     for rejected in ladder.directory.glob("candidate-*.onnx"):
-        rejected.unlink()
+        remove_onnx(rejected)
     attempts = tuple(ladder.attempts)
     settled = Settled(component, requested, attempts[-1].precision, fp32 or final, calibration, holdout, attempts)
     (ladder.directory / "quantize.json").write_text(json.dumps(settled.to_json(), indent=2))

@@ -33,6 +33,8 @@ import onnx
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
+from builder.onnx_files import data_files
+
 CALIBRATION_METHODS = {
     "minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile,
 }
@@ -85,6 +87,7 @@ def quantize_qdq(fp32: Path, output: Path, layout: QdqLayout, method: str, range
             nodes_to_quantize=nodes, per_channel=True, activation_type=layout.activation_type, weight_type=QuantType.QInt8,
             calibrate_method=CALIBRATION_METHODS[method], calibration_cache_path=str(ranges),
             extra_options={"ActivationSymmetric": layout.symmetric_activations, "WeightSymmetric": True},
+            use_external_data_format=bool(data_files(fp32)),  # written as <output>.data, as onnx_files expects
         )
 
 

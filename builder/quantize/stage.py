@@ -30,8 +30,13 @@ from builder.spec import BuildSpec
 _INPUTS = {"vision_encoder": "pixel_values", "audio_encoder": "input_features"}
 
 
+def is_quantized(precision: str) -> bool:
+    """Only INT8 is made here: FP32 and FP16 graphs are served as exported (FP16: see builder.export.precision)."""
+    return precision == "int8"
+
+
 def quantize_key(spec: BuildSpec, export_key: str, precision: str, files: CalibrationFiles | None) -> str:
-    if precision == "fp32":
+    if not is_quantized(precision):
         return export_key
     assert files is not None
     quantize = {k: v for k, v in spec.section("quantize").items() if k != "pipeline_gate"}  # the gate decides rungs, later
@@ -46,7 +51,7 @@ def quantize_components(
     """Components in FP32 pass through; the others are quantized (or read from the cache), then the whole
     pipeline is gated: while it fails, the component that costs most walks one rung down its ladder."""
     stage = _Stage(spec, facts, tokenizer, exported, precisions, export_keys, files, cache, progress)
-    if set(precisions.values()) == {"fp32"}:
+    if not any(map(is_quantized, precisions.values())):
         return {c: stage.settle(c, 0) for c in exported}, None
     assert files is not None
     # The CPU too: another machine's INT8 kernels round differently and may walk the ladders elsewhere.
@@ -77,7 +82,7 @@ def _gate(stage: "_Stage", spec: BuildSpec, facts: ModelFacts, files: Calibratio
     while True:
         current = {c: s.path for c, s in settled.items()}
         figures = measure_pipeline(reference, current, requests, facts, gate)
-        quantized = [c for c, s in settled.items() if s.precision != "fp32"]
+        quantized = [c for c, s in settled.items() if s.path != reference[c]]
         if figures.passed or not quantized:
             break
         if not spec.quantize.fallback:
@@ -118,8 +123,8 @@ class _Stage:
     def settle(self, component: str, rejected: int) -> Settled:
         """``rejected``: passing rungs the pipeline gate turned down; each count is its own cache entry."""
         spec, graph, precision = self.spec, self.exported[component], self.precisions[component]
-        if precision == "fp32":
-            return Settled(component, "fp32", "fp32", graph.path, 0, 0, ())
+        if not is_quantized(precision):
+            return Settled(component, precision, precision, graph.path, 0, 0, ())
         files, export_key = self.files, self.export_keys[component]
         assert files is not None
         key = quantize_key(spec, export_key, precision, files)

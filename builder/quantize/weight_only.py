@@ -26,6 +26,8 @@ from onnx import helper, numpy_helper
 from onnxruntime.quantization import QuantFormat
 from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
+from builder.onnx_files import save_onnx
+
 # Importing that module calls logging.basicConfig(level=INFO): every library's INFO lines would print.
 logging.getLogger().setLevel(logging.WARNING)
 
@@ -43,7 +45,7 @@ def quantize_weights_int8(fp32: Path, output: Path, block_size: int, accuracy_le
     quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32)), bits=bits, block_size=block_size, is_symmetric=True,
                                      accuracy_level=accuracy_level, algo_config=config)
     quantizer.process()
-    quantizer.model.save_model_to_file(str(output), use_external_data_format=False)
+    save_onnx(quantizer.model.model, output)
 
 
 def quantize_weights_int8_qdq(fp32: Path, output: Path, block_size: int | None) -> None:
@@ -69,7 +71,7 @@ def quantize_weights_int8_qdq(fp32: Path, output: Path, block_size: int | None) 
     nodes = [*dequantize, *model.graph.node]  # the weights' dequantization first: a topological order
     model.graph.ClearField("node")
     model.graph.node.extend(nodes)
-    onnx.save(model, str(output))
+    save_onnx(model, output)
 
 
 def _blockwise_int8(weight: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:

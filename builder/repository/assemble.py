@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
+from builder.onnx_files import copy_onnx, link_or_copy
 from builder.repository.plan import ModelPlan
 from builder.repository.render import parse_config, render_config
 from builder.repository.validate import check_ensembles, check_graph_signature
@@ -43,9 +43,10 @@ def assemble_repository(plans: list[ModelPlan], staging: Path, manifest: dict[st
             shutil.copyfile(PYTHON_MODELS / f"{plan.python_model}.py", version / "model.py")
             _copy_tree(RUNTIME, version / RUNTIME_PACKAGE)
         for name, source in plan.files.items():
-            _link_or_copy(source, version / name)
-            for extra in source.parent.glob(source.name + ".data"):  # ONNX external weights travel along
-                _link_or_copy(extra, version / extra.name)
+            if source.suffix == ".onnx":  # with its external weights, if any
+                copy_onnx(source, version / name)
+            else:
+                link_or_copy(source, version / name)
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
 
 
@@ -59,10 +60,3 @@ def _copy_tree(source: Path, target: Path) -> None:
         destination.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, destination)
 
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    # Graphs can be tens of GB: hard-link from the build cache when on the same filesystem.
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copyfile(source, target)

@@ -15,6 +15,7 @@ from builder.contract import (
     ANSWER_OUTPUTS, CLIENT_INPUTS, MEDIA_INPUTS, SAMPLING_INPUTS, STREAM_INPUT, STREAMING_ENSEMBLE, TEXT_INPUT,
     UNARY_ENSEMBLE, Tensor,
 )
+from builder.onnx_files import data_files
 from builder.runtime.model_facts import ModelFacts
 from builder.runtime.preprocess import RequestLimits
 from builder.spec import BuildSpec
@@ -162,10 +163,18 @@ def _engine_model(spec: BuildSpec, compiled: CompiledModel) -> ModelPlan:
         engine_model_name(compiled.component, spec.target), _ENGINE_TEMPLATES[spec.target],
         inputs=tuple(Tensor(sig.name, sig.data_type, sig.dims[1:]) for sig in graph.inputs),
         outputs=tuple(Tensor(sig.name, sig.data_type, sig.dims[1:]) for sig in graph.outputs),
-        files=compiled.files, max_batch_size=triton.max_batch_size, instances=triton.instances,
+        files=_backend_files(spec, compiled), max_batch_size=triton.max_batch_size, instances=triton.instances,
         dynamic_batching=triton.dynamic_batching, max_queue_delay_us=triton.max_queue_delay_us,
         serves=compiled, template_options=options,
     )
+
+
+def _backend_files(spec: BuildSpec, compiled: CompiledModel) -> dict[str, Path]:
+    """Triton's ONNX Runtime backend finds a graph's external weights only when ``model.onnx`` is a
+    directory holding the graph and its data; a graph in one file stays a file."""
+    if spec.target == "onnxruntime" and data_files(compiled.path):
+        return {"model.onnx/model.onnx": compiled.path}
+    return compiled.files
 
 
 def _llm_runner(compiled: CompiledModel) -> dict[str, str]:

@@ -138,7 +138,10 @@ class LanguageModelRunner(GenerateOne):
         options.intra_op_num_threads = intra_op_threads
         self.session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
         self.facts = facts
-        self.kv_inputs = [i.name for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+        kv = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+        self.kv_inputs = [i.name for i in kv]
+        # The cache is in the graph's weight dtype (FP16 for an FP16 build), every other tensor FP32.
+        self.kv_dtype = np.float16 if kv and kv[0].type == "tensor(float16)" else np.float32
         self.kv_outputs = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
 
     def start(
@@ -150,7 +153,7 @@ class LanguageModelRunner(GenerateOne):
         stop_ids: frozenset[int] = frozenset(),
     ) -> Sequence:
         facts = self.facts
-        empty_kv = np.zeros((1, facts.num_kv_heads, 0, facts.head_dim), dtype=np.float32)
+        empty_kv = np.zeros((1, facts.num_kv_heads, 0, facts.head_dim), dtype=self.kv_dtype)
         length = int(input_ids.size)
         feeds = {
             "input_ids": input_ids[None].astype(np.int64),
@@ -168,7 +171,8 @@ class LanguageModelRunner(GenerateOne):
         facts = self.facts
         batch, longest = len(sequences), max(s.length for s in sequences)
         attention = np.zeros((batch, longest + 1), dtype=np.int64)
-        past = {name: np.zeros((batch, facts.num_kv_heads, longest, facts.head_dim), dtype=np.float32) for name in self.kv_inputs}
+        past = {name: np.zeros((batch, facts.num_kv_heads, longest, facts.head_dim), dtype=self.kv_dtype)
+                for name in self.kv_inputs}
         for row, seq in enumerate(sequences):
             pad = longest - seq.length
             attention[row, pad:] = 1

@@ -19,9 +19,10 @@ from builder.runtime.model_facts import ModelFacts
 __all__ = ["SourceModel", "check_checkpoint_files", "load_checkpoint", "read_facts"]
 
 
-def load_checkpoint(directory: Path) -> SourceModel:
+def load_checkpoint(directory: Path, dtype: str = "float32") -> SourceModel:
+    """``dtype``: what the weights are cast to as they load (a BF16 checkpoint never exists in FP32 for an FP16 build)."""
     check_checkpoint_files(directory)
-    return family_for(directory).load(directory)
+    return family_for(directory).load(directory, dtype)
 
 
 def read_facts(directory: Path) -> ModelFacts:

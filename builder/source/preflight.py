@@ -1,8 +1,9 @@
 """Before loading a checkpoint: will the build fit this machine? Estimated from safetensors headers alone.
 
-The export loads the model in FP32 and torch.onnx holds about a second copy while it writes the
-graph: a 680M-parameter Mistral-3 (2.7 GB in FP32) peaked at 5.9 GB, 2.2x its FP32 bytes. Disk:
-each exported graph in FP32, once more for a quantized or FP16 copy.
+The export loads the model in the LLM's export dtype (FP32, or FP16 for an FP16 build) and
+torch.onnx holds about a second copy while it writes the graph: a 680M-parameter Mistral-3
+(2.7 GB in FP32) peaked at 5.9 GB, 2.2x its loaded bytes. Disk: each exported graph in that
+dtype, once more for a quantized copy.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from builder.errors import BuildError
 
-PEAK_RAM_PER_FP32_BYTE = 2.2  # measured: see the module docstring
+PEAK_RAM_PER_LOADED_BYTE = 2.2  # measured: see the module docstring
 BASE_RAM = 1_500_000_000  # Python, torch, transformers and onnxruntime themselves
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                 "F8_E4M3": 1, "F8_E5M2": 1}
@@ -62,18 +63,19 @@ def tensor_bytes(path: Path) -> tuple[int, int]:
     return count, size
 
 
-def estimate(weight_files: list[Path], cache_dir: Path, extra_copy: bool) -> Preflight:
-    """``extra_copy``: some component is quantized or FP16, so its graph is written twice."""
+def estimate(weight_files: list[Path], cache_dir: Path, dtype: str, extra_copy: bool) -> Preflight:
+    """``dtype``: what the weights load as (float32, float16); ``extra_copy``: some component is quantized,
+    so its graph is written twice."""
     parameters = stored = 0
     for path in weight_files:
         count, size = tensor_bytes(path)
         parameters, stored = parameters + count, stored + size
-    fp32 = 4 * parameters
+    loaded = parameters * {"float32": 4, "float16": 2}[dtype]
     existing = cache_dir if cache_dir.exists() else cache_dir.resolve().parent
     return Preflight(
         parameters=parameters, checkpoint_bytes=stored,
-        peak_ram=int(PEAK_RAM_PER_FP32_BYTE * fp32 + BASE_RAM),
-        disk=fp32 * (2 if extra_copy else 1),
+        peak_ram=int(PEAK_RAM_PER_LOADED_BYTE * loaded + BASE_RAM),
+        disk=loaded * (2 if extra_copy else 1),
         available_ram=_available_ram(), free_disk=shutil.disk_usage(existing).free,
     )
 

@@ -108,7 +108,12 @@ def write_tiny_checkpoint(directory: Path, seed: int = 0) -> Path:
     weights.update({f"audio_tower.{k}": v.contiguous() for k, v in audio_tower.state_dict().items()})
     weights.update({f"audio_projector.{k}": v.contiguous() for k, v in audio_projector.state_dict().items()})
     save_file(weights, weights_path, metadata={"format": "pt"})
+    write_tokenizer_and_processor(directory, config)
+    return directory
 
+
+def write_tokenizer_and_processor(directory: Path, config: Mistral3Config) -> None:
+    """The preset's tokenizer and chat template, and the Pixtral processor files for ``config``'s vision tower."""
     tokenizer = tiny_tokenizer()
     tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE  # Mistral's layout, with [AUDIO] for audio items
     tokenizer.save_pretrained(directory)
@@ -123,4 +128,3 @@ def write_tiny_checkpoint(directory: Path, seed: int = 0) -> Path:
         "spatial_merge_size": config.spatial_merge_size, "image_token": "[IMG]",
         "image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]",
     }, indent=2))
-    return directory
