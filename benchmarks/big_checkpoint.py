@@ -91,20 +91,24 @@ def main() -> None:
             "build_s": round(seconds, 1), "peak_ram_gb": round(peak / 1e9, 2), "preflight_ram_gb": round(estimate / 1e9, 2),
             "llm_parity_cos": round(parity["min_cosine"], 6), "checkpoint_write_s": round(written, 1),
         }
+        write_results(row, args.output)  # the build's figures stand even if serving fails
         if args.serve:
             row.update(serve(repository, work))
-
-    args.output.mkdir(parents=True, exist_ok=True)
-    with (args.output / "big_checkpoint.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(row))
-        writer.writeheader()
-        writer.writerow(row)
+            write_results(row, args.output)
     print(f"machine: {machine()}")
     print("| " + " | ".join(row) + " |")
     print("|" + "---|" * len(row))
     print("| " + " | ".join(str(v) for v in row.values()) + " |")
     print(f"peak RAM {row['peak_ram_gb']} GB vs pre-flight estimate {row['preflight_ram_gb']} GB "
           f"({row['peak_ram_gb'] / row['preflight_ram_gb']:.0%} of it); results in {args.output}")
+
+
+def write_results(row: dict, output: Path) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    with (output / "big_checkpoint.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(row))
+        writer.writeheader()
+        writer.writerow(row)
 
 
 def serve(repository: Path, work: Path) -> dict[str, float]:

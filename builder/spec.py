@@ -69,7 +69,7 @@ class TritonSpec:
     dynamic_batching: bool = True
     max_queue_delay_us: int = 2000
     # Which client entry points to build: `ensemble` (unary) and/or `ensemble_stream` (decoupled).
-    # Each has its own decode model holding its own copy of the LLM weights: build one to halve that.
+    # Either way the LLM's weights are held once, by `llm`.
     entry_points: Literal["both", "unary", "streaming"] = "both"
     # target onnxruntime: run the encoders through ORT's TensorRT execution provider on a GPU
     ort_tensorrt_accelerator: bool = False

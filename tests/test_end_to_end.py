@@ -55,7 +55,9 @@ def test_streaming_yields_the_unary_tokens(case, client):
     request = Request(**{**CASES[case].__dict__, "max_tokens": 16})
     unary = ask(client, request)
     chunks = list(ask_stream(client, request))
-    assert len(chunks) >= 16  # one response per token, as they are produced
+    # Streamed as produced: the first token on its own, then every token chosen since the previous
+    # response (on this tiny model a step is faster than a response's round trip, so they bundle).
+    assert len(chunks) >= 2 and len(chunks[0][1]) == 1
     assert [t for _, ids in chunks for t in ids] == unary.token_ids
     assert "".join(text for text, _ in chunks) == unary.text
 

@@ -28,11 +28,8 @@ def manifest(repository: Path) -> dict:
 
 
 def served_graphs(repository: Path) -> dict[str, Path]:
-    """component -> the graph the repository serves; the LLM's weights sit in whichever decode model holds
-    them (llm or llm_stream, by the entry points built)."""
-    llm = next(path for name in ("llm", "llm_stream") if (path := repository / name / "1" / "model.onnx").exists())
-    return {"vision_encoder": repository / "vision_encoder" / "1" / "model.onnx",
-            "audio_encoder": repository / "audio_encoder" / "1" / "model.onnx", "llm": llm}
+    """component -> the graph the repository serves."""
+    return {name: repository / name / "1" / "model.onnx" for name in ("vision_encoder", "audio_encoder", "llm")}
 
 
 def build_int8(output: Path, **overrides: object) -> Path:

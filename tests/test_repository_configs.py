@@ -118,8 +118,9 @@ def test_config_dims_must_agree_with_the_graph(built_repository, tmp_path):
         check_graph_signature(wrong)
 
 
-@pytest.mark.parametrize(("entry_points", "expected"), [("unary", {"llm", "ensemble"}), ("streaming", {"llm_stream", "ensemble_stream"})])
-def test_one_entry_point_builds_one_decode_model(entry_points, expected, tiny_spec, tmp_path):
+@pytest.mark.parametrize(("entry_points", "expected"),
+                         [("unary", {"llm", "ensemble"}), ("streaming", {"llm", "llm_stream", "ensemble_stream"})])
+def test_entry_points_decide_the_ensembles_and_llm_always_holds_the_weights(entry_points, expected, tiny_spec, tmp_path):
     from builder.build import build
     from tests.conftest import CACHE
 
@@ -127,3 +128,5 @@ def test_one_entry_point_builds_one_decode_model(entry_points, expected, tiny_sp
     build(spec, tmp_path / "repo", CACHE, progress=False)
     names = {d.name for d, _ in _configs(tmp_path / "repo")}
     assert names & {"llm", "llm_stream", "ensemble", "ensemble_stream"} == expected
+    assert (tmp_path / "repo" / "llm" / "1" / "model.onnx").is_file()
+    assert not (tmp_path / "repo" / "llm_stream" / "1" / "model.onnx").exists()  # one copy of the weights

@@ -6,6 +6,7 @@ Python decides here; the config text lives in ``templates/``. The plan is plain 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,11 @@ from builder.onnx_files import data_files
 from builder.runtime.model_facts import ModelFacts
 from builder.runtime.preprocess import RequestLimits
 from builder.spec import BuildSpec
+
+# Between `llm_stream` and `llm` only (mmtb_runtime.sessions): which session a call opens or polls,
+# and whether a poll's chunk ends the answer.
+SESSION_INPUT = Tensor("session", "TYPE_UINT64", (1,), optional=True)
+FINISHED_OUTPUT = Tensor("finished", "TYPE_BOOL", (1,))
 
 
 @dataclass(frozen=True)
@@ -106,25 +112,28 @@ def plan_repository(spec: BuildSpec, facts: ModelFacts, compiled: dict[str, Comp
         Tensor("multimodal_mask", "TYPE_BOOL", (-1,)),
         *SAMPLING_INPUTS,
     )
-    # A unary infer on a decoupled ensemble is refused, so unary and streaming clients get a decode
-    # model each, from the same model.py. One model forwarding to the other through BLS (the
-    # synchronous exec(decoupled=True)) saves the second copy of the weights, but its stubs died under
-    # the 10-minute soak on Triton 2.51 ("Stub process is not healthy"): 4 of 8 instances each blocked
-    # in one exec, or within 30 s a single instance running one exec per request on its own thread.
-    # So each decode model holds its own copy of the LLM; `triton.entry_points` builds just one of them.
-    decode_models = {"unary": [("llm", False)], "streaming": [("llm_stream", True)]}
-    wanted = decode_models.get(triton.entry_points, decode_models["unary"] + decode_models["streaming"])
-    for name, decoupled in wanted:
+    # One model holds the LLM's weights: `llm`. A unary infer on a decoupled ensemble is refused, so
+    # the streaming entry point has a decoupled `llm_stream` of its own, holding no weights: it opens
+    # a session on `llm` and polls it with plain BLS calls (mmtb_runtime.sessions). Its prompt inputs
+    # are optional on `llm` because a poll carries only the session.
+    models.append(ModelPlan(
+        "llm", "python_model.pbtxt.j2",
+        inputs=(*(dataclasses.replace(t, optional=True) for t in llm_inputs[:3]), *llm_inputs[3:], SESSION_INPUT),
+        outputs=(*ANSWER_OUTPUTS, FINISHED_OUTPUT), python_model="llm",
+        files={**compiled["llm"].files, **facts_file, "tokenizer.json": shared["tokenizer.json"]},
+        parameters={
+            "max_tokens": str(lim.max_tokens), "default_max_tokens": str(lim.default_max_tokens),
+            "max_context": str(lim.max_context), "max_decode_batch": str(triton.max_batch_size),
+            **_llm_runner(compiled["llm"]),
+        },
+        serves=compiled["llm"], adds_batch_axis=True, **per_model,
+    ))
+    if triton.entry_points != "unary":
+        # `execute` blocks for the stream it serves: one instance per sequence of a full decode batch.
         models.append(ModelPlan(
-            name, "python_model.pbtxt.j2", inputs=(*llm_inputs, STREAM_INPUT) if decoupled else llm_inputs,
-            outputs=ANSWER_OUTPUTS, python_model="llm",
-            files={**compiled["llm"].files, **facts_file, "tokenizer.json": shared["tokenizer.json"]},
-            parameters={
-                "max_tokens": str(lim.max_tokens), "default_max_tokens": str(lim.default_max_tokens),
-                "max_context": str(lim.max_context), "max_decode_batch": str(triton.max_batch_size),
-                **_llm_runner(compiled["llm"]),
-            },
-            decoupled=decoupled, serves=compiled["llm"], adds_batch_axis=True, **per_model,
+            "llm_stream", "python_model.pbtxt.j2", inputs=(*llm_inputs, STREAM_INPUT), outputs=ANSWER_OUTPUTS,
+            python_model="llm_stream", parameters={"decode_model": "llm"}, decoupled=True,
+            instances=triton.max_batch_size * triton.instances,
         ))
 
     front_outputs = {"input_ids": "_input_ids", **{t.name: f"_{t.name}" for t in media_outputs}}

@@ -70,6 +70,15 @@ def error_response(exc: BaseException, model: str) -> Any:
     return pb_utils.InferenceResponse(output_tensors=[], error=error)
 
 
+def forwarded_error(message: str) -> Any:
+    """An error a BLS call returned, answered to our own client. Triton 2.51 hands a BLS caller every
+    error as INTERNAL; a client error is told from an internal one by the text :func:`error_response`
+    writes for the latter, so the client still gets INVALID_ARGUMENT for what it can fix."""
+    internal = ": internal error: " in message
+    code = pb_utils.TritonError.INTERNAL if internal else pb_utils.TritonError.INVALID_ARG
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))
+
+
 def respond_each(requests: list[Any], model: str, handle: Callable[[Any], dict[str, np.ndarray]]) -> list[Any]:
     """One response per request; a failing request gets an error response and the others go on."""
     responses = []

@@ -1,9 +1,10 @@
-"""Triton models `llm` (unary) and `llm_stream` (decoupled): continuous-batched decoding over the LLM graph.
+"""Triton model `llm`: continuous-batched decoding over the LLM graph; the only model holding its weights.
 
-`execute` validates each request and hands it to the decode scheduler, then returns at once (both
-kinds answer through the request's response sender), so requests arriving while others decode
-join the running batch at the next step. `llm_stream` sends a response per token when `stream`
-is set; `llm` sends one response with the whole answer.
+`execute` validates each request and hands it to the decode scheduler, then returns at once (the
+answer goes through the request's response sender), so requests arriving while others decode join
+the running batch at the next step. A request without `session` gets one response with the whole
+answer (the unary ensemble). The streaming entry point's `llm_stream` opens a session with the
+prompt and polls it (see mmtb_runtime.sessions): each response carries the tokens since the last.
 """
 
 import numpy as np
@@ -13,6 +14,7 @@ from mmtb_runtime.errors import RequestError
 from mmtb_runtime.generation import LanguageModelRunner
 from mmtb_runtime.model_facts import ModelFacts
 from mmtb_runtime.scheduler import DecodeJob, DecodeScheduler
+from mmtb_runtime.sessions import SessionTable
 from mmtb_runtime.text import TextStream, load_tokenizer
 from mmtb_runtime.triton_io import ModelArgs, error_response, input_array, input_scalar, output_tensors, read_sampling_params
 
@@ -34,62 +36,80 @@ class TritonPythonModel:
             runner = LanguageModelRunner(self.args.file("model.onnx"), self.facts)
         self.scheduler = DecodeScheduler(runner, max_batch=self.args.int("max_decode_batch"))
         self.stop_ids = frozenset(self.facts.stop_ids)
+        self.sessions = SessionTable(self.tokenizer)
 
     def execute(self, requests):
         for request in requests:
-            reply = Reply(request.get_response_sender(), self.tokenizer, self.args.name)
+            sender = request.get_response_sender()
             try:
-                self.scheduler.submit(self.job(request, reply))
+                self.handle(request, sender)
             except Exception as exc:  # noqa: BLE001 - rejected before its first token: a clean error response
-                reply.error(exc)
+                sender.send(error_response(exc, self.args.name), flags=FINAL)
         return None
 
-    def job(self, request, reply):
+    def handle(self, request, sender):
+        session_id = input_scalar(request, "session", None, int)
+        if session_id is None:  # unary: the whole answer in one response
+            self.start(self.prompt(request), WholeAnswer(sender, self.tokenizer, self.args.name))
+            return
+        prompt = self.prompt(request) if input_array(request, "input_ids") is not None else None
+        session = self.sessions.open(session_id) if prompt is not None else self.sessions.get(session_id)
+        # Polled before it starts: the first token gets a response of its own.
+        session.poll(lambda chunk: send_chunk(sender, chunk, self.args.name))
+        if prompt is not None:
+            self.start(prompt, session)
+
+    def start(self, prompt, sink):
+        """Decodes ``prompt``; ``sink`` gets each token, then ``finish()`` or ``fail(error)``."""
+        self.scheduler.submit(DecodeJob(*prompt, self.stop_ids, on_token=sink.token, on_finish=sink.finish, on_error=sink.fail))
+
+    def prompt(self, request):
+        """The request's prompt and sampling parameters, validated: a bad request fails before it starts."""
         a = self.args
         params = read_sampling_params(request, a.int("default_max_tokens"), a.int("max_tokens"))
-        reply.stream = input_scalar(request, "stream", False, bool)
         ids = input_array(request, "input_ids")
+        embeds, mask = input_array(request, "multimodal_embeds"), input_array(request, "multimodal_mask")
+        if ids is None or embeds is None or mask is None:
+            raise RequestError("input_ids, multimodal_embeds and multimodal_mask are required to start an answer")
         if ids.size + params.max_tokens > self.max_context:
             raise RequestError(
                 f"max_tokens: prompt ({ids.size} tokens) + max_tokens ({params.max_tokens}) exceeds the context of {self.max_context}"
             )
-        return DecodeJob(
-            ids, input_array(request, "multimodal_embeds"), input_array(request, "multimodal_mask"), params,
-            self.stop_ids, on_token=reply.token, on_finish=reply.finish, on_error=reply.error,
-        )
+        return ids, embeds, mask, params
 
     def finalize(self):
         self.scheduler.close()
+        self.sessions.fail_all(RuntimeError("the model is unloading"))
 
 
-class Reply:
-    """One request's responses: a response per token when streaming, else one with the whole answer."""
-
+class WholeAnswer:
     def __init__(self, sender, tokenizer, model):
         self.sender, self.model = sender, model
         self.text = TextStream(tokenizer)
         self.tokens = []
-        self.stream = False
 
     def token(self, token):
         self.tokens.append(token)
-        delta = self.text.push(token)
-        if self.stream:
-            self.sender.send(pb_utils.InferenceResponse(output_tensors=answer(delta, [token])))
+        self.text.push(token)
 
     def finish(self):
-        tail = self.text.flush()
-        if self.stream:
-            self.sender.send(pb_utils.InferenceResponse(output_tensors=answer(tail, []) if tail else []), flags=FINAL)
-        else:
-            self.sender.send(pb_utils.InferenceResponse(output_tensors=answer(self.text.sent, self.tokens)), flags=FINAL)
+        self.text.flush()
+        self.sender.send(answer(self.text.sent, self.tokens, finished=True), flags=FINAL)
 
-    def error(self, exc):
+    def fail(self, exc):
         self.sender.send(error_response(exc, self.model), flags=FINAL)
 
 
-def answer(text, tokens):
-    return output_tensors({
+def send_chunk(sender, chunk, model):
+    if chunk.error is not None:
+        sender.send(error_response(chunk.error, model), flags=FINAL)
+    else:
+        sender.send(answer(chunk.text, chunk.tokens, chunk.finished), flags=FINAL)
+
+
+def answer(text, tokens, finished):
+    return pb_utils.InferenceResponse(output_tensors=output_tensors({
         "text_output": np.array([text.encode("utf-8")], dtype=np.object_),
         "output_ids": np.asarray(tokens, dtype=np.int64),
-    })
+        "finished": np.array([finished]),
+    }))

@@ -1,0 +1,130 @@
+"""Token streams that one model polls from another, so the LLM's weights live in one process.
+
+The decode model `llm` holds the weights. The decoupled `llm_stream` holds none: it opens a session
+on `llm` with the prompt (a plain, non-decoupled BLS call), then polls it until the answer ends. The
+sequence decodes in `llm`'s running batch at full speed; each poll is answered with every token
+chosen since the last one (at least one, or the end), whatever the poller's pace. Plain BLS calls
+only: Triton 2.51's decoupled BLS (`exec(decoupled=True)`) lost stubs under the soak.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tokenizers import Tokenizer
+
+from .errors import RequestError
+from .text import TextStream
+
+# A finished session nobody polls any more (its poller died) is dropped after this long.
+ABANDONED_AFTER_S = 60.0
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """What one poll gets: the tokens and text since the last poll, and whether the answer ended."""
+
+    tokens: list[int]
+    text: str
+    finished: bool
+    error: BaseException | None = None
+
+
+class TokenSession:
+    """One sequence's tokens, buffered between polls. ``token``/``finish``/``fail`` come from the decode
+    scheduler's thread; ``poll`` from `execute`; whichever comes second delivers the chunk."""
+
+    def __init__(self, tokenizer: Tokenizer, on_closed: Callable[[], None]) -> None:
+        self._lock = threading.Lock()
+        self._text = TextStream(tokenizer)
+        self._tokens: list[int] = []
+        self._delta = ""
+        self._finished = False
+        self._error: BaseException | None = None
+        self._waiter: Callable[[Chunk], None] | None = None
+        self._on_closed = on_closed
+        self.ended_at: float | None = None
+
+    def token(self, token: int) -> None:
+        with self._lock:
+            self._tokens.append(token)
+            self._delta += self._text.push(token)
+            self._deliver()
+
+    def finish(self) -> None:
+        with self._lock:
+            self._delta += self._text.flush()
+            self._finished, self.ended_at = True, time.monotonic()
+            self._deliver()
+
+    def fail(self, error: BaseException) -> None:
+        with self._lock:
+            self._error, self.ended_at = error, time.monotonic()
+            self._deliver()
+
+    def poll(self, deliver: Callable[[Chunk], None]) -> None:
+        """``deliver`` is called once, now or when the next token (or the end) comes."""
+        with self._lock:
+            if self._waiter is not None:
+                raise RequestError("session: already being polled")
+            self._waiter = deliver
+            self._deliver()
+
+    def _deliver(self) -> None:
+        ended = self._finished or self._error is not None
+        if self._waiter is None or not (self._tokens or ended):
+            return
+        chunk = Chunk(self._tokens, self._delta, self._finished, self._error)
+        waiter, self._waiter, self._tokens, self._delta = self._waiter, None, [], ""
+        if ended:
+            self._on_closed()
+        waiter(chunk)
+
+
+class SessionTable:
+    """Open sessions by id. A session leaves when its last chunk is delivered, or when it ended
+    :data:`ABANDONED_AFTER_S` ago and nobody collected it."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._lock = threading.Lock()
+        self._sessions: dict[int, TokenSession] = {}
+
+    def open(self, session_id: int) -> TokenSession:
+        with self._lock:
+            self._drop_abandoned()
+            if session_id in self._sessions:
+                raise RequestError(f"session {session_id}: already open")
+            session = TokenSession(self._tokenizer, lambda: self._close(session_id))
+            self._sessions[session_id] = session
+            return session
+
+    def get(self, session_id: int) -> TokenSession:
+        with self._lock:
+            session = self._sessions.get(session_id)
+        if session is None:
+            raise RequestError(f"session {session_id}: unknown or already ended")
+        return session
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def fail_all(self, error: BaseException) -> None:
+        """The model is unloading: every open session's poller gets ``error`` instead of waiting forever."""
+        with self._lock:
+            sessions = list(self._sessions.values())
+        for session in sessions:
+            session.fail(error)
+
+    def _close(self, session_id: int) -> None:
+        with self._lock:
+            self._sessions.pop(session_id, None)
+
+    def _drop_abandoned(self) -> None:
+        now = time.monotonic()
+        for session_id, session in list(self._sessions.items()):
+            if session.ended_at is not None and now - session.ended_at > ABANDONED_AFTER_S:
+                del self._sessions[session_id]
