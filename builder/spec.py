@@ -71,6 +71,9 @@ class TritonSpec:
     # Which client entry points to build: `ensemble` (unary) and/or `ensemble_stream` (decoupled).
     # Either way the LLM's weights are held once, by `llm`.
     entry_points: Literal["both", "unary", "streaming"] = "both"
+    # KV of prompt prefixes that requests share (the system prompt), kept by `llm` and reused, LRU;
+    # 0 turns it off. ONNX Runtime decode (targets python, onnxruntime); not yet the TensorRT runner.
+    prefix_cache_mb: int = 256
     # target onnxruntime: run the encoders through ORT's TensorRT execution provider on a GPU
     ort_tensorrt_accelerator: bool = False
 
@@ -264,6 +267,8 @@ def _check(spec: BuildSpec) -> None:
     for key in ("instances", "max_batch_size"):
         if getattr(spec.triton, key) < 1:
             raise SpecError(f"triton.{key}: must be at least 1")
+    if spec.triton.prefix_cache_mb < 0:
+        raise SpecError("triton.prefix_cache_mb: must be 0 (off) or more")
     if spec.export.parity_samples < 1:
         raise SpecError("export.parity_samples: must be at least 1")
     if spec.tensorrt.comparison_samples < 1:

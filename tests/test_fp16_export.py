@@ -11,13 +11,10 @@ import onnx
 import pytest
 
 from builder.build import build
-from builder.quantize.calibration_data import calibration_files, server_preprocessor
-from builder.quantize.pipeline import held_out_requests, measure_pipeline
-from builder.runtime.model_facts import ModelFacts
 from builder.serve.client import Request, ask, ask_stream
 from builder.spec import load_spec
 from tests.conftest import CACHE, ROOT, png_bytes
-from tests.test_quantize import served_graphs
+from tests.test_quantize import pipeline_figures, served_graphs
 
 FP16 = {f"components.{c}.precision": "fp16" for c in ("vision", "audio", "llm")}
 KV_TYPES = {onnx.TensorProto.FLOAT16}
@@ -53,12 +50,7 @@ def test_every_graph_is_fp16_inside_and_fp32_at_its_edges(fp16_repository: Path)
 
 def test_fp16_pipeline_agrees_with_fp32(fp16_repository: Path, built_repository: Path) -> None:
     """FP16 is not gated by the pipeline gate (nothing is quantized), but it holds it: same held-out requests."""
-    spec = load_spec(ROOT / "specs" / "tiny-int8.yaml")
-    facts = ModelFacts.load(built_repository / "preprocess" / "1" / "model_facts.json")
-    preprocess = server_preprocessor(spec, facts, built_repository / "preprocess" / "1" / "tokenizer.json")
-    requests = held_out_requests(calibration_files(spec, with_audio=True), preprocess, facts)
-    figures = measure_pipeline(served_graphs(built_repository), served_graphs(fp16_repository), requests, facts,
-                               spec.quantize.pipeline_gate)
+    figures = pipeline_figures(built_repository, fp16_repository)
     print(f"FP16 vs FP32 pipeline: {figures.summary()}")
     assert figures.passed, figures.summary()
 
@@ -70,9 +62,9 @@ def test_fp16_repository_serves_unary_and_streaming_alike(fp16_repository: Path,
     from builder.serve.tritonserver import TritonServer
 
     request = Request("Describe the picture.", images=(png_bytes(3, (80, 56)),), max_tokens=12)
-    with TritonServer(fp16_repository, log_path=tmp_path / "tritonserver.log") as server:
-        with grpcclient.InferenceServerClient(server.grpc_url) as client:
-            unary = ask(client, request).token_ids
-            streamed = [t for _, ids in ask_stream(client, request) for t in ids]
+    with (TritonServer(fp16_repository, log_path=tmp_path / "tritonserver.log") as server,
+          grpcclient.InferenceServerClient(server.grpc_url) as client):
+        unary = ask(client, request).token_ids
+        streamed = [t for _, ids in ask_stream(client, request) for t in ids]
     assert len(unary) > 0 and streamed == unary
     assert np.unique(unary).size > 1, unary  # a working decoder, not one token repeated

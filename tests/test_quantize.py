@@ -14,7 +14,7 @@ from builder.quantize.agreement import fuse_prompt
 from builder.quantize.calibration_data import calibration_files, load_samples, server_preprocessor
 from builder.quantize.gate import session
 from builder.quantize.ladder import LlmJob, settle_llm
-from builder.quantize.pipeline import held_out_requests, measure_pipeline
+from builder.quantize.pipeline import PipelineFigures, held_out_requests, measure_pipeline
 from builder.quantize.weight_only import quantize_weights_int8_qdq
 from builder.runtime.model_facts import ModelFacts
 from builder.spec import load_spec
@@ -30,6 +30,16 @@ def manifest(repository: Path) -> dict:
 def served_graphs(repository: Path) -> dict[str, Path]:
     """component -> the graph the repository serves."""
     return {name: repository / name / "1" / "model.onnx" for name in ("vision_encoder", "audio_encoder", "llm")}
+
+
+def pipeline_figures(reference: Path, candidate: Path) -> PipelineFigures:
+    """The served pipeline of ``candidate`` against ``reference``'s on the INT8 spec's held-out requests,
+    under its pipeline gate, measured here on the published graphs (not the build's own numbers)."""
+    spec = load_spec(INT8_SPEC)
+    facts = ModelFacts.load(reference / "preprocess" / "1" / "model_facts.json")
+    preprocess = server_preprocessor(spec, facts, reference / "preprocess" / "1" / "tokenizer.json")
+    requests = held_out_requests(calibration_files(spec, with_audio=True), preprocess, facts)
+    return measure_pipeline(served_graphs(reference), served_graphs(candidate), requests, facts, spec.quantize.pipeline_gate)
 
 
 def build_int8(output: Path, **overrides: object) -> Path:
@@ -113,12 +123,7 @@ def test_int8_pipeline_agrees_with_fp32_at_least_as_the_gate_promises(int8_repos
     """Measured here, on this machine, on the published graphs (not the build's own numbers): the INT8
     pipeline agrees with the FP32 one at least as much as the spec's pipeline gate says, for every kind."""
     spec = load_spec(INT8_SPEC)
-    facts = ModelFacts.load(built_repository / "preprocess" / "1" / "model_facts.json")
-    preprocess = server_preprocessor(spec, facts, built_repository / "preprocess" / "1" / "tokenizer.json")
-    requests = held_out_requests(calibration_files(spec, with_audio=True), preprocess, facts)
-
-    figures = measure_pipeline(served_graphs(built_repository), served_graphs(int8_repository), requests, facts,
-                               spec.quantize.pipeline_gate)
+    figures = pipeline_figures(built_repository, int8_repository)
     print(f"INT8 vs FP32 pipeline: {figures.summary()}")
     assert len(figures.kinds) == 4 and all(k.agreement.positions == 32 for k in figures.kinds)
     assert figures.passed, figures.summary()

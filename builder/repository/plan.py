@@ -124,6 +124,7 @@ def plan_repository(spec: BuildSpec, facts: ModelFacts, compiled: dict[str, Comp
         parameters={
             "max_tokens": str(lim.max_tokens), "default_max_tokens": str(lim.default_max_tokens),
             "max_context": str(lim.max_context), "max_decode_batch": str(triton.max_batch_size),
+            "prefix_cache_bytes": str(triton.prefix_cache_mb << 20),
             **_llm_runner(compiled["llm"]),
         },
         serves=compiled["llm"], adds_batch_axis=True, **per_model,

@@ -16,6 +16,7 @@ import onnxruntime as ort
 
 from .errors import RequestError
 from .model_facts import ModelFacts
+from .prefix_cache import PrefixCache
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,8 @@ class LanguageModelRunner(GenerateOne):
     and masked out, as HF does for a left-padded batch. A batch of one has no padding at all.
     """
 
-    def __init__(self, onnx_path: str, facts: ModelFacts, intra_op_threads: int = 0) -> None:
+    def __init__(self, onnx_path: str, facts: ModelFacts, intra_op_threads: int = 0,
+                 prefix_cache: PrefixCache | None = None) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         self.session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
@@ -142,6 +144,7 @@ class LanguageModelRunner(GenerateOne):
         self.kv_inputs = [i.name for i in kv]
         # The cache is in the graph's weight dtype (FP16 for an FP16 build), every other tensor FP32.
         self.kv_dtype = np.float16 if kv and kv[0].type == "tensor(float16)" else np.float32
+        self.prefix_cache = prefix_cache  # None: every prompt is prefilled whole
         self.kv_outputs = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
 
     def start(
@@ -153,18 +156,24 @@ class LanguageModelRunner(GenerateOne):
         stop_ids: frozenset[int] = frozenset(),
     ) -> Sequence:
         facts = self.facts
+        hit = self.prefix_cache.lookup(input_ids, multimodal_mask) if self.prefix_cache is not None else None
+        reused = hit.length if hit else 0  # positions whose KV comes from an earlier prompt
         empty_kv = np.zeros((1, facts.num_kv_heads, 0, facts.head_dim), dtype=self.kv_dtype)
+        past = [kv[None] for kv in hit.past] if hit else [empty_kv] * len(self.kv_inputs)
         length = int(input_ids.size)
         feeds = {
-            "input_ids": input_ids[None].astype(np.int64),
-            "multimodal_embeds": multimodal_embeds[None].astype(np.float32),
-            "multimodal_mask": multimodal_mask[None].astype(bool),
+            "input_ids": input_ids[None, reused:].astype(np.int64),
+            "multimodal_embeds": multimodal_embeds[None, reused:].astype(np.float32),
+            "multimodal_mask": multimodal_mask[None, reused:].astype(bool),
             "attention_mask": np.ones((1, length), dtype=np.int64),
-            "position_ids": np.arange(length, dtype=np.int64)[None],
-            **{name: empty_kv for name in self.kv_inputs},
+            "position_ids": np.arange(reused, length, dtype=np.int64)[None],
+            **dict(zip(self.kv_inputs, past)),
         }
         logits, *present = self.session.run(["logits", *self.kv_outputs], feeds)
-        return Sequence(params, stop_ids, np.random.default_rng(params.seed), [p[0] for p in present], length, logits[0])
+        cache = [p[0] for p in present]
+        if self.prefix_cache is not None:
+            self.prefix_cache.store(input_ids, multimodal_mask, cache)
+        return Sequence(params, stop_ids, np.random.default_rng(params.seed), cache, length, logits[0])
 
     def decode(self, sequences: list[Sequence]) -> None:
         """Feeds each sequence its last token; updates its cache and next-token logits."""

@@ -13,6 +13,7 @@ import triton_python_backend_utils as pb_utils
 from mmtb_runtime.errors import RequestError
 from mmtb_runtime.generation import LanguageModelRunner
 from mmtb_runtime.model_facts import ModelFacts
+from mmtb_runtime.prefix_cache import PrefixCache
 from mmtb_runtime.scheduler import DecodeJob, DecodeScheduler
 from mmtb_runtime.sessions import SessionTable
 from mmtb_runtime.text import TextStream, load_tokenizer
@@ -33,7 +34,9 @@ class TritonPythonModel:
             runner = TensorRTLanguageModelRunner.for_this_gpu(
                 self.args.directory, self.args.parameters["plans"], self.facts, self.max_context)
         else:
-            runner = LanguageModelRunner(self.args.file("model.onnx"), self.facts)
+            cache_bytes = self.args.int("prefix_cache_bytes")
+            runner = LanguageModelRunner(self.args.file("model.onnx"), self.facts,
+                                         prefix_cache=PrefixCache(cache_bytes) if cache_bytes else None)
         self.scheduler = DecodeScheduler(runner, max_batch=self.args.int("max_decode_batch"))
         self.stop_ids = frozenset(self.facts.stop_ids)
         self.sessions = SessionTable(self.tokenizer)
