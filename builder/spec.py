@@ -74,6 +74,12 @@ class TritonSpec:
     # KV of prompt prefixes that requests share (the system prompt), kept by `llm` and reused, LRU;
     # 0 turns it off. ONNX Runtime decode (targets python, onnxruntime); not yet the TensorRT runner.
     prefix_cache_mb: int = 256
+    # KV cache positions `llm` lets its sequences reserve together (prompt + max_tokens each, when
+    # admitted); beyond it requests wait in order, and are refused (UNAVAILABLE) after the timeout.
+    # 0: max_batch_size x limits.max_context. Bytes per position: 2 x layers x kv_heads x head_dim x
+    # the KV dtype's size (README, "Memory").
+    kv_budget_tokens: int = 0
+    kv_queue_timeout_s: float = 30.0
     # target onnxruntime: run the encoders through ORT's TensorRT execution provider on a GPU
     ort_tensorrt_accelerator: bool = False
 
@@ -269,6 +275,11 @@ def _check(spec: BuildSpec) -> None:
             raise SpecError(f"triton.{key}: must be at least 1")
     if spec.triton.prefix_cache_mb < 0:
         raise SpecError("triton.prefix_cache_mb: must be 0 (off) or more")
+    if spec.triton.kv_budget_tokens < 0 or not spec.triton.kv_queue_timeout_s > 0:
+        raise SpecError("triton.kv_budget_tokens: must be 0 (automatic) or more; triton.kv_queue_timeout_s: more than 0")
+    if 0 < spec.triton.kv_budget_tokens < lim.max_context:
+        raise SpecError(f"triton.kv_budget_tokens ({spec.triton.kv_budget_tokens}) must hold at least one request of "
+                        f"limits.max_context ({lim.max_context})")
     if spec.export.parity_samples < 1:
         raise SpecError("export.parity_samples: must be at least 1")
     if spec.tensorrt.comparison_samples < 1:

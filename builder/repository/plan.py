@@ -125,6 +125,8 @@ def plan_repository(spec: BuildSpec, facts: ModelFacts, compiled: dict[str, Comp
             "max_tokens": str(lim.max_tokens), "default_max_tokens": str(lim.default_max_tokens),
             "max_context": str(lim.max_context), "max_decode_batch": str(triton.max_batch_size),
             "prefix_cache_bytes": str(triton.prefix_cache_mb << 20),
+            "kv_budget_tokens": str(triton.kv_budget_tokens or triton.max_batch_size * lim.max_context),
+            "kv_queue_timeout_s": str(triton.kv_queue_timeout_s),
             **_llm_runner(compiled["llm"]),
         },
         serves=compiled["llm"], adds_batch_axis=True, **per_model,

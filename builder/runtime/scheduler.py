@@ -1,19 +1,25 @@
 """Continuous batching: concurrent requests decode together, one graph call per step for all of them.
 
-The decoupled ``llm`` model hands each request to a :class:`DecodeScheduler` and returns at once, so
-Triton delivers the next requests while earlier ones are still decoding. A background thread
-prefills newcomers, then advances every active sequence by one token in a single batched call.
+The ``llm`` model hands each request to a :class:`DecodeScheduler` and returns at once, so Triton
+delivers the next requests while earlier ones are still decoding. A background thread prefills
+newcomers, then advances every active sequence by one token in a single batched call. With a
+:class:`KvBudget`, a request is admitted only when its KV fits beside the others'; until then it
+waits in order, and is refused (server busy) when it has waited too long: memory stays bounded
+however many requests arrive.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import RequestError, ServerBusy
 from .generation import SamplingParams, Sequence, SequenceRunner
 
 
@@ -29,17 +35,36 @@ class DecodeJob:
     on_error: Callable[[BaseException], None]  # instead of on_finish
 
 
+@dataclass(frozen=True)
+class KvBudget:
+    """How much KV cache the admitted sequences may hold together, counted in positions: each reserves
+    its prompt plus its ``max_tokens`` when admitted (its most), and gives them back when it ends."""
+
+    tokens: int
+    queue_timeout_s: float  # a request that waited this long for room is refused (ServerBusy)
+
+
+def reservation(job: DecodeJob) -> int:
+    return int(job.input_ids.size) + job.params.max_tokens
+
+
 class DecodeScheduler:
-    def __init__(self, runner: SequenceRunner, max_batch: int) -> None:
+    def __init__(self, runner: SequenceRunner, max_batch: int, budget: KvBudget | None = None) -> None:
         self.runner = runner
         self.max_batch = max_batch
-        self.pending: queue.Queue[DecodeJob | None] = queue.Queue()
+        self.budget = budget
+        self.pending: queue.Queue[tuple[float, DecodeJob] | None] = queue.Queue()
+        self.waiting: deque[tuple[float, DecodeJob]] = deque()  # submitted, in order, not yet admitted
         self.active: list[tuple[Sequence, DecodeJob]] = []
+        self.reserved = 0  # positions the active sequences reserved
         self.thread = threading.Thread(target=self._loop, name="decode-scheduler", daemon=True)
         self.thread.start()
 
     def submit(self, job: DecodeJob) -> None:
-        self.pending.put(job)
+        if self.budget is not None and reservation(job) > self.budget.tokens:
+            raise RequestError(f"max_tokens: prompt ({job.input_ids.size} tokens) + max_tokens ({job.params.max_tokens}) "
+                               f"exceeds the KV budget of {self.budget.tokens} positions")
+        self.pending.put((time.monotonic(), job))
 
     def close(self) -> None:
         self.pending.put(None)
@@ -47,31 +72,55 @@ class DecodeScheduler:
 
     def _loop(self) -> None:
         while True:
-            # Block only when idle; otherwise admit whatever arrived since the last step.
-            while not self.active or not self.pending.empty():
-                job = self.pending.get()
-                if job is None:
+            # Block only when idle; otherwise take whatever arrived since the last step.
+            block = not self.active and not self.waiting
+            while block or not self.pending.empty():
+                item = self.pending.get()
+                if item is None:
                     return
-                self._admit(job)
+                self.waiting.append(item)
+                block = False
+            self._admit_waiting()
+            if not self.active:
+                continue
             batch = self.active[: self.max_batch]
             try:
                 self.runner.decode([seq for seq, _ in batch])
             except Exception as exc:  # noqa: BLE001 - the failure goes to the requests it hit
                 for pair in batch:
                     self.active.remove(pair)
+                    self._end(pair[1])
                     pair[1].on_error(exc)
                 continue
             self.active = self.active[len(batch):]  # round-robin when more than max_batch are active
             for seq, job in batch:
                 self._emit(seq, job)
 
+    def _admit_waiting(self) -> None:
+        """Admits waiting requests in order while the budget has room; refuses those that waited too long."""
+        if self.budget is not None:
+            now, timeout = time.monotonic(), self.budget.queue_timeout_s
+            for expired in [item for item in self.waiting if now - item[0] > timeout]:
+                self.waiting.remove(expired)
+                expired[1].on_error(ServerBusy(
+                    f"no room in the KV budget ({self.budget.tokens} positions, {self.reserved} reserved) for this "
+                    f"request's {reservation(expired[1])} within {timeout:g} s; retry later"))
+        while self.waiting and (self.budget is None or self.reserved + reservation(self.waiting[0][1]) <= self.budget.tokens):
+            _, job = self.waiting.popleft()
+            self.reserved += reservation(job)
+            self._admit(job)
+
     def _admit(self, job: DecodeJob) -> None:
         try:
             seq = self.runner.start(job.input_ids, job.multimodal_embeds, job.multimodal_mask, job.params, job.stop_ids)
         except Exception as exc:  # noqa: BLE001
+            self._end(job)
             job.on_error(exc)
             return
         self._emit(seq, job)
+
+    def _end(self, job: DecodeJob) -> None:
+        self.reserved -= reservation(job)
 
     def _emit(self, seq: Sequence, job: DecodeJob) -> None:
         """Chooses the sequence's next token from its fresh logits; keeps it active unless finished."""
@@ -81,7 +130,11 @@ class DecodeScheduler:
                 job.on_token(token)
             if seq.finished:
                 job.on_finish()
-            else:
-                self.active.append((seq, job))
         except Exception as exc:  # noqa: BLE001 - e.g. the client went away while sending
+            self._end(job)
             job.on_error(exc)
+            return
+        if seq.finished:
+            self._end(job)
+        else:
+            self.active.append((seq, job))

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from .errors import RequestError
+from .errors import BUSY_PREFIX, RequestError, ServerBusy
 from .generation import SamplingParams
 
 
@@ -61,9 +61,12 @@ def output_tensors(outputs: dict[str, np.ndarray]) -> list[Any]:
 
 
 def error_response(exc: BaseException, model: str) -> Any:
-    """Client errors carry their own message and status INVALID_ARGUMENT; anything else is an internal error."""
+    """Client errors carry their own message and status INVALID_ARGUMENT, a full server UNAVAILABLE;
+    anything else is an internal error."""
     if isinstance(exc, RequestError):
         error = pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
+    elif isinstance(exc, ServerBusy):
+        error = pb_utils.TritonError(str(exc), pb_utils.TritonError.UNAVAILABLE)
     else:
         pb_utils.Logger.log_error(f"{model}: {''.join(traceback.format_exception(exc))}")
         error = pb_utils.TritonError(f"{model}: internal error: {type(exc).__name__}: {exc}")
@@ -72,10 +75,14 @@ def error_response(exc: BaseException, model: str) -> Any:
 
 def forwarded_error(message: str) -> Any:
     """An error a BLS call returned, answered to our own client. Triton 2.51 hands a BLS caller every
-    error as INTERNAL; a client error is told from an internal one by the text :func:`error_response`
-    writes for the latter, so the client still gets INVALID_ARGUMENT for what it can fix."""
-    internal = ": internal error: " in message
-    code = pb_utils.TritonError.INTERNAL if internal else pb_utils.TritonError.INVALID_ARG
+    error as INTERNAL; the kind is told by the text :func:`error_response` writes, so the client still
+    gets INVALID_ARGUMENT for what it can fix and UNAVAILABLE for a full server."""
+    if ": internal error: " in message:
+        code = pb_utils.TritonError.INTERNAL
+    elif message.startswith(BUSY_PREFIX):
+        code = pb_utils.TritonError.UNAVAILABLE
+    else:
+        code = pb_utils.TritonError.INVALID_ARG
     return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))
 
 

@@ -14,7 +14,7 @@ from mmtb_runtime.errors import RequestError
 from mmtb_runtime.generation import LanguageModelRunner
 from mmtb_runtime.model_facts import ModelFacts
 from mmtb_runtime.prefix_cache import PrefixCache
-from mmtb_runtime.scheduler import DecodeJob, DecodeScheduler
+from mmtb_runtime.scheduler import DecodeJob, DecodeScheduler, KvBudget
 from mmtb_runtime.sessions import SessionTable
 from mmtb_runtime.text import TextStream, load_tokenizer
 from mmtb_runtime.triton_io import ModelArgs, error_response, input_array, input_scalar, output_tensors, read_sampling_params
@@ -37,7 +37,8 @@ class TritonPythonModel:
             cache_bytes = self.args.int("prefix_cache_bytes")
             runner = LanguageModelRunner(self.args.file("model.onnx"), self.facts,
                                          prefix_cache=PrefixCache(cache_bytes) if cache_bytes else None)
-        self.scheduler = DecodeScheduler(runner, max_batch=self.args.int("max_decode_batch"))
+        budget = KvBudget(self.args.int("kv_budget_tokens"), float(self.args.parameters["kv_queue_timeout_s"]))
+        self.scheduler = DecodeScheduler(runner, max_batch=self.args.int("max_decode_batch"), budget=budget)
         self.stop_ids = frozenset(self.facts.stop_ids)
         self.sessions = SessionTable(self.tokenizer)
 
@@ -60,7 +61,10 @@ class TritonPythonModel:
         # Polled before it starts: the first token gets a response of its own.
         session.poll(lambda chunk: send_chunk(sender, chunk, self.args.name))
         if prompt is not None:
-            self.start(prompt, session)
+            try:
+                self.start(prompt, session)
+            except Exception as exc:  # noqa: BLE001 - refused at once: the poll above answers with it
+                session.fail(exc)
 
     def start(self, prompt, sink):
         """Decodes ``prompt``; ``sink`` gets each token, then ``finish()`` or ``fail(error)``."""
