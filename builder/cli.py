@@ -115,6 +115,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from builder.sizing import GPUS, Gpu, read_size, report
+
+    if args.gpu_memory_gib and args.gpu_bandwidth_gbs:
+        gpu = Gpu("custom", args.gpu_memory_gib, args.gpu_bandwidth_gbs)
+    elif args.gpu.lower() in GPUS:
+        gpu = GPUS[args.gpu.lower()]
+    else:
+        raise BuildError(f"--gpu {args.gpu}: not in the table ({', '.join(g.name for g in GPUS.values())}); "
+                         "give --gpu-memory-gib and --gpu-bandwidth-gbs instead")
+    print(report(read_size(args.checkpoint), gpu, args.context, args.gpus))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="mmtb",
@@ -174,6 +188,18 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--results", type=Path, default=Path("benchmarks/results"))
     m.add_argument("--concurrency", help="comma-separated concurrency sweep, e.g. 1,2 (default: 1,2,4,8,16; quick 1,2,8)")
     m.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("plan", help="how much GPU a checkpoint needs: weights, KV cache, sequences that fit, speed bound",
+                       description="Reads config.json and the safetensors headers (no weights are loaded) and prints, per "
+                       "precision, the weight memory, what is left for the KV cache, how many sequences of --context "
+                       "tokens fit, the batch-1 decode bound from memory bandwidth, and a recommended spec.")
+    p.add_argument("checkpoint", type=Path, help="a Hugging Face checkpoint directory (config.json + *.safetensors)")
+    p.add_argument("--gpu", default="L40S", help="L4, A10, RTX4090, A100-40GB, L40S, RTX6000Ada, A100-80GB, H100 (default L40S)")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs, each serving a whole copy (no tensor parallelism; default 1)")
+    p.add_argument("--context", type=int, default=8192, help="tokens per sequence, prompt + answer (default 8192)")
+    p.add_argument("--gpu-memory-gib", type=float, help="any other GPU: its memory (GiB) ...")
+    p.add_argument("--gpu-bandwidth-gbs", type=float, help="... and its memory bandwidth (GB/s)")
+    p.set_defaults(func=cmd_plan)
     return top
 
 

@@ -11,6 +11,7 @@ in that dtype, once more for a quantized copy.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -48,21 +49,24 @@ class Preflight:
             raise BuildError(f"not enough disk for the build cache: {self.summary()}; free space or set --cache")
 
 
-def tensor_bytes(path: Path) -> tuple[int, int]:
-    """(parameters, bytes) of one safetensors file, from its JSON header (no tensor is read)."""
+def safetensors_header(path: Path) -> dict[str, dict]:
+    """Tensor name -> its header entry (``dtype``, ``shape``, offsets), read without reading a tensor."""
     with path.open("rb") as handle:
         (length,) = struct.unpack("<Q", handle.read(8))
         header = json.loads(handle.read(length))
-    count = size = 0
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        numel = 1
-        for dim in entry["shape"]:
-            numel *= dim
-        count += numel
-        size += numel * _DTYPE_BYTES.get(entry["dtype"], 4)
-    return count, size
+    header.pop("__metadata__", None)
+    return header
+
+
+def numel(entry: dict) -> int:
+    return math.prod(entry["shape"])
+
+
+def tensor_bytes(path: Path) -> tuple[int, int]:
+    """(parameters, bytes) of one safetensors file, from its JSON header (no tensor is read)."""
+    header = safetensors_header(path)
+    return (sum(numel(e) for e in header.values()),
+            sum(numel(e) * _DTYPE_BYTES.get(e["dtype"], 4) for e in header.values()))
 
 
 def estimate(weight_files: list[Path], cache_dir: Path, dtype: str, extra_copy: bool) -> Preflight:

@@ -1,0 +1,109 @@
+"""The sizing planner (`python -m builder plan`): figures for a 24B config, and for the tiny preset the
+bytes actually in its graph and its KV cache."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from builder.runtime.generation import LanguageModelRunner, SamplingParams
+from builder.runtime.model_facts import ModelFacts
+from builder.sizing import GIB, GPUS, fit, read_size
+from tests.conftest import run_cli
+
+# Magistral Small 1.2 / Mistral Small 3.2 (config.json as published): Pixtral vision + Mistral decoder.
+TEXT = {"vocab_size": 131072, "hidden_size": 5120, "intermediate_size": 32768, "num_hidden_layers": 40,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128}
+VISION = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "patch_size": 14}
+
+
+def magistral_tensors() -> dict[str, list[int]]:
+    t, v = TEXT, VISION
+    q, kv = t["num_attention_heads"] * t["head_dim"], t["num_key_value_heads"] * t["head_dim"]
+    h, m = t["hidden_size"], t["intermediate_size"]
+    shapes = {"model.language_model.embed_tokens.weight": [t["vocab_size"], h], "lm_head.weight": [t["vocab_size"], h],
+              "model.language_model.norm.weight": [h]}
+    for i in range(t["num_hidden_layers"]):
+        layer = f"model.language_model.layers.{i}."
+        shapes |= {layer + "self_attn.q_proj.weight": [q, h], layer + "self_attn.k_proj.weight": [kv, h],
+                   layer + "self_attn.v_proj.weight": [kv, h], layer + "self_attn.o_proj.weight": [h, q],
+                   layer + "mlp.gate_proj.weight": [m, h], layer + "mlp.up_proj.weight": [m, h],
+                   layer + "mlp.down_proj.weight": [h, m], layer + "input_layernorm.weight": [h],
+                   layer + "post_attention_layernorm.weight": [h]}
+    vh, vm = v["hidden_size"], v["intermediate_size"]
+    shapes["model.vision_tower.patch_conv.weight"] = [vh, 3, v["patch_size"], v["patch_size"]]
+    for i in range(v["num_hidden_layers"]):
+        layer = f"model.vision_tower.transformer.layers.{i}."
+        shapes |= {layer + f"attention.{p}_proj.weight": [vh, vh] for p in "qkvo"}
+        shapes |= {layer + "feed_forward.gate_proj.weight": [vm, vh], layer + "feed_forward.up_proj.weight": [vm, vh],
+                   layer + "feed_forward.down_proj.weight": [vh, vm]}
+    shapes |= {"model.multi_modal_projector.patch_merger.merging_layer.weight": [vh, 4 * vh],
+               "model.multi_modal_projector.linear_1.weight": [h, vh], "model.multi_modal_projector.linear_2.weight": [h, h]}
+    return shapes
+
+
+def write_headers_only(directory: Path, shapes: dict[str, list[int]], shards: int = 10) -> Path:
+    """Safetensors files with their headers and no data: all the planner reads (48 GB are not written)."""
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text(json.dumps({"model_type": "mistral3", "text_config": TEXT, "vision_config": VISION}))
+    names = sorted(shapes)
+    for index in range(shards):
+        header, offset = {}, 0
+        for name in names[index::shards]:
+            size = int(np.prod(shapes[name])) * 2
+            header[name] = {"dtype": "BF16", "shape": shapes[name], "data_offsets": [offset, offset + size]}
+            offset += size
+        raw = json.dumps(header).encode()
+        (directory / f"model-{index:05d}-of-{shards:05d}.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def magistral(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_headers_only(tmp_path_factory.mktemp("magistral") / "checkpoint", magistral_tensors())
+
+
+def test_a_24b_checkpoint_in_each_precision(magistral: Path) -> None:
+    size = read_size(magistral)
+    total = size.llm_parameters + sum(size.encoder_parameters.values())
+    assert 23.5e9 < total < 24.5e9 and 0.3e9 < size.encoder_parameters["vision_encoder"] < 0.6e9
+    assert 47e9 < size.llm_bytes("fp16") + size.encoder_bytes < 49e9  # about 48 GB of BF16 weights
+    assert 24e9 <= size.llm_bytes("int8") <= 26e9
+    assert 13e9 <= size.llm_bytes("int4") <= 15e9
+    assert size.kv_bytes_per_token == 160 * 1024  # 160 KiB per position
+    assert 40_960 * size.kv_bytes_per_token == 6.25 * GIB  # a 40k-token sequence
+    l40s = [fit(size, GPUS["l40s"], 8192, p) for p in ("fp16", "int8")]
+    assert l40s[0].sequences == 0 and l40s[1].sequences >= 4  # BF16 does not fit one 48 GB GPU; INT8 does
+    assert fit(size, GPUS["h100"], 8192, "fp16").sequences >= 4
+
+
+def test_the_cli_prints_the_table_and_a_spec(magistral: Path) -> None:
+    result = run_cli("plan", str(magistral), "--gpu", "L40S", "--context", "8192")
+    assert result.returncode == 0, result.stderr
+    assert "KV cache: 160 KiB per position" in result.stdout and "recommended: int8" in result.stdout
+    assert "kv_budget_tokens" in result.stdout
+    unknown = run_cli("plan", str(magistral), "--gpu", "Z9000")
+    assert unknown.returncode == 2 and "give --gpu-memory-gib and --gpu-bandwidth-gbs" in unknown.stderr
+
+
+def test_the_figures_equal_the_bytes_in_the_tiny_graph_and_its_cache(built_repository: Path, tiny_spec) -> None:
+    from builder.cache import StageCache
+    from builder.source.resolve import resolve_source
+    from tests.conftest import CACHE
+
+    size = read_size(resolve_source(tiny_spec.source, StageCache(CACHE)).checkpoint)
+    llm = built_repository / "llm" / "1"
+    graph = onnx.load(str(llm / "model.onnx"))
+    weights = sum(int(np.prod(w.dims)) for w in graph.graph.initializer if w.data_type == onnx.TensorProto.FLOAT)
+    assert abs(weights - size.llm_parameters) <= 0.01 * size.llm_parameters  # the graph's FP32 weights, +- constants
+    runner = LanguageModelRunner(str(llm / "model.onnx"), ModelFacts.load(llm / "model_facts.json"))
+    ids = np.arange(16, 16 + 40)
+    seq = runner.start(ids, np.zeros((40, runner.facts.hidden_size), np.float32), np.zeros(40, bool),
+                       SamplingParams(1))
+    held = sum(kv.nbytes for kv in seq.past)  # FP32 here: twice the FP16 figure
+    assert held == 40 * size.kv_bytes_per_token * 2
