@@ -30,7 +30,7 @@ class PrefixCache:
         self._bytes = 0
         self._next = 0
         self._lock = threading.Lock()
-        self.hits = self.lookups = 0
+        self.hits = self.lookups = self.reused_tokens = 0
 
     def lookup(self, input_ids: np.ndarray, multimodal_mask: np.ndarray) -> PrefixHit | None:
         """The longest kept prefix of this prompt's text, leaving at least one position to run (its logits)."""
@@ -46,6 +46,7 @@ class PrefixCache:
                 return None
             self._entries.move_to_end(best_key)
             self.hits += 1
+            self.reused_tokens += best
             past = self._entries[best_key][1]
         return PrefixHit(best, [kv[:, :best] for kv in past])
 

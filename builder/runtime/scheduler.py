@@ -44,6 +44,19 @@ class KvBudget:
     queue_timeout_s: float  # a request that waited this long for room is refused (ServerBusy)
 
 
+@dataclass
+class SchedulerStats:
+    """Running totals since start, written by the scheduler's thread (read for the metrics endpoint)."""
+
+    finished: int = 0
+    failed: int = 0  # errors during decoding (a refusal before admission is ``refused``)
+    refused: int = 0  # waited longer than the budget's timeout
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    first_token_seconds: float = 0.0  # submit to first token, summed over admitted requests
+    first_tokens: int = 0
+
+
 def reservation(job: DecodeJob) -> int:
     return int(job.input_ids.size) + job.params.max_tokens
 
@@ -57,6 +70,7 @@ class DecodeScheduler:
         self.waiting: deque[tuple[float, DecodeJob]] = deque()  # submitted, in order, not yet admitted
         self.active: list[tuple[Sequence, DecodeJob]] = []
         self.reserved = 0  # positions the active sequences reserved
+        self.stats = SchedulerStats()
         self.thread = threading.Thread(target=self._loop, name="decode-scheduler", daemon=True)
         self.thread.start()
 
@@ -89,7 +103,7 @@ class DecodeScheduler:
             except Exception as exc:  # noqa: BLE001 - the failure goes to the requests it hit
                 for pair in batch:
                     self.active.remove(pair)
-                    self._end(pair[1])
+                    self._end(pair[1], failed=True)
                     pair[1].on_error(exc)
                 continue
             self.active = self.active[len(batch):]  # round-robin when more than max_batch are active
@@ -102,36 +116,45 @@ class DecodeScheduler:
             now, timeout = time.monotonic(), self.budget.queue_timeout_s
             for expired in [item for item in self.waiting if now - item[0] > timeout]:
                 self.waiting.remove(expired)
+                self.stats.refused += 1
                 expired[1].on_error(ServerBusy(
                     f"no room in the KV budget ({self.budget.tokens} positions, {self.reserved} reserved) for this "
                     f"request's {reservation(expired[1])} within {timeout:g} s; retry later"))
         while self.waiting and (self.budget is None or self.reserved + reservation(self.waiting[0][1]) <= self.budget.tokens):
-            _, job = self.waiting.popleft()
+            since, job = self.waiting.popleft()
             self.reserved += reservation(job)
+            self.stats.prompt_tokens += int(job.input_ids.size)
             self._admit(job)
+            self.stats.first_token_seconds += time.monotonic() - since  # the prefill chose the first token
+            self.stats.first_tokens += 1
 
     def _admit(self, job: DecodeJob) -> None:
         try:
             seq = self.runner.start(job.input_ids, job.multimodal_embeds, job.multimodal_mask, job.params, job.stop_ids)
         except Exception as exc:  # noqa: BLE001
-            self._end(job)
+            self._end(job, failed=True)
             job.on_error(exc)
             return
         self._emit(seq, job)
 
-    def _end(self, job: DecodeJob) -> None:
+    def _end(self, job: DecodeJob, failed: bool = False) -> None:
         self.reserved -= reservation(job)
+        if failed:
+            self.stats.failed += 1
+        else:
+            self.stats.finished += 1
 
     def _emit(self, seq: Sequence, job: DecodeJob) -> None:
         """Chooses the sequence's next token from its fresh logits; keeps it active unless finished."""
         try:
             token = seq.next_token()
             if token is not None:
+                self.stats.generated_tokens += 1
                 job.on_token(token)
             if seq.finished:
                 job.on_finish()
         except Exception as exc:  # noqa: BLE001 - e.g. the client went away while sending
-            self._end(job)
+            self._end(job, failed=True)
             job.on_error(exc)
             return
         if seq.finished:

@@ -17,6 +17,7 @@ from mmtb_runtime.prefix_cache import PrefixCache
 from mmtb_runtime.scheduler import DecodeJob, DecodeScheduler, KvBudget
 from mmtb_runtime.sessions import SessionTable
 from mmtb_runtime.text import TextStream, load_tokenizer
+from mmtb_runtime.triton_metrics import MetricsPublisher
 from mmtb_runtime.triton_io import ModelArgs, error_response, input_array, input_scalar, output_tensors, read_sampling_params
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -28,6 +29,7 @@ class TritonPythonModel:
         self.facts = ModelFacts.load(self.args.file("model_facts.json"))
         self.tokenizer = load_tokenizer(self.args.file("tokenizer.json"))
         self.max_context = self.args.int("max_context")
+        prefix_cache = None
         if self.args.parameters.get("runner") == "tensorrt":  # target tensorrt: one plan per GPU architecture
             from mmtb_runtime.trt_generation import TensorRTLanguageModelRunner
 
@@ -35,10 +37,11 @@ class TritonPythonModel:
                 self.args.directory, self.args.parameters["plans"], self.facts, self.max_context)
         else:
             cache_bytes = self.args.int("prefix_cache_bytes")
-            runner = LanguageModelRunner(self.args.file("model.onnx"), self.facts,
-                                         prefix_cache=PrefixCache(cache_bytes) if cache_bytes else None)
+            prefix_cache = PrefixCache(cache_bytes) if cache_bytes else None
+            runner = LanguageModelRunner(self.args.file("model.onnx"), self.facts, prefix_cache=prefix_cache)
         budget = KvBudget(self.args.int("kv_budget_tokens"), float(self.args.parameters["kv_queue_timeout_s"]))
         self.scheduler = DecodeScheduler(runner, max_batch=self.args.int("max_decode_batch"), budget=budget)
+        self.metrics = MetricsPublisher(self.scheduler, prefix_cache, self.args.name)
         self.stop_ids = frozenset(self.facts.stop_ids)
         self.sessions = SessionTable(self.tokenizer)
 
@@ -85,6 +88,7 @@ class TritonPythonModel:
         return ids, embeds, mask, params
 
     def finalize(self):
+        self.metrics.close()
         self.scheduler.close()
         self.sessions.fail_all(RuntimeError("the model is unloading"))
 
