@@ -29,6 +29,7 @@ from builder.repository.plan import plan_repository
 from builder.repository.publish import publish, staging_directory
 from builder.repository.report import write_report
 from builder.runtime.model_facts import ModelFacts
+from builder.serve.tritonserver import NGC_IMAGE, TRITON_VERSION
 from builder.source.chat_files import read_chat_prompt
 from builder.source.checkpoint import SourceModel, check_checkpoint_files, load_checkpoint, read_facts
 from builder.source.preflight import Preflight, estimate
@@ -168,6 +169,7 @@ def _manifest(spec: BuildSpec, repo_key: str, source_fingerprint: str, compiled:
         "spec": {k: v for k, v in dataclasses.asdict(spec).items() if k != "path"},
         "source_fingerprint": source_fingerprint,
         "tools": tool_versions(),
+        "serving": {"tritonserver": TRITON_VERSION, "image": NGC_IMAGE},
         "components": {
             name: {
                 "precision": model.precision,

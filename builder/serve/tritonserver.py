@@ -23,6 +23,10 @@ from pathlib import Path
 
 from builder.errors import BuildError
 
+# The Triton release repositories are built and tested for: the CPU server of nvidia-pytriton 0.7.0
+# here, the NGC image of the same release on a GPU (deploy/Dockerfile's FROM; the manifest records both).
+TRITON_VERSION = "2.51.0"
+NGC_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
 STUB_NAME = "triton_python_backend_stub"
 DEFAULT_CONTAINER_BACKENDS = Path("/opt/tritonserver/backends")
 # Error-level log lines, e.g. E1122 02:12:12.889 3225 model_lifecycle.cc:642] "failed to load ..."
