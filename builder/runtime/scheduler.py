@@ -55,6 +55,9 @@ class SchedulerStats:
     generated_tokens: int = 0
     first_token_seconds: float = 0.0  # submit to first token, summed over admitted requests
     first_tokens: int = 0
+    decode_steps: int = 0
+    decode_seconds: float = 0.0  # a step gives each of its sequences one token: the inter-token latency
+    decode_sequences: int = 0  # summed over steps: / decode_steps is the mean batch
 
 
 def reservation(job: DecodeJob) -> int:
@@ -98,6 +101,7 @@ class DecodeScheduler:
             if not self.active:
                 continue
             batch = self.active[: self.max_batch]
+            started = time.monotonic()
             try:
                 self.runner.decode([seq for seq, _ in batch])
             except Exception as exc:  # noqa: BLE001 - the failure goes to the requests it hit
@@ -106,6 +110,9 @@ class DecodeScheduler:
                     self._end(pair[1], failed=True)
                     pair[1].on_error(exc)
                 continue
+            self.stats.decode_steps += 1
+            self.stats.decode_seconds += time.monotonic() - started
+            self.stats.decode_sequences += len(batch)
             self.active = self.active[len(batch):]  # round-robin when more than max_batch are active
             for seq, job in batch:
                 self._emit(seq, job)

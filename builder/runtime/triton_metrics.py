@@ -3,7 +3,9 @@
 Counters and gauges through the Python backend's custom metrics API, published from the scheduler's
 running totals once a second (not per token: each update is a message to the server process).
 Imported only inside Triton. Average TTFT is ``rate(mmtb_first_token_seconds_total) /
-rate(mmtb_first_tokens_total)``; tokens/s is ``rate(mmtb_generated_tokens_total)``.
+rate(mmtb_first_tokens_total)``; tokens/s is ``rate(mmtb_generated_tokens_total)``; inter-token
+latency is ``rate(mmtb_decode_step_seconds_total) / rate(mmtb_decode_steps_total)`` and the mean
+decode batch ``rate(mmtb_decode_step_sequences_total) / rate(mmtb_decode_steps_total)``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ COUNTERS = {  # metric -> (help, what it counts)
     "mmtb_first_tokens_total": ("First tokens produced (the count for the sum above)", lambda s, c: s.stats.first_tokens),
     "mmtb_prefix_cache_reused_tokens_total": ("Prompt positions whose KV came from the prefix cache",
                                               lambda s, c: c.reused_tokens if c else 0),
+    "mmtb_decode_steps_total": ("Batched decode steps (each gives its sequences one token)", lambda s, c: s.stats.decode_steps),
+    "mmtb_decode_step_seconds_total": ("Time in decode steps, summed", lambda s, c: s.stats.decode_seconds),
+    "mmtb_decode_step_sequences_total": ("Sequences per decode step, summed", lambda s, c: s.stats.decode_sequences),
 }
 GAUGES = {
     "mmtb_active_sequences": ("Sequences decoding now", lambda s, c: len(s.active)),
