@@ -86,7 +86,7 @@ def build_source(quick: bool, directory: Path) -> SourceModel:
         model.get_input_embeddings().weight.normal_(0.0, 1.0, generator=generator)
     config.save_pretrained(directory)
     tiny_tokenizer().save_pretrained(directory)
-    return SourceModel(directory, model, read_facts(directory))
+    return SourceModel(directory, model, read_facts(directory))  # the preset's own tokenizer.json
 
 
 def held_out_prompts(facts: ModelFacts) -> list[FusedPrompt]:

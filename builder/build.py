@@ -34,6 +34,7 @@ from builder.source.chat_files import read_chat_prompt
 from builder.source.checkpoint import SourceModel, check_checkpoint_files, load_checkpoint, read_facts
 from builder.source.preflight import Preflight, estimate
 from builder.source.resolve import resolve_source
+from builder.source.tokenizer_files import checkpoint_tokenizer
 from builder.spec import BuildSpec
 
 # The spec keys each component's graph depends on, besides its own components.<name> section.
@@ -69,7 +70,8 @@ def build(spec: BuildSpec, output: Path, cache_dir: Path, progress: bool = True)
     cache = StageCache(cache_dir)
     source = resolve_source(spec.source, cache)
     weight_files = check_checkpoint_files(source.checkpoint)
-    facts = _served_facts(spec, read_facts(source.checkpoint))
+    tokenizer = checkpoint_tokenizer(source.checkpoint, cache)  # the checkpoint's, or converted from tekken.json
+    facts = _served_facts(spec, read_facts(source.checkpoint, tokenizer))
     target = dataclasses.replace(target, image=facts.image)
     components = [c for c in ("vision_encoder", "audio_encoder", "llm") if c == "llm" or _media(facts, c) is not None]
     precisions = {c: getattr(spec.components, _SPEC_COMPONENT[c]).precision for c in components}
@@ -101,13 +103,13 @@ def build(spec: BuildSpec, output: Path, cache_dir: Path, progress: bool = True)
         entry = cache.lookup("export", component, keys[component])
         if entry is None:
             if loaded is None:  # in the LLM's dtype: it holds nearly all the weights
-                loaded = load_checkpoint(source.checkpoint, dtypes["llm"])
+                loaded = load_checkpoint(source.checkpoint, dtypes["llm"], tokenizer)
             entry = _export(loaded, spec, component, dtypes[component], cache, keys[component])
         exported[component] = load_exported(entry)
 
     with staging_directory(output) as staging, tempfile.TemporaryDirectory() as scratch:
         # The serving files first: calibration and the gates preprocess exactly as the server will.
-        shared = _shared_files(source.checkpoint, facts, Path(scratch))
+        shared = _shared_files(source.checkpoint, tokenizer, facts, Path(scratch))
         settled, pipeline = quantize_components(spec, facts, shared["tokenizer.json"], exported, precisions, keys,
                                                 files, cache, progress)
         compiled = {
@@ -152,11 +154,11 @@ def _export(source: SourceModel, spec: BuildSpec, component: str, dtype: ExportD
     return cache.entry("export", component, key)
 
 
-def _shared_files(checkpoint: Path, facts: ModelFacts, scratch: Path) -> dict[str, Path]:
+def _shared_files(checkpoint: Path, tokenizer: Path, facts: ModelFacts, scratch: Path) -> dict[str, Path]:
     """The files several models carry; copied, so the repository never shares an inode with the checkpoint."""
     facts.save(scratch / "model_facts.json")
-    shutil.copyfile(checkpoint / "tokenizer.json", scratch / "tokenizer.json")
-    chat = read_chat_prompt(checkpoint, scratch / "tokenizer.json", family_for(checkpoint).DEFAULT_CHAT_TEMPLATE)
+    shutil.copyfile(tokenizer, scratch / "tokenizer.json")
+    chat = read_chat_prompt(checkpoint, tokenizer, family_for(checkpoint).DEFAULT_CHAT_TEMPLATE)
     written = chat.save(scratch)
     return {"model_facts.json": scratch / "model_facts.json", "tokenizer.json": scratch / "tokenizer.json",
             **{path.name: path for path in written}}

@@ -100,7 +100,7 @@ CASES: dict[str, BadBuild] = {
         CHECKPOINT_SPEC, "weights do not match config.json", breaks=_edit_config(text_config__intermediate_size=96)),
     "no_config": BadBuild(CHECKPOINT_SPEC, "no config.json (expected a Hugging Face save_pretrained directory)", breaks=_remove("config.json")),
     "config_not_json": BadBuild(CHECKPOINT_SPEC, "config.json: not valid JSON", breaks=_write("config.json", "{model_type: mistral3")),
-    "no_tokenizer": BadBuild(CHECKPOINT_SPEC, "no tokenizer.json (a fast tokenizer file is required)", breaks=_remove("tokenizer.json")),
+    "no_tokenizer": BadBuild(CHECKPOINT_SPEC, "no tokenizer; looked for tokenizer.json and tekken.json", breaks=_remove("tokenizer.json")),
 }
 
 

@@ -37,11 +37,11 @@ class Family(ABC):
     DEFAULT_CHAT_TEMPLATE: str
 
     @abstractmethod
-    def read_facts(self, directory: Path) -> ModelFacts:
-        """From config.json, tokenizer and processor files alone (no weights loaded)."""
+    def read_facts(self, directory: Path, tokenizer: Path) -> ModelFacts:
+        """From config.json, the ``tokenizer`` file it serves with and processor files alone (no weights loaded)."""
 
     @abstractmethod
-    def load(self, directory: Path, dtype: str = "float32") -> SourceModel:
+    def load(self, directory: Path, dtype: str, tokenizer: Path) -> SourceModel:
         """The checkpoint's modules in ``dtype`` (a torch dtype's name), weights checked against its config."""
 
     @abstractmethod

@@ -16,6 +16,7 @@ import numpy as np
 
 from builder.errors import BuildError
 from builder.families.base import Family, SourceModel
+from builder.families.mistral_files import image_params_from_mistral_files
 from builder.runtime.audio import HOP
 from builder.runtime.model_facts import AudioFacts, ImageFacts, ModelFacts
 
@@ -56,8 +57,8 @@ def _side(value: Any) -> int:
     return int(value["height"] if isinstance(value, dict) else value)
 
 
-def _added_tokens(directory: Path) -> dict[str, int]:
-    vocab = _json(directory / "tokenizer.json")
+def _added_tokens(tokenizer: Path) -> dict[str, int]:
+    vocab = _json(tokenizer)
     return {t["content"]: int(t["id"]) for t in vocab.get("added_tokens", [])}
 
 
@@ -75,17 +76,19 @@ class Mistral3(Family):
     MODEL_TYPE = "mistral3"
     DEFAULT_CHAT_TEMPLATE = DEFAULT_CHAT_TEMPLATE
 
-    def read_facts(self, directory: Path) -> ModelFacts:
+    def read_facts(self, directory: Path, tokenizer: Path) -> ModelFacts:
         from transformers import Mistral3Config
 
         config = Mistral3Config.from_pretrained(directory)
-        added = _added_tokens(directory)
+        added = _added_tokens(tokenizer)
         processor = _json(directory / "processor_config.json")
         pre = _json(directory / "preprocessor_config.json")
+        # Mistral's own layout (Mistral Small 3.2, Magistral): no HF processor files, tekken.json / params.json say it
+        mistral = image_params_from_mistral_files(directory) if not (processor or pre) else None
 
         def token(name: str) -> int:
             if name not in added:
-                raise BuildError(f"{directory}/tokenizer.json: special token {name} is missing")
+                raise BuildError(f"{tokenizer}: special token {name} is missing")
             return added[name]
 
         vision = config.vision_config
@@ -94,11 +97,11 @@ class Mistral3(Family):
             token=token(image_text),
             row_break=token(processor.get("image_break_token", "[IMG_BREAK]")),
             end=token(processor.get("image_end_token", "[IMG_END]")),
-            patch_size=_side(processor.get("patch_size", vision.patch_size)),
-            merge_size=int(processor.get("spatial_merge_size", config.spatial_merge_size)),
-            longest_edge=int((pre.get("size") or {}).get("longest_edge", vision.image_size)),
-            mean=tuple(pre.get("image_mean", CLIP_MEAN)),
-            std=tuple(pre.get("image_std", CLIP_STD)),
+            patch_size=mistral.patch_size if mistral else _side(processor.get("patch_size", vision.patch_size)),
+            merge_size=mistral.spatial_merge_size if mistral else int(processor.get("spatial_merge_size", config.spatial_merge_size)),
+            longest_edge=mistral.longest_edge if mistral else int((pre.get("size") or {}).get("longest_edge", vision.image_size)),
+            mean=tuple((mistral and mistral.image_mean) or pre.get("image_mean", CLIP_MEAN)),
+            std=tuple((mistral and mistral.image_std) or pre.get("image_std", CLIP_STD)),
             token_text=image_text,
         )
         if image.token != config.image_token_index:
@@ -133,7 +136,7 @@ class Mistral3(Family):
             audio=audio,
         )
 
-    def load(self, directory: Path, dtype: str = "float32") -> SourceModel:
+    def load(self, directory: Path, dtype: str, tokenizer: Path) -> SourceModel:
         import torch
         from transformers import Mistral3Config, Mistral3ForConditionalGeneration
         from transformers.utils import logging as hf_logging
@@ -163,7 +166,7 @@ class Mistral3(Family):
             _load_prefixed(weight_files, "audio_tower.", tower)
             _load_prefixed(weight_files, "audio_projector.", projector)
             parts = {"audio_tower": tower, "audio_projector": projector}
-        return SourceModel(directory, model.eval(), self.read_facts(directory), parts)
+        return SourceModel(directory, model.eval(), self.read_facts(directory, tokenizer), parts)
 
     def recipes(self, source: SourceModel, limits: "LimitsSpec", components: list[str]) -> list["ExportRecipe"]:
         from builder.export.recipes import audio_recipe, llm_recipe, vision_recipe

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from builder.errors import BuildError
+from builder.families.mistral_files import default_system_prompt
 from builder.runtime.chat import ChatPrompt, ChatTemplate, request_messages
 from builder.runtime.errors import RequestError
 
-SYSTEM_PROMPT_FILE = "SYSTEM_PROMPT.txt"
 # For a checkpoint without a template whose family has no layout of its own: "role: text" lines after the
 # BOS, each image or audio item written as the text "<image>" / "<audio>" for the family to expand.
 GENERIC_CHAT_TEMPLATE = (
@@ -54,10 +54,9 @@ def read_chat_files(directory: Path, fallback_template: str = GENERIC_CHAT_TEMPL
     special_tokens = {key: value for key, value in tokenizer.special_tokens_map.items() if isinstance(value, str)}
     chat = ChatTemplate(template)
     as_blocks = _takes_system_blocks(chat, special_tokens)
-    system_prompt = None
-    if (directory / SYSTEM_PROMPT_FILE).is_file() and not _has_default_system_prompt(chat, special_tokens, as_blocks):
-        # Mistral's model cards fill {name} with the repository name ({today}, {yesterday}: per request)
-        system_prompt = (directory / SYSTEM_PROMPT_FILE).read_text().replace("{name}", directory.resolve().name)
+    system_prompt = default_system_prompt(directory)  # Mistral's SYSTEM_PROMPT.txt, if the checkpoint has one
+    if system_prompt is not None and _has_default_system_prompt(chat, special_tokens, as_blocks):
+        system_prompt = None  # the template's own default wins, as in HF's pipeline
     return ChatFiles(source, ChatPrompt(
         template=template,
         special_tokens=special_tokens,
@@ -106,7 +105,9 @@ def _hf_tokenizer(directory: Path, tokenizer_file: Path) -> Any:
     """transformers' tokenizer for the checkpoint, whose special tokens and control tokens serving reuses."""
     from transformers import PreTrainedTokenizerFast
 
-    config = {**_json(directory / "special_tokens_map.json"), **_json(directory / "tokenizer_config.json")}
+    # A tokenizer converted from tekken.json has its bos/eos/unk names in a tokenizer_config.json beside it.
+    beside = _json(tokenizer_file.parent / "tokenizer_config.json") if tokenizer_file.parent != directory else {}
+    config = {**beside, **_json(directory / "special_tokens_map.json"), **_json(directory / "tokenizer_config.json")}
     kwargs = {key: value["content"] if isinstance(value, dict) else value for key, value in config.items()
               if key.endswith("_token") or key in ("chat_control_tokens", "extra_special_tokens")}
     try:

@@ -9,10 +9,12 @@ mistral-common's ``Tekkenizer`` when it is installed.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
+from builder.cache import StageCache, code_fingerprint, make_key, tool_versions
 from builder.errors import BuildError
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -46,6 +48,21 @@ def serving_tokenizer(checkpoint: Path, work_dir: Path) -> Path:
     if not tekken.is_file():
         raise BuildError(f"{checkpoint}: no tokenizer; looked for {TOKENIZER_FILE} and {TEKKEN_FILE}")
     return convert_tekken(tekken, work_dir)
+
+
+def checkpoint_tokenizer(checkpoint: Path, cache: StageCache) -> Path:
+    """The ``tokenizer.json`` a build serves with (:func:`serving_tokenizer`); a conversion from ``tekken.json``
+    is kept in the build cache under a key of its bytes, beside its ``tokenizer_config.json``."""
+    tekken = checkpoint / TEKKEN_FILE
+    if (checkpoint / TOKENIZER_FILE).is_file() or not tekken.is_file():
+        return serving_tokenizer(checkpoint, cache.root)  # the checkpoint's own, or the error naming both files
+    key = make_key(hashlib.sha256(tekken.read_bytes()).hexdigest(), tool_versions(), code_fingerprint("source"))
+    entry = cache.lookup("source", "tokenizer", key)
+    if entry is None:
+        with cache.writer("source", "tokenizer", key) as tmp:
+            convert_tekken(tekken, tmp)
+        entry = cache.entry("source", "tokenizer", key)
+    return entry / TOKENIZER_FILE
 
 
 def convert_tekken(tekken: Path, work_dir: Path) -> Path:
