@@ -130,3 +130,9 @@ def test_entry_points_decide_the_ensembles_and_llm_always_holds_the_weights(entr
     assert names & {"llm", "llm_stream", "ensemble", "ensemble_stream"} == expected
     assert (tmp_path / "repo" / "llm" / "1" / "model.onnx").is_file()
     assert not (tmp_path / "repo" / "llm_stream" / "1" / "model.onnx").exists()  # one copy of the weights
+
+
+def test_no_version_directory_is_empty(built_repository):
+    """Object storage has no empty directories: an ensemble's version would vanish on upload."""
+    versions = [d for d in built_repository.glob("*/1") if d.is_dir()]
+    assert len(versions) >= 8 and all(any(v.iterdir()) for v in versions)

@@ -17,6 +17,9 @@ RUNTIME = Path(__file__).resolve().parents[1] / "runtime"
 # The name every model.py imports the runtime by: a copy beside it in the version directory, which the
 # Python backend puts on sys.path, so the repository runs where this builder is not installed.
 RUNTIME_PACKAGE = "mmtb_runtime"
+# Triton reads an ensemble's version directory but no file in it; copied to S3, an empty directory
+# would vanish and tritonserver would find no version ("No model version was found").
+EMPTY_VERSION_NOTE = ("README.txt", "An ensemble has no model file; this file keeps its version directory in object storage.\n")
 
 
 def render_model_config(plan: ModelPlan) -> str:
@@ -47,6 +50,8 @@ def assemble_repository(plans: list[ModelPlan], staging: Path, manifest: dict[st
                 copy_onnx(source, version / name)
             else:
                 link_or_copy(source, version / name)
+        if not any(version.iterdir()):  # an ensemble: object storage has no empty directories
+            (version / EMPTY_VERSION_NOTE[0]).write_text(EMPTY_VERSION_NOTE[1])
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
 
 
