@@ -27,7 +27,7 @@ import onnxruntime as ort
 import torch
 
 from builder.export.onnx_export import export_graph
-from builder.export.parity import cosine
+from builder.compare import cosine
 from builder.export.recipes import audio_recipe, vision_recipe
 from builder.quantize.calibration_data import DEFAULT_DIRECTORY
 from builder.quantize.qdq import S8S8, U8S8, calibrate, quantize_qdq

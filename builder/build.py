@@ -18,7 +18,7 @@ from builder.cache import StageCache, code_fingerprint, make_key, tool_versions
 from builder.compile.artifacts import CompiledModel
 from builder.compile.targets import prepare_target
 from builder.errors import BuildError
-from builder.export.onnx_export import ExportedGraph, load_exported
+from builder.export.graph import ExportedGraph, load_exported
 from builder.export.precision import ExportDtype, export_dtype
 from builder.families import family_for
 from builder.quantize.calibration_data import calibration_files
@@ -34,7 +34,7 @@ from builder.source.chat_files import read_chat_prompt
 from builder.source.checkpoint import SourceModel, check_checkpoint_files, load_checkpoint, read_facts
 from builder.source.preflight import Preflight, estimate
 from builder.source.resolve import resolve_source
-from builder.source.tokenizer_files import checkpoint_tokenizer
+from builder.source.tokenizer_files import serving_tokenizer
 from builder.spec import BuildSpec
 
 # The spec keys each component's graph depends on, besides its own components.<name> section.
@@ -70,8 +70,8 @@ def build(spec: BuildSpec, output: Path, cache_dir: Path, progress: bool = True)
     cache = StageCache(cache_dir)
     source = resolve_source(spec.source, cache)
     weight_files = check_checkpoint_files(source.checkpoint)
-    tokenizer = checkpoint_tokenizer(source.checkpoint, cache)  # the checkpoint's, or converted from tekken.json
-    facts = _served_facts(spec, read_facts(source.checkpoint, tokenizer))
+    tokenizer = serving_tokenizer(source.checkpoint, cache)  # the checkpoint's, or converted from tekken.json once
+    facts = _served_facts(spec, _checkpoint_facts(source.checkpoint, source.fingerprint, tokenizer, cache))
     target = dataclasses.replace(target, image=facts.image)
     components = [c for c in ("vision_encoder", "audio_encoder", "llm") if c == "llm" or _media(facts, c) is not None]
     precisions = {c: getattr(spec.components, _SPEC_COMPONENT[c]).precision for c in components}
@@ -123,6 +123,17 @@ def build(spec: BuildSpec, output: Path, cache_dir: Path, progress: bool = True)
         publish(staging, output)
     return BuildResult(output, tuple(rebuilt), tuple(c for c in components if c not in rebuilt), True,
                        time.perf_counter() - started, preflight)
+
+
+def _checkpoint_facts(checkpoint: Path, fingerprint: str, tokenizer: Path, cache: StageCache) -> ModelFacts:
+    """read_facts, kept in the cache: reading them imports transformers, which a no-op build should not wait for."""
+    key = make_key(fingerprint, str(tokenizer), code_fingerprint("families", "source"), tool_versions())
+    entry = cache.lookup("source", "facts", key)
+    if entry is None:
+        with cache.writer("source", "facts", key) as tmp:
+            read_facts(checkpoint, tokenizer).save(tmp / "model_facts.json")
+        entry = cache.entry("source", "facts", key)
+    return ModelFacts.load(entry / "model_facts.json")
 
 
 def _served_facts(spec: BuildSpec, facts: ModelFacts) -> ModelFacts:

@@ -15,11 +15,17 @@ from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 from builder.compile.compare import AccuracyGate, Comparison, compare_with_onnxruntime, sample_feeds
 from builder.compile.plans import Device, PlanRecord, carried_plans, cc_model_filenames, plan_record, published_plans
 from builder.compile.profiles import (
-    AxisRange, Profile, check_profiles, check_request_fits, input_axes, profiles_for, request_ranges,
+    AxisRange,
+    Profile,
+    check_profiles,
+    check_request_fits,
+    input_axes,
+    profiles_for,
+    request_ranges,
 )
 from builder.compile.tensorrt_build import detect_device
 from builder.errors import BuildError, SpecError
-from builder.export.onnx_export import graph_signature
+from builder.export.graph import graph_signature
 from builder.runtime.gpu import query_gpu
 from builder.spec import parse_spec
 
@@ -152,7 +158,7 @@ def test_comparison_plumbing_with_onnxruntime_on_both_sides(tmp_path):
 def test_llm_comparison_inputs_are_ones_of_the_mask_and_positions_after_the_past():
     signature = [("input_ids", "TYPE_INT64", (1, -1)), ("attention_mask", "TYPE_INT64", (1, -1)),
                  ("position_ids", "TYPE_INT64", (1, -1)), ("multimodal_mask", "TYPE_BOOL", (1, -1))]
-    from builder.export.onnx_export import TensorSig
+    from builder.export.graph import TensorSig
 
     inputs = tuple(TensorSig(*s) for s in signature)
     _, decode = profiles_for("llm", SPEC)

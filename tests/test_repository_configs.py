@@ -102,12 +102,11 @@ def test_ensemble_checks_catch_miswiring():
 
 def test_config_dims_must_agree_with_the_graph(built_repository, tmp_path):
     from builder.compile.artifacts import CompiledModel
-    from builder.export.onnx_export import graph_signature
-    from builder.export.parity import ParityResult
+    from builder.export.graph import ParityResult, graph_signature
 
     path = built_repository / "audio_encoder" / "1" / "model.onnx"  # fixed mel bins and frames
     inputs, outputs = graph_signature(path)
-    from builder.export.onnx_export import ExportedGraph
+    from builder.export.graph import ExportedGraph
 
     graph = ExportedGraph("audio_encoder", path, inputs, outputs, ParityResult(1, 0.0, 1.0, 0.0, 0.0))
     served = CompiledModel("audio_encoder", path, "fp32", graph)

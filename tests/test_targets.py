@@ -20,8 +20,7 @@ from builder.compile.artifacts import CompiledModel
 from builder.compile.compare import Comparison
 from builder.compile.plans import Device, plan_record
 from builder.errors import BuildError
-from builder.export.onnx_export import ExportedGraph, graph_signature
-from builder.export.parity import ParityResult
+from builder.export.graph import ExportedGraph, ParityResult, graph_signature
 from builder.repository.assemble import assemble_repository
 from builder.repository.plan import plan_repository
 from builder.repository.validate import check_graph_signature

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.compile.plans import PlanRecord, cc_model_filenames
-from builder.export.onnx_export import ExportedGraph
+from builder.export.graph import ExportedGraph
 from builder.quantize.ladder import Settled
 
 

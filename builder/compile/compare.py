@@ -22,7 +22,7 @@ from polygraphy.logger import G_LOGGER
 
 from builder.compile.profiles import InputShapes
 from builder.errors import BuildError
-from builder.export.onnx_export import TensorSig
+from builder.export.graph import TensorSig
 
 Feeds = dict[str, np.ndarray]
 

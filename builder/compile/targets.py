@@ -22,7 +22,7 @@ from builder.compile.compare import AccuracyGate, Comparison, Feeds, sample_feed
 from builder.compile.plans import Device, carried_plans, plan_record, published_plans
 from builder.compile.profiles import Profile, check_profiles, check_request_fits, input_axes, profiles_for, request_ranges
 from builder.errors import BuildError
-from builder.export.onnx_export import ExportedGraph
+from builder.export.graph import ExportedGraph
 from builder.onnx_files import graph_sha256
 from builder.runtime.model_facts import ImageFacts
 from builder.spec import BuildSpec

@@ -7,53 +7,17 @@ import io
 import json
 import logging
 import warnings
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import onnx
 import torch
 
 from builder.errors import BuildError
-from builder.export.parity import ParityResult, check_parity
+from builder.export.graph import ExportedGraph, graph_signature, to_json
+from builder.export.parity import check_parity
 from builder.export.precision import ExportDtype, cast_weights
 from builder.export.recipes import ExportRecipe
 from builder.onnx_files import EXTERNAL_DATA_THRESHOLD
 from builder.spec import ExportSpec
-
-_ELEM_TYPES = {
-    onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16", onnx.TensorProto.INT64: "TYPE_INT64",
-    onnx.TensorProto.INT32: "TYPE_INT32", onnx.TensorProto.BOOL: "TYPE_BOOL", onnx.TensorProto.INT8: "TYPE_INT8",
-}
-
-
-@dataclass(frozen=True)
-class TensorSig:
-    name: str
-    data_type: str  # Triton's name (TYPE_FP32...)
-    dims: tuple[int, ...]  # -1 for dynamic axes
-
-
-@dataclass(frozen=True)
-class ExportedGraph:
-    component: str
-    path: Path
-    inputs: tuple[TensorSig, ...]
-    outputs: tuple[TensorSig, ...]
-    parity: ParityResult
-
-    def output(self, name: str) -> TensorSig:
-        return next(sig for sig in self.outputs if sig.name == name)
-
-
-def graph_signature(path: Path) -> tuple[tuple[TensorSig, ...], tuple[TensorSig, ...]]:
-    model = onnx.load(str(path), load_external_data=False)
-
-    def sig(value: onnx.ValueInfoProto) -> TensorSig:
-        tensor = value.type.tensor_type
-        dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim)
-        return TensorSig(value.name, _ELEM_TYPES.get(tensor.elem_type, f"onnx:{tensor.elem_type}"), dims)
-
-    return tuple(map(sig, model.graph.input)), tuple(map(sig, model.graph.output))
 
 
 def export_graph(recipe: ExportRecipe, directory: Path, spec: ExportSpec, dtype: ExportDtype = "float32") -> ExportedGraph:
@@ -79,25 +43,8 @@ def export_graph(recipe: ExportRecipe, directory: Path, spec: ExportSpec, dtype:
     parity = check_parity(recipe, path, spec.parity_samples, spec.atol, spec.rtol, cosine_gate=cosine_gate)
     inputs, outputs = graph_signature(path)
     exported = ExportedGraph(recipe.component, path, inputs, outputs, parity)
-    (directory / "export.json").write_text(json.dumps(_to_json(exported), indent=2))
+    (directory / "export.json").write_text(json.dumps(to_json(exported), indent=2))
     return exported
-
-
-def load_exported(directory: Path) -> ExportedGraph:
-    raw = json.loads((directory / "export.json").read_text())
-    return ExportedGraph(
-        component=raw["component"],
-        path=directory / "model.onnx",
-        inputs=tuple(TensorSig(s["name"], s["data_type"], tuple(s["dims"])) for s in raw["inputs"]),
-        outputs=tuple(TensorSig(s["name"], s["data_type"], tuple(s["dims"])) for s in raw["outputs"]),
-        parity=ParityResult(**raw["parity"]),
-    )
-
-
-def _to_json(graph: ExportedGraph) -> dict:
-    data = asdict(graph)
-    data.pop("path")
-    return data
 
 
 def _dynamic_shapes_by_position(recipe: ExportRecipe) -> tuple:

@@ -2,35 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import torch
 
+from builder.compare import cosine
 from builder.errors import BuildError
+from builder.export.graph import ParityResult
 from builder.export.recipes import ExportRecipe
-
-
-@dataclass(frozen=True)
-class ParityResult:
-    samples: int
-    max_abs_error: float
-    min_cosine: float
-    atol: float | None  # FP32 graphs: every output allclose(atol, rtol)
-    rtol: float | None
-    cosine_gate: float | None = None  # FP16 graphs: every output's cosine at least this
-    dtype: str = "float32"
-
-    def summary(self) -> str:
-        return f"{self.dtype}: max|err| {self.max_abs_error:.2e}, cos >= {self.min_cosine:.6f} over {self.samples} inputs"
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    denom = np.linalg.norm(a) * np.linalg.norm(b)
-    return 1.0 if denom == 0 else float(a @ b / denom)
 
 
 def check_parity(recipe: ExportRecipe, onnx_path: Path, samples: int, atol: float, rtol: float, seed: int = 1234,

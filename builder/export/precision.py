@@ -8,22 +8,24 @@ wrappers cast at the edges), so Triton configs and the serving code do not chang
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
+if TYPE_CHECKING:  # torch loads only when something is exported: a no-op build never imports it
+    import torch
 
 ExportDtype = Literal["float32", "float16"]
-TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16}
 
 
 def export_dtype(precision: str) -> ExportDtype:
     return "float16" if precision == "fp16" else "float32"
 
 
-def cast_weights(module: torch.nn.Module, dtype: ExportDtype) -> None:
+def cast_weights(module: "torch.nn.Module", dtype: ExportDtype) -> None:
     """Casts the weights (parameters and saved buffers) in place, as ``from_pretrained(dtype=...)`` loads
     them; buffers a module computes itself (RoPE's ``inv_freq``) keep the dtype the module chose."""
-    target = TORCH_DTYPES[dtype]
+    import torch
+
+    target = getattr(torch, dtype)
     saved = set(module.state_dict(keep_vars=True).keys())
     for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
         if name in saved and tensor.is_floating_point() and tensor.dtype != target:

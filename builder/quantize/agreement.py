@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from builder.export.parity import cosine
+from builder.compare import cosine
 from builder.quantize.gate import OutputFigures
 from builder.runtime.encoders import embed_request
 from builder.runtime.generation import LanguageModelRunner, SamplingParams

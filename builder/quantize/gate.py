@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from builder.export.parity import cosine
+from builder.compare import cosine
 from builder.spec import GateSpec
 
 

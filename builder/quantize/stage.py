@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from builder.cache import StageCache, code_fingerprint, make_key, tool_versions
 from builder.errors import BuildError
-from builder.export.onnx_export import ExportedGraph
+from builder.export.graph import ExportedGraph
 from builder.quantize.agreement import fuse_prompt
 from builder.quantize.calibration_data import CalibrationFiles, CalibrationSamples, load_samples, server_preprocessor
 from builder.quantize.gate import session

@@ -25,12 +25,11 @@ def resolve_source(source: SourceSpec, cache: StageCache) -> ResolvedSource:
             raise BuildError(f"source.checkpoint: directory not found: {directory}")
         return ResolvedSource(directory, checkpoint_fingerprint(directory), cached=True)
 
-    from builder.source.tiny import write_tiny_checkpoint  # torch/transformers only when needed
-
     key = make_key(asdict(source), tool_versions(), code_fingerprint("source"))
     found = cache.lookup("source", "tiny", key)
     if found is not None:
         return ResolvedSource(found, key, cached=True)
+    from builder.source.tiny import write_tiny_checkpoint  # torch/transformers only when it is written
     with cache.writer("source", "tiny", key) as tmp:
         write_tiny_checkpoint(tmp, seed=source.seed)
     return ResolvedSource(cache.entry("source", "tiny", key), key, cached=False)

@@ -1,0 +1,79 @@
+"""What an exported graph is, for the stages after export: its file, its signature, its parity record.
+
+Light on purpose (onnx only, no torch): every later stage and the no-op build read these.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import onnx
+
+
+@dataclass(frozen=True)
+class ParityResult:
+    samples: int
+    max_abs_error: float
+    min_cosine: float
+    atol: float | None  # FP32 graphs: every output allclose(atol, rtol)
+    rtol: float | None
+    cosine_gate: float | None = None  # FP16 graphs: every output's cosine at least this
+    dtype: str = "float32"
+
+    def summary(self) -> str:
+        return f"{self.dtype}: max|err| {self.max_abs_error:.2e}, cos >= {self.min_cosine:.6f} over {self.samples} inputs"
+
+
+_ELEM_TYPES = {
+    onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16", onnx.TensorProto.INT64: "TYPE_INT64",
+    onnx.TensorProto.INT32: "TYPE_INT32", onnx.TensorProto.BOOL: "TYPE_BOOL", onnx.TensorProto.INT8: "TYPE_INT8",
+}
+
+
+@dataclass(frozen=True)
+class TensorSig:
+    name: str
+    data_type: str  # Triton's name (TYPE_FP32...)
+    dims: tuple[int, ...]  # -1 for dynamic axes
+
+
+@dataclass(frozen=True)
+class ExportedGraph:
+    component: str
+    path: Path
+    inputs: tuple[TensorSig, ...]
+    outputs: tuple[TensorSig, ...]
+    parity: ParityResult
+
+    def output(self, name: str) -> TensorSig:
+        return next(sig for sig in self.outputs if sig.name == name)
+
+
+def graph_signature(path: Path) -> tuple[tuple[TensorSig, ...], tuple[TensorSig, ...]]:
+    model = onnx.load(str(path), load_external_data=False)
+
+    def sig(value: onnx.ValueInfoProto) -> TensorSig:
+        tensor = value.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim)
+        return TensorSig(value.name, _ELEM_TYPES.get(tensor.elem_type, f"onnx:{tensor.elem_type}"), dims)
+
+    return tuple(map(sig, model.graph.input)), tuple(map(sig, model.graph.output))
+
+
+def load_exported(directory: Path) -> ExportedGraph:
+    raw = json.loads((directory / "export.json").read_text())
+    return ExportedGraph(
+        component=raw["component"],
+        path=directory / "model.onnx",
+        inputs=tuple(TensorSig(s["name"], s["data_type"], tuple(s["dims"])) for s in raw["inputs"]),
+        outputs=tuple(TensorSig(s["name"], s["data_type"], tuple(s["dims"])) for s in raw["outputs"]),
+        parity=ParityResult(**raw["parity"]),
+    )
+
+
+def to_json(graph: ExportedGraph) -> dict:
+    data = asdict(graph)
+    data.pop("path")
+    return data
