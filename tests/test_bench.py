@@ -84,3 +84,19 @@ def test_plots_are_pngs(results: Path) -> None:
     for name in ("throughput_vs_concurrency.png", "latency_vs_concurrency.png"):
         with Image.open(results / name) as image:
             assert image.format == "PNG" and image.size[0] > 300
+
+
+def test_no_verdict_for_a_baseline_slower_than_what_it_bounds_or_a_point_that_did_not_settle() -> None:
+    from builder.bench.report import HF_EAGER, IN_PROCESS, MAIN_MIX, SERVED, Ratios, series
+    from builder.bench.results import Row
+
+    def row(name: str, p50: float, tokens: float, concurrency: int = 1, stable: bool = True) -> Row:
+        return Row(series(name, MAIN_MIX), concurrency, 10.0, tokens, p50, p50, p50, stable=stable)
+
+    faulty = Ratios.of([row(SERVED, 20, 1000), row(IN_PROCESS, 50, 400), row(HF_EAGER, 100, 100),
+                        row(SERVED, 40, 4000, concurrency=8, stable=False)]).headline()
+    assert "latency at concurrency 1: **0.40x** (target <= 1.15x, no verdict: the in-process baseline was slower" in faulty
+    assert "at concurrency 8: **40.00x** (target >= 5x, no verdict: ensemble (mixed) at c=8 did not settle)" in faulty
+    assert "tokens/s at concurrency 1: **10.00x** (target >= 2x, met)" in faulty  # both settled: a verdict
+    honest = Ratios.of([row(SERVED, 20, 1000), row(IN_PROCESS, 18, 1100), row(HF_EAGER, 100, 100)]).headline()
+    assert "**1.11x** (target <= 1.15x, met)" in honest and "**10.00x** (target >= 2x, met)" in honest

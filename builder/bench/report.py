@@ -13,6 +13,7 @@ from pathlib import Path
 
 from builder.bench.metrics import RequestCounts
 from builder.bench.results import Row
+from builder.serve.tritonserver import TRITON_VERSION
 
 SERVED, STREAMED, IN_PROCESS, HF_EAGER = "ensemble", "ensemble_stream", "in-process", "HF eager"
 MAIN_MIX = "mixed"
@@ -24,22 +25,39 @@ def series(kind: str, mix: str) -> str:
 
 
 @dataclass(frozen=True)
+class Ratio:
+    value: float | None
+    fault: str | None = None  # why no verdict may be given: a point that did not settle, a bound beaten by what it bounds
+
+
+@dataclass(frozen=True)
 class Ratios:
-    latency_c1: float | None  # served p50 / in-process p50
-    tokens_c1: float | None  # served tokens/s / HF eager tokens/s
-    tokens_c8: float | None
+    latency_c1: Ratio  # served p50 / in-process p50
+    tokens_c1: Ratio  # served tokens/s / HF eager tokens/s
+    tokens_c8: Ratio
 
     @classmethod
     def of(cls, rows: Sequence[Row]) -> Ratios:
         def find(name: str, concurrency: int = 1) -> Row | None:
             return next((r for r in rows if r.series == series(name, MAIN_MIX) and r.concurrency == concurrency), None)
 
+        def unsettled(*points: Row) -> str | None:
+            names = [f"{p.series} at c={p.concurrency}" for p in points if not p.stable]
+            return f"{', '.join(names)} did not settle" if names else None
+
+        def tokens(served: Row | None, hf: Row | None) -> Ratio:
+            if not (served and hf and served.tokens_per_s and hf.tokens_per_s):
+                return Ratio(None)
+            return Ratio(served.tokens_per_s / hf.tokens_per_s, unsettled(served, hf))
+
         served1, served8, floor, hf = find(SERVED), find(SERVED, 8), find(IN_PROCESS), find(HF_EAGER)
-        return cls(
-            served1.p50_ms / floor.p50_ms if served1 and floor else None,
-            served1.tokens_per_s / hf.tokens_per_s if served1 and hf and served1.tokens_per_s and hf.tokens_per_s else None,
-            served8.tokens_per_s / hf.tokens_per_s if served8 and hf and served8.tokens_per_s and hf.tokens_per_s else None,
-        )
+        latency = Ratio(None)
+        if served1 and floor:
+            # In-process is the floor of served latency: a floor slower than the server is a measuring fault.
+            fault = unsettled(served1, floor) or ("the in-process baseline was slower than the server it bounds: "
+                                                  "a measuring fault (a loaded machine?)" if floor.p50_ms > served1.p50_ms else None)
+            latency = Ratio(served1.p50_ms / floor.p50_ms, fault)
+        return cls(latency, tokens(served1, hf), tokens(served8, hf))
 
     def headline(self) -> str:
         return "; ".join([
@@ -49,11 +67,15 @@ class Ratios:
         ])
 
 
-def _ratio(what: str, value: float | None, target: float, at_most: bool = False) -> str:
-    if value is None:
+def _ratio(what: str, ratio: Ratio, target: float, at_most: bool = False) -> str:
+    if ratio.value is None:
         return f"{what}: not measured"
-    met = value <= target if at_most else value >= target
-    verdict = "met" if met else f"missed by {value / target:.2f}x" if at_most else f"short by {target / value:.2f}x"
+    value = ratio.value
+    if ratio.fault:
+        verdict = f"no verdict: {ratio.fault}"
+    else:
+        met = value <= target if at_most else value >= target
+        verdict = "met" if met else f"missed by {value / target:.2f}x" if at_most else f"short by {target / value:.2f}x"
     return f"{what}: **{value:.2f}x** (target {'<=' if at_most else '>='} {target:g}x, {verdict})"
 
 
@@ -66,7 +88,7 @@ def machine() -> dict[str, str]:
         "CPU": f"{cpu}, {os.cpu_count()} logical cores, {int(memory) / 2**20:.1f} GiB, no GPU" ,
         "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "OS / Python": f"{platform.platform()}, Python {platform.python_version()}",
-        "versions": f"tritonserver 2.51 (from nvidia-pytriton), {versions}",
+        "versions": f"tritonserver {TRITON_VERSION} (from nvidia-pytriton), {versions}",
     }
 
 
