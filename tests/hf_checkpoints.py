@@ -8,14 +8,16 @@ the processor's ``apply_chat_template`` + ``generate``.
 
 from __future__ import annotations
 
+import base64
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PixtralImageProcessorPil, PreTrainedTokenizerFast
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from builder.source.tiny import widen_init
 
@@ -71,6 +73,22 @@ CORPUS = [
     "Täglich grüßt das Murmeltier; ¿qué hora es? 東京は晴れです。",
 ]
 
+# Tekken's split pattern as Mistral's tekken.json files carry it
+PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|"
+           r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}|"
+           r" ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Mistral's first 20 control tokens in their order, fillers, then Voxtral's audio tokens at their ranks
+SPECIALS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
+            "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]", "[PREFIX]", "[MIDDLE]",
+            "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]",
+            *(f"<SPECIAL_{i}>" for i in range(20, 24)), "[AUDIO]", "[BEGIN_AUDIO]"]
+NUM_SPECIAL = 40  # more than listed: the rest are <SPECIAL_i> fillers, as in Mistral's files (1000 there)
+UNUSED_TAIL = 5  # vocab entries past default_vocab_size, which both readers drop (150000 listed, 131072 used)
+TEKKEN_CORPUS = ["Hello world, the quick brown fox jumps over the lazy dog. ", "café naïve résumé über Straße ",
+                 "日本語のテキストです。中文字符 ", "emoji 🙂👍🏽 ", "    indented code\n\tand tabs\n", "numbers 1234 3.14 "] * 20
+SYSTEM_PROMPT = ("You are {name}, a Large Language Model (LLM) created by Mistral AI.\n"
+                 "The current date is {today}. \"yesterday\" is {yesterday}. Reply as JSON: {\"answer\": ...}\n")
+
 
 def bpe_tokenizer(specials: list[str], vocab_size: int = 420) -> PreTrainedTokenizerFast:
     """A byte-level BPE trained on a few sentences: real merges, so text tokenization is not trivial."""
@@ -89,16 +107,17 @@ def write_mistral3_checkpoint(directory: Path, seed: int = 3) -> Path:
     tokenizer = bpe_tokenizer(MISTRAL_SPECIALS)
     ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in MISTRAL_SPECIALS}
     config = Mistral3Config(
-        text_config=dict(
-            model_type="mistral", vocab_size=len(tokenizer), hidden_size=48, intermediate_size=80, num_hidden_layers=3,
-            num_attention_heads=3, num_key_value_heads=1, head_dim=16, max_position_embeddings=2048,
-            rms_norm_eps=1e-5, rope_theta=1_000_000.0, bos_token_id=ids["<s>"], eos_token_id=ids["</s>"],
-            tie_word_embeddings=False,
-        ),
-        vision_config=dict(
-            model_type="pixtral", hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2,
-            head_dim=12, patch_size=6, image_size=72, num_channels=3, rope_theta=10000.0,
-        ),
+        text_config={
+            "model_type": "mistral", "vocab_size": len(tokenizer), "hidden_size": 48, "intermediate_size": 80,
+            "num_hidden_layers": 3, "num_attention_heads": 3, "num_key_value_heads": 1, "head_dim": 16,
+            "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 1_000_000.0,
+            "bos_token_id": ids["<s>"], "eos_token_id": ids["</s>"], "tie_word_embeddings": False,
+        },
+        vision_config={
+            "model_type": "pixtral", "hidden_size": 24, "intermediate_size": 40, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "head_dim": 12, "patch_size": 6, "image_size": 72, "num_channels": 3,
+            "rope_theta": 10000.0,
+        },
         image_token_index=ids["[IMG]"], spatial_merge_size=2, vision_feature_layer=-1,
         projector_hidden_act="gelu", multimodal_projector_bias=False,
     )
@@ -166,3 +185,30 @@ def image(seed: int, width: int, height: int):
     from PIL import Image
 
     return Image.fromarray((np.random.default_rng(seed).random((height, width, 3)) * 255).astype(np.uint8))
+
+
+def tekken_ranks() -> list[bytes]:
+    """Byte sequences by rank: the 256 bytes in order, then a trained BPE's tokens in merge order."""
+    trained = Tokenizer(models.BPE())
+    trained.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(PATTERN), "isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    trained.train_from_iterator(TEKKEN_CORPUS, trainers.BpeTrainer(
+        vocab_size=256 + 120, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    to_byte = {char: byte for byte, char in bytes_to_unicode().items()}
+    by_id = sorted(trained.get_vocab().items(), key=lambda item: item[1])
+    merged = [token for token in (bytes(to_byte[c] for c in text) for text, _ in by_id) if len(token) > 1]
+    return [bytes([byte]) for byte in range(256)] + merged
+
+
+def tekken_json(ranks: list[bytes]) -> dict:
+    """Mistral's tekken.json for ``ranks``: Mistral's control tokens first, a tail past the vocabulary size."""
+    return {
+        "config": {"pattern": PATTERN, "num_vocab_tokens": len(ranks), "default_vocab_size":
+                   len(ranks) - UNUSED_TAIL + NUM_SPECIAL, "default_num_special_tokens": NUM_SPECIAL, "version": "v11"},
+        "vocab": [{"rank": rank, "token_bytes": base64.b64encode(token).decode(),
+                   "token_str": token.decode("utf-8", "replace")} for rank, token in enumerate(ranks)],
+        "special_tokens": [{"rank": rank, "token_str": token, "is_control": True} for rank, token in enumerate(SPECIALS)],
+        "image": {"image_patch_size": 14, "max_image_size": 1540, "spatial_merge_size": 2},
+        "version": 11,
+        "type": "Tekkenizer",
+    }

@@ -7,63 +7,22 @@ Mistral's control tokens), ``params.json`` and ``SYSTEM_PROMPT.txt``. No network
 
 from __future__ import annotations
 
-import base64
 import json
 from pathlib import Path
 
 import pytest
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
-from transformers.convert_slow_tokenizer import bytes_to_unicode
+from tokenizers import Tokenizer
 
+from builder.cache import StageCache
 from builder.errors import BuildError
 from builder.families.mistral_files import MistralImageParams, default_system_prompt, image_params_from_mistral_files
 from builder.source import tokenizer_files
 from builder.source.tokenizer_files import PROBE_STRINGS, serving_tokenizer
+from tests.hf_checkpoints import NUM_SPECIAL, SPECIALS, SYSTEM_PROMPT, UNUSED_TAIL, tekken_json, tekken_ranks
 
-# Tekken's split pattern as Mistral's tekken.json files carry it
-PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|"
-           r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}|"
-           r" ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-# Mistral's first 20 control tokens in their order, fillers, then Voxtral's audio tokens at their ranks
-SPECIALS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
-            "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]", "[PREFIX]", "[MIDDLE]",
-            "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]",
-            *(f"<SPECIAL_{i}>" for i in range(20, 24)), "[AUDIO]", "[BEGIN_AUDIO]"]
-NUM_SPECIAL = 40  # more than listed: the rest are <SPECIAL_i> fillers, as in Mistral's files (1000 there)
-UNUSED_TAIL = 5  # vocab entries past default_vocab_size, which both readers drop (150000 listed, 131072 used)
-CORPUS = ["Hello world, the quick brown fox jumps over the lazy dog. ", "café naïve résumé über Straße ",
-          "日本語のテキストです。中文字符 ", "emoji 🙂👍🏽 ", "    indented code\n\tand tabs\n", "numbers 1234 3.14 "] * 20
-SYSTEM_PROMPT = ("You are {name}, a Large Language Model (LLM) created by Mistral AI.\n"
-                 "The current date is {today}. \"yesterday\" is {yesterday}. Reply as JSON: {\"answer\": ...}\n")
 PARAMS = {"dim": 64, "n_layers": 2, "vocab_size": 411,
           "vision_encoder": {"patch_size": 14, "image_size": 1540, "max_image_size": 1540, "spatial_merge_size": 2,
                              "image_token_id": 10, "image_break_token_id": 12, "image_end_token_id": 13}}
-
-
-def tekken_ranks() -> list[bytes]:
-    """Byte sequences by rank: the 256 bytes in order, then a trained BPE's tokens in merge order."""
-    trained = Tokenizer(models.BPE())
-    trained.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(PATTERN), "isolated"),
-                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    trained.train_from_iterator(CORPUS, trainers.BpeTrainer(
-        vocab_size=256 + 120, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    to_byte = {char: byte for byte, char in bytes_to_unicode().items()}
-    by_id = sorted(trained.get_vocab().items(), key=lambda item: item[1])
-    merged = [token for token in (bytes(to_byte[c] for c in text) for text, _ in by_id) if len(token) > 1]
-    return [bytes([byte]) for byte in range(256)] + merged
-
-
-def tekken_json(ranks: list[bytes]) -> dict:
-    return {
-        "config": {"pattern": PATTERN, "num_vocab_tokens": len(ranks), "default_vocab_size":
-                   len(ranks) - UNUSED_TAIL + NUM_SPECIAL, "default_num_special_tokens": NUM_SPECIAL, "version": "v11"},
-        "vocab": [{"rank": rank, "token_bytes": base64.b64encode(token).decode(),
-                   "token_str": token.decode("utf-8", "replace")} for rank, token in enumerate(ranks)],
-        "special_tokens": [{"rank": rank, "token_str": token, "is_control": True} for rank, token in enumerate(SPECIALS)],
-        "image": {"image_patch_size": 14, "max_image_size": 1540, "spatial_merge_size": 2},
-        "version": 11,
-        "type": "Tekkenizer",
-    }
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +42,8 @@ def checkpoint(tmp_path: Path, ranks: list[bytes]) -> Path:
 
 
 def test_tekken_converts_token_for_token(checkpoint: Path, tmp_path: Path, ranks: list[bytes]) -> None:
-    path = serving_tokenizer(checkpoint, tmp_path / "work")
-    assert path == tmp_path / "work" / "tokenizer.json"
+    path = serving_tokenizer(checkpoint, StageCache(tmp_path / "cache"))
+    assert path.parent.parent == tmp_path / "cache" / "source" and path.name == "tokenizer.json"
     served = Tokenizer.from_file(str(path))
     from transformers.integrations.mistral.tokenizer import convert_tekken_tokenizer
 
@@ -102,7 +61,8 @@ def test_tekken_converts_token_for_token(checkpoint: Path, tmp_path: Path, ranks
 
 
 def test_special_tokens_are_added_tokens_at_tekkens_ids(checkpoint: Path, tmp_path: Path) -> None:
-    served = Tokenizer.from_file(str(serving_tokenizer(checkpoint, tmp_path / "work")))
+    path = serving_tokenizer(checkpoint, StageCache(tmp_path / "cache"))
+    served = Tokenizer.from_file(str(path))
     added = served.get_added_tokens_decoder()
     for token in ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]",
                   "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[AUDIO]", "[BEGIN_AUDIO]"):
@@ -110,28 +70,44 @@ def test_special_tokens_are_added_tokens_at_tekkens_ids(checkpoint: Path, tmp_pa
         assert added[rank].content == token and added[rank].special
         assert served.encode(f"a{token}b", add_special_tokens=False).ids[1] == rank
     assert added[NUM_SPECIAL - 1].content == f"<SPECIAL_{NUM_SPECIAL - 1}>"  # fillers up to the declared count
-    config = json.loads((tmp_path / "work" / "tokenizer_config.json").read_text())
+    config = json.loads((path.parent / "tokenizer_config.json").read_text())
     assert (config["bos_token"], config["eos_token"], config["unk_token"]) == ("<s>", "</s>", "<unk>")
-    assert config.get("chat_template") is None and not (tmp_path / "work" / "chat_template.jinja").exists()
+    assert config.get("chat_template") is None and not (path.parent / "chat_template.jinja").exists()
 
 
 def test_matches_mistral_common(checkpoint: Path, tmp_path: Path) -> None:
     tekken = pytest.importorskip("mistral_common.tokens.tokenizers.tekken")
-    served = Tokenizer.from_file(str(serving_tokenizer(checkpoint, tmp_path / "work")))
+    served = Tokenizer.from_file(str(serving_tokenizer(checkpoint, StageCache(tmp_path / "cache"))))
     reference = tekken.Tekkenizer.from_file(checkpoint / "tekken.json")
     for text in PROBE_STRINGS:
         assert tokenizer_files._encode_as_text(served, text) == reference.encode(text, bos=False, eos=False)
 
 
+def test_converted_once_into_the_cache(checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    converted, convert = [], tokenizer_files.convert_tekken
+    monkeypatch.setattr(tokenizer_files, "convert_tekken", lambda *args: converted.append(args) or convert(*args))
+    cache = StageCache(tmp_path / "cache")
+    path = serving_tokenizer(checkpoint, cache)
+    assert serving_tokenizer(checkpoint, cache) == path  # the cache entry, keyed by tekken.json's bytes
+    assert serving_tokenizer(checkpoint) == path  # without a cache: what this process already has
+    moved = tmp_path / "elsewhere" / checkpoint.name
+    moved.parent.mkdir()
+    checkpoint.rename(moved)
+    assert serving_tokenizer(moved, cache) == path and len(converted) == 1  # the same bytes in another directory
+    raw = json.loads((moved / "tekken.json").read_text())
+    (moved / "tekken.json").write_text(json.dumps({**raw, "note": "other bytes"}))
+    assert serving_tokenizer(moved, cache) != path and len(converted) == 2
+
+
 def test_checkpoint_tokenizer_json_wins(checkpoint: Path, tmp_path: Path) -> None:
     (checkpoint / "tokenizer.json").write_text("{}")
-    assert serving_tokenizer(checkpoint, tmp_path / "work") == checkpoint / "tokenizer.json"
-    assert not (tmp_path / "work").exists()
+    assert serving_tokenizer(checkpoint, StageCache(tmp_path / "cache")) == checkpoint / "tokenizer.json"
+    assert not (tmp_path / "cache").exists()
 
 
 def test_neither_file_names_both(tmp_path: Path) -> None:
-    with pytest.raises(BuildError, match=r"looked for tokenizer\.json and tekken\.json"):
-        serving_tokenizer(tmp_path, tmp_path / "work")
+    with pytest.raises(BuildError, match=r"no tokenizer; looked for tokenizer\.json and tekken\.json"):
+        serving_tokenizer(tmp_path, StageCache(tmp_path / "cache"))
 
 
 @pytest.mark.parametrize("corrupt", [
@@ -144,7 +120,7 @@ def test_neither_file_names_both(tmp_path: Path) -> None:
 def test_corrupted_tekken_is_a_build_error(checkpoint: Path, tmp_path: Path, ranks: list[bytes], corrupt) -> None:
     (checkpoint / "tekken.json").write_text(corrupt(tekken_json(ranks)), encoding="utf-8")
     with pytest.raises(BuildError, match=r"tekken\.json"):
-        serving_tokenizer(checkpoint, tmp_path / "work")
+        serving_tokenizer(checkpoint, StageCache(tmp_path / "cache"))
 
 
 def test_a_difference_names_the_string(checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -156,8 +132,8 @@ def test_a_difference_names_the_string(checkpoint: Path, tmp_path: Path, monkeyp
 
     monkeypatch.setattr(tokenizer_files, "_rank_bpe", off_by_one)
     with pytest.raises(BuildError, match="日本語のテキストです"):
-        serving_tokenizer(checkpoint, tmp_path / "work")
-    assert not list((tmp_path / "work").iterdir())  # nothing unverified left behind
+        serving_tokenizer(checkpoint, StageCache(tmp_path / "cache"))
+    assert not list((tmp_path / "cache" / "source").iterdir())  # nothing unverified left behind
 
 
 def test_image_params_from_tekken_and_params(checkpoint: Path) -> None:

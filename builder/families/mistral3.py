@@ -2,8 +2,8 @@
 
 Optionally with a Voxtral audio tower and projector described by ``audio_config`` and stored under
 ``audio_tower.`` / ``audio_projector.`` (the tiny preset's tri-modal convention; published Mistral-3
-checkpoints have no audio). Image parameters come from the checkpoint's processor files, falling
-back to its vision config.
+checkpoints have no audio). Image parameters come from the checkpoint's processor files, else (Mistral's
+own layout) from ``tekken.json`` / ``params.json``, else from its vision config.
 """
 
 from __future__ import annotations
@@ -62,6 +62,22 @@ def _added_tokens(tokenizer: Path) -> dict[str, int]:
     return {t["content"]: int(t["id"]) for t in vocab.get("added_tokens", [])}
 
 
+def _processor_files(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``processor_config.json`` and ``preprocessor_config.json``; for a checkpoint in Mistral's own layout, which
+    has neither (Mistral Small 3.2, Magistral), the same keys from ``tekken.json`` / ``params.json``, as
+    transformers' ``convert_tekken_image_processor`` would write them. Empty when no file says: the vision config.
+    """
+    processor = _json(directory / "processor_config.json")
+    pre = _json(directory / "preprocessor_config.json")
+    mistral = image_params_from_mistral_files(directory) if not (processor or pre) else None
+    if mistral is None:
+        return processor, pre
+    pre = {"size": {"longest_edge": mistral.longest_edge}}
+    pre.update({key: list(value) for key, value in (("image_mean", mistral.image_mean), ("image_std", mistral.image_std))
+                if value is not None})
+    return {"patch_size": mistral.patch_size, "spatial_merge_size": mistral.spatial_merge_size}, pre
+
+
 def _stop_ids(directory: Path, config: Any) -> tuple[int, ...]:
     """What ``generate`` stops at: generation_config.json's eos_token_id, else the config's."""
     eos = _json(directory / "generation_config.json").get("eos_token_id")
@@ -81,10 +97,7 @@ class Mistral3(Family):
 
         config = Mistral3Config.from_pretrained(directory)
         added = _added_tokens(tokenizer)
-        processor = _json(directory / "processor_config.json")
-        pre = _json(directory / "preprocessor_config.json")
-        # Mistral's own layout (Mistral Small 3.2, Magistral): no HF processor files, tekken.json / params.json say it
-        mistral = image_params_from_mistral_files(directory) if not (processor or pre) else None
+        processor, pre = _processor_files(directory)
 
         def token(name: str) -> int:
             if name not in added:
@@ -97,19 +110,22 @@ class Mistral3(Family):
             token=token(image_text),
             row_break=token(processor.get("image_break_token", "[IMG_BREAK]")),
             end=token(processor.get("image_end_token", "[IMG_END]")),
-            patch_size=mistral.patch_size if mistral else _side(processor.get("patch_size", vision.patch_size)),
-            merge_size=mistral.spatial_merge_size if mistral else int(processor.get("spatial_merge_size", config.spatial_merge_size)),
-            longest_edge=mistral.longest_edge if mistral else int((pre.get("size") or {}).get("longest_edge", vision.image_size)),
-            mean=tuple((mistral and mistral.image_mean) or pre.get("image_mean", CLIP_MEAN)),
-            std=tuple((mistral and mistral.image_std) or pre.get("image_std", CLIP_STD)),
+            patch_size=_side(processor.get("patch_size", vision.patch_size)),
+            merge_size=int(processor.get("spatial_merge_size", config.spatial_merge_size)),
+            longest_edge=int((pre.get("size") or {}).get("longest_edge", vision.image_size)),
+            mean=tuple(pre.get("image_mean", CLIP_MEAN)),
+            std=tuple(pre.get("image_std", CLIP_STD)),
             token_text=image_text,
         )
         if image.token != config.image_token_index:
-            raise BuildError(f"{directory}: {image_text} is token {image.token} in tokenizer.json but "
+            raise BuildError(f"{directory}: {image_text} is token {image.token} in {tokenizer} but "
                              f"{config.image_token_index} in config.json")
         if image.patch_size != vision.patch_size:
             raise BuildError(f"{directory}: processor patch_size {image.patch_size} differs from the vision "
                              f"tower's {vision.patch_size}")
+        if image.merge_size != config.spatial_merge_size:
+            raise BuildError(f"{directory}: processor spatial_merge_size {image.merge_size} differs from "
+                             f"config.json's {config.spatial_merge_size}")
         audio = None
         if getattr(config, "audio_config", None):
             audio_config = config.audio_config

@@ -17,6 +17,7 @@ from builder.errors import BuildError
 from builder.families.mistral_files import default_system_prompt
 from builder.runtime.chat import ChatPrompt, ChatTemplate, request_messages
 from builder.runtime.errors import RequestError
+from builder.source.tokenizer_files import serving_tokenizer
 
 # For a checkpoint without a template whose family has no layout of its own: "role: text" lines after the
 # BOS, each image or audio item written as the text "<image>" / "<audio>" for the family to expand.
@@ -47,10 +48,10 @@ class ChatFiles:
 
 def read_chat_files(directory: Path, fallback_template: str = GENERIC_CHAT_TEMPLATE,
                     tokenizer_file: Path | None = None) -> ChatFiles:
-    """``tokenizer_file`` replaces ``directory/tokenizer.json`` (e.g. one converted from Mistral's tekken.json)."""
+    """``tokenizer_file``: the ``tokenizer.json`` the checkpoint serves with (default: :func:`serving_tokenizer`'s)."""
     found = find_chat_template(directory)
     source, template = found if found else ("fallback", fallback_template)
-    tokenizer = _hf_tokenizer(directory, tokenizer_file or directory / "tokenizer.json")
+    tokenizer = _hf_tokenizer(directory, tokenizer_file or serving_tokenizer(directory))
     special_tokens = {key: value for key, value in tokenizer.special_tokens_map.items() if isinstance(value, str)}
     chat = ChatTemplate(template)
     as_blocks = _takes_system_blocks(chat, special_tokens)

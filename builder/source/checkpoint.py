@@ -15,21 +15,21 @@ from builder.errors import BuildError
 from builder.families import family_for
 from builder.families.base import SourceModel
 from builder.runtime.model_facts import ModelFacts
-from builder.source.tokenizer_files import TEKKEN_FILE, TOKENIZER_FILE
+from builder.source.tokenizer_files import serving_tokenizer, tokenizer_source
 
 __all__ = ["SourceModel", "check_checkpoint_files", "load_checkpoint", "read_facts"]
 
 
 def load_checkpoint(directory: Path, dtype: str = "float32", tokenizer: Path | None = None) -> SourceModel:
     """``dtype``: what the weights are cast to as they load (a BF16 checkpoint never exists in FP32 for an FP16
-    build); ``tokenizer``: the ``tokenizer.json`` it serves with (default: the checkpoint's own)."""
+    build); ``tokenizer``: the ``tokenizer.json`` it serves with (default: :func:`serving_tokenizer`'s)."""
     check_checkpoint_files(directory)
-    return family_for(directory).load(directory, dtype, tokenizer or directory / TOKENIZER_FILE)
+    return family_for(directory).load(directory, dtype, tokenizer or serving_tokenizer(directory))
 
 
 def read_facts(directory: Path, tokenizer: Path | None = None) -> ModelFacts:
     """What serving needs to know, from config, tokenizer and processor files alone (no weights loaded)."""
-    return family_for(directory).read_facts(directory, tokenizer or directory / TOKENIZER_FILE)
+    return family_for(directory).read_facts(directory, tokenizer or serving_tokenizer(directory))
 
 
 def check_checkpoint_files(directory: Path) -> list[Path]:
@@ -56,8 +56,7 @@ def check_checkpoint_files(directory: Path) -> list[Path]:
         raise BuildError(f"{directory}: {what}; convert the checkpoint to safetensors")
     for path in weight_files:
         _check_safetensors(path)
-    if not any((directory / name).is_file() for name in (TOKENIZER_FILE, TEKKEN_FILE)):
-        raise BuildError(f"{directory}: no tokenizer; looked for {TOKENIZER_FILE} and {TEKKEN_FILE} (Mistral's)")
+    tokenizer_source(directory)  # tokenizer.json, or Mistral's tekken.json to convert
     return weight_files
 
 

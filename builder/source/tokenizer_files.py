@@ -8,9 +8,13 @@ mistral-common's ``Tekkenizer`` when it is installed.
 
 from __future__ import annotations
 
+import atexit
 import base64
 import hashlib
 import json
+import shutil
+import tempfile
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -32,37 +36,49 @@ PROBE_STRINGS = (
     "<s>text</s><unk> [AUDIO][BEGIN_AUDIO] [THINK]x[/THINK]",
     "symbols ~!@#$%^&*()_+{}|:\"<>? // path/to/file.py",
 )
+_CONVERTED: dict[str, Path] = {}  # tekken conversions this process made or found, by cache key
 
 
-def serving_tokenizer(checkpoint: Path, work_dir: Path) -> Path:
-    """The checkpoint's ``tokenizer.json``; else ``work_dir/tokenizer.json`` converted from its ``tekken.json``.
+def tokenizer_source(checkpoint: Path) -> Path:
+    """The file the checkpoint's tokenizer comes from: its ``tokenizer.json``, else Mistral's ``tekken.json``.
 
-    A conversion also writes ``work_dir/tokenizer_config.json`` (bos/eos/unk/pad token strings, which
-    ``tekken.json`` holds only as ranks). Raises ``BuildError`` if neither file exists, if ``tekken.json``
-    cannot be read, or if the conversion differs from tekken's own encoding on any probe string.
+    Raises ``BuildError`` naming both when it has neither. Cheap: nothing is read or converted.
     """
-    own = checkpoint / TOKENIZER_FILE
-    if own.is_file():
-        return own
-    tekken = checkpoint / TEKKEN_FILE
-    if not tekken.is_file():
-        raise BuildError(f"{checkpoint}: no tokenizer; looked for {TOKENIZER_FILE} and {TEKKEN_FILE}")
-    return convert_tekken(tekken, work_dir)
+    for name in (TOKENIZER_FILE, TEKKEN_FILE):
+        if (checkpoint / name).is_file():
+            return checkpoint / name
+    raise BuildError(f"{checkpoint}: no tokenizer; looked for {TOKENIZER_FILE} and {TEKKEN_FILE}")
 
 
-def checkpoint_tokenizer(checkpoint: Path, cache: StageCache) -> Path:
-    """The ``tokenizer.json`` a build serves with (:func:`serving_tokenizer`); a conversion from ``tekken.json``
-    is kept in the build cache under a key of its bytes, beside its ``tokenizer_config.json``."""
-    tekken = checkpoint / TEKKEN_FILE
-    if (checkpoint / TOKENIZER_FILE).is_file() or not tekken.is_file():
-        return serving_tokenizer(checkpoint, cache.root)  # the checkpoint's own, or the error naming both files
-    key = make_key(hashlib.sha256(tekken.read_bytes()).hexdigest(), tool_versions(), code_fingerprint("source"))
+def serving_tokenizer(checkpoint: Path, cache: StageCache | None = None) -> Path:
+    """The ``tokenizer.json`` this checkpoint serves with: its own, else one converted from its ``tekken.json``.
+
+    Every stage asks this function (facts, chat files, the repository, calibration). A conversion
+    (:func:`convert_tekken`, verified) is made once: in ``cache`` (the build's, stage "source") under a key of
+    tekken.json's bytes, the converter's versions and this module's code, beside its ``tokenizer_config.json``
+    (bos/eos/unk/pad names, which ``tekken.json`` holds only as ranks); without a cache, in a temporary directory
+    removed at exit. A call without a cache reuses a conversion this process already made. Raises ``BuildError``
+    if neither file exists (:func:`tokenizer_source`), if ``tekken.json`` cannot be read, or if the conversion
+    differs from tekken's own encoding on any probe string.
+    """
+    source = tokenizer_source(checkpoint)
+    if source.name == TOKENIZER_FILE:
+        return source
+    key = make_key(hashlib.sha256(source.read_bytes()).hexdigest(), tool_versions(), metadata.version("tokenizers"),
+                   code_fingerprint("source/tokenizer_files"))
+    if cache is None:
+        if key not in _CONVERTED or not _CONVERTED[key].is_file():
+            work_dir = Path(tempfile.mkdtemp(prefix="tekken-tokenizer-"))
+            atexit.register(shutil.rmtree, work_dir, True)
+            _CONVERTED[key] = convert_tekken(source, work_dir)
+        return _CONVERTED[key]
     entry = cache.lookup("source", "tokenizer", key)
     if entry is None:
         with cache.writer("source", "tokenizer", key) as tmp:
-            convert_tekken(tekken, tmp)
+            convert_tekken(source, tmp)
         entry = cache.entry("source", "tokenizer", key)
-    return entry / TOKENIZER_FILE
+    _CONVERTED[key] = entry / TOKENIZER_FILE
+    return _CONVERTED[key]
 
 
 def convert_tekken(tekken: Path, work_dir: Path) -> Path:
