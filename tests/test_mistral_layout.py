@@ -51,17 +51,38 @@ def write_mistral_layout(directory: Path, chat_template: str | None) -> Path:
     tekken["image"] = {"image_patch_size": 6, "max_image_size": 72, "spatial_merge_size": 2}
     ids = {token: SPECIALS.index(token) for token in ("<s>", "</s>", "[IMG]")}
     text = {
-        "model_type": "mistral", "vocab_size": tekken["config"]["default_vocab_size"], "hidden_size": 40,
-        "intermediate_size": 72, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
-        "head_dim": 20, "max_position_embeddings": 2048, "bos_token_id": ids["<s>"], "eos_token_id": ids["</s>"],
+        "model_type": "mistral",
+        "vocab_size": tekken["config"]["default_vocab_size"],
+        "hidden_size": 40,
+        "intermediate_size": 72,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 20,
+        "max_position_embeddings": 2048,
+        "bos_token_id": ids["<s>"],
+        "eos_token_id": ids["</s>"],
         "tie_word_embeddings": False,
     }
     vision = {
-        "model_type": "pixtral", "hidden_size": 24, "intermediate_size": 40, "num_hidden_layers": 2,
-        "num_attention_heads": 2, "head_dim": 12, "patch_size": 6, "image_size": 96, "num_channels": 3,
+        "model_type": "pixtral",
+        "hidden_size": 24,
+        "intermediate_size": 40,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "head_dim": 12,
+        "patch_size": 6,
+        "image_size": 96,
+        "num_channels": 3,
     }  # image_size is not the longest edge: that comes from Mistral's files
-    config = Mistral3Config(text_config=text, vision_config=vision, image_token_index=ids["[IMG]"], spatial_merge_size=2,
-                            vision_feature_layer=-1, multimodal_projector_bias=False)
+    config = Mistral3Config(
+        text_config=text,
+        vision_config=vision,
+        image_token_index=ids["[IMG]"],
+        spatial_merge_size=2,
+        vision_feature_layer=-1,
+        multimodal_projector_bias=False,
+    )
     torch.manual_seed(7)
     model = Mistral3ForConditionalGeneration(config).eval()
     widen_init(model, torch.Generator().manual_seed(7), special_tokens=NUM_SPECIAL)
@@ -80,8 +101,11 @@ def write_mistral_layout(directory: Path, chat_template: str | None) -> Path:
 def model_card_system_prompt() -> str:
     """SYSTEM_PROMPT.txt filled as Mistral's model cards fill it at request time."""
     today = date.today()
-    return (SYSTEM_PROMPT.replace("{name}", NAME).replace("{today}", today.isoformat())
-            .replace("{yesterday}", (today - timedelta(1)).isoformat()))
+    return (
+        SYSTEM_PROMPT.replace("{name}", NAME)
+        .replace("{today}", today.isoformat())
+        .replace("{yesterday}", (today - timedelta(1)).isoformat())
+    )
 
 
 @pytest.fixture(scope="module", params=TEMPLATES)
@@ -96,8 +120,9 @@ def layout(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
     template = TEMPLATES[request.param]
     checkpoint = write_mistral_layout(tmp_path_factory.mktemp("mistral-layout") / NAME, template)
-    spec = load_spec(ROOT / "specs" / "tiny.yaml", {"source.preset": None, "source.checkpoint": str(checkpoint),
-                                                    "name": "mistral-layout-test"})
+    spec = load_spec(
+        ROOT / "specs" / "tiny.yaml", {"source.preset": None, "source.checkpoint": str(checkpoint), "name": "mistral-layout-test"}
+    )
     repository = tmp_path_factory.mktemp("mistral-layout-repo") / "model_repository"
     build(spec, repository, CACHE, progress=False)
 
@@ -107,8 +132,12 @@ def layout(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     processor = PixtralProcessor(  # the image processor transformers' convert_tekken_image_processor writes
         image_processor=PixtralImageProcessorPil(size={"longest_edge": 72}, patch_size={"height": 6, "width": 6}),
         tokenizer=convert_tekken_tokenizer(str(checkpoint / "tekken.json"), chat_template=""),
-        chat_template=template or DEFAULT_CHAT_TEMPLATE, patch_size=6, spatial_merge_size=2, image_token="[IMG]",
-        image_break_token="[IMG_BREAK]", image_end_token="[IMG_END]",
+        chat_template=template or DEFAULT_CHAT_TEMPLATE,
+        patch_size=6,
+        spatial_merge_size=2,
+        image_token="[IMG]",
+        image_break_token="[IMG_BREAK]",
+        image_end_token="[IMG_END]",
     )
     model = load_reference_model(checkpoint)
     system = None if template else model_card_system_prompt()
