@@ -181,3 +181,17 @@ def test_neither_tokenizer_file_is_one_clear_error(tmp_path: Path) -> None:
         build(spec, tmp_path / "model_repository", tmp_path / "cache", progress=False)
     assert str(raised.value) == f"{checkpoint}: no tokenizer; looked for tokenizer.json and tekken.json"
     assert not (tmp_path / "model_repository").exists()
+
+
+def test_facts_without_a_build_and_a_merge_size_the_model_does_not_have(tmp_path: Path) -> None:
+    from builder.source.checkpoint import read_facts
+
+    checkpoint = write_mistral_layout(tmp_path / NAME, None)
+    facts = read_facts(checkpoint).image  # the tokenizer converted outside any build cache
+    assert (facts.token, facts.patch_size, facts.merge_size, facts.longest_edge) == (SPECIALS.index("[IMG]"), 6, 2, 72)
+    for name, section in (("tekken.json", "image"), ("params.json", "vision_encoder")):  # both, or they disagree
+        raw = json.loads((checkpoint / name).read_text())
+        raw[section]["spatial_merge_size"] = 1
+        (checkpoint / name).write_text(json.dumps(raw))
+    with pytest.raises(BuildError, match="processor spatial_merge_size 1 differs from config.json's 2"):
+        read_facts(checkpoint)
