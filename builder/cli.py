@@ -129,6 +129,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_publish(args: argparse.Namespace) -> int:
+    from builder.storage.s3 import publish
+
+    print(publish(args.repository, args.url, args.endpoint_url).summary())
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="mmtb",
@@ -200,6 +207,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory-gib", type=float, help="any other GPU: its memory (GiB) ...")
     p.add_argument("--gpu-bandwidth-gbs", type=float, help="... and its memory bandwidth (GB/s)")
     p.set_defaults(func=cmd_plan)
+
+    u = sub.add_parser("publish", help="upload a built repository to S3 as an immutable, verified version",
+                       description="Uploads the repository to s3://bucket/prefix/versions/<version>/ (the version is a "
+                       "digest of every file, so republishing the same build uploads nothing), verifies every object "
+                       "(listing, size, sha256), then points s3://bucket/prefix/current.json at it. A killed upload is "
+                       "never pointed at; rerun to finish it. Credentials from the usual AWS variables "
+                       "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION).")
+    u.add_argument("url", help="s3://bucket/prefix")
+    u.add_argument("--repository", type=Path, default=DEFAULT_OUTPUT, help="the built repository (default: model_repository)")
+    u.add_argument("--endpoint-url", help="an S3-compatible store other than AWS, e.g. http://minio:9000")
+    u.set_defaults(func=cmd_publish)
     return top
 
 

@@ -90,7 +90,7 @@ class TritonServer:
 
     def __init__(
         self,
-        model_repository: Path,
+        model_repository: Path | str,  # a directory, or an s3:// URL as tritonserver takes it
         *,
         host: str = "127.0.0.1",
         grpc_port: int | None = None,
@@ -101,7 +101,8 @@ class TritonServer:
         python: Path | None = None,
     ) -> None:
         """``python``: the interpreter whose environment the Python backend's models run in (default: this one)."""
-        self.model_repository = Path(model_repository)
+        remote = isinstance(model_repository, str) and model_repository.startswith("s3://")
+        self.model_repository = model_repository if remote else Path(model_repository)
         self.host = host
         self.grpc_port = grpc_port or _free_port(host)
         self.http_port = http_port or _free_port(host)
