@@ -20,7 +20,8 @@ from builder.runtime.preprocess import ModelInputs, Preprocessor, RequestLimits
 from builder.runtime.text import load_tokenizer
 from builder.spec import BuildSpec
 
-DEFAULT_DIRECTORY = Path(__file__).resolve().parents[2] / "data" / "calibration"
+# builder/calibration links to data/calibration/: shipped as package data in a wheel.
+DEFAULT_DIRECTORY = Path(__file__).resolve().parents[1] / "calibration"
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 

@@ -12,7 +12,8 @@ from tritonclient.grpc import model_config_pb2
 
 from builder.errors import BuildError
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
+# builder/templates links to the top-level templates/: one set of files, shipped as package data in a wheel.
+TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
 
 
 @lru_cache(maxsize=1)
