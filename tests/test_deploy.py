@@ -34,8 +34,8 @@ def render(directory: str) -> dict[str, dict]:
 def ours(names: list[str]) -> set[str]:
     """The metric names this project publishes (builder/runtime/triton_metrics.py, read without Triton)."""
     tree = ast.parse((ROOT / "builder" / "runtime" / "triton_metrics.py").read_text())
-    tables = [n.value for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id in ("COUNTERS", "GAUGES")]
-    published = {key.value for table in tables for key in table.keys}
+    assigned = {n.targets[0].id: n.value for n in tree.body if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name)}
+    published = {key.value for table in ("COUNTERS", "GAUGES") for key in assigned[table].keys} | {assigned["REFUSED"].value}
     return {n for n in names if n.startswith("mmtb_")} - published
 
 

@@ -9,15 +9,28 @@ from pathlib import Path
 
 import pytest
 
+from tritonclient.utils import InferenceServerException
+
 from builder.serve.client import Request, ask, ask_stream
 
 pytestmark = pytest.mark.serving
 
 
+def exposition(server) -> str:
+    return urllib.request.urlopen(f"http://{server.host}:{server.metrics_port}/metrics", timeout=10).read().decode()
+
+
 def scrape(server) -> dict[str, float]:
-    """``name`` -> value of every mmtb_ metric (labels dropped: one model reports them)."""
-    text = urllib.request.urlopen(f"http://{server.host}:{server.metrics_port}/metrics", timeout=10).read().decode()
-    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(mmtb_\w+)\{[^}]*\} (\S+)$", text, re.MULTILINE)}
+    """``name`` -> value of every mmtb_ metric the decode model publishes (labels dropped: one model reports them)."""
+    found = re.finditer(r'^(mmtb_\w+)\{model="llm"\} (\S+)$', exposition(server), re.MULTILINE)
+    return {m.group(1): float(m.group(2)) for m in found}
+
+
+def refusals(server) -> dict[tuple[str, str], float]:
+    """(model, reason) -> requests refused."""
+    found = re.finditer(r'^mmtb_requests_refused_total\{(?=[^}]*model="(\w+)")(?=[^}]*reason="(\w+)")[^}]*\} (\S+)$',
+                        exposition(server), re.MULTILINE)
+    return {(m.group(1), m.group(2)): float(m.group(3)) for m in found}
 
 
 def settled(server, want: dict[str, float], timeout: float = 10) -> dict[str, float]:
@@ -48,3 +61,18 @@ def test_tokens_requests_and_the_kv_gauges_are_reported(server, client, built_re
     steps = after["mmtb_decode_steps_total"] - before.get("mmtb_decode_steps_total", 0)
     assert steps >= 4 and after["mmtb_decode_step_seconds_total"] > before.get("mmtb_decode_step_seconds_total", 0)
     assert after["mmtb_decode_step_sequences_total"] - before.get("mmtb_decode_step_sequences_total", 0) >= steps
+
+
+def test_refusals_are_counted_by_the_model_that_refused_and_why(server, client) -> None:
+    before = refusals(server)
+    bad = [Request("What is this?", images=(b"not an image",)),  # preprocess: a broken image
+           Request("Hi", max_tokens=10**6)]  # llm: over the max_tokens cap
+    for request in bad:
+        with pytest.raises(InferenceServerException) as raised:
+            ask(client, request)
+        assert raised.value.status() == "StatusCode.INVALID_ARGUMENT", raised.value.message()
+    with pytest.raises(InferenceServerException):
+        [_ for _ in ask_stream(client, Request("Hi", max_tokens=10**6))]  # refused by llm, forwarded by llm_stream
+    after = refusals(server)
+    moved = {key: after[key] - before.get(key, 0) for key in after if after[key] != before.get(key, 0)}
+    assert moved == {("preprocess", "invalid_argument"): 1, ("llm", "invalid_argument"): 2}, after

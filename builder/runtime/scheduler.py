@@ -49,8 +49,7 @@ class SchedulerStats:
     """Running totals since start, written by the scheduler's thread (read for the metrics endpoint)."""
 
     finished: int = 0
-    failed: int = 0  # errors during decoding (a refusal before admission is ``refused``)
-    refused: int = 0  # waited longer than the budget's timeout
+    failed: int = 0  # errors during decoding (refusals are counted where they are answered: triton_io)
     prompt_tokens: int = 0
     generated_tokens: int = 0
     first_token_seconds: float = 0.0  # submit to first token, summed over admitted requests
@@ -123,7 +122,6 @@ class DecodeScheduler:
             now, timeout = time.monotonic(), self.budget.queue_timeout_s
             for expired in [item for item in self.waiting if now - item[0] > timeout]:
                 self.waiting.remove(expired)
-                self.stats.refused += 1
                 expired[1].on_error(ServerBusy(
                     f"no room in the KV budget ({self.budget.tokens} positions, {self.reserved} reserved) for this "
                     f"request's {reservation(expired[1])} within {timeout:g} s; retry later"))

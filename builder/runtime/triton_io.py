@@ -16,6 +16,7 @@ import triton_python_backend_utils as pb_utils
 
 from .errors import BUSY_PREFIX, RequestError, ServerBusy
 from .generation import SamplingParams
+from .triton_metrics import count_refusal
 
 
 class ModelArgs:
@@ -64,8 +65,10 @@ def error_response(exc: BaseException, model: str) -> Any:
     """Client errors carry their own message and status INVALID_ARGUMENT, a full server UNAVAILABLE;
     anything else is an internal error."""
     if isinstance(exc, RequestError):
+        count_refusal(model, "invalid_argument")
         error = pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
     elif isinstance(exc, ServerBusy):
+        count_refusal(model, "busy")
         error = pb_utils.TritonError(str(exc), pb_utils.TritonError.UNAVAILABLE)
     else:
         pb_utils.Logger.log_error(f"{model}: {''.join(traceback.format_exception(exc))}")

@@ -6,23 +6,24 @@ Imported only inside Triton. Average TTFT is ``rate(mmtb_first_token_seconds_tot
 rate(mmtb_first_tokens_total)``; tokens/s is ``rate(mmtb_generated_tokens_total)``; inter-token
 latency is ``rate(mmtb_decode_step_seconds_total) / rate(mmtb_decode_steps_total)`` and the mean
 decode batch ``rate(mmtb_decode_step_sequences_total) / rate(mmtb_decode_steps_total)``.
+Refusals are counted where they happen, by every model: ``mmtb_requests_refused_total{model, reason}``.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import triton_python_backend_utils as pb_utils
 
-from .prefix_cache import PrefixCache
-from .scheduler import DecodeScheduler
+if TYPE_CHECKING:  # the preprocess and encoder models count refusals without loading the decoder's modules
+    from .prefix_cache import PrefixCache
+    from .scheduler import DecodeScheduler
 
 INTERVAL_S = 1.0
 COUNTERS = {  # metric -> (help, what it counts)
     "mmtb_requests_finished_total": ("Answers completed by the decode model", lambda s, c: s.stats.finished),
     "mmtb_requests_failed_total": ("Answers that failed while decoding", lambda s, c: s.stats.failed),
-    "mmtb_requests_refused_busy_total": ("Requests refused: no room in the KV budget in time", lambda s, c: s.stats.refused),
     "mmtb_prompt_tokens_total": ("Prompt tokens prefilled (placeholders included)", lambda s, c: s.stats.prompt_tokens),
     "mmtb_generated_tokens_total": ("Tokens generated", lambda s, c: s.stats.generated_tokens),
     "mmtb_first_token_seconds_total": ("Arrival at the decode model to first token, summed", lambda s, c: s.stats.first_token_seconds),
@@ -75,3 +76,22 @@ class MetricsPublisher:
                 self.published[name] = value
         for name, (_, read) in GAUGES.items():
             self.metrics[name].set(float(read(s, c)))
+
+
+REFUSED = "mmtb_requests_refused_total"
+REFUSAL_REASONS = ("invalid_argument", "busy")  # a request the client can fix; no room for it now (retry)
+_refusals: dict[tuple[str, str], Any] = {}
+_refusal_family: list[Any] = []  # created on first use (a family must be made inside a running model)
+
+
+def count_refusal(model: str, reason: str) -> None:
+    """One more request refused by ``model``: counted once, by the model that refused it (a caller that
+    forwards the error does not count it again)."""
+    if not _refusal_family:
+        _refusal_family.append(pb_utils.MetricFamily(
+            name=REFUSED, description="Requests refused, by the model that refused them and why",
+            kind=pb_utils.MetricFamily.COUNTER))
+    key = (model, reason)
+    if key not in _refusals:
+        _refusals[key] = _refusal_family[0].Metric(labels={"model": model, "reason": reason})
+    _refusals[key].increment(1.0)
