@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from builder.errors import BuildError
+from builder.targets import TARGETS
 
 DEFAULT_SPEC = Path("specs/tiny.yaml")
 DEFAULT_OUTPUT = Path("model_repository")
@@ -155,7 +156,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--checkpoint", type=Path, metavar="DIR",
                    help="build this Hugging Face checkpoint directory (save_pretrained layout, safetensors) "
                    "instead of the spec's source; the spec's other settings still apply")
-    b.add_argument("--target", choices=["python", "onnxruntime", "tensorrt"], help="override the spec's target")
+    b.add_argument("--target", choices=list(TARGETS), help="override the spec's target: "
+                   + "; ".join(f"{t.name}: {t.summary}" for t in TARGETS.values()))
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec key, e.g. --set components.audio.enabled=false (repeatable)")
     b.add_argument("--quiet", action="store_true", help="no progress bars")

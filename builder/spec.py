@@ -18,9 +18,9 @@ from typing import Any, Literal
 import yaml
 
 from builder.errors import SpecError
+from builder.targets import TARGETS
 
 Precision = Literal["fp32", "fp16", "int8"]
-Target = Literal["python", "onnxruntime", "tensorrt"]
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 
@@ -152,7 +152,7 @@ class QuantizeSpec:
 @dataclass(frozen=True)
 class BuildSpec:
     name: str = "tiny"
-    target: Target = "python"
+    target: str = "python"  # a name in builder.targets.TARGETS
     source: SourceSpec = field(default_factory=SourceSpec)
     components: ComponentsSpec = field(default_factory=ComponentsSpec)
     limits: LimitsSpec = field(default_factory=LimitsSpec)
@@ -284,9 +284,14 @@ def _check(spec: BuildSpec) -> None:
         raise SpecError("export.parity_samples: must be at least 1")
     if spec.tensorrt.comparison_samples < 1:
         raise SpecError("tensorrt.comparison_samples: must be at least 1")
-    if spec.triton.ort_tensorrt_accelerator and spec.target != "onnxruntime":
-        raise SpecError("triton.ort_tensorrt_accelerator: applies to target onnxruntime only")
-    if spec.target != "python":  # Triton batches the encoders: one request's images must fit one batch
+    if spec.target not in TARGETS:
+        raise SpecError(f"target: {spec.target!r} is not one of {', '.join(TARGETS)}")
+    for other in TARGETS.values():
+        for key in other.own_settings if other.name != spec.target else ():
+            section, name = key.split(".")
+            if getattr(getattr(spec, section), name) != getattr(getattr(BuildSpec(), section), name):
+                raise SpecError(f"{key}: applies to target {other.name} only")
+    if TARGETS[spec.target].batches_encoders:  # Triton batches the encoders: one request's images must fit one batch
         for key in ("max_images", "max_audio_clips"):
             if getattr(lim, key) > spec.triton.max_batch_size:
                 raise SpecError(

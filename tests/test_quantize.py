@@ -18,6 +18,7 @@ from builder.quantize.pipeline import PipelineFigures, held_out_requests, measur
 from builder.quantize.weight_only import quantize_weights_int8_qdq
 from builder.runtime.model_facts import ModelFacts
 from builder.spec import load_spec
+from builder.targets import TARGETS
 from tests.conftest import CACHE, ROOT
 
 INT8_SPEC = ROOT / "specs" / "tiny-int8.yaml"
@@ -194,7 +195,7 @@ def test_tensorrt_int8_llm_settles_on_qdq_gated_with_onnxruntime(built_repositor
     encoders = {name: session(graphs[name]) for name in ("vision_encoder", "audio_encoder")}
     held_out = load_samples(calibration_files(spec, with_audio=True), preprocess).prompts
     prompts = tuple(fuse_prompt(p, encoders, facts) for p in held_out)
-    settled = settle_llm(LlmJob(graphs["llm"], facts, prompts), "int8", "tensorrt", spec.quantize, tmp_path)
+    settled = settle_llm(LlmJob(graphs["llm"], facts, prompts), "int8", TARGETS["tensorrt"], spec.quantize, tmp_path)
     first = settled.attempts[0]
     assert first.scheme == "weight-only Q/DQ per channel" and first.agreement.positions == 32
     assert not any("compute" in a.scheme for a in settled.attempts), "MatMulNBits rungs are ORT-only"

@@ -171,3 +171,29 @@ def test_tensorrt_runner_bookkeeping_on_a_fake_device(built_repository, monkeypa
         for out, seq in batch:
             out.append(seq.next_token())
     assert together == alone
+
+
+def test_the_registry_is_what_the_spec_and_cli_offer(tmp_path: Path) -> None:
+    """Every target names only things that exist: its template, its INT8 layout, its own spec keys;
+    the CLI's --target choices and the spec's error are read from the registry."""
+    from builder.cli import parser
+    from builder.quantize.qdq import LAYOUTS
+    from builder.spec import BuildSpec, load_spec
+    from builder.targets import TARGETS
+
+    defaults = BuildSpec()
+    for target in TARGETS.values():
+        assert target.engine_template is None or (ROOT / "templates" / target.engine_template).is_file(), target.name
+        assert target.encoder_qdq_layout in LAYOUTS
+        for key in target.own_settings:
+            section, name = key.split(".")
+            assert hasattr(getattr(defaults, section), name), key
+    build_parser = parser()._subparsers._group_actions[0].choices["build"]  # noqa: SLF001 - argparse keeps them there
+    (target_option,) = [a for a in build_parser._actions if a.dest == "target"]  # noqa: SLF001
+    assert list(target_option.choices) == list(TARGETS)
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text("target: openvino\n")
+    with pytest.raises(BuildError, match="target: 'openvino' is not one of " + ", ".join(TARGETS)):
+        load_spec(spec_file)
+    with pytest.raises(BuildError, match="triton.ort_tensorrt_accelerator: applies to target onnxruntime only"):
+        load_spec(spec_file, {"target": "python", "triton.ort_tensorrt_accelerator": True})

@@ -32,9 +32,3 @@ class CompiledModel:
     def manifest_extra(self) -> dict[str, Any]:
         return {"plans": [p.to_json() for p in self.plans]} if self.plans else {}
 
-
-def engine_model_name(component: str, target: str) -> str:
-    """The Triton model that loads a component's compiled file. On targets onnxruntime and tensorrt
-    each encoder is a model of its own (behind a Python gate that skips requests without images or
-    audio); the LLM's file is always loaded by the ``llm`` decode model."""
-    return component if component == "llm" or target == "python" else f"{component}_{target}"

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.cache import StageCache, code_fingerprint, make_key
-from builder.compile.artifacts import CompiledModel, engine_model_name
+from builder.compile.artifacts import CompiledModel
 from builder.compile.compare import AccuracyGate, Comparison, Feeds, sample_feeds
 from builder.compile.plans import Device, carried_plans, plan_record, published_plans
 from builder.compile.profiles import Profile, check_profiles, check_request_fits, input_axes, profiles_for, request_ranges
@@ -26,6 +26,7 @@ from builder.export.graph import ExportedGraph
 from builder.onnx_files import graph_sha256
 from builder.runtime.model_facts import ImageFacts
 from builder.spec import BuildSpec
+from builder.targets import TARGETS
 
 
 @dataclass(frozen=True)
@@ -77,14 +78,14 @@ class BuildTarget:
             entry = self.cache.entry("tensorrt", component, key)
         comparison = Comparison(**json.loads((entry / "comparison.json").read_text()))
         record = plan_record(device, onnx_sha256, comparison, entry / device.plan_file)
-        previous = published_plans(self.output, component, engine_model_name(component, "tensorrt"))
+        previous = published_plans(self.output, component, TARGETS[spec.target].engine_model_name(component))
         carried = carried_plans(previous, device, onnx_sha256, self.output)
         return CompiledModel(component, record.path, precision, graph, plans=(record, *carried))
 
 
 def prepare_target(spec: BuildSpec, cache_dir: Path, output: Path) -> BuildTarget:
     """Checks that this machine can build ``spec.target``; stops at once with one line if not."""
-    if spec.target != "tensorrt":
+    if TARGETS[spec.target].compiles_to != "tensorrt_plan":
         return BuildTarget(spec, StageCache(cache_dir), output)
     from builder.compile.tensorrt_build import detect_device
 

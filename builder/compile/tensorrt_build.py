@@ -21,8 +21,7 @@ from builder.compile.plans import Device
 from builder.compile.profiles import Profile, input_axes
 from builder.errors import BuildError
 from builder.runtime.gpu import query_gpu
-
-WORKS_WITHOUT_GPU = ("python", "onnxruntime")
+from builder.targets import TARGETS
 
 
 def detect_device() -> Device:
@@ -35,9 +34,8 @@ def detect_device() -> Device:
     if not has_tensorrt:
         missing.append("the tensorrt package (pip install -e '.[tensorrt]')")
     if missing:
-        raise BuildError(
-            f"target tensorrt needs {' and '.join(missing)}; targets that work on this machine: {', '.join(WORKS_WITHOUT_GPU)}"
-        )
+        without_gpu = ", ".join(t.name for t in TARGETS.values() if not t.needs_gpu)
+        raise BuildError(f"target tensorrt needs {' and '.join(missing)}; targets that work on this machine: {without_gpu}")
     import tensorrt
 
     assert gpu is not None

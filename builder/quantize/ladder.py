@@ -30,6 +30,7 @@ from builder.quantize.weight_only import quantize_weights_int8, quantize_weights
 from builder.runtime.generation import LanguageModelRunner
 from builder.runtime.model_facts import ModelFacts
 from builder.spec import GateSpec, QuantizeSpec
+from builder.targets import Target
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,7 @@ class _Ladder:
         return attempt.passed
 
 
-def settle_encoder(job: EncoderJob, requested: str, target: str, spec: QuantizeSpec, directory: Path, progress: bool,
+def settle_encoder(job: EncoderJob, requested: str, target: Target, spec: QuantizeSpec, directory: Path, progress: bool,
                    rejected: int = 0) -> Settled:
     """``rejected``: how many passing rungs the pipeline gate turned down (walk past them)."""
     ladder = _Ladder(job.component, requested, spec, spec.gate, directory, rejected)
@@ -157,10 +158,12 @@ def settle_encoder(job: EncoderJob, requested: str, target: str, spec: QuantizeS
         feeds = [{job.input_name: x} for x in job.holdout]
         return judge(measure(reference, path, feeds, job.output_names), len(feeds), spec.gate)
 
+    layout = LAYOUTS[target.encoder_qdq_layout]
+
     def int8(method: str, excluded: Sequence[str] = ()) -> bool:
         path = ladder.candidate()
-        quantize_qdq(job.fp32, path, LAYOUTS[target], method, job.ranges(method), excluded)
-        return ladder.record(Attempt("int8", f"{LAYOUTS[target].name} {method}", tuple(excluded), gated(path)))
+        quantize_qdq(job.fp32, path, layout, method, job.ranges(method), excluded)
+        return ladder.record(Attempt("int8", f"{layout.name} {method}", tuple(excluded), gated(path)))
 
     if requested == "int8":
         methods = [spec.method] + [m for m in CALIBRATION_METHODS if m != spec.method]
@@ -170,10 +173,10 @@ def settle_encoder(job: EncoderJob, requested: str, target: str, spec: QuantizeS
         best_path = directory / f"candidate-{ladder.attempts.index(best)}.onnx"
         method = best.scheme.split()[-1]
         reader = SampleReader(job.input_name, job.calibration[:2], f"{job.component}: sensitivity", progress)
-        nodes = most_sensitive_nodes(best_path, weight_nodes(job.fp32, LAYOUTS[target].op_types), reader, spec.exclude_nodes)
+        nodes = most_sensitive_nodes(best_path, weight_nodes(job.fp32, layout.op_types), reader, spec.exclude_nodes)
         if int8(method, nodes):
             return _settled(job.component, requested, ladder, len(job.calibration), len(job.holdout))
-    if target == "tensorrt":  # INT8 failed: FP16 before FP32 on a GPU
+    if target.fp16_before_fp32:  # INT8 failed: FP16 before FP32 (on a GPU)
         path = ladder.candidate()
         convert_fp16(job.fp32, path)
         if ladder.record(Attempt("fp16", "fp16", gate=gated(path))):
@@ -182,7 +185,7 @@ def settle_encoder(job: EncoderJob, requested: str, target: str, spec: QuantizeS
     return _settled(job.component, requested, ladder, len(job.calibration), len(job.holdout), fp32=job.fp32)
 
 
-def settle_llm(job: LlmJob, requested: str, target: str, spec: QuantizeSpec, directory: Path, rejected: int = 0) -> Settled:
+def settle_llm(job: LlmJob, requested: str, target: Target, spec: QuantizeSpec, directory: Path, rejected: int = 0) -> Settled:
     ladder = _Ladder("llm", requested, spec, spec.llm_gate, directory, rejected)
     reference = LanguageModelRunner(str(job.fp32), job.facts)
 
@@ -191,7 +194,7 @@ def settle_llm(job: LlmJob, requested: str, target: str, spec: QuantizeSpec, dir
         gate = judge((agreement.logits,), agreement.prompts * agreement.positions, spec.llm_gate)
         return ladder.record(Attempt(precision, scheme, gate=gate, agreement=agreement))
 
-    if requested == "int8" and target == "tensorrt":
+    if requested == "int8" and target.llm_int8_form == "qdq":
         # TensorRT cannot parse MatMulNBits: int8 weights as Q/DQ, gated on CPU by ORT. Per output channel
         # first (the granularity TensorRT documents for INT8 weights), then the finer blocks.
         for block in dict.fromkeys((None, spec.llm_block_size, 16)):
@@ -199,7 +202,7 @@ def settle_llm(job: LlmJob, requested: str, target: str, spec: QuantizeSpec, dir
             quantize_weights_int8_qdq(job.fp32, path, block)
             if gated("int8", f"weight-only Q/DQ {f'block {block}' if block else 'per channel'}", path):
                 return _settled("llm", requested, ladder, 0, len(job.prompts))
-    if requested == "int8" and target != "tensorrt":
+    if requested == "int8" and target.llm_int8_form == "matmulnbits":
         # Fastest first: int8 compute, then float compute of the same weights, then smaller blocks.
         for block, level in dict.fromkeys(((spec.llm_block_size, 4), (spec.llm_block_size, 0), (16, 0))):
             path = ladder.candidate()
@@ -207,7 +210,7 @@ def settle_llm(job: LlmJob, requested: str, target: str, spec: QuantizeSpec, dir
             compute = "int8" if level == 4 else "float"
             if gated("int8", f"weight-only block {block}, {compute} compute", path):
                 return _settled("llm", requested, ladder, 0, len(job.prompts))
-    if target == "tensorrt":  # INT8 failed: FP16 before FP32 on a GPU
+    if target.fp16_before_fp32:  # INT8 failed: FP16 before FP32 (on a GPU)
         path = ladder.candidate()
         convert_fp16(job.fp32, path)
         if gated("fp16", "fp16", path):

@@ -50,7 +50,7 @@ class QdqLayout:
 
 U8S8 = QdqLayout("U8S8", QuantType.QUInt8, symmetric_activations=False)
 S8S8 = QdqLayout("S8S8", QuantType.QInt8, symmetric_activations=True)
-LAYOUTS = {"python": U8S8, "onnxruntime": U8S8, "tensorrt": S8S8}
+LAYOUTS = {layout.name: layout for layout in (U8S8, S8S8)}  # named by builder.targets
 
 
 def calibrate(fp32: Path, reader: CalibrationDataReader, method: str, ranges: Path) -> None:

@@ -26,6 +26,7 @@ from builder.quantize.reader import SampleReader
 from builder.runtime.model_facts import ModelFacts
 from builder.runtime.preprocess import Preprocessor
 from builder.spec import BuildSpec
+from builder.targets import TARGETS
 
 _INPUTS = {"vision_encoder": "pixel_values", "audio_encoder": "input_features"}
 
@@ -152,7 +153,7 @@ def _settle(
     if component == "llm":
         encoders = {name: session(g.path) for name, g in exported.items() if name != "llm"}
         prompts = tuple(fuse_prompt(p, encoders, facts) for p in samples.prompts)
-        return settle_llm(LlmJob(graph.path, facts, prompts), precision, spec.target, spec.quantize, directory, rejected)
+        return settle_llm(LlmJob(graph.path, facts, prompts), precision, TARGETS[spec.target], spec.quantize, directory, rejected)
     input_name = _INPUTS[component]
     split = samples.pixel_values if component == "vision_encoder" else samples.input_features
     assert split is not None
@@ -169,4 +170,4 @@ def _settle(
 
     job = EncoderJob(component, graph.path, input_name, tuple(o.name for o in graph.outputs), split.calibration,
                      split.holdout, ranges)
-    return settle_encoder(job, precision, spec.target, spec.quantize, directory, progress, rejected)
+    return settle_encoder(job, precision, TARGETS[spec.target], spec.quantize, directory, progress, rejected)

@@ -11,15 +11,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from builder.compile.artifacts import CompiledModel, engine_model_name
+from builder.compile.artifacts import CompiledModel
 from builder.contract import (
-    ANSWER_OUTPUTS, CLIENT_INPUTS, MEDIA_INPUTS, SAMPLING_INPUTS, STREAM_INPUT, STREAMING_ENSEMBLE, TEXT_INPUT,
-    UNARY_ENSEMBLE, Tensor,
+    ANSWER_OUTPUTS,
+    CLIENT_INPUTS,
+    MEDIA_INPUTS,
+    SAMPLING_INPUTS,
+    STREAM_INPUT,
+    STREAMING_ENSEMBLE,
+    TEXT_INPUT,
+    UNARY_ENSEMBLE,
+    Tensor,
 )
 from builder.onnx_files import data_files
 from builder.runtime.model_facts import ModelFacts
 from builder.runtime.preprocess import RequestLimits
 from builder.spec import BuildSpec
+from builder.targets import TARGETS
 
 # Between `llm_stream` and `llm` only (mmtb_runtime.sessions): which session a call opens or polls,
 # and whether a poll's chunk ends the answer.
@@ -87,14 +95,15 @@ def plan_repository(spec: BuildSpec, facts: ModelFacts, compiled: dict[str, Comp
         assert facts.audio is not None
         encoders.append(("audio_encoder", audio, (Tensor("input_features", "TYPE_FP32", (-1, facts.audio.num_mel_bins, facts.audio.frames)),),
                          Tensor("audio_embeds", "TYPE_FP32", (-1, hidden))))
+    target = TARGETS[spec.target]
     for name, graph, inputs, output in encoders:
-        native = spec.target != "python"  # Triton's own backend runs the graph
+        native = target.batches_encoders  # Triton's own backend runs the graph
         models.append(ModelPlan(
             name, "python_model.pbtxt.j2", inputs=inputs, outputs=(output,),
             python_model="engine_gate" if native else "encoder",
             files={} if native else {"model.onnx": graph.path},
             parameters={"input": inputs[0].name, "output": output.name, "hidden_size": str(hidden),
-                        **({"engine_model": engine_model_name(name, spec.target)} if native else {})},
+                        **({"engine_model": target.engine_model_name(name)} if native else {})},
             **per_model,
         ))
         if native:
@@ -161,30 +170,24 @@ def plan_repository(spec: BuildSpec, facts: ModelFacts, compiled: dict[str, Comp
     return models
 
 
-_ENGINE_TEMPLATES = {"onnxruntime": "onnxruntime_model.pbtxt.j2", "tensorrt": "tensorrt_model.pbtxt.j2"}
-
-
 def _engine_model(spec: BuildSpec, compiled: CompiledModel) -> ModelPlan:
     """An encoder's graph or plans under Triton's own backend, batched across requests on the graph's first axis."""
-    triton, graph = spec.triton, compiled.graph
-    options: dict[str, Any] = (
-        {"default_model_filename": compiled.path.name, "cc_model_filenames": compiled.cc_model_filenames}
-        if spec.target == "tensorrt" else {"tensorrt_accelerator": triton.ort_tensorrt_accelerator}
-    )
+    triton, graph, target = spec.triton, compiled.graph, TARGETS[spec.target]
+    assert target.engine_template is not None
     return ModelPlan(
-        engine_model_name(compiled.component, spec.target), _ENGINE_TEMPLATES[spec.target],
+        target.engine_model_name(compiled.component), target.engine_template,
         inputs=tuple(Tensor(sig.name, sig.data_type, sig.dims[1:]) for sig in graph.inputs),
         outputs=tuple(Tensor(sig.name, sig.data_type, sig.dims[1:]) for sig in graph.outputs),
         files=_backend_files(spec, compiled), max_batch_size=triton.max_batch_size, instances=triton.instances,
         dynamic_batching=triton.dynamic_batching, max_queue_delay_us=triton.max_queue_delay_us,
-        serves=compiled, template_options=options,
+        serves=compiled, template_options=target.engine_options(compiled, triton),
     )
 
 
 def _backend_files(spec: BuildSpec, compiled: CompiledModel) -> dict[str, Path]:
     """Triton's ONNX Runtime backend finds a graph's external weights only when ``model.onnx`` is a
     directory holding the graph and its data; a graph in one file stays a file."""
-    if spec.target == "onnxruntime" and data_files(compiled.path):
+    if TARGETS[spec.target].onnx_as_directory and data_files(compiled.path):
         return {"model.onnx/model.onnx": compiled.path}
     return compiled.files
 
