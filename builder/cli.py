@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from builder.errors import BuildError
+from builder.runtime.contract import SAMPLING_INPUTS, SYSTEM_PROMPT_INPUT
 from builder.targets import TARGETS
 
 DEFAULT_SPEC = Path("specs/tiny.yaml")
@@ -75,8 +76,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
     try:
         request = Request(
             prompt=args.prompt, images=tuple(p.read_bytes() for p in args.image),
-            audio=tuple(p.read_bytes() for p in args.audio), max_tokens=args.max_tokens,
-            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+            audio=tuple(p.read_bytes() for p in args.audio), system_prompt=args.system_prompt,
+            **{t.name: getattr(args, t.name) for t in SAMPLING_INPUTS},
         )
     except OSError as exc:
         raise BuildError(f"cannot read {exc.filename}: {exc.strerror}") from None
@@ -178,11 +179,9 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--audio", type=Path, action="append", default=[], help="WAV file (repeatable)")
     a.add_argument("--url", default="127.0.0.1:8001", help="gRPC address of the server")
     a.add_argument("--stream", action="store_true", help="print tokens as they are generated")
-    a.add_argument("--max-tokens", type=int)
-    a.add_argument("--temperature", type=float)
-    a.add_argument("--top-k", type=int)
-    a.add_argument("--top-p", type=float)
-    a.add_argument("--seed", type=int)
+    a.add_argument("--system-prompt", help=SYSTEM_PROMPT_INPUT.help)
+    for sampling in SAMPLING_INPUTS:  # the client contract's table: a new input shows up here
+        a.add_argument(f"--{sampling.name.replace('_', '-')}", type=sampling.scalar_type, help=sampling.help)
     a.set_defaults(func=cmd_ask)
 
     m = sub.add_parser("bench", help="perf_analyzer against the served repository, with baselines, plots and a report",

@@ -12,18 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from builder.compile.artifacts import CompiledModel
-from builder.contract import (
-    ANSWER_OUTPUTS,
-    CLIENT_INPUTS,
-    MEDIA_INPUTS,
-    SAMPLING_INPUTS,
-    STREAM_INPUT,
-    STREAMING_ENSEMBLE,
-    TEXT_INPUT,
-    UNARY_ENSEMBLE,
-    Tensor,
-)
 from builder.onnx_files import data_files
+from builder.runtime.contract import (
+    ANSWER_OUTPUTS, CLIENT_INPUTS, MEDIA_INPUTS, SAMPLING_INPUTS, STREAM_INPUT, STREAMING_ENSEMBLE, TEXT_INPUT,
+    UNARY_ENSEMBLE, Tensor,
+)
 from builder.runtime.model_facts import ModelFacts
 from builder.runtime.preprocess import RequestLimits
 from builder.spec import BuildSpec

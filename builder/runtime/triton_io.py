@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from .contract import OUTPUT_IDS, SAMPLING_INPUTS, TEXT_OUTPUT
 from .errors import BUSY_PREFIX, RequestError, ServerBusy
 from .generation import SamplingParams
 from .triton_metrics import count_refusal
@@ -61,6 +62,11 @@ def output_tensors(outputs: dict[str, np.ndarray]) -> list[Any]:
     return [pb_utils.Tensor(name, value) for name, value in outputs.items()]
 
 
+def answer_outputs(text: str, tokens: Any) -> dict[str, np.ndarray]:
+    """An answer (or a chunk of one) as the contract's outputs."""
+    return {TEXT_OUTPUT.name: np.array([text.encode("utf-8")], dtype=np.object_), OUTPUT_IDS.name: np.asarray(tokens, dtype=np.int64)}
+
+
 def error_response(exc: BaseException, model: str) -> Any:
     """Client errors carry their own message and status INVALID_ARGUMENT, a full server UNAVAILABLE;
     anything else is an internal error."""
@@ -102,12 +108,7 @@ def respond_each(requests: list[Any], model: str, handle: Callable[[Any], dict[s
 
 def read_sampling_params(request: Any, default_max_tokens: int, max_tokens_cap: int) -> SamplingParams:
     """The optional sampling inputs of the client contract, validated; absent ones take defaults."""
-    params = SamplingParams(
-        max_tokens=input_scalar(request, "max_tokens", default_max_tokens, int),
-        temperature=input_scalar(request, "temperature", 0.0, float),
-        top_k=input_scalar(request, "top_k", 0, int),
-        top_p=input_scalar(request, "top_p", 1.0, float),
-        seed=input_scalar(request, "seed", None, int),
-    )
+    sent = {t.name: input_scalar(request, t.name, None, t.scalar_type) for t in SAMPLING_INPUTS}
+    params = SamplingParams(**{"max_tokens": default_max_tokens, **{k: v for k, v in sent.items() if v is not None}})
     return params.validate(max_tokens_cap)
 

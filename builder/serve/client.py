@@ -9,10 +9,16 @@ from __future__ import annotations
 import queue
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
+
+from builder.runtime.contract import (
+    AUDIO_INPUT, IMAGE_INPUT, OUTPUT_IDS, SAMPLING_INPUTS, STREAM_INPUT, STREAMING_ENSEMBLE, SYSTEM_PROMPT_INPUT,
+    TEXT_INPUT, TEXT_OUTPUT, UNARY_ENSEMBLE, Tensor,
+)
 
 
 @dataclass(frozen=True)
@@ -36,21 +42,13 @@ class Answer:
 
 
 def request_inputs(request: Request, stream: bool | None = None) -> list[grpcclient.InferInput]:
-    tensors: dict[str, np.ndarray] = {"text_input": np.array([request.prompt.encode("utf-8")], dtype=np.object_)}
-    if request.images:
-        tensors["image"] = np.array(list(request.images), dtype=np.object_)
-    if request.audio:
-        tensors["audio"] = np.array(list(request.audio), dtype=np.object_)
-    if request.system_prompt is not None:
-        tensors["system_prompt"] = np.array([request.system_prompt.encode("utf-8")], dtype=np.object_)
-    scalars = {
-        "max_tokens": (request.max_tokens, np.int32), "temperature": (request.temperature, np.float32),
-        "top_k": (request.top_k, np.int32), "top_p": (request.top_p, np.float32), "seed": (request.seed, np.uint64),
-        "stream": (stream, np.bool_),
+    """The request as the contract's input tensors; inputs left unset are not sent."""
+    values: dict[Tensor, Any] = {
+        TEXT_INPUT: request.prompt, IMAGE_INPUT: request.images or None, AUDIO_INPUT: request.audio or None,
+        SYSTEM_PROMPT_INPUT: request.system_prompt, STREAM_INPUT: stream,
+        **{t: getattr(request, t.name) for t in SAMPLING_INPUTS},  # Request has a field of each name
     }
-    for name, (value, dtype) in scalars.items():
-        if value is not None:
-            tensors[name] = np.array([value], dtype=dtype)
+    tensors = {t.name: _tensor(t, v) for t, v in values.items() if v is not None}
     tensors.update(request.extra)
     inputs = []
     for name, value in tensors.items():
@@ -61,13 +59,20 @@ def request_inputs(request: Request, stream: bool | None = None) -> list[grpccli
     return inputs
 
 
-def ask(client: grpcclient.InferenceServerClient, request: Request, model: str = "ensemble", timeout: float = 300) -> Answer:
+def _tensor(spec: Tensor, value: Any) -> np.ndarray:
+    items = list(value) if spec.dims == (-1,) else [value]
+    if spec.data_type == "TYPE_STRING":
+        items = [v.encode("utf-8") if isinstance(v, str) else v for v in items]
+    return np.array(items, dtype=spec.numpy_dtype)
+
+
+def ask(client: grpcclient.InferenceServerClient, request: Request, model: str = UNARY_ENSEMBLE, timeout: float = 300) -> Answer:
     result = client.infer(model, request_inputs(request), client_timeout=timeout)
-    return Answer(_text(result.as_numpy("text_output")), result.as_numpy("output_ids").tolist())
+    return Answer(_text(result.as_numpy(TEXT_OUTPUT.name)), result.as_numpy(OUTPUT_IDS.name).tolist())
 
 
 def ask_stream(
-    client: grpcclient.InferenceServerClient, request: Request, model: str = "ensemble_stream", timeout: float = 300
+    client: grpcclient.InferenceServerClient, request: Request, model: str = STREAMING_ENSEMBLE, timeout: float = 300
 ) -> Iterator[tuple[str, list[int]]]:
     """Yields (text delta, token ids) as the server produces them; raises the server's error."""
     responses: queue.Queue = queue.Queue()
@@ -79,9 +84,9 @@ def ask_stream(
             if error is not None:
                 raise error if isinstance(error, InferenceServerException) else InferenceServerException(str(error))
             response = result.get_response()
-            ids = result.as_numpy("output_ids")
+            ids = result.as_numpy(OUTPUT_IDS.name)
             if ids is not None:
-                yield _text(result.as_numpy("text_output")), ids.tolist()
+                yield _text(result.as_numpy(TEXT_OUTPUT.name)), ids.tolist()
             if response.parameters["triton_final_response"].bool_param:
                 return
     finally:

@@ -18,7 +18,9 @@ from mmtb_runtime.scheduler import DecodeJob, DecodeScheduler, KvBudget
 from mmtb_runtime.sessions import SessionTable
 from mmtb_runtime.text import TextStream, load_tokenizer
 from mmtb_runtime.triton_metrics import MetricsPublisher
-from mmtb_runtime.triton_io import ModelArgs, error_response, input_array, input_scalar, output_tensors, read_sampling_params
+from mmtb_runtime.triton_io import (
+    ModelArgs, answer_outputs, error_response, input_array, input_scalar, output_tensors, read_sampling_params,
+)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -119,8 +121,4 @@ def send_chunk(sender, chunk, model):
 
 
 def answer(text, tokens, finished):
-    return pb_utils.InferenceResponse(output_tensors=output_tensors({
-        "text_output": np.array([text.encode("utf-8")], dtype=np.object_),
-        "output_ids": np.asarray(tokens, dtype=np.int64),
-        "finished": np.array([finished]),
-    }))
+    return pb_utils.InferenceResponse(output_tensors=output_tensors({**answer_outputs(text, tokens), "finished": np.array([finished])}))

@@ -11,10 +11,11 @@ import secrets
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from mmtb_runtime.triton_io import ModelArgs, error_response, forwarded_error, input_scalar, output_tensors
+from mmtb_runtime.contract import OUTPUT_IDS, STREAM_INPUT, TEXT_OUTPUT
+from mmtb_runtime.triton_io import ModelArgs, answer_outputs, error_response, forwarded_error, input_scalar, output_tensors
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-CHUNK = ["text_output", "output_ids", "finished"]
+CHUNK = [TEXT_OUTPUT.name, OUTPUT_IDS.name, "finished"]
 
 
 class TritonPythonModel:
@@ -32,10 +33,10 @@ class TritonPythonModel:
         return None
 
     def serve(self, request, sender):
-        stream = input_scalar(request, "stream", False, bool)
+        stream = input_scalar(request, STREAM_INPUT.name, False, bool)
         session = pb_utils.Tensor("session", np.array([secrets.randbits(63)], dtype=np.uint64))
         # The first call carries the prompt; later ones only the session. Inputs are copied: BLS owns them.
-        inputs = [pb_utils.Tensor(t.name(), t.as_numpy().copy()) for t in request.inputs() if t.name() != "stream"]
+        inputs = [pb_utils.Tensor(t.name(), t.as_numpy().copy()) for t in request.inputs() if t.name() != STREAM_INPUT.name]
         inputs.append(session)
         text, tokens = [], []
         while True:
@@ -44,8 +45,8 @@ class TritonPythonModel:
             if response.has_error():
                 sender.send(forwarded_error(response.error().message()), flags=FINAL)
                 return
-            delta = pb_utils.get_output_tensor_by_name(response, "text_output").as_numpy()[0].decode("utf-8")
-            ids = pb_utils.get_output_tensor_by_name(response, "output_ids").as_numpy().copy()
+            delta = pb_utils.get_output_tensor_by_name(response, TEXT_OUTPUT.name).as_numpy()[0].decode("utf-8")
+            ids = pb_utils.get_output_tensor_by_name(response, OUTPUT_IDS.name).as_numpy().copy()
             finished = bool(pb_utils.get_output_tensor_by_name(response, "finished").as_numpy()[0])
             if stream and (delta or ids.size):
                 sender.send(answer(delta, ids))
@@ -61,7 +62,4 @@ class TritonPythonModel:
 
 
 def answer(text, tokens):
-    return pb_utils.InferenceResponse(output_tensors=output_tensors({
-        "text_output": np.array([text.encode("utf-8")], dtype=np.object_),
-        "output_ids": np.asarray(tokens, dtype=np.int64),
-    }))
+    return pb_utils.InferenceResponse(output_tensors=output_tensors(answer_outputs(text, tokens)))

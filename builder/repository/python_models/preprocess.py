@@ -1,5 +1,6 @@
 """Triton model `preprocess`: chat template, prompt text, images and audio files to token ids and encoder inputs."""
 
+from mmtb_runtime.contract import AUDIO_INPUT, IMAGE_INPUT, SYSTEM_PROMPT_INPUT, TEXT_INPUT
 from mmtb_runtime.errors import RequestError
 from mmtb_runtime.preprocess import Preprocessor, RequestLimits
 from mmtb_runtime.triton_io import ModelArgs, input_array, input_bytes_list, respond_each
@@ -11,8 +12,8 @@ class TritonPythonModel:
         self.preprocess = Preprocessor.from_directory(self.args.directory, RequestLimits.from_parameters(self.args.parameters))
 
     def handle(self, request):
-        text, system = (self.single(request, name) for name in ("text_input", "system_prompt"))
-        inputs = self.preprocess(text, input_bytes_list(request, "image"), input_bytes_list(request, "audio"), system)
+        text, system = (self.single(request, t.name) for t in (TEXT_INPUT, SYSTEM_PROMPT_INPUT))
+        inputs = self.preprocess(text, input_bytes_list(request, IMAGE_INPUT.name), input_bytes_list(request, AUDIO_INPUT.name), system)
         outputs = {"input_ids": inputs.input_ids, "pixel_values": inputs.pixel_values, "image_sizes": inputs.image_sizes,
                    "input_features": inputs.input_features}
         # Only what this model's config declares: a build without an encoder has no output for it.

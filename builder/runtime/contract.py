@@ -1,0 +1,59 @@
+"""The client contract, once: the ensembles' inputs and outputs (the names Triton's LLM ensembles use).
+
+Read by the repository planner (ensemble and model configs), the models that read each input, the
+gRPC client and the CLI's ``ask``. Serving code: it lives in the runtime copied into the repository.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+_NUMPY = {"TYPE_STRING": np.object_, "TYPE_BOOL": np.bool_, "TYPE_INT32": np.int32, "TYPE_INT64": np.int64,
+          "TYPE_UINT64": np.uint64, "TYPE_FP32": np.float32}
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    data_type: str  # Triton's name: TYPE_FP32, TYPE_STRING...
+    dims: tuple[int, ...]
+    optional: bool = False
+    help: str = ""  # what a client sends in it (the CLI's help)
+
+    @property
+    def numpy_dtype(self) -> type[np.generic]:
+        return _NUMPY[self.data_type]
+
+    @property
+    def scalar_type(self) -> type:
+        """The Python type of one value: what a client passes and a model reads."""
+        return {np.object_: str, np.bool_: bool, np.float32: float}.get(self.numpy_dtype, int)
+
+
+# Required, but declared optional: Triton 2.51 answers a request without it only with "unexpected
+# deadlock" in the ensemble; `preprocess` sees None and says "text_input: required input is missing".
+TEXT_INPUT = Tensor("text_input", "TYPE_STRING", (1,), optional=True, help="the user's message (UTF-8)")
+# The request's media and system prompt, read by `preprocess`.
+IMAGE_INPUT = Tensor("image", "TYPE_STRING", (-1,), optional=True, help="0..N PNG/JPEG files")
+AUDIO_INPUT = Tensor("audio", "TYPE_STRING", (-1,), optional=True, help="0..N WAV files")
+SYSTEM_PROMPT_INPUT = Tensor("system_prompt", "TYPE_STRING", (1,), optional=True,
+                             help="replaces the chat template's default system prompt")
+MEDIA_INPUTS = (IMAGE_INPUT, AUDIO_INPUT, SYSTEM_PROMPT_INPUT)
+# Read by the decode model into runtime.generation.SamplingParams (a field of the same name each).
+SAMPLING_INPUTS = (
+    Tensor("max_tokens", "TYPE_INT32", (1,), optional=True, help="new tokens at most (default: the build's)"),
+    Tensor("temperature", "TYPE_FP32", (1,), optional=True, help="0 (default): greedy"),
+    Tensor("top_k", "TYPE_INT32", (1,), optional=True, help="sample from the k likeliest tokens (0: all)"),
+    Tensor("top_p", "TYPE_FP32", (1,), optional=True, help="sample from the smallest set of this probability"),
+    Tensor("seed", "TYPE_UINT64", (1,), optional=True, help="random seed of a sampled answer"),
+)
+STREAM_INPUT = Tensor("stream", "TYPE_BOOL", (1,), optional=True, help="one response per chunk of tokens")  # ensemble_stream
+CLIENT_INPUTS = (TEXT_INPUT, *MEDIA_INPUTS, *SAMPLING_INPUTS)
+TEXT_OUTPUT = Tensor("text_output", "TYPE_STRING", (-1,))
+OUTPUT_IDS = Tensor("output_ids", "TYPE_INT64", (-1,))
+ANSWER_OUTPUTS = (TEXT_OUTPUT, OUTPUT_IDS)
+
+UNARY_ENSEMBLE = "ensemble"
+STREAMING_ENSEMBLE = "ensemble_stream"
