@@ -27,7 +27,7 @@ import onnxruntime as ort
 import torch
 
 from builder.export.onnx_export import export_graph
-from builder.compare import cosine
+from builder.compare import figures, run_onnxruntime
 from builder.export.recipes import audio_recipe, vision_recipe
 from builder.quantize.calibration_data import DEFAULT_DIRECTORY
 from builder.quantize.qdq import S8S8, U8S8, calibrate, quantize_qdq
@@ -118,12 +118,13 @@ def measure(fp32: Path, name: str, inputs: list[np.ndarray], workdir: Path, runs
     for layout in (U8S8, S8S8):
         variants[layout.name] = workdir / f"{name}-{layout.name}.onnx"
         quantize_qdq(fp32, variants[layout.name], layout, "minmax", ranges)
-    reference = ort.InferenceSession(str(fp32))
-    held = inputs[CALIBRATION:]
+    held = [{name: x} for x in inputs[CALIBRATION:]]
+    output = [o.name for o in ort.InferenceSession(str(fp32)).get_outputs()]
+    reference = run_onnxruntime(fp32, held, output)
     rows = []
     for variant, path in variants.items():
         sess = ort.InferenceSession(str(path))
-        cos = min(cosine(sess.run(None, {name: x})[0], reference.run(None, {name: x})[0]) for x in held)
+        cos = figures(run_onnxruntime(path, held, output), reference, output)[0].cosine
         batch8 = np.concatenate([inputs[i % len(inputs)] for i in range(8)])
         rows.append(Row(encoder, variant, path.stat().st_size / 1e6, median_ms(sess, name, inputs[0], runs),
                         median_ms(sess, name, batch8, max(3, runs // 4)), cos))

@@ -12,7 +12,9 @@ import pytest
 from onnx import TensorProto, helper
 from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
-from builder.compile.compare import AccuracyGate, Comparison, compare_with_onnxruntime, sample_feeds
+from builder.compare import GateResult, OutputFigures
+from builder.compile.compare import compare_with_onnxruntime, sample_feeds
+from builder.spec import GateSpec
 from builder.compile.plans import Device, PlanRecord, carried_plans, cc_model_filenames, plan_record, published_plans
 from builder.compile.profiles import (
     AxisRange,
@@ -32,7 +34,7 @@ from builder.spec import parse_spec
 SPEC = parse_spec({"target": "tensorrt", "limits": {"max_images": 3, "max_audio_clips": 8, "max_prompt_tokens": 100,
                                                      "max_context": 256}, "triton": {"max_batch_size": 8}})
 DEVICE = Device("NVIDIA L4", "8.9", "550.54", "10.8.0")
-PASSED = Comparison(2, 0.9999, 1e-3, True)
+PASSED = GateResult(2, (OutputFigures("image_embeds", 0.9999, 1e-3, 1e-4),), ())
 
 
 def encoder_onnx(path: Path, scale: float = 1.0) -> Path:
@@ -144,15 +146,16 @@ def test_comparison_plumbing_with_onnxruntime_on_both_sides(tmp_path):
     inputs, _ = graph_signature(reference)
     (profile,) = profiles_for("vision_encoder", SPEC)
     feeds = [sample_feeds(inputs, profile.shapes(input_axes(reference)), 2, seed) for seed in range(2)]
-    gate = AccuracyGate(min_cosine=0.99, max_abs_error=1e-3)
+    gate = GateSpec(min_cosine=0.99, max_abs_error=1e-3)
 
     same = OnnxrtRunner(SessionFromOnnx(str(reference)), name="candidate-same")
     result = compare_with_onnxruntime(same, reference, feeds, gate)
-    assert result.passed and result.samples == 2 and result.max_abs_error == 0.0 and result.min_cosine > 0.9999
+    assert result.passed and result.samples == 2 and result.max_abs_error == 0.0 and result.worst.cosine > 0.9999
 
     off = OnnxrtRunner(SessionFromOnnx(str(encoder_onnx(tmp_path / "off.onnx", scale=1.01))), name="candidate-off")
     result = compare_with_onnxruntime(off, reference, feeds, gate)
-    assert not result.passed and result.max_abs_error > 1e-3 and result.min_cosine > 0.99  # fails on max |err| alone
+    assert not result.passed and result.max_abs_error > 1e-3 and result.worst.cosine > 0.99  # fails on max |err| alone
+    assert all("max|err|" in failure for failure in result.failures)
 
 
 def test_llm_comparison_inputs_are_ones_of_the_mask_and_positions_after_the_past():

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from builder.compare import onnxruntime_session
 from builder.quantize.agreement import fuse_prompt
-from builder.quantize.gate import session
 from builder.runtime.generation import LanguageModelRunner, SamplingParams
 from builder.runtime.model_facts import ModelFacts
 from builder.runtime.prefix_cache import PrefixCache
@@ -36,7 +36,7 @@ def answers(runner: LanguageModelRunner, prompts: list, facts: ModelFacts) -> li
 
 def test_the_same_tokens_with_and_without_the_cache(graphs: dict[str, Path], preprocessor: Preprocessor) -> None:
     facts = preprocessor.facts
-    encoders = {name: session(path) for name, path in graphs.items() if name != "llm"}
+    encoders = {name: onnxruntime_session(path) for name, path in graphs.items() if name != "llm"}
     prompts = [fuse_prompt(preprocessor(text, images, audio, SYSTEM), encoders, facts) for text, images, audio in REQUESTS]
     cache = PrefixCache(64 << 20)
     cached = LanguageModelRunner(str(graphs["llm"]), facts, prefix_cache=cache)

@@ -9,10 +9,10 @@ import onnx
 import pytest
 
 from builder.build import build
+from builder.compare import onnxruntime_session
 from builder.errors import BuildError
 from builder.quantize.agreement import fuse_prompt
 from builder.quantize.calibration_data import calibration_files, load_samples, server_preprocessor
-from builder.quantize.gate import session
 from builder.quantize.ladder import LlmJob, settle_llm
 from builder.quantize.pipeline import PipelineFigures, held_out_requests, measure_pipeline
 from builder.quantize.weight_only import quantize_weights_int8_qdq
@@ -182,7 +182,7 @@ def test_tensorrt_int8_llm_graph_is_int8_dequantize_feeding_matmul(built_reposit
     attributes = [{a.name: a.i for a in dq.attribute} for dq in dequantize]
     assert all(a == ({"axis": 0, "block_size": block} if block else {"axis": 1}) for a in attributes)
     assert output.stat().st_size < 0.35 * fp32.stat().st_size
-    session(output)  # ONNX Runtime runs this very graph (the gate's measurement)
+    onnxruntime_session(output)  # ONNX Runtime runs this very graph (the gate's measurement)
 
 
 def test_tensorrt_int8_llm_settles_on_qdq_gated_with_onnxruntime(built_repository: Path, tmp_path: Path) -> None:
@@ -192,7 +192,7 @@ def test_tensorrt_int8_llm_settles_on_qdq_gated_with_onnxruntime(built_repositor
     facts = ModelFacts.load(built_repository / "preprocess" / "1" / "model_facts.json")
     preprocess = server_preprocessor(spec, facts, built_repository / "preprocess" / "1" / "tokenizer.json")
     graphs = served_graphs(built_repository)
-    encoders = {name: session(graphs[name]) for name in ("vision_encoder", "audio_encoder")}
+    encoders = {name: onnxruntime_session(graphs[name]) for name in ("vision_encoder", "audio_encoder")}
     held_out = load_samples(calibration_files(spec, with_audio=True), preprocess).prompts
     prompts = tuple(fuse_prompt(p, encoders, facts) for p in held_out)
     settled = settle_llm(LlmJob(graphs["llm"], facts, prompts), "int8", TARGETS["tensorrt"], spec.quantize, tmp_path)

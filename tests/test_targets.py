@@ -17,7 +17,7 @@ from tritonclient.grpc import model_config_pb2
 
 from builder.build import build
 from builder.compile.artifacts import CompiledModel
-from builder.compile.compare import Comparison
+from builder.compare import GateResult, OutputFigures
 from builder.compile.plans import Device, plan_record
 from builder.errors import BuildError
 from builder.export.graph import ExportedGraph, ParityResult, graph_signature
@@ -84,7 +84,7 @@ def _tensorrt_compiled(built: Path, tmp_path: Path) -> dict[str, CompiledModel]:
             path = tmp_path / component / device.plan_file
             path.parent.mkdir(exist_ok=True)
             path.write_bytes(b"plan")
-            plans.append(plan_record(device, "sha", Comparison(2, 0.999, 1e-3, True), path))
+            plans.append(plan_record(device, "sha", GateResult(2, (OutputFigures("out", 0.999, 1e-3, 1e-4),), ()), path))
         compiled[component] = CompiledModel(component, plans[0].path, "fp32", graph, tuple(plans))
     return compiled
 

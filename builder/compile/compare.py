@@ -1,44 +1,25 @@
-"""Compares a compiled model with ONNX Runtime FP32 on the same inputs, through Polygraphy's ``Comparator``.
+"""Inputs for comparing a compiled model with ONNX Runtime FP32, and the run of that comparison.
 
 The candidate is any Polygraphy runner: a ``TrtRunner`` on the build server, an ``OnnxrtRunner``
-in the CPU tests. Both gate figures (min cosine, max |error|) come from Polygraphy's compare
-functions, so the numbers match what ``polygraphy run --trt --onnxrt`` prints.
+in the CPU tests. Both run through Polygraphy's ``Comparator``; figures and verdict come from
+:mod:`builder.compare`, as for the export and quantize stages.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from polygraphy.backend.base import BaseRunner
 from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 from polygraphy.comparator import Comparator
-from polygraphy.comparator.compare import CosineSimilarityCompareFunc, SimpleCompareFunc
 from polygraphy.logger import G_LOGGER
 
+from builder.compare import Feeds, Gate, GateResult, Outputs, figures, judge
 from builder.compile.profiles import InputShapes
 from builder.errors import BuildError
 from builder.export.graph import TensorSig
-
-Feeds = dict[str, np.ndarray]
-
-
-@dataclass(frozen=True)
-class AccuracyGate:
-    min_cosine: float
-    max_abs_error: float | None = None  # None: reported, not gated
-
-
-@dataclass(frozen=True)
-class Comparison:
-    samples: int
-    min_cosine: float
-    max_abs_error: float
-    passed: bool
 
 
 def sample_feeds(inputs: tuple[TensorSig, ...], shapes: Mapping[str, InputShapes], vocab: int, seed: int) -> Feeds:
@@ -64,22 +45,22 @@ def sample_feeds(inputs: tuple[TensorSig, ...], shapes: Mapping[str, InputShapes
     return feeds
 
 
-def compare_with_onnxruntime(candidate: BaseRunner, reference_onnx: Path, feeds: list[Feeds], gate: AccuracyGate) -> Comparison:
-    """Runs ``candidate`` and ONNX Runtime (CPU, FP32 graph) on ``feeds`` and scores every output."""
+def compare_with_onnxruntime(candidate: BaseRunner, reference_onnx: Path, feeds: Sequence[Feeds], gate: Gate) -> GateResult:
+    """Runs ``candidate`` and ONNX Runtime (CPU, FP32 graph) on ``feeds`` and judges every output."""
+    return judge_runs([run_with_onnxruntime(candidate, reference_onnx, feeds)], gate)
+
+
+def run_with_onnxruntime(candidate: BaseRunner, reference_onnx: Path, feeds: Sequence[Feeds]) -> tuple[list[Outputs], list[Outputs]]:
+    """The candidate's and ONNX Runtime's outputs for each of ``feeds``, through Polygraphy's ``Comparator``."""
     reference = OnnxrtRunner(SessionFromOnnx(str(reference_onnx), providers=["cpu"]), name="onnxruntime-fp32")
     with G_LOGGER.verbosity(G_LOGGER.ERROR):  # Polygraphy reports each step at INFO
-        results = Comparator.run([candidate, reference], data_loader=feeds)
-        atol = math.inf if gate.max_abs_error is None else gate.max_abs_error
-        accuracy = Comparator.compare_accuracy(
-            results, compare_func=[SimpleCompareFunc(atol=atol, rtol=0.0), CosineSimilarityCompareFunc(gate.min_cosine)],
-        )
-    simple, cosine = ([out for iteration in _only_pair(result) for out in iteration.values()] for result in accuracy)
-    return Comparison(
-        len(feeds), min(float(out.cosine_similarity) for out in cosine), max(float(out.max_absdiff) for out in simple),
-        bool(accuracy),
-    )
+        results = Comparator.run([candidate, reference], data_loader=list(feeds))
+    (_, candidate_outputs), (_, reference_outputs) = results.items()
+    return [{k: i[k] for k in i} for i in candidate_outputs], [{k: i[k] for k in i} for i in reference_outputs]
 
 
-def _only_pair(result: Mapping[Any, list[Mapping[str, Any]]]) -> list[Mapping[str, Any]]:
-    (iterations,) = result.values()  # two runners: one pair
-    return iterations
+def judge_runs(runs: Sequence[tuple[Sequence[Outputs], Sequence[Outputs]]], gate: Gate) -> GateResult:
+    """One verdict over several runs (e.g. one per optimization profile)."""
+    candidate = [out for run, _ in runs for out in run]
+    reference = [out for _, run in runs for out in run]
+    return judge(figures(candidate, reference, list(reference[0])), len(reference), gate)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from builder.compile.compare import Comparison
+from builder.compare import GateResult
 from builder.errors import BuildError
 
 
@@ -39,7 +39,7 @@ class PlanRecord:
     driver: str
     tensorrt: str
     onnx_sha256: str
-    comparison: Comparison
+    comparison: GateResult  # the plan against ONNX Runtime FP32
     path: Path  # where the plan is now (build cache, or the published repository)
 
     def to_json(self) -> dict[str, Any]:
@@ -48,7 +48,7 @@ class PlanRecord:
         return data
 
 
-def plan_record(device: Device, onnx_sha256: str, comparison: Comparison, path: Path) -> PlanRecord:
+def plan_record(device: Device, onnx_sha256: str, comparison: GateResult, path: Path) -> PlanRecord:
     return PlanRecord(device.plan_file, device.compute_capability, device.name, device.driver, device.tensorrt,
                       onnx_sha256, comparison, path)
 
@@ -64,7 +64,7 @@ def published_plans(repository: Path, component: str, model: str) -> list[PlanRe
     for raw in entries:
         path = repository / model / "1" / raw["file"]
         if path.is_file():
-            records.append(PlanRecord(**{**raw, "comparison": Comparison(**raw["comparison"]), "path": path}))
+            records.append(PlanRecord(**{**raw, "comparison": GateResult.from_json(raw["comparison"]), "path": path}))
     return records
 
 

@@ -18,7 +18,8 @@ from typing import Any
 
 from builder.cache import StageCache, code_fingerprint, make_key
 from builder.compile.artifacts import CompiledModel
-from builder.compile.compare import AccuracyGate, Comparison, Feeds, sample_feeds
+from builder.compare import Feeds, GateResult
+from builder.compile.compare import sample_feeds
 from builder.compile.plans import Device, carried_plans, plan_record, published_plans
 from builder.compile.profiles import Profile, check_profiles, check_request_fits, input_axes, profiles_for, request_ranges
 from builder.errors import BuildError
@@ -59,8 +60,7 @@ class BuildTarget:
                        device.tensorrt, spec.section("tensorrt"), spec.section("quantize"), code_fingerprint("compile"))
         entry = self.cache.lookup("tensorrt", component, key)
         if entry is None:
-            quantize_gate = spec.quantize.llm_gate if component == "llm" else spec.quantize.gate  # the same figures
-            gate = AccuracyGate(quantize_gate.min_cosine, quantize_gate.max_abs_error)
+            gate = spec.quantize.llm_gate if component == "llm" else spec.quantize.gate  # the same figures
             with self.cache.writer("tensorrt", component, key) as tmp:
                 timing = self.cache.root / "tensorrt" / f"timing-{device.tensorrt}-{device.plan_file}.cache"
                 build_plan(graph.path, profiles, tmp / device.plan_file, timing)
@@ -69,14 +69,11 @@ class BuildTarget:
                 comparison = compare_plan(tmp / device.plan_file, graph.path,
                                           comparison_feeds(graph, profiles, spec.tensorrt.comparison_samples), gate)
                 if not comparison.passed:
-                    raise BuildError(
-                        f"{component}: the TensorRT engine disagrees with its ONNX graph under ONNX Runtime (cos {comparison.min_cosine:.6f}, "
-                        f"max|err| {comparison.max_abs_error:.2e} over {comparison.samples} inputs; "
-                        f"gate: cos >= {gate.min_cosine}, max|err| <= {gate.max_abs_error or 'not gated'})"
-                    )
-                (tmp / "comparison.json").write_text(json.dumps(dataclasses.asdict(comparison)))
+                    raise BuildError(f"{component}: the TensorRT engine disagrees with its ONNX graph under ONNX Runtime: "
+                                     f"{comparison.summary()}")
+                (tmp / "comparison.json").write_text(json.dumps(comparison.to_json()))
             entry = self.cache.entry("tensorrt", component, key)
-        comparison = Comparison(**json.loads((entry / "comparison.json").read_text()))
+        comparison = GateResult.from_json(json.loads((entry / "comparison.json").read_text()))
         record = plan_record(device, onnx_sha256, comparison, entry / device.plan_file)
         previous = published_plans(self.output, component, TARGETS[spec.target].engine_model_name(component))
         carried = carried_plans(previous, device, onnx_sha256, self.output)

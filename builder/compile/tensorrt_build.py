@@ -16,7 +16,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from builder.compile.compare import AccuracyGate, Comparison, Feeds, compare_with_onnxruntime
+from builder.compare import Feeds, Gate, GateResult
+from builder.compile.compare import judge_runs, run_with_onnxruntime
 from builder.compile.plans import Device
 from builder.compile.profiles import Profile, input_axes
 from builder.errors import BuildError
@@ -62,18 +63,14 @@ def build_plan(onnx_path: Path, profiles: tuple[Profile, ...], plan_path: Path, 
     SaveEngine(engine, str(plan_path))()
 
 
-def compare_plan(plan_path: Path, reference_onnx: Path, feeds_per_profile: list[list[Feeds]], gate: AccuracyGate) -> Comparison:
+def compare_plan(plan_path: Path, reference_onnx: Path, feeds_per_profile: list[list[Feeds]], gate: Gate) -> GateResult:
     """The engine against ONNX Runtime FP32, each profile on inputs at its own shapes."""
     from polygraphy.backend.common import BytesFromPath
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
     engine = EngineFromBytes(BytesFromPath(str(plan_path)))
-    results = [
-        compare_with_onnxruntime(TrtRunner(engine, name=f"tensorrt-profile{index}", optimization_profile=index),
-                                 reference_onnx, feeds, gate)
+    runs = [
+        run_with_onnxruntime(TrtRunner(engine, name=f"tensorrt-profile{index}", optimization_profile=index), reference_onnx, feeds)
         for index, feeds in enumerate(feeds_per_profile)
     ]
-    return Comparison(
-        sum(r.samples for r in results), min(r.min_cosine for r in results), max(r.max_abs_error for r in results),
-        all(r.passed for r in results),
-    )
+    return judge_runs(runs, gate)

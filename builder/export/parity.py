@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
-from builder.compare import cosine
+from builder.compare import figures, run_onnxruntime
 from builder.errors import BuildError
 from builder.export.graph import ParityResult
 from builder.export.recipes import ExportRecipe
@@ -23,29 +22,32 @@ def check_parity(recipe: ExportRecipe, onnx_path: Path, samples: int, atol: floa
     ``cosine_gate`` (FP16 graphs) judges each output by its cosine with PyTorch's instead: ONNX
     Runtime and PyTorch round FP16 at different points, so elementwise tolerances say little.
     """
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     gen = torch.Generator().manual_seed(seed)
-    worst_err, worst_cos = 0.0, 1.0
+    names = recipe.output_names
+    feeds, expected = [], []
     for variant in range(1, samples + 1):
         inputs = recipe.sample_inputs(gen, variant)
         with torch.no_grad():
-            expected = recipe.module(*inputs)
-        expected = expected if isinstance(expected, tuple) else (expected,)
-        feeds = {name: tensor.numpy() for name, tensor in zip(recipe.input_names, inputs)}
-        actual = session.run(recipe.output_names, feeds)
-        for name, got, want in zip(recipe.output_names, actual, expected):
-            want = want.numpy()
-            if got.shape != want.shape:
-                raise BuildError(f"{recipe.component}: ONNX output {name} has shape {got.shape}, PyTorch {want.shape}")
-            err = float(np.max(np.abs(got.astype(np.float64) - want))) if got.size else 0.0
-            similarity = cosine(got, want)
-            if cosine_gate is not None and similarity < cosine_gate:
-                raise BuildError(f"{recipe.component}: ONNX output {name} differs from PyTorch (cos {similarity:.6f} < {cosine_gate})")
-            if cosine_gate is None and not np.allclose(got, want, atol=atol, rtol=rtol):
-                raise BuildError(
-                    f"{recipe.component}: ONNX output {name} differs from PyTorch (max |err| {err:.3g} > atol {atol} + rtol {rtol})"
-                )
-            worst_err, worst_cos = max(worst_err, err), min(worst_cos, similarity)
+            outputs = recipe.module(*inputs)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        expected.append({name: tensor.numpy() for name, tensor in zip(names, outputs, strict=True)})
+        feeds.append({name: tensor.numpy() for name, tensor in zip(recipe.input_names, inputs, strict=True)})
+    actual = run_onnxruntime(onnx_path, feeds, names)
+    try:
+        found = figures(actual, expected, names)
+    except ValueError as exc:  # an output of another shape
+        raise BuildError(f"{recipe.component}: ONNX {exc} from PyTorch") from None
+    for f in found:
+        if cosine_gate is not None and not f.cosine >= cosine_gate:
+            raise BuildError(f"{recipe.component}: ONNX output {f.name} differs from PyTorch (cos {f.cosine:.6f} < {cosine_gate})")
+    if cosine_gate is None:  # elementwise, as np.allclose: |got - want| <= atol + rtol * |want|
+        for got, want in zip(actual, expected, strict=True):
+            for name in names:
+                if not np.allclose(got[name], want[name], atol=atol, rtol=rtol):
+                    worst = next(f for f in found if f.name == name)
+                    raise BuildError(f"{recipe.component}: ONNX output {name} differs from PyTorch "
+                                     f"(max |err| {worst.max_abs_error:.3g} > atol {atol} + rtol {rtol})")
+    worst_err, worst_cos = max(f.max_abs_error for f in found), min(f.cosine for f in found)
     if cosine_gate is not None:
         return ParityResult(samples, worst_err, worst_cos, None, None, cosine_gate, "float16")
     return ParityResult(samples, worst_err, worst_cos, atol, rtol)

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from builder.compare import cosine
-from builder.quantize.gate import OutputFigures
+from builder.compare import OutputFigures, figures
 from builder.runtime.encoders import embed_request
 from builder.runtime.generation import LanguageModelRunner, SamplingParams
 from builder.runtime.model_facts import ModelFacts
@@ -55,20 +54,19 @@ def teacher_forced(
     """``prompts`` pairs each prompt as the reference pipeline fused it with the candidate's fusion
     (its own encoders); the LLMs then follow the reference's greedy tokens."""
     params = SamplingParams(max_tokens=positions)
-    same, cos, max_err, mean_err = 0, 1.0, 0.0, 0.0
+    same, candidate_logits, reference_logits = 0, [], []
     for ref_prompt, cand_prompt in prompts:
         ref = reference.start(ref_prompt.input_ids, ref_prompt.embeds, ref_prompt.mask, params)
         cand = candidate.start(cand_prompt.input_ids, cand_prompt.embeds, cand_prompt.mask, params)
         for position in range(positions):
             token = int(np.argmax(ref.logits))
             same += int(np.argmax(cand.logits)) == token
-            diff = np.abs(cand.logits.astype(np.float64) - ref.logits)
-            cos = min(cos, cosine(cand.logits, ref.logits))
-            max_err, mean_err = max(max_err, float(diff.max())), max(mean_err, float(diff.mean()))
+            candidate_logits.append({"logits": cand.logits.copy()})
+            reference_logits.append({"logits": ref.logits.copy()})
             if position + 1 < positions:
                 ref.tokens.append(token)
                 cand.tokens.append(token)
                 reference.decode([ref])
                 candidate.decode([cand])
-    return Agreement(len(prompts), positions, same / (len(prompts) * positions),
-                     OutputFigures("logits", cos, max_err, mean_err))
+    (logits,) = figures(candidate_logits, reference_logits, ["logits"])
+    return Agreement(len(prompts), positions, same / (len(prompts) * positions), logits)

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
+from builder.compare import GateResult, OutputFigures, figures, judge, run_onnxruntime
 from builder.errors import BuildError
 from builder.onnx_files import move_onnx, remove_onnx
 from builder.quantize.agreement import Agreement, FusedPrompt, teacher_forced
 from builder.quantize.fp16 import convert_fp16
-from builder.quantize.gate import GateResult, OutputFigures, judge, measure, session
 from builder.quantize.qdq import CALIBRATION_METHODS, LAYOUTS, quantize_qdq, weight_nodes
 from builder.quantize.reader import SampleReader
 from builder.quantize.sensitivity import most_sensitive_nodes
@@ -91,7 +91,7 @@ class Settled:
     @classmethod
     def from_json(cls, raw: dict, directory: Path, fp32: Path) -> "Settled":
         def gate(g: dict | None) -> GateResult | None:
-            return None if g is None else GateResult(g["samples"], tuple(OutputFigures(**o) for o in g["outputs"]), tuple(g["failures"]))
+            return None if g is None else GateResult.from_json(g)
 
         def agreement(a: dict | None) -> Agreement | None:
             return None if a is None else Agreement(a["prompts"], a["positions"], a["agreement"], OutputFigures(**a["logits"]))
@@ -152,11 +152,12 @@ def settle_encoder(job: EncoderJob, requested: str, target: Target, spec: Quanti
                    rejected: int = 0) -> Settled:
     """``rejected``: how many passing rungs the pipeline gate turned down (walk past them)."""
     ladder = _Ladder(job.component, requested, spec, spec.gate, directory, rejected)
-    reference = [session(job.fp32).run(list(job.output_names), {job.input_name: x}) for x in job.holdout]
+    feeds = [{job.input_name: x} for x in job.holdout]
+    reference = run_onnxruntime(job.fp32, feeds, job.output_names)
 
     def gated(path: Path) -> GateResult:
-        feeds = [{job.input_name: x} for x in job.holdout]
-        return judge(measure(reference, path, feeds, job.output_names), len(feeds), spec.gate)
+        found = figures(run_onnxruntime(path, feeds, job.output_names), reference, job.output_names)
+        return judge(found, len(feeds), spec.gate)
 
     layout = LAYOUTS[target.encoder_qdq_layout]
 

@@ -15,9 +15,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from builder.compare import OutputFigures, onnxruntime_session
 from builder.quantize.agreement import Agreement, fuse_prompt, teacher_forced
 from builder.quantize.calibration_data import CalibrationFiles
-from builder.quantize.gate import OutputFigures, session
 from builder.runtime.generation import LanguageModelRunner
 from builder.runtime.model_facts import ModelFacts
 from builder.runtime.preprocess import ModelInputs, Preprocessor
@@ -93,7 +93,7 @@ def measure_pipeline(reference: Mapping[str, Path], candidate: Mapping[str, Path
                      facts: ModelFacts, gate: PipelineGateSpec) -> PipelineFigures:
     """``reference``/``candidate`` map component -> graph (vision_encoder, audio_encoder, llm)."""
     def pipeline(graphs: Mapping[str, Path]) -> tuple[dict, LanguageModelRunner]:
-        encoders = {name: session(path) for name, path in graphs.items() if name != "llm"}
+        encoders = {name: onnxruntime_session(path) for name, path in graphs.items() if name != "llm"}
         return encoders, LanguageModelRunner(str(graphs["llm"]), facts)
 
     (ref_encoders, ref_llm), (cand_encoders, cand_llm) = pipeline(reference), pipeline(candidate)

@@ -14,11 +14,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from builder.cache import StageCache, code_fingerprint, make_key, tool_versions
+from builder.compare import onnxruntime_session
 from builder.errors import BuildError
 from builder.export.graph import ExportedGraph
 from builder.quantize.agreement import fuse_prompt
 from builder.quantize.calibration_data import CalibrationFiles, CalibrationSamples, load_samples, server_preprocessor
-from builder.quantize.gate import session
 from builder.quantize.ladder import EncoderJob, LlmJob, Settled, settle_encoder, settle_llm
 from builder.quantize.pipeline import PipelineResult, cpu_description, held_out_requests, measure_pipeline
 from builder.quantize.qdq import calibrate
@@ -151,7 +151,7 @@ def _settle(
     directory: Path, progress: bool, rejected: int,
 ) -> Settled:
     if component == "llm":
-        encoders = {name: session(g.path) for name, g in exported.items() if name != "llm"}
+        encoders = {name: onnxruntime_session(g.path) for name, g in exported.items() if name != "llm"}
         prompts = tuple(fuse_prompt(p, encoders, facts) for p in samples.prompts)
         return settle_llm(LlmJob(graph.path, facts, prompts), precision, TARGETS[spec.target], spec.quantize, directory, rejected)
     input_name = _INPUTS[component]
