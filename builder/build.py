@@ -71,7 +71,7 @@ def build(spec: BuildSpec, output: Path, cache_dir: Path, progress: bool = True)
     source = resolve_source(spec.source, cache)
     weight_files = check_checkpoint_files(source.checkpoint)
     tokenizer = serving_tokenizer(source.checkpoint, cache)  # the checkpoint's, or converted from tekken.json once
-    facts = _served_facts(spec, _checkpoint_facts(source.checkpoint, source.fingerprint, tokenizer, cache))
+    facts = served_facts(spec, _checkpoint_facts(source.checkpoint, source.fingerprint, tokenizer, cache))
     target = dataclasses.replace(target, image=facts.image)
     components = [c for c in ("vision_encoder", "audio_encoder", "llm") if c == "llm" or _media(facts, c) is not None]
     precisions = {c: getattr(spec.components, _SPEC_COMPONENT[c]).precision for c in components}
@@ -136,7 +136,7 @@ def _checkpoint_facts(checkpoint: Path, fingerprint: str, tokenizer: Path, cache
     return ModelFacts.load(entry / "model_facts.json")
 
 
-def _served_facts(spec: BuildSpec, facts: ModelFacts) -> ModelFacts:
+def served_facts(spec: BuildSpec, facts: ModelFacts) -> ModelFacts:
     """The checkpoint's facts less the encoders the spec turns off: the server refuses their media."""
     return dataclasses.replace(
         facts, image=facts.image if spec.components.vision.enabled else None,

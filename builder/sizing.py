@@ -1,15 +1,8 @@
-"""How much GPU a checkpoint needs to serve: weights, KV cache, encoders, concurrency, decode speed bound.
-
-Read from ``config.json`` and the safetensors headers alone (no weight is loaded), so it runs on a
-laptop against a downloaded 24B checkpoint. What it counts is what this project's runtime holds:
-
-- weights per precision as the build writes them: FP16/BF16 2 bytes per parameter; weight-only
-  INT8 and 4-bit quantize the decoder's matrices in blocks of 32 (one FP16 scale each) and keep the
-  embedding table and norms in FP16;
-- the KV cache: 2 (key, value) x layers x KV heads x head dim x 2 bytes (FP16) per position, and
-  three copies of it at a decode step: each sequence's own cache, the batch's past and its present
-  (``builder/runtime/trt_generation.py``, ``generation.py``);
-- the encoders in FP16, plus a fixed allowance for the CUDA context and activations.
+"""How much GPU a checkpoint needs to serve, from ``config.json`` and the safetensors headers alone
+(no weight loaded): weights per precision as the build writes them, KV bytes per position (times the
+three copies a decode step holds: each sequence's, the batch's past and present), the encoders in
+FP16 plus an allowance for the CUDA context, how many sequences fit, and the decode bound from
+memory bandwidth.
 """
 
 from __future__ import annotations

@@ -48,3 +48,23 @@ def test_bad_build_says_one_line_and_keeps_the_repository(spec_text, message, pu
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], done.stderr
     assert "Traceback" not in done.stderr
     assert tree_digest(published) == before
+
+
+def test_build_side_preprocessing_refuses_what_the_server_refuses(built_repository):
+    """Calibration and the bench's in-process baseline preprocess as the server does: a build with the
+    vision encoder off refuses images there too (the served facts drop the encoder, the limits agree)."""
+    from builder.build import served_facts
+    from builder.quantize.calibration_data import server_preprocessor
+    from builder.runtime.errors import RequestError
+    from builder.runtime.model_facts import ModelFacts
+    from builder.spec import load_spec
+    from tests.conftest import ROOT
+
+    directory = built_repository / "preprocess" / "1"
+    facts = ModelFacts.load(directory / "model_facts.json")
+    spec = load_spec(ROOT / "specs" / "tiny.yaml", {"components.vision.enabled": False})
+    preprocess = server_preprocessor(spec, served_facts(spec, facts), directory / "tokenizer.json")
+    png = next((ROOT / "data" / "calibration" / "images").glob("*.png")).read_bytes()
+    with pytest.raises(RequestError, match="image: this model has no vision encoder"):
+        preprocess("What is this?", [png], [])
+    assert preprocess("Hello", [], []).input_ids.size > 0

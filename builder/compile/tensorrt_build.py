@@ -1,14 +1,7 @@
 """TensorRT engines through Polygraphy's TensorRT backend: the only part of the build that needs a GPU.
-
-Strongly typed networks (TensorRT 10/11 style): the precision of every layer comes from the ONNX
-graph itself (FP32, FP16 casts, or Q/DQ INT8 from the quantize stage), so there are no FP16/INT8
-builder flags and no calibrator. Polygraphy's loaders are lazy: nothing touches TensorRT until
-the composed loader is called. Follows Polygraphy's ``examples/api/00_inference_with_tensorrt``
-and ``02_validating_on_a_dataset``.
-
-Verified on CPU only up to the device boundary: detection, profiles and the comparison plumbing
-are tested without a GPU; ``build_plan`` and ``compare_plan`` run only on a GPU build server
-(``make gpu-smoke``).
+Strongly typed networks: every layer's precision comes from the ONNX graph (FP32, FP16, Q/DQ INT8),
+so there are no precision flags and no calibrator. Verified on CPU only up to the device boundary;
+``build_plan`` and ``compare_plan`` run only on a GPU build server (``make gpu-smoke``).
 """
 
 from __future__ import annotations

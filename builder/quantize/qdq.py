@@ -1,22 +1,7 @@
-"""Static INT8 with Q/DQ nodes, one layout per target, from one calibration pass.
-
-Quantizer: ONNX Runtime's ``quantize_static`` (QDQ format). NVIDIA ModelOpt's ONNX PTQ
-(``modelopt.onnx.quantization``, 0.47) was tried side by side on the same graphs: it calibrates on
-CPU, but produces only TensorRT's layout (S8S8, per-channel weights, opaque node choices); without
-its ``[onnx]`` extra (which pulls onnxruntime-gpu and cupy and downgrades onnx) it still needs
-onnx-graphsurgeon, onnxslim, lief, PuLP, omegaconf and nvidia-ml-py; and it offers no U8S8 for
-ONNX Runtime on CPU. ORT's quantizer gives both layouts, with the ranges cached as JSON and reused
-between them, and is already a dependency. Measured figures are in ``benchmarks/int8_encoders.py``.
-
-Layouts:
-- ``U8S8`` (targets ``python``, ``onnxruntime``): asymmetric uint8 activations, symmetric
-  per-channel int8 weights: what ONNX Runtime's x86 kernels (VNNI) run fast.
-- ``S8S8`` (target ``tensorrt``): symmetric int8 activations and per-channel int8 weights, the
-  explicit-quantization layout TensorRT builds INT8 engines from.
-Both quantize only the Conv/MatMul/Gemm nodes that multiply by a weight: the layers that carry
-the compute. Attention's activation x activation MatMuls stay float: quantized, ORT's fused U8S8
-kernels dropped the tiny audio encoder's cosine to 0.978 on real speech (0.9997 with the same
-Q/DQ graph and optimizations off), and 0.9997 with them left float.
+"""Static INT8 with Q/DQ nodes (ONNX Runtime's ``quantize_static``) from one cached calibration pass,
+in the layout a target names: ``U8S8`` (asymmetric uint8 activations, per-channel int8 weights: ORT's
+fast x86 kernels) or ``S8S8`` (symmetric, what TensorRT builds INT8 engines from). Only the
+Conv/MatMul/Gemm nodes that multiply by a weight are quantized (README, "INT8 and FP16", says why).
 """
 
 from __future__ import annotations

@@ -1,18 +1,7 @@
-"""The LLM in INT8: weight-only, block-wise: ONNX Runtime's ``MatMulNBits`` (bits=8), or for TensorRT Q/DQ.
-
-TensorRT cannot parse ``MatMulNBits`` (an ORT contrib op); its form is an int8 ``DequantizeLinear``
-feeding each MatMul, per output channel (the INT8 weight granularity TensorRT documents) or blocked
-(opset 21, ``block_size``), which ORT runs too, so the same graph is gated here on CPU. ORT's
-``MatMulNBitsQuantizer`` has a QDQ format, but in 1.31 for 4 bits only (``assert qbits == 4``), so
-the int8 Q/DQ is written here.
-
-Why weight-only: decode is memory-bound (one token reads every weight once), so halving the weight
-bytes is what speeds it up and shrinks it, and no calibration set of KV caches is needed (at
-``accuracy_level`` 4 the kernel quantizes activations on the fly, per block). Why block-wise: one
-scale per ``block_size`` weights of a column follows outliers that a per-tensor scale cannot; the
-recipe in DESIGN.md measured block-wise INT8 at logit cosine 0.993 where per-tensor dynamic INT8
-(``quantize_dynamic``) fell to 0.97 on a 190M-parameter decoder. The embedding table (a Gather)
-and the attention math stay float.
+"""The LLM in INT8, weight-only and block-wise: ONNX Runtime's ``MatMulNBits`` (bits=8), or for
+TensorRT, which cannot parse that contrib op, int8 ``DequantizeLinear`` weights (per output channel,
+or blocked with opset 21's ``block_size``) feeding each MatMul, gated here under ORT. Decode is
+memory-bound, so weight bytes are what count; embeddings and attention math stay float.
 """
 
 from __future__ import annotations

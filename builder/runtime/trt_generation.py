@@ -1,30 +1,8 @@
-"""The LLM's TensorRT plan behind the ``start``/``decode`` contract, with the KV cache in device memory.
-
-Same contract as :class:`builder.runtime.generation.LanguageModelRunner` (the
-:class:`~builder.runtime.generation.SequenceRunner` protocol, the same :class:`Sequence` and
-``choose_token``), so :class:`~builder.runtime.scheduler.DecodeScheduler` batches requests and the
-``llm`` model samples, stops and streams the same way on both targets.
-
-Where the cache lives, all on the device:
-
-- each sequence owns one buffer ``[kv tensors, kv_heads, prompt + max_tokens, head_dim]`` (its
-  ``Sequence.past``): the prefill's cache is copied into it and every decode step appends the new
-  position to it, so it is always current;
-- a step runs on two batch buffers, past and present (per KV tensor ``[batch, kv_heads, longest
-  (+ 1), head_dim]``): the sequences' caches are gathered into past left-padded with zeros, and
-  masked as in ``LanguageModelRunner``. When a step decodes the same sequences as the step before
-  (a batch's steady state), the previous present already is this past: the two swap roles and
-  nothing is gathered.
-
-Every cache copy is device to device (``cudaMemcpy2DAsync``, one per sequence and KV tensor); per
-step only the new tokens' small inputs go to the device and only the logits ``[batch, vocab]`` come
-back. The plan has two optimization profiles (:mod:`builder.compile.profiles`): 0 prefill (batch 1,
-the prompt, empty past), 1 decode (batch 1..``max_decode_batch``, one token each), each with its
-own execution context.
-
-NOT RUN ON A GPU: this was written and imported-checked on a machine without one and has never
-executed. It needs a GPU and ``tensorrt`` (the NGC container's Python backend); ``make gpu-smoke``
-is its test (greedy output ids equal to the PyTorch reference through the served ensemble).
+"""The LLM's TensorRT plan behind the ``start``/``decode`` contract of ``LanguageModelRunner``, so the
+decode scheduler batches, samples and streams the same way on both targets. The KV cache stays on the
+device: one buffer per sequence, and past/present batch buffers that swap roles in a steady batch;
+two optimization profiles (prefill, decode), each with its own context.
+NOT RUN ON A GPU here: ``make gpu-smoke`` is its test (see README, "Verified on CPU only").
 """
 
 from __future__ import annotations

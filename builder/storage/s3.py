@@ -1,15 +1,8 @@
-"""Publishes a built repository to S3-compatible storage: an immutable, content-addressed version, verified, then a pointer.
-
-Under ``s3://bucket/prefix/``:
-
-- ``versions/<version>/...``: the repository tree; ``<version>`` is a digest of every file's path and bytes, so
-  the same repository is the same version and is never rewritten;
-- ``versions/<version>.json``: the record, written once every object is verified (listed, sized, hashed);
-- ``current.json``: the pointer to the last verified version, written last.
-
-tritonserver cannot follow a pointer: it is given ``versions/<version>/`` itself (the command prints the
-``--model-repository`` URL). An upload killed halfway leaves a version without its record, which nothing
-points at; the next run uploads what is missing or different and finishes it.
+"""Publishes a built repository to S3-compatible storage under ``s3://bucket/prefix/``:
+``versions/<digest>/`` (the tree; the digest covers every file's path and bytes, so a version is
+never rewritten), ``versions/<digest>.json`` (its record, written once every object is verified),
+then ``current.json`` (the pointer, written last). A killed upload has no record and nothing points
+at it; the next run finishes it. tritonserver is given ``versions/<digest>/`` itself.
 """
 
 from __future__ import annotations
