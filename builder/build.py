@@ -17,6 +17,7 @@ from tqdm import tqdm
 from builder.cache import StageCache, code_fingerprint, make_key, tool_versions
 from builder.compile.artifacts import CompiledModel
 from builder.compile.targets import prepare_target
+from builder.components import COMPONENTS
 from builder.errors import BuildError
 from builder.export.graph import ExportedGraph, load_exported
 from builder.export.precision import ExportDtype, export_dtype
@@ -36,10 +37,6 @@ from builder.source.preflight import Preflight, estimate
 from builder.source.resolve import resolve_source
 from builder.source.tokenizer_files import serving_tokenizer
 from builder.spec import BuildSpec
-
-# The spec keys each component's graph depends on, besides its own components.<name> section.
-_COMPONENT_LIMITS = {"vision_encoder": ("max_images",), "audio_encoder": ("max_audio_clips",), "llm": ("max_context",)}
-_SPEC_COMPONENT = {"vision_encoder": "vision", "audio_encoder": "audio", "llm": "llm"}
 
 
 @dataclass(frozen=True)
@@ -73,8 +70,8 @@ def build(spec: BuildSpec, output: Path, cache_dir: Path, progress: bool = True)
     tokenizer = serving_tokenizer(source.checkpoint, cache)  # the checkpoint's, or converted from tekken.json once
     facts = served_facts(spec, _checkpoint_facts(source.checkpoint, source.fingerprint, tokenizer, cache))
     target = dataclasses.replace(target, image=facts.image)
-    components = [c for c in ("vision_encoder", "audio_encoder", "llm") if c == "llm" or _media(facts, c) is not None]
-    precisions = {c: getattr(spec.components, _SPEC_COMPONENT[c]).precision for c in components}
+    components = [c.name for c in COMPONENTS.values() if c.media is None or getattr(facts, c.media) is not None]
+    precisions = {c: getattr(spec.components, COMPONENTS[c].spec_key).precision for c in components}
     dtypes = {c: export_dtype(p) for c, p in precisions.items()}
     keys = {c: _export_key(spec, c, dtypes[c], source.fingerprint) for c in components}
     quantized = any(map(is_quantized, precisions.values()))
@@ -144,12 +141,8 @@ def served_facts(spec: BuildSpec, facts: ModelFacts) -> ModelFacts:
     )
 
 
-def _media(facts: ModelFacts, component: str) -> object | None:
-    return facts.image if component == "vision_encoder" else facts.audio
-
-
 def _export_key(spec: BuildSpec, component: str, dtype: str, source_fingerprint: str) -> str:
-    limits = {k: getattr(spec.limits, k) for k in _COMPONENT_LIMITS[component]}
+    limits = {k: getattr(spec.limits, k) for k in COMPONENTS[component].export_limits}
     return make_key(
         component, dtype, source_fingerprint, spec.section("export"), limits, tool_versions(),
         code_fingerprint("export", "source", "families"),

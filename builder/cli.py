@@ -102,6 +102,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import dataclasses
 
     from builder.bench.run import FULL, QUICK, run_bench
+    from builder.build import build
     from builder.spec import load_spec
 
     spec = load_spec(args.spec)
@@ -111,6 +112,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     name = args.name or (f"{spec.name}-quick" if args.quick else spec.name)
     command = (f"python -m builder bench{' --quick' if args.quick else ''} --spec {args.spec} --repository {args.repository}"
                + (f" --concurrency {args.concurrency}" if args.concurrency else ""))
+    print(build(spec, args.repository, args.cache, progress=False).summary(), flush=True)  # up to date: a no-op
     summary = run_bench(spec, args.repository, args.cache, args.results / name, settings, command)
     print(summary.read_text().split("\n\n")[1])
     print(f"report: {summary}")

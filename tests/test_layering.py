@@ -3,7 +3,8 @@
 - Serving code (``builder/runtime`` and the ``model.py`` files) imports nothing build-side: a
   repository must run where the builder is not installed.
 - A stage imports only earlier stages (source -> export -> quantize -> compile -> repository ->
-  serve/bench); shared modules (families, runtime, spec, contract, cache, errors) may be used by any.
+  serve/bench); shared modules (components, families, targets, runtime, spec, compare, cache, errors) may be used by
+  any, and only the CLI runs the build (``builder.build``): no stage is a second orchestrator.
 
 Imports under ``if TYPE_CHECKING:`` are annotations only and do not count.
 """
@@ -59,6 +60,12 @@ def test_stages_import_only_earlier_stages(path: Path) -> None:
     own = STAGES.index(path.relative_to(PACKAGE).parts[0])
     later = {m for m in builder_imports(path) if area(m) in STAGES and STAGES.index(area(m)) > own}
     assert not later, f"{path.relative_to(PACKAGE)} ({STAGES[own]}) imports a later stage: {sorted(later)}"
+
+
+@pytest.mark.parametrize("path", modules(*STAGES, "families", "targets", "runtime"), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_only_the_cli_runs_the_build(path: Path) -> None:
+    orchestrators = builder_imports(path) & {"builder.build", "builder.cli"}
+    assert not orchestrators, f"{path.relative_to(PACKAGE)} imports {sorted(orchestrators)}"
 
 
 def test_the_walk_sees_imports() -> None:

@@ -1,4 +1,4 @@
-"""The whole benchmark: build if needed, baselines, a served repository under perf_analyzer, the report."""
+"""The whole benchmark of a built repository: baselines, the repository served under perf_analyzer, the report."""
 
 from __future__ import annotations
 
@@ -41,15 +41,14 @@ FULL = Settings((1, 2, 4, 8, 16), (1, 4), 32, Measurement(requests=40, stability
 
 
 def run_bench(spec: BuildSpec, repository: Path, cache: Path, output: Path, settings: Settings, command: str) -> Path:
-    """Writes ``output`` (CSVs, summary.md, plots); returns summary.md. BuildError if any request failed."""
-    from builder.build import build
+    """Writes ``output`` (CSVs, summary.md, plots); returns summary.md. BuildError if any request failed.
+    ``repository`` is built from ``spec`` by the caller (the CLI builds first, as ``make bench`` does)."""
     from builder.cache import StageCache
     from builder.serve.tritonserver import TritonServer
     from builder.source.resolve import resolve_source
 
     started = time.monotonic()
     pa = perf_analyzer.find_perf_analyzer()  # fail early, before minutes of baselines
-    print(build(spec, repository, cache, progress=False).summary(), flush=True)
     checkpoint = resolve_source(spec.source, StageCache(cache)).checkpoint
     output.mkdir(parents=True, exist_ok=True)
     mixes = inputs.mixes(settings.max_tokens)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import onnx
 
+from builder.components import COMPONENTS
 from builder.errors import BuildError
 from builder.export.axes import vision_axis_names
 from builder.runtime.model_facts import ImageFacts
@@ -73,11 +74,11 @@ class Profile:
 
 def profiles_for(component: str, spec: BuildSpec, image: ImageFacts | None = None) -> tuple[Profile, ...]:
     """``image``: the vision graph's height and width are dynamic too, one placeholder cell up to the longest edge."""
-    lim, batch = spec.limits, spec.triton.max_batch_size
-    if component in ("vision_encoder", "audio_encoder"):
-        axis, per_request = ("images", lim.max_images) if component == "vision_encoder" else ("clips", lim.max_audio_clips)
+    lim, batch, encoder = spec.limits, spec.triton.max_batch_size, COMPONENTS[component]
+    if encoder.batch_axis is not None and encoder.request_limit is not None:
+        axis, per_request = encoder.batch_axis, getattr(lim, encoder.request_limit)
         axes = {axis: AxisRange(1, min(per_request, batch), batch)}
-        if component == "vision_encoder" and image is not None:
+        if encoder.media == "image" and image is not None:
             largest = -(-image.longest_edge // image.cell) * image.cell
             side = AxisRange(image.cell, min(largest, 32 * image.cell), largest)  # opt: a typical photo's side
             axes |= dict.fromkeys(vision_axis_names(image.cell), side)
@@ -133,9 +134,7 @@ def check_request_fits(model: str, profiles: tuple[Profile, ...], request: Mappi
 
 
 def request_ranges(component: str, spec: BuildSpec) -> dict[str, int]:
-    lim = spec.limits
-    return {
-        "vision_encoder": {"images": lim.max_images},
-        "audio_encoder": {"clips": lim.max_audio_clips},
-        "llm": {"sequence": lim.max_prompt_tokens, "total": lim.max_context, "past": lim.max_context - 1},
-    }[component]
+    lim, encoder = spec.limits, COMPONENTS[component]
+    if encoder.batch_axis is not None and encoder.request_limit is not None:
+        return {encoder.batch_axis: getattr(lim, encoder.request_limit)}
+    return {"sequence": lim.max_prompt_tokens, "total": lim.max_context, "past": lim.max_context - 1}

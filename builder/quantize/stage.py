@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from builder.cache import StageCache, code_fingerprint, make_key, tool_versions
 from builder.compare import onnxruntime_session
+from builder.components import COMPONENTS
 from builder.errors import BuildError
 from builder.export.graph import ExportedGraph
 from builder.quantize.agreement import fuse_prompt
@@ -27,8 +28,6 @@ from builder.runtime.model_facts import ModelFacts
 from builder.runtime.preprocess import Preprocessor
 from builder.spec import BuildSpec
 from builder.targets import TARGETS
-
-_INPUTS = {"vision_encoder": "pixel_values", "audio_encoder": "input_features"}
 
 
 def is_quantized(precision: str) -> bool:
@@ -154,8 +153,9 @@ def _settle(
         encoders = {name: onnxruntime_session(g.path) for name, g in exported.items() if name != "llm"}
         prompts = tuple(fuse_prompt(p, encoders, facts) for p in samples.prompts)
         return settle_llm(LlmJob(graph.path, facts, prompts), precision, TARGETS[spec.target], spec.quantize, directory, rejected)
-    input_name = _INPUTS[component]
-    split = samples.pixel_values if component == "vision_encoder" else samples.input_features
+    input_name = COMPONENTS[component].graph_input
+    assert input_name is not None
+    split = getattr(samples, input_name)
     assert split is not None
 
     def ranges(method: str) -> Path:
