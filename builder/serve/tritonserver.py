@@ -7,6 +7,7 @@ backend stubs it forks, and with this interpreter's ``bin/`` first on ``PATH`` s
 
 from __future__ import annotations
 
+import contextlib
 import filecmp
 import os
 import re
@@ -72,10 +73,13 @@ def _install_python_stub(root: Path, python_backend: Path) -> None:
         raise BuildError(f"cannot install the Python backend stub into {python_backend}: {error}") from None
 
 
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+def _free_ports(host: str, count: int) -> list[int]:
+    """``count`` distinct ports free now: all bound at once, so the kernel cannot hand out one twice."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
 
 
 def _signal_group(group: int, sig: signal.Signals) -> None:
@@ -104,9 +108,10 @@ class TritonServer:
         remote = isinstance(model_repository, str) and model_repository.startswith("s3://")
         self.model_repository = model_repository if remote else Path(model_repository)
         self.host = host
-        self.grpc_port = grpc_port or _free_port(host)
-        self.http_port = http_port or _free_port(host)
-        self.metrics_port = metrics_port or _free_port(host)
+        free = _free_ports(host, 3)
+        self.grpc_port = grpc_port or free[0]
+        self.http_port = http_port or free[1]
+        self.metrics_port = metrics_port or free[2]
         if log_path is None:
             log_path = Path(tempfile.mkdtemp(prefix="tritonserver-")) / "server.log"
         self.log_path = Path(log_path)
