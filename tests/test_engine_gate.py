@@ -19,7 +19,7 @@ grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from builder.repository.assemble import assemble_repository, render_model_config  # noqa: E402
-from builder.repository.plan import ModelPlan, Tensor  # noqa: E402
+from builder.repository.plan import ModelPlan, Tensor, per_request  # noqa: E402
 from builder.serve.tritonserver import TritonServer  # noqa: E402
 
 pytestmark = pytest.mark.serving
@@ -50,8 +50,8 @@ class TritonPythonModel:
 def write_repository(root: Path) -> None:
     gate = ModelPlan(
         "vision_encoder", "python_model.pbtxt.j2",
-        inputs=(Tensor("pixel_values", "TYPE_FP32", (-1, 3, -1, -1)), Tensor("image_sizes", "TYPE_INT64", (-1, 2))),
-        outputs=(Tensor("image_embeds", "TYPE_FP32", (-1, HIDDEN)),),
+        inputs=(per_request(Tensor("pixel_values", "TYPE_FP32", (-1, 3, -1, -1))), per_request(Tensor("image_sizes", "TYPE_INT64", (-1, 2)))),
+        outputs=(per_request(Tensor("image_embeds", "TYPE_FP32", (-1, HIDDEN))),),
         python_model="engine_gate",
         parameters={"input": "pixel_values", "output": "image_embeds", "hidden_size": str(HIDDEN), "engine_model": ENGINE},
     )
@@ -75,14 +75,16 @@ def client(tmp_path_factory: pytest.TempPathFactory):
 
 
 def encode(client, pixels: np.ndarray, sizes: np.ndarray | None = None) -> np.ndarray:
-    """``pixels`` padded to the largest image, as preprocess sends them; ``sizes`` default to the full size."""
+    """``pixels`` padded to the largest image, as preprocess sends them (with the leading request axis);
+    ``sizes`` default to the full size."""
     if sizes is None:
         sizes = np.array([pixels.shape[2:]] * len(pixels), dtype=np.int64).reshape(-1, 2)
+    pixels, sizes = pixels[None], sizes[None]
     inputs = [grpcclient.InferInput("pixel_values", list(pixels.shape), "FP32"),
               grpcclient.InferInput("image_sizes", list(sizes.shape), "INT64")]
     inputs[0].set_data_from_numpy(pixels)
     inputs[1].set_data_from_numpy(sizes)
-    return client.infer("vision_encoder", inputs).as_numpy("image_embeds")
+    return client.infer("vision_encoder", inputs).as_numpy("image_embeds")[0]
 
 
 def toy(image: np.ndarray) -> np.ndarray:

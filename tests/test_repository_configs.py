@@ -98,6 +98,11 @@ def test_ensemble_checks_catch_miswiring():
     wrong_type = dataclasses.replace(ok, inputs=(Tensor("in", "TYPE_INT64", (-1,)),))
     with pytest.raises(BuildError, match="is TYPE_INT64 but a.x wants TYPE_FP32"):
         check_ensembles([a, wrong_type])
+    wrong_rank = dataclasses.replace(ok, inputs=(Tensor("in", "TYPE_FP32", (1, -1)),))
+    with pytest.raises(BuildError, match=r"'in' has shape \[1, -1\] but a.x wants \[-1\]"):
+        check_ensembles([a, wrong_rank])
+    batching = dataclasses.replace(a, max_batch_size=4, inputs=(Tensor("x", "TYPE_FP32", (-1,), ragged=True),))
+    check_ensembles([batching, wrong_rank])  # a request axis of 1 is a batching model's batch axis
 
 
 def test_config_dims_must_agree_with_the_graph(built_repository, tmp_path):

@@ -99,13 +99,14 @@ def encoder_input_data(tensors: dict[str, np.ndarray], batched: bool) -> dict[st
 
 
 def encoder_tensors(preprocessor: Preprocessor, cases: tuple[Case, ...]) -> dict[str, dict[str, np.ndarray]]:
-    """Each encoder model's inputs exactly as ``preprocess`` makes them for the first case carrying its media."""
+    """Each encoder model's inputs exactly as ``preprocess`` sends them for the first case carrying its media:
+    one request, ``[1, items, ...]``."""
     image = next(c.request for c in cases if c.request.images)
     audio = next(c.request for c in cases if c.request.audio)
     with_image = preprocessor(image.prompt, list(image.images), [])
     return {
-        "vision_encoder": {"pixel_values": with_image.pixel_values, "image_sizes": with_image.image_sizes},
-        "audio_encoder": {"input_features": preprocessor(audio.prompt, [], list(audio.audio)).input_features},
+        "vision_encoder": {"pixel_values": with_image.pixel_values[None], "image_sizes": with_image.image_sizes[None]},
+        "audio_encoder": {"input_features": preprocessor(audio.prompt, [], list(audio.audio)).input_features[None]},
     }
 
 

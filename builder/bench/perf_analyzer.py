@@ -46,7 +46,6 @@ class Point:
     input_data: Path
     csv: Path
     streaming: bool = False
-    batch_size: int = 1
 
     @property
     def profile(self) -> Path:
@@ -96,7 +95,7 @@ def measure(pa: PerfAnalyzer, url: str, point: Point, measurement: Measurement) 
     for stability in (measurement.stability, 1000):  # 1000 %: accept the windows as they are
         command = [
             str(pa.binary), "-m", point.model, "-u", url, "-i", "grpc", "--input-data", str(point.input_data),
-            "-b", str(point.batch_size), f"--concurrency-range={point.concurrency}:{point.concurrency}",
+            f"--concurrency-range={point.concurrency}:{point.concurrency}",
             "--measurement-mode=count_windows", f"--measurement-request-count={measurement.requests}",
             f"--stability-percentage={stability}", f"--max-trials={measurement.max_trials}", "-f", str(point.csv),
         ]

@@ -64,12 +64,18 @@ def plan_repository(spec: BuildSpec, facts: ModelFacts, compiled: dict[str, Comp
     facts_file = {"model_facts.json": shared["model_facts.json"]}
     vision, audio = compiled.get("vision_encoder"), compiled.get("audio_encoder")
 
-    media_outputs: list[Tensor] = []
-    if vision is not None:
-        media_outputs += [Tensor("pixel_values", "TYPE_FP32", (-1, 3, -1, -1)), Tensor("image_sizes", "TYPE_INT64", (-1, 2))]
+    # An encoder's tensors per request, [1, items, ...]: the leading 1 is the request. Batched across
+    # requests (max_batch_size > 0, ragged) that 1 is Triton's batch axis, so a request without images
+    # is a batch of 1 holding 0 of them, which Triton's batcher accepts (a batch of 0 it refuses).
+    encoders: list[tuple[str, CompiledModel, tuple[Tensor, ...], Tensor]] = []
+    if vision is not None:  # a request's images of several sizes: the model runs each size as a batch
+        encoders.append(("vision_encoder", vision, (Tensor("pixel_values", "TYPE_FP32", (-1, 3, -1, -1)),
+                         Tensor("image_sizes", "TYPE_INT64", (-1, 2))), Tensor("image_embeds", "TYPE_FP32", (-1, hidden))))
     if audio is not None:
         assert facts.audio is not None
-        media_outputs.append(Tensor("input_features", "TYPE_FP32", (-1, facts.audio.num_mel_bins, facts.audio.frames)))
+        encoders.append(("audio_encoder", audio, (Tensor("input_features", "TYPE_FP32", (-1, facts.audio.num_mel_bins, facts.audio.frames)),),
+                         Tensor("audio_embeds", "TYPE_FP32", (-1, hidden))))
+    media_outputs = [per_request(t) for _, _, inputs, _ in encoders for t in inputs]
     models: list[ModelPlan] = [
         ModelPlan(
             "preprocess", "python_model.pbtxt.j2",
@@ -80,28 +86,24 @@ def plan_repository(spec: BuildSpec, facts: ModelFacts, compiled: dict[str, Comp
             **per_model,
         ),
     ]
-    encoders: list[tuple[str, CompiledModel, tuple[Tensor, ...], Tensor]] = []
-    if vision is not None:  # a request's images of several sizes: the model runs each size as a batch
-        encoders.append(("vision_encoder", vision, (Tensor("pixel_values", "TYPE_FP32", (-1, 3, -1, -1)),
-                         Tensor("image_sizes", "TYPE_INT64", (-1, 2))), Tensor("image_embeds", "TYPE_FP32", (-1, hidden))))
-    if audio is not None:
-        assert facts.audio is not None
-        encoders.append(("audio_encoder", audio, (Tensor("input_features", "TYPE_FP32", (-1, facts.audio.num_mel_bins, facts.audio.frames)),),
-                         Tensor("audio_embeds", "TYPE_FP32", (-1, hidden))))
     target = TARGETS[spec.target]
     for name, graph, inputs, output in encoders:
-        native = target.batches_encoders  # Triton's own backend runs the graph
-        models.append(ModelPlan(
-            name, "python_model.pbtxt.j2", inputs=inputs, outputs=(output,),
-            python_model="engine_gate" if native else "encoder",
-            files={} if native else {"model.onnx": graph.path},
-            parameters={"input": inputs[0].name, "output": output.name, "hidden_size": str(hidden),
-                        **({"engine_model": target.engine_model_name(name)} if native else {})},
-            **per_model,
-        ))
-        if native:
+        parameters = {"input": inputs[0].name, "output": output.name, "hidden_size": str(hidden)}
+        if target.batches_encoders:  # Triton's own backend runs (and batches) the graph behind a gate
+            models.append(ModelPlan(
+                name, "python_model.pbtxt.j2", inputs=tuple(map(per_request, inputs)), outputs=(per_request(output),),
+                python_model="engine_gate", parameters={**parameters, "engine_model": target.engine_model_name(name)},
+                **per_model,
+            ))
             models.append(_engine_model(spec, graph))
-    embeds_inputs = [Tensor(out.name, out.data_type, out.dims, optional=True) for _, _, _, out in encoders]
+        else:  # the Python model runs the graph on the media of every request Triton batched together
+            models.append(ModelPlan(
+                name, "python_model.pbtxt.j2", inputs=tuple(dataclasses.replace(t, ragged=True) for t in inputs),
+                outputs=(output,), python_model="encoder", files={"model.onnx": graph.path}, parameters=parameters,
+                max_batch_size=triton.max_batch_size, dynamic_batching=triton.dynamic_batching,
+                max_queue_delay_us=triton.max_queue_delay_us, **per_model,
+            ))
+    embeds_inputs = [dataclasses.replace(per_request(out), optional=True) for _, _, _, out in encoders]
     models.append(ModelPlan(
         "fuse", "python_model.pbtxt.j2",
         inputs=(Tensor("input_ids", "TYPE_INT64", (-1,)), *embeds_inputs),
@@ -128,7 +130,7 @@ def plan_repository(spec: BuildSpec, facts: ModelFacts, compiled: dict[str, Comp
             "max_context": str(lim.max_context), "max_decode_batch": str(triton.max_batch_size),
             "prefix_cache_bytes": str(triton.prefix_cache_mb << 20),
             "kv_budget_tokens": str(triton.kv_budget_tokens or triton.max_batch_size * lim.max_context),
-            "kv_queue_timeout_s": str(triton.kv_queue_timeout_s),
+            "kv_queue_timeout_s": str(triton.kv_queue_timeout_s), "stream_interval_ms": str(triton.stream_interval_ms),
             **_llm_runner(compiled["llm"]),
         },
         serves=compiled["llm"], adds_batch_axis=True, **per_model,
@@ -190,3 +192,8 @@ def _llm_runner(compiled: CompiledModel) -> dict[str, str]:
     if not compiled.plans:
         return {}
     return {"runner": "tensorrt", "plans": ";".join(f"{p.compute_capability}={p.file}" for p in compiled.plans)}
+
+
+def per_request(tensor: Tensor) -> Tensor:
+    """An encoder tensor as one request carries it between models: a leading axis of 1."""
+    return dataclasses.replace(tensor, dims=(1, *tensor.dims))

@@ -57,10 +57,15 @@ def _dims_agree(config: tuple[int, ...], graph: tuple[int, ...]) -> bool:
     return all(c == -1 or g == -1 or c == g for c, g in zip(config, graph))
 
 
+def _full_shape(model: ModelPlan, tensor: Tensor) -> tuple[int, ...]:
+    """A tensor's shape as it travels between models: a batching model's config leaves out the batch axis."""
+    return (-1, *tensor.dims) if model.max_batch_size > 0 else tensor.dims
+
+
 def check_ensembles(plans: list[ModelPlan]) -> None:
     models = {plan.name: plan for plan in plans}
     for ensemble in (p for p in plans if p.steps):
-        available: dict[str, Tensor] = {t.name: t for t in ensemble.inputs}
+        available: dict[str, tuple[ModelPlan, Tensor]] = {t.name: (ensemble, t) for t in ensemble.inputs}
         for step in ensemble.steps:
             model = models.get(step.model)
             if model is None:
@@ -71,10 +76,16 @@ def check_ensembles(plans: list[ModelPlan]) -> None:
                     raise BuildError(f"{ensemble.name}: {step.model} has no input {model_input!r}")
                 if tensor not in available:
                     raise BuildError(f"{ensemble.name}: {step.model}.{model_input} reads {tensor!r}, which no earlier step produces")
-                if available[tensor].data_type != model_inputs[model_input].data_type:
+                (producer, produced), wanted = available[tensor], model_inputs[model_input]
+                if produced.data_type != wanted.data_type:
                     raise BuildError(
-                        f"{ensemble.name}: {tensor!r} is {available[tensor].data_type} but {step.model}.{model_input} "
-                        f"wants {model_inputs[model_input].data_type}"
+                        f"{ensemble.name}: {tensor!r} is {produced.data_type} but {step.model}.{model_input} "
+                        f"wants {wanted.data_type}"
+                    )
+                if not _dims_agree(_full_shape(producer, produced), _full_shape(model, wanted)):
+                    raise BuildError(
+                        f"{ensemble.name}: {tensor!r} has shape {list(_full_shape(producer, produced))} but "
+                        f"{step.model}.{model_input} wants {list(_full_shape(model, wanted))}"
                     )
             missing = [t.name for t in model.inputs if not t.optional and t.name not in step.inputs]
             if missing:
@@ -83,7 +94,7 @@ def check_ensembles(plans: list[ModelPlan]) -> None:
             for model_output, tensor in step.outputs.items():
                 if model_output not in model_outputs:
                     raise BuildError(f"{ensemble.name}: {step.model} has no output {model_output!r}")
-                available[tensor] = model_outputs[model_output]
+                available[tensor] = (model, model_outputs[model_output])
         for output in ensemble.outputs:
             if output.name not in available:
                 raise BuildError(f"{ensemble.name}: output {output.name!r} is produced by no step")

@@ -21,6 +21,7 @@ class Tensor:
     dims: tuple[int, ...]
     optional: bool = False
     help: str = ""  # what a client sends in it (the CLI's help)
+    ragged: bool = False  # allow_ragged_batch: requests of different shapes share a dynamic batch
 
     @property
     def numpy_dtype(self) -> type[np.generic]:

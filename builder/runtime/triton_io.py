@@ -106,6 +106,15 @@ def respond_each(requests: list[Any], model: str, handle: Callable[[Any], dict[s
     return responses
 
 
+def respond_together(requests: list[Any], model: str, handle: Callable[[list[Any]], list[dict[str, np.ndarray]]]) -> list[Any]:
+    """One call for all the requests Triton batched; if it fails, each request alone, so only a bad
+    request gets an error and the others it was batched with are still answered."""
+    try:
+        return [pb_utils.InferenceResponse(output_tensors=output_tensors(outputs)) for outputs in handle(requests)]
+    except Exception:  # noqa: BLE001 - told apart below, request by request
+        return respond_each(requests, model, lambda request: handle([request])[0])
+
+
 def read_sampling_params(request: Any, default_max_tokens: int, max_tokens_cap: int) -> SamplingParams:
     """The optional sampling inputs of the client contract, validated; absent ones take defaults."""
     sent = {t.name: input_scalar(request, t.name, None, t.scalar_type) for t in SAMPLING_INPUTS}

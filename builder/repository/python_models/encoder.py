@@ -1,26 +1,28 @@
-"""Triton models `vision_encoder` / `audio_encoder`: run the encoder graph on a request's images or clips."""
+"""Triton models `vision_encoder` / `audio_encoder` (target python): the encoder graph, run by ONNX
+Runtime on the images or clips of every request Triton batched together (one run per image size)."""
 
 import onnxruntime as ort
 
-from mmtb_runtime.encoders import encode_clips, encode_images
-from mmtb_runtime.triton_io import ModelArgs, input_array, respond_each
+from mmtb_runtime.encoders import encode_requests
+from mmtb_runtime.triton_io import ModelArgs, input_array, respond_together
 
 
 class TritonPythonModel:
     def initialize(self, args):
         self.args = ModelArgs(args)
-        self.input, self.output = self.args.parameters["input"], self.args.parameters["output"]
+        self.inputs = [t["name"] for t in self.args.config["input"]]
+        self.output = self.args.parameters["output"]
         self.hidden = self.args.int("hidden_size")
         self.session = ort.InferenceSession(self.args.file("model.onnx"), providers=["CPUExecutionProvider"])
+        self.graph_input = self.args.parameters["input"]
 
     def run(self, batch):
-        return self.session.run([self.output], {self.input: batch})[0]
+        return self.session.run([self.output], {self.graph_input: batch})[0]
 
-    def handle(self, request):
-        batch = input_array(request, self.input)
-        if self.input == "pixel_values":
-            return {self.output: encode_images(self.run, batch, input_array(request, "image_sizes"), self.hidden)}
-        return {self.output: encode_clips(self.run, batch, self.hidden)}
+    def handle(self, requests):
+        # Each request's tensors are [1, items, ...]: the 1 is the request, Triton's batch axis here.
+        media = [{name: input_array(r, name)[0] for name in self.inputs} for r in requests]
+        return [{self.output: embeds[None]} for embeds in encode_requests(self.run, media, self.hidden)]
 
     def execute(self, requests):
-        return respond_each(requests, self.args.name, self.handle)
+        return respond_together(requests, self.args.name, self.handle)

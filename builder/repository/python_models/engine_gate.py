@@ -8,13 +8,14 @@ Runs only in the NGC container (the CPU-only tritonserver here has no ORT/Tensor
 
 import triton_python_backend_utils as pb_utils
 
-from mmtb_runtime.encoders import encode_clips, encode_images
-from mmtb_runtime.triton_io import ModelArgs, input_array, respond_each
+from mmtb_runtime.encoders import encode_requests
+from mmtb_runtime.triton_io import ModelArgs, input_array, respond_together
 
 
 class TritonPythonModel:
     def initialize(self, args):
         self.args = ModelArgs(args)
+        self.inputs = [t["name"] for t in self.args.config["input"]]
         self.input, self.output = self.args.parameters["input"], self.args.parameters["output"]
         self.engine = self.args.parameters["engine_model"]
         self.hidden = self.args.int("hidden_size")
@@ -29,11 +30,10 @@ class TritonPythonModel:
         # Copied: the view points into the response's shared memory, released when it goes.
         return pb_utils.get_output_tensor_by_name(response, self.output).as_numpy().copy()
 
-    def handle(self, request):
-        batch = input_array(request, self.input)
-        if self.input == "pixel_values":
-            return {self.output: encode_images(self.run, batch, input_array(request, "image_sizes"), self.hidden)}
-        return {self.output: encode_clips(self.run, batch, self.hidden)}
+    def handle(self, requests):
+        # Each request's tensors are [1, items, ...] (one request: this model does not batch).
+        media = [{name: input_array(r, name)[0] for name in self.inputs} for r in requests]
+        return [{self.output: embeds[None]} for embeds in encode_requests(self.run, media, self.hidden)]
 
     def execute(self, requests):
-        return respond_each(requests, self.args.name, self.handle)
+        return respond_together(requests, self.args.name, self.handle)

@@ -21,8 +21,8 @@ class TritonPythonModel:
         return {"multimodal_embeds": embeds, "multimodal_mask": mask}
 
     def embeds(self, request, name):
-        value = input_array(request, name)
-        return self.none if value is None else value
+        value = input_array(request, name)  # [1, tokens, hidden]: one request's embeddings
+        return self.none if value is None else value[0]
 
     def execute(self, requests):
         return respond_each(requests, self.args.name, self.handle)
