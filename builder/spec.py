@@ -80,6 +80,10 @@ class TritonSpec:
     # the KV dtype's size (README, "Memory").
     kv_budget_tokens: int = 0
     kv_queue_timeout_s: float = 30.0
+    # Streaming: least time between responses after the first (which goes as soon as its token is
+    # chosen); the tokens chosen meanwhile go together. Below a model's time per token every token
+    # goes on its own; above it, fewer responses (each is a round trip). 0: every token at once.
+    stream_interval_ms: int = 50
     # target onnxruntime: run the encoders through ORT's TensorRT execution provider on a GPU
     ort_tensorrt_accelerator: bool = False
 
@@ -273,6 +277,8 @@ def _check(spec: BuildSpec) -> None:
     for key in ("instances", "max_batch_size"):
         if getattr(spec.triton, key) < 1:
             raise SpecError(f"triton.{key}: must be at least 1")
+    if spec.triton.stream_interval_ms < 0:
+        raise SpecError("triton.stream_interval_ms: must be 0 (every token at once) or more")
     if spec.triton.prefix_cache_mb < 0:
         raise SpecError("triton.prefix_cache_mb: must be 0 (off) or more")
     if spec.triton.kv_budget_tokens < 0 or not spec.triton.kv_queue_timeout_s > 0:

@@ -44,7 +44,7 @@ def test_raw_perf_analyzer_csvs_parse(results: Path) -> None:
         for name in ("ensemble_mixed", "ensemble_text", "ensemble_stream"):
             row = perf_analyzer_row(name, results / f"{name}_c{c}.csv", 32, stable=True)
             assert row.concurrency == c and row.requests_per_s > 0 and 0 < row.p50_ms <= row.p99_ms
-        times = stream_times(results / f"ensemble_stream_c{c}.profile.json")
+        times = stream_times(results / f"ensemble_stream_c{c}.profile.json", 32)
         assert times.ttft_ms and all(t > 0 for t in times.ttft_ms)
         assert times.itl_ms and all(t > 0 for t in times.itl_ms)
     for name in ENCODERS:

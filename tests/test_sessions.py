@@ -111,3 +111,28 @@ def test_unloading_answers_every_waiting_poll(table: SessionTable) -> None:
         table.open(session_id).poll(deliver)
     table.fail_all(RuntimeError("the model is unloading"))
     assert [str(c.error) for c in got] == ["the model is unloading"] * 2 and len(table) == 0
+
+
+def test_after_the_first_token_chunks_go_at_most_once_per_interval(built_repository: Path) -> None:
+    clock = [100.0]
+    table = SessionTable(load_tokenizer(str(built_repository / "llm" / "1" / "tokenizer.json")), interval_s=0.02)
+    with mock.patch.object(sessions.time, "monotonic", lambda: clock[0]):
+        session = table.open(9)
+        got, deliver = collect()
+        session.poll(deliver)
+        session.token(72)
+        assert [c.tokens for c in got] == [[72]]  # the first token at once: time to first token is not delayed
+        session.poll(deliver)
+        clock[0] += 0.005
+        session.token(105)
+        clock[0] += 0.005
+        session.token(33)
+        assert len(got) == 1  # 10 ms since the last chunk: the poll waits, the tokens gather
+        clock[0] += 0.015
+        session.token(10)
+        assert got[1].tokens == [105, 33, 10]
+        session.token(11)
+        session.poll(deliver)
+        assert len(got) == 2
+        session.finish()  # the end goes at once with whatever is left
+        assert got[2].tokens == [11] and got[2].finished

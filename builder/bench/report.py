@@ -7,7 +7,7 @@ import os
 import platform
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
@@ -35,6 +35,7 @@ class Ratios:
     latency_c1: Ratio  # served p50 / in-process p50
     tokens_c1: Ratio  # served tokens/s / HF eager tokens/s
     tokens_c8: Ratio
+    streaming: dict[int, Ratio] = field(default_factory=dict)  # concurrency -> unary tokens/s / streaming tokens/s
 
     @classmethod
     def of(cls, rows: Sequence[Row]) -> Ratios:
@@ -51,19 +52,25 @@ class Ratios:
             return Ratio(served.tokens_per_s / hf.tokens_per_s, unsettled(served, hf))
 
         served1, served8, floor, hf = find(SERVED), find(SERVED, 8), find(IN_PROCESS), find(HF_EAGER)
+        streaming = {}
+        for streamed in sorted((r for r in rows if r.series == series(STREAMED, MAIN_MIX)), key=lambda r: r.concurrency):
+            unary = find(SERVED, streamed.concurrency)
+            if unary and unary.tokens_per_s and streamed.tokens_per_s:
+                streaming[streamed.concurrency] = Ratio(unary.tokens_per_s / streamed.tokens_per_s, unsettled(unary, streamed))
         latency = Ratio(None)
         if served1 and floor:
             # In-process is the floor of served latency: a floor slower than the server is a measuring fault.
             fault = unsettled(served1, floor) or ("the in-process baseline was slower than the server it bounds: "
                                                   "a measuring fault (a loaded machine?)" if floor.p50_ms > served1.p50_ms else None)
             latency = Ratio(served1.p50_ms / floor.p50_ms, fault)
-        return cls(latency, tokens(served1, hf), tokens(served8, hf))
+        return cls(latency, tokens(served1, hf), tokens(served8, hf), streaming)
 
     def headline(self) -> str:
         return "; ".join([
             _ratio("served vs in-process p50 latency at concurrency 1", self.latency_c1, 1.15, at_most=True),
             _ratio("served vs HF eager tokens/s at concurrency 1", self.tokens_c1, 2.0),
             _ratio("at concurrency 8", self.tokens_c8, 5.0),
+            *(_ratio(f"unary vs streaming tokens/s at concurrency {c}", r, 1.3, at_most=True) for c, r in self.streaming.items()),
         ])
 
 

@@ -48,11 +48,12 @@ class StreamTimes:
     itl_ms: list[float]
 
 
-def stream_times(profile: Path) -> StreamTimes:
-    """Per request: first response minus send time; mean gap between token responses.
+def stream_times(profile: Path, tokens_per_request: float) -> StreamTimes:
+    """Per request: first response minus send time (TTFT); time per token after the first (ITL).
 
-    The ``llm`` model sends one response per token and then a final one (the text tail or empty),
-    so the token responses are all but the last.
+    ``llm_stream`` sends the first token alone, then chunks of ``triton.stream_interval`` tokens,
+    then an empty final response, so the token responses are all but the last and the ITL is their
+    span over the tokens after the first.
     """
     raw = profile.read_bytes()
     starts = [int(m) for m in _REQUEST_START.findall(raw)]
@@ -63,8 +64,8 @@ def stream_times(profile: Path) -> StreamTimes:
     for start, times in zip(starts, responses):
         tokens = times[:-1]
         ttft.append((times[0] - start) / 1e6)
-        if len(tokens) > 1:
-            itl.append((tokens[-1] - tokens[0]) / (len(tokens) - 1) / 1e6)
+        if len(tokens) > 1 and tokens_per_request > 1:
+            itl.append((tokens[-1] - tokens[0]) / (tokens_per_request - 1) / 1e6)
     return StreamTimes(ttft, itl)
 
 

@@ -90,7 +90,8 @@ def run_bench(spec: BuildSpec, repository: Path, cache: Path, output: Path, sett
                 error = str(exc)
                 break
             row = perf_analyzer_row(name, point.csv, per_request, stable)
-            rows.append(with_stream_times(row, stream_times(point.profile)) if point.streaming else row)
+            streamed = point.streaming and per_request is not None
+            rows.append(with_stream_times(row, stream_times(point.profile, per_request)) if streamed else row)
         counts = request_counts(server.host, server.metrics_port)
 
     write_rows(output / "points.csv", rows)
@@ -139,10 +140,9 @@ def _encoder_points(url: str, tensors: dict[str, dict[str, np.ndarray]], setting
         for model, feeds in tensors.items():
             if not client.is_model_ready(model):
                 continue
-            batched = client.get_model_config(model).config.max_batch_size > 0
+            batched = client.get_model_config(model).config.max_batch_size > 0  # then the request axis is the batch
             data = inputs.write_json(output / "inputs" / f"{model}.json", inputs.encoder_input_data(feeds, batched))
-            batch = next(iter(feeds.values())).shape[0] if batched else 1
-            points += [Point(model, c, data, output / f"{model}_c{c}.csv", batch_size=batch) for c in settings.encoder_concurrency]
+            points += [Point(model, c, data, output / f"{model}_c{c}.csv") for c in settings.encoder_concurrency]
     return points
 
 

@@ -2,9 +2,11 @@
 
 The decode model `llm` holds the weights. The decoupled `llm_stream` holds none: it opens a session
 on `llm` with the prompt (a plain, non-decoupled BLS call), then polls it until the answer ends. The
-sequence decodes in `llm`'s running batch at full speed; each poll is answered with every token
-chosen since the last one (at least one, or the end), whatever the poller's pace. Plain BLS calls
-only: Triton 2.51's decoupled BLS (`exec(decoupled=True)`) lost stubs under the soak.
+sequence decodes in `llm`'s running batch at full speed; the first poll is answered with the first
+token, each later one with every token chosen since, once ``interval_s`` has passed since the last
+answer (or at the end): a cadence, not a token count, so a fast model streams few large chunks (each
+poll is a round trip) and a slow one every token as it comes.
+Plain BLS calls only: Triton 2.51's decoupled BLS (`exec(decoupled=True)`) lost stubs under the soak.
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ class TokenSession:
     """One sequence's tokens, buffered between polls. ``token``/``finish``/``fail`` come from the decode
     scheduler's thread; ``poll`` from `execute`; whichever comes second delivers the chunk."""
 
-    def __init__(self, tokenizer: Tokenizer, on_closed: Callable[[], None]) -> None:
+    def __init__(self, tokenizer: Tokenizer, on_closed: Callable[[], None], interval_s: float = 0.0) -> None:
         self._lock = threading.Lock()
+        self._interval_s = interval_s  # least time between chunks after the first (the end goes at once)
+        self._last_sent: float | None = None
         self._text = TextStream(tokenizer)
         self._tokens: list[int] = []
         self._delta = ""
@@ -75,8 +79,11 @@ class TokenSession:
 
     def _deliver(self) -> None:
         ended = self._finished or self._error is not None
-        if self._waiter is None or not (self._tokens or ended):
+        now = time.monotonic()
+        due = self._last_sent is None or now - self._last_sent >= self._interval_s
+        if self._waiter is None or not ((self._tokens and due) or ended):
             return
+        self._last_sent = now
         chunk = Chunk(self._tokens, self._delta, self._finished, self._error)
         waiter, self._waiter, self._tokens, self._delta = self._waiter, None, [], ""
         if ended:
@@ -88,8 +95,8 @@ class SessionTable:
     """Open sessions by id. A session leaves when its last chunk is delivered, or when it ended
     :data:`ABANDONED_AFTER_S` ago and nobody collected it."""
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self._tokenizer = tokenizer
+    def __init__(self, tokenizer: Tokenizer, interval_s: float = 0.0) -> None:
+        self._tokenizer, self._interval_s = tokenizer, interval_s
         self._lock = threading.Lock()
         self._sessions: dict[int, TokenSession] = {}
 
@@ -98,7 +105,7 @@ class SessionTable:
             self._drop_abandoned()
             if session_id in self._sessions:
                 raise RequestError(f"session {session_id}: already open")
-            session = TokenSession(self._tokenizer, lambda: self._close(session_id))
+            session = TokenSession(self._tokenizer, lambda: self._close(session_id), self._interval_s)
             self._sessions[session_id] = session
             return session
 

@@ -45,7 +45,7 @@ class TritonPythonModel:
         self.scheduler = DecodeScheduler(runner, max_batch=self.args.int("max_decode_batch"), budget=budget)
         self.metrics = MetricsPublisher(self.scheduler, prefix_cache, self.args.name)
         self.stop_ids = frozenset(self.facts.stop_ids)
-        self.sessions = SessionTable(self.tokenizer)
+        self.sessions = SessionTable(self.tokenizer, self.args.int("stream_interval_ms") / 1000)
 
     def execute(self, requests):
         for request in requests:
