@@ -29,7 +29,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 class SourceSpec:
     """Where the model comes from: the built-in ``tiny`` preset or a local checkpoint directory."""
 
-    preset: Literal["tiny"] | None = "tiny"
+    preset: Literal["tiny", "small"] | None = "tiny"  # builder/source/tiny.py
     checkpoint: str | None = None  # a Hugging Face ``save_pretrained`` directory (safetensors only)
     seed: int = 0  # seed of the tiny preset's random weights
 

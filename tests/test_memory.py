@@ -22,12 +22,11 @@ from builder.spec import load_spec
 from tests.conftest import CACHE, ROOT
 
 pytestmark = pytest.mark.serving
-TINY_CONFIG = tiny.tiny_config  # the preset's own, before the fixture patches it
 
 
 def wide_config():
     """The preset with a decoder of about 210 MB in FP32: 8 layers, 1024 wide, MLP 2048."""
-    config = TINY_CONFIG()
+    config = tiny.tiny_config()
     text = config.text_config
     text.hidden_size, text.intermediate_size, text.num_hidden_layers = 1024, 2048, 8
     return config
@@ -80,8 +79,8 @@ def megabytes(held: dict[str, int]) -> str:
 @pytest.fixture(scope="module")
 def wide_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     checkpoint = tmp_path_factory.mktemp("memory") / "checkpoint"
-    with mock.patch.object(tiny, "tiny_config", wide_config):
-        return tiny.write_tiny_checkpoint(checkpoint)
+    with mock.patch.dict(tiny.PRESETS, {"wide": wide_config}):
+        return tiny.write_preset_checkpoint(checkpoint, "wide")
 
 
 def build_and_measure(checkpoint: Path, entry_points: str, tmp_path: Path) -> tuple[int, dict[str, int]]:

@@ -48,3 +48,27 @@ def test_overrides_and_file_errors(tmp_path):
     path.write_text("name: [unclosed\n")
     with pytest.raises(SpecError, match="not valid YAML"):
         load_spec(path)
+
+
+def test_the_small_spec_builds_the_small_preset_of_about_250m_parameters():
+    """`specs/small.yaml` (the realistic benchmark size) loads and names a preset of the size it states; counted on
+    the meta device, so no weights are made."""
+    import torch
+    from transformers import Mistral3ForConditionalGeneration
+
+    from builder.families.mistral3 import build_audio_modules
+    from builder.source.tiny import PRESETS
+
+    spec = load_spec(ROOT / "specs" / "small.yaml")
+    assert spec.source.preset == "small" and spec.source.checkpoint is None
+    config = PRESETS["small"]()
+    with torch.device("meta"):
+        model = Mistral3ForConditionalGeneration(config)
+        audio = build_audio_modules(config)
+
+    def count(*modules: torch.nn.Module) -> int:
+        return sum(p.numel() for m in modules for p in m.parameters())
+
+    assert 180e6 < count(model.model.language_model, model.lm_head) < 200e6
+    assert 200e6 < count(model, *audio) < 300e6
+    assert config.vision_config.image_size == 224

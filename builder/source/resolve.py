@@ -25,14 +25,15 @@ def resolve_source(source: SourceSpec, cache: StageCache) -> ResolvedSource:
             raise BuildError(f"source.checkpoint: directory not found: {directory}")
         return ResolvedSource(directory, checkpoint_fingerprint(directory), cached=True)
 
+    assert source.preset is not None
     key = make_key(asdict(source), tool_versions(), code_fingerprint("source"))
-    found = cache.lookup("source", "tiny", key)
+    found = cache.lookup("source", source.preset, key)
     if found is not None:
         return ResolvedSource(found, key, cached=True)
-    from builder.source.tiny import write_tiny_checkpoint  # torch/transformers only when it is written
-    with cache.writer("source", "tiny", key) as tmp:
-        write_tiny_checkpoint(tmp, seed=source.seed)
-    return ResolvedSource(cache.entry("source", "tiny", key), key, cached=False)
+    from builder.source.tiny import write_preset_checkpoint  # torch/transformers only when it is written
+    with cache.writer("source", source.preset, key) as tmp:
+        write_preset_checkpoint(tmp, source.preset, seed=source.seed)
+    return ResolvedSource(cache.entry("source", source.preset, key), key, cached=False)
 
 
 def checkpoint_fingerprint(directory: Path) -> str:

@@ -1,4 +1,6 @@
-"""The ``tiny`` preset: a small tri-modal model with seeded random weights, saved as a real checkpoint.
+"""The built-in presets, tri-modal models with seeded random weights saved as real checkpoints: ``tiny``
+(2.8M parameters: the default build and the tests) and ``small`` (about 250M: a realistic size for
+benchmarks, where the weights, not Python and gRPC, are the cost).
 
 Architecture: ``Mistral3ForConditionalGeneration`` (Pixtral vision tower + patch-merger projector +
 Mistral decoder, the layout of Magistral Small 1.2) plus Voxtral's Whisper-style audio tower and
@@ -26,24 +28,42 @@ SPECIAL_TOKENS = [
 
 
 def tiny_config() -> Mistral3Config:
+    return _config(
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=16, max_position_embeddings=1024),
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, head_dim=16,
+                    patch_size=8, image_size=64),
+        # Voxtral-style audio encoder: 2 s clips (200 mel frames), 4 frames stacked per audio token.
+        audio=dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_mel_bins=16,
+                   max_source_positions=100),
+    )
+
+
+def small_config() -> Mistral3Config:
+    """About 250M parameters: a 190M decoder (16 layers of 1024, grouped-query attention), a 25M Pixtral
+    tower on 224-pixel images (64 tokens each), a 30M Whisper-style audio tower on 10 s clips."""
+    return _config(
+        text=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16,
+                  num_key_value_heads=8, head_dim=64, max_position_embeddings=4096),
+        vision=dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8, head_dim=64,
+                    patch_size=14, image_size=224),
+        # intermediate_size is also the projector's input: 4 encoder positions stacked per audio token, as Voxtral's.
+        audio=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8, num_mel_bins=80,
+                   max_source_positions=500),
+    )
+
+
+def _config(text: dict, vision: dict, audio: dict) -> Mistral3Config:
     vocab = len(SPECIAL_TOKENS) + 256
     ids = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     return Mistral3Config(
         text_config=dict(
-            model_type="mistral", vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
-            rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=ids["<s>"], eos_token_id=ids["</s>"],
-            pad_token_id=ids["<unk>"], tie_word_embeddings=False,
+            model_type="mistral", vocab_size=vocab, rms_norm_eps=1e-5,
+            rope_theta=10000.0, bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], pad_token_id=ids["<unk>"],
+            tie_word_embeddings=False, **text,
         ),
-        vision_config=dict(
-            model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            head_dim=16, patch_size=8, image_size=64, num_channels=3, rope_theta=10000.0,
-        ),
-        # Voxtral-style audio encoder: 2 s clips (200 mel frames), 4 frames stacked per audio token.
-        audio_config=dict(
-            model_type="voxtral_encoder", hidden_size=32, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=2, num_mel_bins=16, max_source_positions=100,
-        ),
+        vision_config=dict(model_type="pixtral", num_channels=3, rope_theta=10000.0, **vision),
+        audio_config=dict(model_type="voxtral_encoder", **audio),
         image_token_index=ids["[IMG]"],
         audio_token_id=ids["[AUDIO]"],
         spatial_merge_size=2,
@@ -91,11 +111,14 @@ def widen_init(model: Mistral3ForConditionalGeneration, generator: torch.Generat
         model.lm_head.weight[:special_tokens] = 0.0
 
 
-def write_tiny_checkpoint(directory: Path, seed: int = 0) -> Path:
+PRESETS = {"tiny": tiny_config, "small": small_config}
+
+
+def write_preset_checkpoint(directory: Path, preset: str = "tiny", seed: int = 0) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    config = tiny_config()
+    config = PRESETS[preset]()
     model = Mistral3ForConditionalGeneration(config).eval()
     audio_tower, audio_projector = build_audio_modules(config)
 
