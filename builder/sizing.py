@@ -53,6 +53,11 @@ class ModelSize:
         quantized = self.llm_parameters - self.embedding_parameters
         return int(quantized * BYTES_PER_WEIGHT[precision] + self.embedding_parameters * 2)
 
+    def decode_read_bytes(self, precision: str) -> int:
+        """What a batch-1 decode step reads of the weights: all but the embedding table (one row of it)."""
+        per_weight = 4.0 if precision == "fp32" else BYTES_PER_WEIGHT[precision]
+        return int((self.llm_parameters - self.embedding_parameters) * per_weight)
+
     @property
     def encoder_bytes(self) -> int:
         return 2 * sum(self.encoder_parameters.values())

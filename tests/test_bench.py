@@ -78,6 +78,7 @@ def test_summary_states_the_ratios_and_the_same_tokens(results: Path) -> None:
     assert "at concurrency 8: not measured" in text  # this sweep stops at 2
     assert "served answers equal the in-process answers" in text
     assert ", 0 failed" in text
+    assert "## Decode bound (memory bandwidth)" in text and "of the bound" in text
 
 
 def test_plots_are_pngs(results: Path) -> None:
@@ -100,3 +101,13 @@ def test_no_verdict_for_a_baseline_slower_than_what_it_bounds_or_a_point_that_di
     assert "tokens/s at concurrency 1: **10.00x** (target >= 2x, met)" in faulty  # both settled: a verdict
     honest = Ratios.of([row(SERVED, 20, 1000), row(IN_PROCESS, 18, 1100), row(HF_EAGER, 100, 100)]).headline()
     assert "**1.11x** (target <= 1.15x, met)" in honest and "**10.00x** (target >= 2x, met)" in honest
+    close = Ratios.of([row(SERVED, 20.3, 1000), row(IN_PROCESS, 17.64, 1100)]).headline()
+    assert "**1.151x** (target <= 1.15x, just missed)" in close  # not "1.15x, missed by 1.00x"
+
+
+def test_the_decode_bound_is_bandwidth_over_the_bytes_a_step_reads() -> None:
+    from builder.bench.bandwidth import DecodeBound, measure
+
+    assert DecodeBound(10.0, 20.0, 2, 2 * 10**9).tokens_per_s == 10.0
+    bound = measure(10**9)
+    assert bound.threads >= 1 and 0.5 < bound.one_thread_gbps <= bound.all_threads_gbps * 1.5

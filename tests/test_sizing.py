@@ -80,6 +80,9 @@ def test_a_24b_checkpoint_in_each_precision(magistral: Path) -> None:
     l40s = [fit(size, GPUS["l40s"], 8192, p) for p in ("fp16", "int8")]
     assert l40s[0].sequences == 0 and l40s[1].sequences >= 4  # BF16 does not fit one 48 GB GPU; INT8 does
     assert fit(size, GPUS["h100"], 8192, "fp16").sequences >= 4
+    # A batch-1 decode step reads every weight but the embedding table's: the bench's bandwidth bound.
+    assert size.decode_read_bytes("fp32") == 2 * size.decode_read_bytes("fp16") < 4 * size.llm_parameters
+    assert size.decode_read_bytes("int4") < size.decode_read_bytes("int8") < size.decode_read_bytes("fp16")
 
 
 def test_the_cli_prints_the_table_and_a_spec(magistral: Path) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+from builder.bench.bandwidth import DecodeBound
 from builder.bench.metrics import RequestCounts
 from builder.bench.results import Row
 from builder.serve.tritonserver import TRITON_VERSION
@@ -82,8 +83,10 @@ def _ratio(what: str, ratio: Ratio, target: float, at_most: bool = False) -> str
         verdict = f"no verdict: {ratio.fault}"
     else:
         met = value <= target if at_most else value >= target
-        verdict = "met" if met else f"missed by {value / target:.2f}x" if at_most else f"short by {target / value:.2f}x"
-    return f"{what}: **{value:.2f}x** (target {'<=' if at_most else '>='} {target:g}x, {verdict})"
+        off = value / target if at_most else target / value
+        verdict = "met" if met else f"{'missed' if at_most else 'short'} by {off:.2f}x" if off >= 1.005 else "just missed"
+    digits = 3 if f"{value:.2f}" == f"{target:.2f}" else 2  # 1.152 is not "1.15x, missed"
+    return f"{what}: **{value:.{digits}f}x** (target {'<=' if at_most else '>='} {target:g}x, {verdict})"
 
 
 def machine() -> dict[str, str]:
@@ -151,6 +154,7 @@ class Report:
     build: dict[str, str]
     minutes: float
     error: str | None = None  # why the sweep stopped early, if it did
+    decode_bound: DecodeBound | None = None
 
     def markdown(self) -> str:
         served = [r for r in self.rows if r.series.startswith(f"{SERVED} (")]
@@ -175,6 +179,7 @@ class Report:
             "## Served: `ensemble` (unary)", table(served),
             "## Served, streaming: `ensemble_stream` (perf_analyzer `--streaming`; TTFT and inter-token latency "
             "from its `--profile-export-file` response timestamps)", table(streamed),
+            *self._decode_bound(served, streamed),
             "## Baselines, one request at a time in this process (same requests, same new tokens)", table(baselines),
             "In-process: the repository's ONNX graphs + the server's preprocessing + `builder.runtime` decode loop. "
             "HF eager: the source checkpoint's `generate` in PyTorch on the same preprocessed tensors.",
@@ -187,6 +192,29 @@ class Report:
             "profile exports beside this file; every row above in `points.csv`.",
         ]
         return "\n\n".join(sections) + "\n"
+
+    def _decode_bound(self, served: Sequence[Row], streamed: Sequence[Row]) -> list[str]:
+        if self.decode_bound is None:
+            return []
+        at_one = {r.series: r for r in (*served, *streamed) if r.concurrency == 1}
+        return _decode_bound_section(self.decode_bound, at_one.get(series(SERVED, "text")), at_one.get(series(STREAMED, MAIN_MIX)))
+
+
+def _decode_bound_section(bound: DecodeBound, served: Row | None, streamed: Row | None) -> list[str]:
+    lines = [
+        f"Read bandwidth: {bound.one_thread_gbps:.1f} GB/s one thread, {bound.all_threads_gbps:.1f} GB/s with "
+        f"{bound.threads} threads (numpy sums over 1 GiB, median of 5). A batch-1 decode step reads every weight of "
+        f"the LLM except the embedding table, {bound.weight_bytes_per_token / 1e9:.2f} GB, so decoding one sequence is "
+        f"bounded at **{bound.tokens_per_s:.1f} tokens/s**"
+    ]
+    if served is not None and served.tokens_per_s:
+        lines.append(f"Served at concurrency 1: {served.tokens_per_s:.1f} tokens/s end to end "
+                     f"(text requests: **{served.tokens_per_s / bound.tokens_per_s:.0%} of the bound**, prefill and the pipeline included)")
+    if streamed is not None and streamed.itl_ms:
+        decode = 1000 / streamed.itl_ms
+        lines.append(f"decode alone {decode:.1f} tokens/s (1 / streaming inter-token latency at concurrency 1: "
+                     f"{decode / bound.tokens_per_s:.0%} of the bound)")
+    return ["## Decode bound (memory bandwidth)", "; ".join(lines) + "."]
 
 
 def _pairs(values: dict[str, str]) -> str:

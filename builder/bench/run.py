@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -11,12 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from builder.bench import baselines, inputs, perf_analyzer, report
+from builder.bench import bandwidth, baselines, inputs, perf_analyzer, report
 from builder.bench.metrics import RequestCounts, request_counts
 from builder.bench.perf_analyzer import Measurement, Point
 from builder.bench.plots import plot
 from builder.bench.results import Row, perf_analyzer_row, sequential_row, stream_times, with_stream_times, write_rows
 from builder.errors import BuildError
+from builder.sizing import read_size
 from builder.spec import BuildSpec
 
 
@@ -65,6 +67,8 @@ def run_bench(spec: BuildSpec, repository: Path, cache: Path, output: Path, sett
     print(f"benchmark {output.name}: about {settings.estimate_minutes(request_s, _cores()):.0f} min "
           f"(concurrency {', '.join(map(str, settings.concurrency))}; in-process request {request_s * 1000:.0f} ms)", flush=True)
 
+    llm_precision = json.loads((repository / "manifest.json").read_text())["components"]["llm"]["precision"]
+    decode_bound = bandwidth.measure(read_size(checkpoint).decode_read_bytes(llm_precision))
     hf = baselines.HuggingFaceEager(checkpoint, preprocessor)
     for mix, cases in mixes.items():
         rows.append(_baseline_row(report.HF_EAGER, mix, baselines.time_requests(hf, cases, settings.baseline_passes, streams=False)))
@@ -101,6 +105,7 @@ def run_bench(spec: BuildSpec, repository: Path, cache: Path, output: Path, sett
     summary.write_text(report.Report(
         output.name, command, rows, counts, tokens, same_tokens=served == answers, machine=report.machine(),
         build=report.build_settings(repository), minutes=(time.monotonic() - started) / 60, error=error,
+        decode_bound=decode_bound,
     ).markdown())
     if error:
         raise BuildError(f"{error}\n(partial report: {summary})")
