@@ -44,6 +44,8 @@ class ModelSize:
     num_layers: int
     num_kv_heads: int
     head_dim: int
+    hidden_size: int
+    intermediate_size: int  # of the decoder's MLP: its widest matrix, hidden_size x intermediate_size
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -53,10 +55,14 @@ class ModelSize:
         quantized = self.llm_parameters - self.embedding_parameters
         return int(quantized * BYTES_PER_WEIGHT[precision] + self.embedding_parameters * 2)
 
+    @property
+    def decode_parameters(self) -> int:
+        """The weights a decode step reads and multiplies each sequence by: all but the embedding table (a lookup)."""
+        return self.llm_parameters - self.embedding_parameters
+
     def decode_read_bytes(self, precision: str) -> int:
-        """What a batch-1 decode step reads of the weights: all but the embedding table (one row of it)."""
         per_weight = 4.0 if precision == "fp32" else BYTES_PER_WEIGHT[precision]
-        return int((self.llm_parameters - self.embedding_parameters) * per_weight)
+        return int(self.decode_parameters * per_weight)
 
     @property
     def encoder_bytes(self) -> int:
@@ -83,6 +89,7 @@ def read_size(checkpoint: Path) -> ModelSize:
         encoder_parameters={c: counts[c] for c in ("vision_encoder", "audio_encoder") if counts[c]},
         num_layers=text["num_hidden_layers"], num_kv_heads=text.get("num_key_value_heads") or heads,
         head_dim=text.get("head_dim") or text["hidden_size"] // heads,
+        hidden_size=text["hidden_size"], intermediate_size=text.get("intermediate_size") or 4 * text["hidden_size"],
     )
 
 

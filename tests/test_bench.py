@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -78,7 +79,12 @@ def test_summary_states_the_ratios_and_the_same_tokens(results: Path) -> None:
     assert "at concurrency 8: not measured" in text  # this sweep stops at 2
     assert "served answers equal the in-process answers" in text
     assert ", 0 failed" in text
-    assert "## Decode bound (memory bandwidth)" in text and "of the bound" in text
+    assert "## Decode bound (memory bandwidth and compute)" in text and "of the batch-1 bound" in text
+    assert "GFLOP/s at batch 1" in text and "## Where the decode model's time goes" in text
+    profile_section = text.split("## Where the decode model's time goes")[1].split("\n## ")[0]
+    profile = re.findall(r"^\| ensemble \(text\) \| (\d+) \| ([\d.]+) \| ([\d.]+) \|", profile_section, re.M)
+    assert [int(c) for c, _, _ in profile] == [1, 2] and all(float(ms) > 0 for _, _, ms in profile), profile
+    assert float(profile[0][1]) == 1.0  # alone, every decode step holds the one sequence
 
 
 def test_plots_are_pngs(results: Path) -> None:
@@ -105,9 +111,25 @@ def test_no_verdict_for_a_baseline_slower_than_what_it_bounds_or_a_point_that_di
     assert "**1.151x** (target <= 1.15x, just missed)" in close  # not "1.15x, missed by 1.00x"
 
 
-def test_the_decode_bound_is_bandwidth_over_the_bytes_a_step_reads() -> None:
-    from builder.bench.bandwidth import DecodeBound, measure
+def test_a_decode_step_is_bounded_by_the_longer_of_reading_and_multiplying_the_weights() -> None:
+    from builder.bench.bounds import DecodeBound, measure
 
-    assert DecodeBound(10.0, 20.0, 2, 2 * 10**9).tokens_per_s == 10.0
-    bound = measure(10**9)
-    assert bound.threads >= 1 and 0.5 < bound.one_thread_gbps <= bound.all_threads_gbps * 1.5
+    # 0.5 G weights of 4 bytes at 20 GB/s: 100 ms to read; 1 GFLOP per sequence at 50 / 100 GFLOP/s.
+    bound = DecodeBound(10.0, 20.0, 2, 2 * 10**9, 5 * 10**8, {1: 50.0, 8: 100.0})
+    assert bound.tokens_per_s == 10.0 and bound.compute_s(1) == 0.02  # batch 1: reading is the bound
+    assert abs(bound.compute_s(8) - 0.08) < 1e-12 and bound.step_floor_s(8) == 0.1  # batch 8: reading still decides
+    assert abs(bound.step_floor_s(16) - 0.16) < 1e-12  # batch 16: compute, at the rate measured nearest (batch 8)
+    measured = measure(10**9, 10**6, 256, 512, batches=(4,))
+    assert measured.threads >= 1 and 0.5 < measured.one_thread_gbps <= measured.all_threads_gbps * 1.5
+    assert set(measured.gflops) == {1, 4} and all(g > 0.1 for g in measured.gflops.values())
+
+
+def test_the_profile_splits_each_points_wall_time_into_decode_prefill_and_waiting() -> None:
+    from builder.bench.bounds import DecodeBound
+    from builder.bench.metrics import DecodeCounters
+    from builder.bench.report import StepProfile, _profile_section
+
+    bound = DecodeBound(10.0, 20.0, 2, 2 * 10**8, 5 * 10**7, {1: 50.0, 4: 100.0})  # 10 ms to read a step
+    before, after = DecodeCounters(10, 1.0, 10, 0.5), DecodeCounters(110, 6.0, 410, 2.5)  # 100 steps of 4 in 5 s
+    section = "\n".join(_profile_section(bound, [StepProfile("ensemble (text)", 4, 10.0, after - before)]))
+    assert "| ensemble (text) | 4 | 4.0 | 50.00 | 10 | 50% | 20% | 30% |" in section

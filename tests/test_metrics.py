@@ -56,6 +56,7 @@ def test_tokens_requests_and_the_kv_gauges_are_reported(server, client, built_re
     assert after["mmtb_first_tokens_total"] - before.get("mmtb_first_tokens_total", 0) == 3
     assert after["mmtb_first_token_seconds_total"] > before.get("mmtb_first_token_seconds_total", 0)
     assert after["mmtb_prompt_tokens_total"] > before.get("mmtb_prompt_tokens_total", 0)
+    assert after["mmtb_prefill_seconds_total"] > before.get("mmtb_prefill_seconds_total", 0)
     assert after["mmtb_active_sequences"] == 0 and after["mmtb_kv_reserved_tokens"] == 0  # all answered
     assert after["mmtb_kv_budget_tokens"] > 0
     steps = after["mmtb_decode_steps_total"] - before.get("mmtb_decode_steps_total", 0)

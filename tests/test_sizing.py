@@ -110,3 +110,35 @@ def test_the_figures_equal_the_bytes_in_the_tiny_graph_and_its_cache(built_repos
                        SamplingParams(1))
     held = sum(kv.nbytes for kv in seq.past)  # FP32 here: twice the FP16 figure
     assert held == 40 * size.kv_bytes_per_token * 2
+
+
+def test_the_figures_for_the_small_preset_equal_its_modules(tmp_path: Path) -> None:
+    """The planner's counts for the `small` preset equal the parameters of the modules the preset builds (on the
+    meta device: its checkpoint's headers are written from their state dicts, no weights are made)."""
+    import torch
+    from transformers import Mistral3ForConditionalGeneration
+
+    from builder.families.mistral3 import build_audio_modules
+    from builder.source.tiny import PRESETS
+
+    config = PRESETS["small"]()
+    with torch.device("meta"):
+        model = Mistral3ForConditionalGeneration(config)
+        audio_tower, audio_projector = build_audio_modules(config)
+    tensors = {**{k: list(v.shape) for k, v in model.state_dict().items()},
+               **{f"audio_tower.{k}": list(v.shape) for k, v in audio_tower.state_dict().items()},
+               **{f"audio_projector.{k}": list(v.shape) for k, v in audio_projector.state_dict().items()}}
+    checkpoint = write_headers_only(tmp_path / "small", tensors, shards=2)
+    config.save_pretrained(checkpoint)  # the preset's own config.json over the 24B one
+
+    def count(*modules: torch.nn.Module) -> int:
+        return sum(p.numel() for m in modules for p in m.parameters())
+
+    size = read_size(checkpoint)
+    text = config.text_config
+    assert size.llm_parameters == count(model.model.language_model, model.lm_head)
+    assert size.decode_parameters == size.llm_parameters - count(model.model.language_model.embed_tokens)
+    assert size.encoder_parameters == {"vision_encoder": count(model.model.vision_tower, model.model.multi_modal_projector),
+                                       "audio_encoder": count(audio_tower, audio_projector)}
+    assert size.kv_bytes_per_token == 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * 2
+    assert (size.hidden_size, size.intermediate_size) == (text.hidden_size, text.intermediate_size)

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from builder.bench.bandwidth import DecodeBound
-from builder.bench.metrics import RequestCounts
+from builder.bench.bounds import DecodeBound
+from builder.bench.metrics import DecodeCounters, RequestCounts
 from builder.bench.results import Row
 from builder.serve.tritonserver import TRITON_VERSION
 
@@ -143,6 +143,16 @@ def table(rows: Sequence[Row]) -> str:
 
 
 @dataclass(frozen=True)
+class StepProfile:
+    """The decode model's counters over one served point (``llm``'s own metrics): where its time went."""
+
+    series: str
+    concurrency: int
+    wall_s: float
+    counters: DecodeCounters
+
+
+@dataclass(frozen=True)
 class Report:
     name: str
     command: str
@@ -155,6 +165,8 @@ class Report:
     minutes: float
     error: str | None = None  # why the sweep stopped early, if it did
     decode_bound: DecodeBound | None = None
+    profiles: Sequence[StepProfile] = ()
+    window_requests: int = 0  # perf_analyzer's count window (at least the concurrency)
 
     def markdown(self) -> str:
         served = [r for r in self.rows if r.series.startswith(f"{SERVED} (")]
@@ -169,7 +181,8 @@ class Report:
             Ratios.of(self.rows).headline() + ".",
             *([f"**The sweep stopped early**: {self.error.splitlines()[0]}"] if self.error else []),
             f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} in {self.minutes:.1f} min with "
-            f"`{self.command}`. perf_analyzer over gRPC, one concurrency point per run (count windows; "
+            f"`{self.command}`. perf_analyzer over gRPC, one concurrency point per run (count windows of "
+            f"{self.window_requests} requests or the concurrency if larger; "
             "\"unstable\" marks a point that did not settle within the stability threshold and was kept as measured).",
             f"Requests: {total} to the ensembles, {failed} failed (server counters, every model). New tokens per request "
             f"(greedy, fixed max_tokens): {tokens}; served answers {'equal' if self.same_tokens else 'DIFFER FROM'} the "
@@ -197,24 +210,59 @@ class Report:
         if self.decode_bound is None:
             return []
         at_one = {r.series: r for r in (*served, *streamed) if r.concurrency == 1}
-        return _decode_bound_section(self.decode_bound, at_one.get(series(SERVED, "text")), at_one.get(series(STREAMED, MAIN_MIX)))
+        return [*_decode_bound_section(self.decode_bound, at_one.get(series(SERVED, "text")), at_one.get(series(STREAMED, MAIN_MIX))),
+                *_profile_section(self.decode_bound, self.profiles)]
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.3g}"  # 0.0117 for the tiny preset, 36.8 for the small one
+
+
+def _bytes(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def _decode_bound_section(bound: DecodeBound, served: Row | None, streamed: Row | None) -> list[str]:
+    batches = sorted(bound.gflops)
     lines = [
         f"Read bandwidth: {bound.one_thread_gbps:.1f} GB/s one thread, {bound.all_threads_gbps:.1f} GB/s with "
-        f"{bound.threads} threads (numpy sums over 1 GiB, median of 5). A batch-1 decode step reads every weight of "
-        f"the LLM except the embedding table, {bound.weight_bytes_per_token / 1e9:.2f} GB, so decoding one sequence is "
-        f"bounded at **{bound.tokens_per_s:.1f} tokens/s**"
+        f"{bound.threads} threads (numpy sums over 1 GiB, median of 5). A decode step reads every weight of the LLM "
+        f"except the embedding table, {_bytes(bound.weight_bytes_per_token)}: at least {_ms(bound.read_s)} ms",
+        f"Compute: FP32 MatMul through the decoder's MLP matrices (ONNX Runtime, {bound.threads} threads, weights in "
+        "cache) runs " + ", ".join(f"{bound.gflops[b]:.0f} GFLOP/s at batch {b}" for b in batches)
+        + f"; a step multiplies each sequence by {bound.decode_parameters / 1e6:.1f}M weights (2 FLOPs each): at least "
+        + ", ".join(f"{_ms(bound.compute_s(b))} ms at batch {b}" for b in batches),
+        "So a step takes at least " + ", ".join(f"{_ms(bound.step_floor_s(b))} ms at batch {b} "
+                                                f"(**{b / bound.step_floor_s(b):.1f} tokens/s**)" for b in batches),
     ]
     if served is not None and served.tokens_per_s:
         lines.append(f"Served at concurrency 1: {served.tokens_per_s:.1f} tokens/s end to end "
-                     f"(text requests: **{served.tokens_per_s / bound.tokens_per_s:.0%} of the bound**, prefill and the pipeline included)")
+                     f"(text requests: **{served.tokens_per_s / bound.tokens_per_s:.0%} of the batch-1 bound**, prefill and the pipeline included)")
     if streamed is not None and streamed.itl_ms:
         decode = 1000 / streamed.itl_ms
         lines.append(f"decode alone {decode:.1f} tokens/s (1 / streaming inter-token latency at concurrency 1: "
                      f"{decode / bound.tokens_per_s:.0%} of the bound)")
-    return ["## Decode bound (memory bandwidth)", "; ".join(lines) + "."]
+    paragraphs = [". ".join(lines[:3]) + ".", *(["; ".join(lines[3:]) + "."] if lines[3:] else [])]
+    return ["## Decode bound (memory bandwidth and compute)", *paragraphs]
+
+
+def _profile_section(bound: DecodeBound, profiles: Sequence[StepProfile]) -> list[str]:
+    if not profiles:
+        return []
+    lines = ["| series | concurrency | mean decode batch | ms per decode step | floor at that batch | decode | prefill | waiting for work |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for p in profiles:
+        c = p.counters
+        if not c.steps or p.wall_s <= 0:
+            continue
+        batch = c.step_sequences / c.steps
+        lines.append(f"| {p.series} | {p.concurrency} | {batch:.1f} | {c.step_seconds / c.steps * 1000:.2f} | "
+                     f"{_ms(bound.step_floor_s(batch))} | {c.step_seconds / p.wall_s:.0%} | {c.prefill_seconds / p.wall_s:.0%} | "
+                     f"{max(0.0, 1 - (c.step_seconds + c.prefill_seconds) / p.wall_s):.0%} |")
+    return ["## Where the decode model's time goes (unary points, `llm`'s own counters over each run)", "\n".join(lines),
+            "Shares of the point's wall time: decode steps, prefills (one request at a time, between steps), and the "
+            "rest, when `llm` had nothing to run: requests still in preprocessing, the encoders, `fuse` or gRPC, and "
+            "perf_analyzer's own start."]
 
 
 def _pairs(values: dict[str, str]) -> str:

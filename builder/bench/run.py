@@ -12,14 +12,17 @@ from pathlib import Path
 
 import numpy as np
 
-from builder.bench import bandwidth, baselines, inputs, perf_analyzer, report
-from builder.bench.metrics import RequestCounts, request_counts
+from builder.bench import baselines, bounds, inputs, perf_analyzer, report
+from builder.bench.metrics import RequestCounts, decode_counters, request_counts
 from builder.bench.perf_analyzer import Measurement, Point
 from builder.bench.plots import plot
 from builder.bench.results import Row, perf_analyzer_row, sequential_row, stream_times, with_stream_times, write_rows
 from builder.errors import BuildError
 from builder.sizing import read_size
 from builder.spec import BuildSpec
+
+
+WINDOW_S = 12.0  # one measurement window: about this long of one-at-a-time requests
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,12 @@ class Settings:
     max_tokens: int  # new tokens per request, the same for every request and every baseline
     measurement: Measurement
     baseline_passes: int  # times each request of a mix is timed per baseline
+
+    def for_request_time(self, request_s: float) -> Settings:
+        """Windows of about WINDOW_S of one-at-a-time requests (never fewer than 8 requests, nor more than
+        this setting's): a model that takes seconds per request is measured in minutes, not an hour."""
+        requests = min(self.measurement.requests, max(8, round(WINDOW_S / request_s)))
+        return dataclasses.replace(self, measurement=dataclasses.replace(self.measurement, requests=requests))
 
     def estimate_minutes(self, request_s: float, cores: int) -> float:
         """Rough: ~4 windows per point at the throughput of min(concurrency, cores) parallel requests."""
@@ -64,11 +73,14 @@ def run_bench(spec: BuildSpec, repository: Path, cache: Path, output: Path, sett
         answers.update((c.name, t.tokens) for c, t in zip(cases, timed))
         rows.append(_baseline_row(report.IN_PROCESS, mix, timed))
     request_s = float(np.mean([r.p50_ms for r in rows])) / 1000
+    settings = settings.for_request_time(request_s)
     print(f"benchmark {output.name}: about {settings.estimate_minutes(request_s, _cores()):.0f} min "
           f"(concurrency {', '.join(map(str, settings.concurrency))}; in-process request {request_s * 1000:.0f} ms)", flush=True)
 
     llm_precision = json.loads((repository / "manifest.json").read_text())["components"]["llm"]["precision"]
-    decode_bound = bandwidth.measure(read_size(checkpoint).decode_read_bytes(llm_precision))
+    size = read_size(checkpoint)
+    decode_bound = bounds.measure(size.decode_read_bytes(llm_precision), size.decode_parameters, size.hidden_size,
+                                  size.intermediate_size, batches=tuple(c for c in settings.concurrency if c <= spec.triton.max_batch_size))
     hf = baselines.HuggingFaceEager(checkpoint, preprocessor)
     for mix, cases in mixes.items():
         rows.append(_baseline_row(report.HF_EAGER, mix, baselines.time_requests(hf, cases, settings.baseline_passes, streams=False)))
@@ -86,13 +98,21 @@ def run_bench(spec: BuildSpec, repository: Path, cache: Path, output: Path, sett
                     tokens[report.MAIN_MIX]) for c in settings.concurrency]
         points += [(p.model, p, None) for p in _encoder_points(server.grpc_url, encoder_tensors, settings, output)]
         error = None
+        profiles: list[report.StepProfile] = []
         for name, point, per_request in points:
             print(f"  perf_analyzer {point.model} concurrency {point.concurrency}", flush=True)
+            profiled = point.model == "ensemble"  # where the decode model's time goes, per unary point
+            before, start = decode_counters(server.host, server.metrics_port) if profiled else None, time.monotonic()
             try:
-                stable = perf_analyzer.measure(pa, server.grpc_url, point, settings.measurement)
+                # A window holds at least one request per concurrent stream.
+                measurement = dataclasses.replace(settings.measurement, requests=max(settings.measurement.requests, point.concurrency))
+                stable = perf_analyzer.measure(pa, server.grpc_url, point, measurement)
             except BuildError as exc:  # report what was measured, then fail
                 error = str(exc)
                 break
+            if before is not None:
+                wall_s = time.monotonic() - start
+                profiles.append(report.StepProfile(name, point.concurrency, wall_s, decode_counters(server.host, server.metrics_port) - before))
             row = perf_analyzer_row(name, point.csv, per_request, stable)
             streamed = point.streaming and per_request is not None
             rows.append(with_stream_times(row, stream_times(point.profile, per_request)) if streamed else row)
@@ -105,7 +125,7 @@ def run_bench(spec: BuildSpec, repository: Path, cache: Path, output: Path, sett
     summary.write_text(report.Report(
         output.name, command, rows, counts, tokens, same_tokens=served == answers, machine=report.machine(),
         build=report.build_settings(repository), minutes=(time.monotonic() - started) / 60, error=error,
-        decode_bound=decode_bound,
+        decode_bound=decode_bound, profiles=profiles, window_requests=settings.measurement.requests,
     ).markdown())
     if error:
         raise BuildError(f"{error}\n(partial report: {summary})")

@@ -54,6 +54,7 @@ class SchedulerStats:
     generated_tokens: int = 0
     first_token_seconds: float = 0.0  # submit to first token, summed over admitted requests
     first_tokens: int = 0
+    prefill_seconds: float = 0.0  # time in prefills (which run between decode steps, one request at a time)
     decode_steps: int = 0
     decode_seconds: float = 0.0  # a step gives each of its sequences one token: the inter-token latency
     decode_sequences: int = 0  # summed over steps: / decode_steps is the mean batch
@@ -129,7 +130,9 @@ class DecodeScheduler:
             since, job = self.waiting.popleft()
             self.reserved += reservation(job)
             self.stats.prompt_tokens += int(job.input_ids.size)
+            started = time.monotonic()
             self._admit(job)
+            self.stats.prefill_seconds += time.monotonic() - started
             self.stats.first_token_seconds += time.monotonic() - since  # the prefill chose the first token
             self.stats.first_tokens += 1
 

@@ -28,6 +28,7 @@ COUNTERS = {  # metric -> (help, what it counts)
     "mmtb_generated_tokens_total": ("Tokens generated", lambda s, c: s.stats.generated_tokens),
     "mmtb_first_token_seconds_total": ("Arrival at the decode model to first token, summed", lambda s, c: s.stats.first_token_seconds),
     "mmtb_first_tokens_total": ("First tokens produced (the count for the sum above)", lambda s, c: s.stats.first_tokens),
+    "mmtb_prefill_seconds_total": ("Time in prefills (between decode steps), summed", lambda s, c: s.stats.prefill_seconds),
     "mmtb_prefix_cache_reused_tokens_total": ("Prompt positions whose KV came from the prefix cache",
                                               lambda s, c: c.reused_tokens if c else 0),
     "mmtb_decode_steps_total": ("Batched decode steps (each gives its sequences one token)", lambda s, c: s.stats.decode_steps),
