@@ -11,6 +11,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -85,6 +86,18 @@ def test_summary_states_the_ratios_and_the_same_tokens(results: Path) -> None:
     profile = re.findall(r"^\| ensemble \(text\) \| (\d+) \| ([\d.]+) \| ([\d.]+) \|", profile_section, re.M)
     assert [int(c) for c, _, _ in profile] == [1, 2] and all(float(ms) > 0 for _, _, ms in profile), profile
     assert float(profile[0][1]) == 1.0  # alone, every decode step holds the one sequence
+    steps = re.findall(r"^\| (\d+) \| \d+ \| ([\d.]+) \| [\d.e-]+ \| .*other kernels \d+%.*Python around the run \d+% \|$", text, re.M)
+    assert [int(b) for b, _ in steps] == [1, 8] and all(float(ms) > 0 for _, ms in steps), steps
+
+
+def test_a_decode_steps_shares_add_up_and_matmul_is_among_them(built_repository: Path, tiny_spec) -> None:
+    from builder.bench.step_profile import profile_decode
+    from builder.runtime.model_facts import ModelFacts
+
+    llm = built_repository / "llm" / "1"
+    step = profile_decode(llm / "model.onnx", ModelFacts.load(llm / "model_facts.json"), [np.arange(16, 40)], batch=2, steps=4)
+    assert step.batch == 2 and step.context == 24 + 2 and step.decode_ms > 0  # the prompt, then the warm-up steps
+    assert abs(sum(step.shares.values()) - 1) < 0.01 and step.shares["MatMul"] > 0
 
 
 def test_plots_are_pngs(results: Path) -> None:
@@ -133,3 +146,13 @@ def test_the_profile_splits_each_points_wall_time_into_decode_prefill_and_waitin
     before, after = DecodeCounters(10, 1.0, 10, 0.5), DecodeCounters(110, 6.0, 410, 2.5)  # 100 steps of 4 in 5 s
     section = "\n".join(_profile_section(bound, [StepProfile("ensemble (text)", 4, 10.0, after - before)]))
     assert "| ensemble (text) | 4 | 4.0 | 50.00 | 10 | 50% | 20% | 30% |" in section
+
+
+def test_a_slow_model_is_measured_in_shorter_windows_without_concurrency_2() -> None:
+    from builder.bench.run import FULL
+
+    assert FULL.for_request_time(0.01) == FULL and QUICK.for_request_time(0.01) == QUICK
+    slow = FULL.for_request_time(1.5)  # the small preset: about 1.5 s per request alone
+    assert slow.measurement.requests == 8 and slow.measurement.max_trials == 6 and slow.concurrency == (1, 4, 8, 16)
+    assert FULL.for_request_time(0.5).measurement.requests == 24 and FULL.for_request_time(0.5).concurrency == FULL.concurrency
+    assert QUICK.for_request_time(1.5).measurement.requests == QUICK.measurement.requests  # never more than asked

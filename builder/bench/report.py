@@ -14,6 +14,7 @@ from pathlib import Path
 from builder.bench.bounds import DecodeBound
 from builder.bench.metrics import DecodeCounters, RequestCounts
 from builder.bench.results import Row
+from builder.bench.step_profile import StepBreakdown
 from builder.serve.tritonserver import TRITON_VERSION
 
 SERVED, STREAMED, IN_PROCESS, HF_EAGER = "ensemble", "ensemble_stream", "in-process", "HF eager"
@@ -166,6 +167,7 @@ class Report:
     error: str | None = None  # why the sweep stopped early, if it did
     decode_bound: DecodeBound | None = None
     profiles: Sequence[StepProfile] = ()
+    steps: Sequence[StepBreakdown] = ()  # one decode step taken apart in this process, per batch
     window_requests: int = 0  # perf_analyzer's count window (at least the concurrency)
 
     def markdown(self) -> str:
@@ -211,7 +213,7 @@ class Report:
             return []
         at_one = {r.series: r for r in (*served, *streamed) if r.concurrency == 1}
         return [*_decode_bound_section(self.decode_bound, at_one.get(series(SERVED, "text")), at_one.get(series(STREAMED, MAIN_MIX))),
-                *_profile_section(self.decode_bound, self.profiles)]
+                *_profile_section(self.decode_bound, self.profiles), *_step_section(self.decode_bound, self.steps)]
 
 
 def _ms(seconds: float) -> str:
@@ -263,6 +265,23 @@ def _profile_section(bound: DecodeBound, profiles: Sequence[StepProfile]) -> lis
             "Shares of the point's wall time: decode steps, prefills (one request at a time, between steps), and the "
             "rest, when `llm` had nothing to run: requests still in preprocessing, the encoders, `fuse` or gRPC, and "
             "perf_analyzer's own start."]
+
+
+def _step_section(bound: DecodeBound, steps: Sequence[StepBreakdown]) -> list[str]:
+    if not steps:
+        return []
+    lines = ["| decode batch | context | ms per step | floor | where it goes (ONNX Runtime profiler: op types' kernels, the run around them, Python) |",
+             "|---:|---:|---:|---:|---|"]
+    for step in steps:
+        named = list(step.shares.items())
+        ops, rest = named[:-2], named[-2:]
+        top = [*ops[:4], ("other kernels", sum(share for _, share in ops[4:])), *rest]
+        lines.append(f"| {step.batch} | {step.context} | {step.decode_ms:.2f} | {_ms(bound.step_floor_s(step.batch))} | "
+                     + ", ".join(f"{name} {share:.0%}" for name, share in top) + " |")
+    return ["## One decode step taken apart (the repository's LLM graph in this process, no server)", "\n".join(lines),
+            "The graph `llm` serves, on the text requests' prompts. Against the served ms per step above: in the "
+            "server, preprocessing, the encoders, gRPC and prefills share these cores with the decode steps, and "
+            "media make longer caches."]
 
 
 def _pairs(values: dict[str, str]) -> str:

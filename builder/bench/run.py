@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from builder.bench import baselines, bounds, inputs, perf_analyzer, report
+from builder.bench import baselines, bounds, inputs, perf_analyzer, report, step_profile
 from builder.bench.metrics import RequestCounts, decode_counters, request_counts
 from builder.bench.perf_analyzer import Measurement, Point
 from builder.bench.plots import plot
@@ -23,6 +23,7 @@ from builder.spec import BuildSpec
 
 
 WINDOW_S = 12.0  # one measurement window: about this long of one-at-a-time requests
+SLOW_TRIALS = 6  # windows per point for a slow model before it is kept as unstable
 
 
 @dataclass(frozen=True)
@@ -34,10 +35,15 @@ class Settings:
     baseline_passes: int  # times each request of a mix is timed per baseline
 
     def for_request_time(self, request_s: float) -> Settings:
-        """Windows of about WINDOW_S of one-at-a-time requests (never fewer than 8 requests, nor more than
-        this setting's): a model that takes seconds per request is measured in minutes, not an hour."""
+        """A model that takes seconds per request is measured in minutes, not an hour: windows of about
+        WINDOW_S of one-at-a-time requests (at least 8, at most this setting's), and past a second per
+        request at most SLOW_TRIALS windows per point and no concurrency 2 (1, 4, 8, 16 stay)."""
         requests = min(self.measurement.requests, max(8, round(WINDOW_S / request_s)))
-        return dataclasses.replace(self, measurement=dataclasses.replace(self.measurement, requests=requests))
+        slow = request_s >= 1.0
+        measurement = dataclasses.replace(self.measurement, requests=requests,
+                                          max_trials=min(self.measurement.max_trials, SLOW_TRIALS) if slow else self.measurement.max_trials)
+        concurrency = tuple(c for c in self.concurrency if c != 2) if slow else self.concurrency
+        return dataclasses.replace(self, concurrency=concurrency, measurement=measurement)
 
     def estimate_minutes(self, request_s: float, cores: int) -> float:
         """Rough: ~4 windows per point at the throughput of min(concurrency, cores) parallel requests."""
@@ -81,6 +87,9 @@ def run_bench(spec: BuildSpec, repository: Path, cache: Path, output: Path, sett
     size = read_size(checkpoint)
     decode_bound = bounds.measure(size.decode_read_bytes(llm_precision), size.decode_parameters, size.hidden_size,
                                   size.intermediate_size, batches=tuple(c for c in settings.concurrency if c <= spec.triton.max_batch_size))
+    text_prompts = [preprocessor(c.request.prompt, [], [], c.request.system_prompt).input_ids for c in mixes["text"]]
+    steps = [step_profile.profile_decode(repository / "llm" / "1" / "model.onnx", preprocessor.facts, text_prompts, batch)
+             for batch in sorted({1, min(8, spec.triton.max_batch_size)})]
     hf = baselines.HuggingFaceEager(checkpoint, preprocessor)
     for mix, cases in mixes.items():
         rows.append(_baseline_row(report.HF_EAGER, mix, baselines.time_requests(hf, cases, settings.baseline_passes, streams=False)))
@@ -125,7 +134,7 @@ def run_bench(spec: BuildSpec, repository: Path, cache: Path, output: Path, sett
     summary.write_text(report.Report(
         output.name, command, rows, counts, tokens, same_tokens=served == answers, machine=report.machine(),
         build=report.build_settings(repository), minutes=(time.monotonic() - started) / 60, error=error,
-        decode_bound=decode_bound, profiles=profiles, window_requests=settings.measurement.requests,
+        decode_bound=decode_bound, profiles=profiles, steps=steps, window_requests=settings.measurement.requests,
     ).markdown())
     if error:
         raise BuildError(f"{error}\n(partial report: {summary})")

@@ -135,9 +135,11 @@ class LanguageModelRunner(GenerateOne):
     """
 
     def __init__(self, onnx_path: str, facts: ModelFacts, intra_op_threads: int = 0,
-                 prefix_cache: PrefixCache | None = None) -> None:
+                 prefix_cache: PrefixCache | None = None, profile_prefix: str | None = None) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
+        if profile_prefix is not None:  # ONNX Runtime's profiler (the bench takes a decode step apart with it)
+            options.enable_profiling, options.profile_file_prefix = True, profile_prefix
         self.session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
         self.facts = facts
         kv = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
