@@ -156,3 +156,12 @@ def test_a_slow_model_is_measured_in_shorter_windows_without_concurrency_2() -> 
     assert slow.measurement.requests == 8 and slow.measurement.max_trials == 6 and slow.concurrency == (1, 4, 8, 16)
     assert FULL.for_request_time(0.5).measurement.requests == 24 and FULL.for_request_time(0.5).concurrency == FULL.concurrency
     assert QUICK.for_request_time(1.5).measurement.requests == QUICK.measurement.requests  # never more than asked
+
+
+def test_the_in_process_baseline_reuses_prefixes_as_llm_does(built_repository: Path, tiny_spec) -> None:
+    """Same work as the server: `llm` keeps a prefix cache, so the baseline keeps one of the size configured."""
+    from builder.bench.baselines import InProcessPipeline, load_preprocessor
+
+    pipeline = InProcessPipeline(built_repository, load_preprocessor(built_repository, tiny_spec.limits), 64)
+    assert pipeline.runner.prefix_cache is not None
+    assert pipeline.runner.prefix_cache.capacity_bytes == tiny_spec.triton.prefix_cache_mb << 20

@@ -1,7 +1,7 @@
 """What the served numbers are compared with, on the same requests and the same number of new tokens.
 
 - in-process: the repository's own ONNX graphs, preprocessing and decode loop called directly,
-  without a server (the floor for serving overhead);
+  without a server, with `llm`'s prefix cache as configured (the floor for serving overhead);
 - Hugging Face eager: the source checkpoint's ``generate`` in PyTorch (``builder.source.reference``),
   fed by the same preprocessing, one request at a time (what users run without this project).
 """
@@ -18,6 +18,8 @@ import onnxruntime as ort
 from builder.bench.inputs import Case
 from builder.runtime.encoders import embed_request
 from builder.runtime.generation import LanguageModelRunner, SamplingParams
+from builder.repository.render import parse_config
+from builder.runtime.prefix_cache import PrefixCache
 from builder.runtime.preprocess import Preprocessor, RequestLimits
 from builder.serve.client import Request
 from builder.spec import LimitsSpec
@@ -47,7 +49,10 @@ class InProcessPipeline:
             for name in ("vision_encoder", "audio_encoder")
             if (path := repository / name / "1" / "model.onnx").is_file()
         }
-        self.runner = LanguageModelRunner(str(repository / "llm" / "1" / "model.onnx"), self.facts)
+        llm = parse_config((repository / "llm" / "config.pbtxt").read_text(), "llm")
+        cache = llm.parameters["prefix_cache_bytes"].string_value if "prefix_cache_bytes" in llm.parameters else "0"
+        self.runner = LanguageModelRunner(str(repository / "llm" / "1" / "model.onnx"), self.facts,
+                                          prefix_cache=PrefixCache(int(cache)) if int(cache) else None)
 
     def __call__(self, request: Request) -> Iterator[int]:
         inputs = self.preprocess(request.prompt, list(request.images), list(request.audio), request.system_prompt)
