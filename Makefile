@@ -49,7 +49,7 @@ serve: engines
 	$(PY) -m builder serve --repository $(OUTPUT)
 
 bench: engines system-deps
-	@$(if $(QUICK),,echo "make bench: the full run takes about 6-10 minutes on 2 cores (QUICK=1: under 3)")
+	@$(if $(QUICK),,echo "make bench: the full run takes a few minutes for the tiny preset, about 15 for specs/small.yaml, on 2 cores (QUICK=1: under 3)")
 	$(PY) -m builder bench --spec $(SPEC) --repository $(OUTPUT) $(if $(QUICK),--quick)
 
 # GPU build server only (NGC container: TRITONSERVER=/opt/tritonserver/bin/tritonserver, pip install -e '.[tensorrt]').
