@@ -97,7 +97,8 @@ def test_a_decode_steps_shares_add_up_and_matmul_is_among_them(built_repository:
     llm = built_repository / "llm" / "1"
     step = profile_decode(llm / "model.onnx", ModelFacts.load(llm / "model_facts.json"), [np.arange(16, 40)], batch=2, steps=4)
     assert step.batch == 2 and step.context == 24 + 2 and step.decode_ms > 0  # the prompt, then the warm-up steps
-    assert abs(sum(step.shares.values()) - 1) < 0.01 and step.shares["MatMul"] > 0
+    assert abs(sum(step.op_shares.values()) + step.session_share + step.python_share - 1) < 0.01
+    assert step.op_shares["MatMul"] > 0
 
 
 def test_plots_are_pngs(results: Path) -> None:

@@ -273,9 +273,9 @@ def _step_section(bound: DecodeBound, steps: Sequence[StepBreakdown]) -> list[st
     lines = ["| decode batch | context | ms per step | floor | where it goes (ONNX Runtime profiler: op types' kernels, the run around them, Python) |",
              "|---:|---:|---:|---:|---|"]
     for step in steps:
-        named = list(step.shares.items())
-        ops, rest = named[:-2], named[-2:]
-        top = [*ops[:4], ("other kernels", sum(share for _, share in ops[4:])), *rest]
+        ops = list(step.op_shares.items())
+        top = [*ops[:4], ("other kernels", sum(share for _, share in ops[4:])),
+               ("session run around the kernels", step.session_share), ("Python around the run", step.python_share)]
         lines.append(f"| {step.batch} | {step.context} | {step.decode_ms:.2f} | {_ms(bound.step_floor_s(step.batch))} | "
                      + ", ".join(f"{name} {share:.0%}" for name, share in top) + " |")
     return ["## One decode step taken apart (the repository's LLM graph in this process, no server)", "\n".join(lines),

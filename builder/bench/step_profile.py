@@ -26,8 +26,10 @@ class StepBreakdown:
     batch: int
     context: int  # positions in the longest sequence's cache at the first timed step
     decode_ms: float  # the runner's whole decode() call, median, without the profiler
-    shares: dict[str, float]  # under the profiler: share of decode() per op type's kernels, largest first,
-    # then "other kernels' overhead" (the session run around its kernels) and "Python" (around the run)
+    # Shares of decode() under the profiler (they add up to 1):
+    op_shares: dict[str, float]  # each op type's kernels, largest first
+    session_share: float  # the session run around its kernels
+    python_share: float  # the Python around the run (the KV caches padded into a batch)
 
 
 def profile_decode(graph: Path, facts: ModelFacts, prompts: list[np.ndarray], batch: int, steps: int = 8) -> StepBreakdown:
@@ -50,10 +52,9 @@ def profile_decode(graph: Path, facts: ModelFacts, prompts: list[np.ndarray], ba
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= timed[0][0]:
             ops[e["args"]["op_name"]] += e["dur"] / 1e6  # microseconds
     run_s = sum(d for _, d in timed) / 1e6
-    shares = {op: t / profiled_s for op, t in ops.most_common()}
-    shares["session run around the kernels"] = max(0.0, run_s - sum(ops.values())) / profiled_s
-    shares["Python around the run"] = max(0.0, profiled_s - run_s) / profiled_s
-    return StepBreakdown(batch, context, decode_ms, shares)
+    return StepBreakdown(batch, context, decode_ms, {op: t / profiled_s for op, t in ops.most_common()},
+                         session_share=max(0.0, run_s - sum(ops.values())) / profiled_s,
+                         python_share=max(0.0, profiled_s - run_s) / profiled_s)
 
 
 def _start(runner: LanguageModelRunner, prompts: list[np.ndarray], batch: int, steps: int) -> list[Sequence]:
