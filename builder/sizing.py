@@ -52,8 +52,7 @@ class ModelSize:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 2  # FP16/BF16
 
     def llm_bytes(self, precision: str) -> int:
-        quantized = self.llm_parameters - self.embedding_parameters
-        return int(quantized * BYTES_PER_WEIGHT[precision] + self.embedding_parameters * 2)
+        return int(self.decode_parameters * BYTES_PER_WEIGHT[precision] + self.embedding_parameters * 2)
 
     @property
     def decode_parameters(self) -> int:

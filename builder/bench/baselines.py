@@ -16,9 +16,9 @@ from pathlib import Path
 import onnxruntime as ort
 
 from builder.bench.inputs import Case
+from builder.repository.render import parse_config
 from builder.runtime.encoders import embed_request
 from builder.runtime.generation import LanguageModelRunner, SamplingParams
-from builder.repository.render import parse_config
 from builder.runtime.prefix_cache import PrefixCache
 from builder.runtime.preprocess import Preprocessor, RequestLimits
 from builder.serve.client import Request
@@ -49,10 +49,10 @@ class InProcessPipeline:
             for name in ("vision_encoder", "audio_encoder")
             if (path := repository / name / "1" / "model.onnx").is_file()
         }
-        llm = parse_config((repository / "llm" / "config.pbtxt").read_text(), "llm")
-        cache = llm.parameters["prefix_cache_bytes"].string_value if "prefix_cache_bytes" in llm.parameters else "0"
+        parameters = parse_config((repository / "llm" / "config.pbtxt").read_text(), "llm").parameters
+        cache_bytes = int(parameters["prefix_cache_bytes"].string_value) if "prefix_cache_bytes" in parameters else 0
         self.runner = LanguageModelRunner(str(repository / "llm" / "1" / "model.onnx"), self.facts,
-                                          prefix_cache=PrefixCache(int(cache)) if int(cache) else None)
+                                          prefix_cache=PrefixCache(cache_bytes) if cache_bytes else None)
 
     def __call__(self, request: Request) -> Iterator[int]:
         inputs = self.preprocess(request.prompt, list(request.images), list(request.audio), request.system_prompt)

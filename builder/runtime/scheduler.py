@@ -132,8 +132,9 @@ class DecodeScheduler:
             self.stats.prompt_tokens += int(job.input_ids.size)
             started = time.monotonic()
             self._admit(job)
-            self.stats.prefill_seconds += time.monotonic() - started
-            self.stats.first_token_seconds += time.monotonic() - since  # the prefill chose the first token
+            ended = time.monotonic()
+            self.stats.prefill_seconds += ended - started
+            self.stats.first_token_seconds += ended - since  # the prefill chose the first token
             self.stats.first_tokens += 1
 
     def _admit(self, job: DecodeJob) -> None:
