@@ -75,7 +75,7 @@ def build(spec: BuildSpec, output: Path, cache_dir: Path, progress: bool = True)
     dtypes = {c: export_dtype(p) for c, p in precisions.items()}
     keys = {c: _export_key(spec, c, dtypes[c], source.fingerprint) for c in components}
     quantized = any(map(is_quantized, precisions.values()))
-    files = calibration_files(spec, "audio_encoder" in components) if quantized else None
+    files = calibration_files(spec, "vision_encoder" in components, "audio_encoder" in components) if quantized else None
     quantize_keys = {c: quantize_key(spec, keys[c], precisions[c], files) for c in components}
     repo_key = make_key(quantize_keys, spec.target, spec.section("limits"), spec.section("triton"),
                         code_fingerprint("repository", "runtime", "compile", "families", "source"), _templates_fingerprint(),

@@ -81,7 +81,8 @@ PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{L
 SPECIALS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
             "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]", "[PREFIX]", "[MIDDLE]",
             "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]",
-            *(f"<SPECIAL_{i}>" for i in range(20, 24)), "[AUDIO]", "[BEGIN_AUDIO]"]
+            *(f"<SPECIAL_{i}>" for i in range(20, 24)), "[AUDIO]", "[BEGIN_AUDIO]",
+            *(f"<SPECIAL_{i}>" for i in range(26, 34)), "[TRANSCRIBE]"]
 NUM_SPECIAL = 40  # more than listed: the rest are <SPECIAL_i> fillers, as in Mistral's files (1000 there)
 UNUSED_TAIL = 5  # vocab entries past default_vocab_size, which both readers drop (150000 listed, 131072 used)
 TEKKEN_CORPUS = ["Hello world, the quick brown fox jumps over the lazy dog. ", "café naïve résumé über Straße ",
@@ -200,15 +201,61 @@ def tekken_ranks() -> list[bytes]:
     return [bytes([byte]) for byte in range(256)] + merged
 
 
-def tekken_json(ranks: list[bytes]) -> dict:
-    """Mistral's tekken.json for ``ranks``: Mistral's control tokens first, a tail past the vocabulary size."""
+def tekken_json(ranks: list[bytes], version: int = 11, audio: dict | None = None) -> dict:
+    """Mistral's tekken.json for ``ranks``: Mistral's control tokens first, a tail past the vocabulary size;
+    ``audio``: mistral-common's audio section (Voxtral's)."""
     return {
         "config": {"pattern": PATTERN, "num_vocab_tokens": len(ranks), "default_vocab_size":
-                   len(ranks) - UNUSED_TAIL + NUM_SPECIAL, "default_num_special_tokens": NUM_SPECIAL, "version": "v11"},
+                   len(ranks) - UNUSED_TAIL + NUM_SPECIAL, "default_num_special_tokens": NUM_SPECIAL,
+                   "version": f"v{version}"},
         "vocab": [{"rank": rank, "token_bytes": base64.b64encode(token).decode(),
                    "token_str": token.decode("utf-8", "replace")} for rank, token in enumerate(ranks)],
         "special_tokens": [{"rank": rank, "token_str": token, "is_control": True} for rank, token in enumerate(SPECIALS)],
         "image": {"image_patch_size": 14, "max_image_size": 1540, "spatial_merge_size": 2},
-        "version": 11,
+        **({"audio": audio} if audio else {}),
+        "version": version,
         "type": "Tekkenizer",
     }
+
+
+# Voxtral Mini's audio section of tekken.json: 128 mel bins, 30 s windows of 375 tokens (12.5 per second).
+VOXTRAL_AUDIO = {"sampling_rate": 16000, "frame_rate": 12.5, "chunk_length_s": 30.0,
+                 "audio_encoding_config": {"num_mel_bins": 128, "hop_length": 160, "window_size": 400}}
+
+
+def write_voxtral_checkpoint(directory: Path, seed: int = 5) -> Path:
+    """Voxtral as Mistral publishes it: VoxtralConfig, BF16 shards, tekken.json (v7, with its audio section) as the
+    only tokenizer, a WhisperFeatureExtractor file, no chat template. Odd sizes; the real 1500-position encoder
+    (30 s windows) with a tiny width."""
+    from transformers import VoxtralConfig, VoxtralForConditionalGeneration, WhisperFeatureExtractor
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tekken = tekken_json(tekken_ranks(), version=7, audio=VOXTRAL_AUDIO)
+    config = VoxtralConfig(
+        audio_config={"num_mel_bins": 128, "hidden_size": 20, "intermediate_size": 80, "num_hidden_layers": 2,
+                      "num_attention_heads": 2, "max_source_positions": 1500},
+        text_config={"model_type": "llama", "vocab_size": tekken["config"]["default_vocab_size"], "hidden_size": 44,
+                     "intermediate_size": 76, "num_hidden_layers": 3, "num_attention_heads": 4,
+                     "num_key_value_heads": 2, "head_dim": 12, "max_position_embeddings": 4096, "rope_theta": 1e8,
+                     "bos_token_id": SPECIALS.index("<s>"), "eos_token_id": SPECIALS.index("</s>")},
+        audio_token_id=SPECIALS.index("[AUDIO]"),
+    )
+    torch.manual_seed(seed)
+    model = VoxtralForConditionalGeneration(config).eval()
+    widen_init(model, torch.Generator().manual_seed(seed), special_tokens=NUM_SPECIAL)
+    model.to(torch.bfloat16).save_pretrained(directory, max_shard_size="60KB")
+    WhisperFeatureExtractor(feature_size=128).save_pretrained(directory)
+    (directory / "tekken.json").write_text(json.dumps(tekken), encoding="utf-8")
+    return directory
+
+
+def voxtral_pipeline_generate(model, processor, text: str, audio: list[bytes], max_new_tokens: int,
+                              system_prompt: str | None = None) -> list[int]:
+    """HF's own Voxtral pipeline: ``VoxtralProcessor.apply_chat_template`` (mistral-common decodes, resamples and
+    tokenizes the audio) + ``generate``."""
+    content = [{"type": "audio", "base64": base64.b64encode(clip).decode()} for clip in audio]
+    system = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
+    inputs = processor.apply_chat_template([*system, {"role": "user", "content": [*content, {"type": "text", "text": text}]}])
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()

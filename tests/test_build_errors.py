@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from builder.cache import StageCache
+from builder.families import FAMILIES
 from builder.source.resolve import resolve_source
 from tests.conftest import CACHE, REPOSITORY_CHANGE, run_cli, tree_digest
 
@@ -95,7 +96,7 @@ CASES: dict[str, BadBuild] = {
         breaks=_pickle_only),
     "truncated_safetensors": BadBuild(CHECKPOINT_SPEC, "model.safetensors: not a readable safetensors file", breaks=_truncate_weights),
     "unsupported_architecture": BadBuild(
-        CHECKPOINT_SPEC, "unsupported architecture model_type='llama' (supported: mistral3)", breaks=_edit_config(model_type="llama")),
+        CHECKPOINT_SPEC, f"unsupported architecture model_type='llama' (supported: {', '.join(sorted(FAMILIES))})", breaks=_edit_config(model_type="llama")),
     "config_weights_mismatch": BadBuild(
         CHECKPOINT_SPEC, "weights do not match config.json", breaks=_edit_config(text_config__intermediate_size=96)),
     "no_config": BadBuild(CHECKPOINT_SPEC, "no config.json (expected a Hugging Face save_pretrained directory)", breaks=_remove("config.json")),

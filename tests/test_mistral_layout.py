@@ -21,7 +21,7 @@ from transformers import Mistral3Config, Mistral3ForConditionalGeneration, Pixtr
 
 from builder.build import build
 from builder.errors import BuildError
-from builder.families.mistral3 import DEFAULT_CHAT_TEMPLATE
+from builder.families.mistral_files import MISTRAL_INSTRUCT_TEMPLATE
 from builder.serve.client import Request, ask
 from builder.source.tiny import widen_init
 from builder.spec import load_spec
@@ -132,7 +132,7 @@ def layout(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     processor = PixtralProcessor(  # the image processor transformers' convert_tekken_image_processor writes
         image_processor=PixtralImageProcessorPil(size={"longest_edge": 72}, patch_size={"height": 6, "width": 6}),
         tokenizer=convert_tekken_tokenizer(str(checkpoint / "tekken.json"), chat_template=""),
-        chat_template=template or DEFAULT_CHAT_TEMPLATE,
+        chat_template=template or MISTRAL_INSTRUCT_TEMPLATE,
         patch_size=6,
         spatial_merge_size=2,
         image_token="[IMG]",

@@ -96,13 +96,21 @@ def test_log_mel_close_to_hf_whisper_torch_path() -> None:
     np.testing.assert_allclose(log_mel(samples, mel_filter_bank(80), 30 * 16000), expected, rtol=0, atol=1e-3)
 
 
-def test_audio_to_clips_splits_and_pads() -> None:
+def test_audio_to_clips_splits_and_pads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Voxtral's processor: Whisper features of the signal padded to whole clips, reshaped into clips."""
+    import transformers.models.whisper.feature_extraction_whisper as hf_whisper
+
+    monkeypatch.setattr(hf_whisper, "is_torch_available", lambda: False)
     filters = mel_filter_bank(16)
     samples = (0.1 * np.random.default_rng(2).standard_normal(5 * 16000 + 123)).astype(np.float32)
+    samples[: 2 * 16000] *= 0.001  # a quiet first clip: its floor is the whole signal's max - 8
     clips = audio_to_clips(samples, filters, 2 * 16000, 0, LIMITS)
     assert clips.shape == (3, 16, 200) and clips.dtype == np.float32
-    for i in range(3):
-        np.testing.assert_array_equal(clips[i], log_mel(samples[i * 32000 : (i + 1) * 32000], filters, 32000))
+    extractor = _whisper(16, 2)
+    whole = extractor(samples, sampling_rate=16000, return_tensors="np", padding=True, truncation=False,
+                      pad_to_multiple_of=2 * 16000, device="cpu")["input_features"][0]
+    expected = whole.reshape(16, -1, 200).transpose(1, 0, 2)  # VoxtralProcessor._retrieve_input_features
+    np.testing.assert_allclose(clips, expected, rtol=0, atol=1e-4)
     exact = audio_to_clips(samples[: 4 * 16000], filters, 2 * 16000, 0, LIMITS)
     assert exact.shape == (2, 16, 200)
 

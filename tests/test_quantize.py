@@ -39,7 +39,7 @@ def pipeline_figures(reference: Path, candidate: Path) -> PipelineFigures:
     spec = load_spec(INT8_SPEC)
     facts = ModelFacts.load(reference / "preprocess" / "1" / "model_facts.json")
     preprocess = server_preprocessor(spec, facts, reference / "preprocess" / "1" / "tokenizer.json")
-    requests = held_out_requests(calibration_files(spec, with_audio=True), preprocess, facts)
+    requests = held_out_requests(calibration_files(spec, with_images=True, with_audio=True), preprocess, facts)
     return measure_pipeline(served_graphs(reference), served_graphs(candidate), requests, facts, spec.quantize.pipeline_gate)
 
 
@@ -55,7 +55,7 @@ def int8_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_calibration_and_holdout_are_different_files_through_server_preprocessing(built_repository: Path) -> None:
     spec = load_spec(INT8_SPEC)
-    files = calibration_files(spec, with_audio=True)
+    files = calibration_files(spec, with_images=True, with_audio=True)
     assert len(files.images) == len(files.audio) == spec.calibration.samples + spec.calibration.holdout
     facts = ModelFacts.load(built_repository / "preprocess" / "1" / "model_facts.json")
     samples = load_samples(files, server_preprocessor(spec, facts, built_repository / "preprocess" / "1" / "tokenizer.json"))
@@ -70,14 +70,14 @@ def test_calibration_and_holdout_are_different_files_through_server_preprocessin
     # Held out: nothing the gate sees was calibrated on.
     held = {p.name for p in files.images[spec.calibration.samples :]}
     assert held.isdisjoint(p.name for p in files.images[: spec.calibration.samples])
-    smaller = calibration_files(load_spec(INT8_SPEC, {"calibration.holdout": 3}), with_audio=True)
+    smaller = calibration_files(load_spec(INT8_SPEC, {"calibration.holdout": 3}), with_images=True, with_audio=True)
     assert smaller.digest != files.digest  # another split is another cache key
 
 
 def test_missing_calibration_files_name_the_key(tmp_path: Path) -> None:
     spec = load_spec(INT8_SPEC, {"calibration.images": str(tmp_path)})
     with pytest.raises(BuildError, match=r"calibration\.images: .* holds 0 .* 12 are needed"):
-        calibration_files(spec, with_audio=True)
+        calibration_files(spec, with_images=True, with_audio=True)
 
 
 def test_int8_build_passes_the_gate_and_reports_it(int8_repository: Path, built_repository: Path) -> None:
@@ -193,7 +193,7 @@ def test_tensorrt_int8_llm_settles_on_qdq_gated_with_onnxruntime(built_repositor
     preprocess = server_preprocessor(spec, facts, built_repository / "preprocess" / "1" / "tokenizer.json")
     graphs = served_graphs(built_repository)
     encoders = {name: onnxruntime_session(graphs[name]) for name in ("vision_encoder", "audio_encoder")}
-    held_out = load_samples(calibration_files(spec, with_audio=True), preprocess).prompts
+    held_out = load_samples(calibration_files(spec, with_images=True, with_audio=True), preprocess).prompts
     prompts = tuple(fuse_prompt(p, encoders, facts) for p in held_out)
     settled = settle_llm(LlmJob(graphs["llm"], facts, prompts), "int8", TARGETS["tensorrt"], spec.quantize, tmp_path)
     first = settled.attempts[0]

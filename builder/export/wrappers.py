@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache, Mistral3ForConditionalGeneration
 
-from builder.families.mistral3 import audio_embeddings
+from builder.families.voxtral import audio_embeddings
 
 
 class VisionEncoder(nn.Module):

@@ -8,7 +8,6 @@ own layout) from ``tekken.json`` / ``params.json``, else from its vision config.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,9 +15,10 @@ import numpy as np
 
 from builder.errors import BuildError
 from builder.families.base import Family, SourceModel
-from builder.families.mistral_files import image_params_from_mistral_files
-from builder.runtime.audio import HOP
-from builder.runtime.model_facts import AudioFacts, ImageFacts, ModelFacts
+from builder.families.hf_files import added_tokens, load_pretrained, read_json, stop_ids, token_id
+from builder.families.mistral_files import MISTRAL_INSTRUCT_TEMPLATE, image_params_from_mistral_files
+from builder.families.voxtral import audio_embeddings, voxtral_audio_facts
+from builder.runtime.model_facts import ImageFacts, ModelFacts
 
 if TYPE_CHECKING:
     import torch
@@ -30,26 +30,6 @@ _AUDIO_PREFIXES = ("audio_tower.", "audio_projector.")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # Pixtral's defaults when a checkpoint has no processor file
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# Mistral's instruct layout, for checkpoints without a template of their own: media first, then the text.
-DEFAULT_CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}[SYSTEM_PROMPT]{{ message['content'] }}[/SYSTEM_PROMPT]"
-    "{% elif message['role'] == 'user' %}[INST]"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}[IMG]{% elif item['type'] == 'audio' %}[AUDIO]{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}[/INST]"
-    "{% elif message['role'] == 'assistant' %}{{ message['content'] }}{{ eos_token }}"
-    "{% endif %}{% endfor %}"
-)
-
-
-def _json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except json.JSONDecodeError as exc:
-        raise BuildError(f"{path}: not valid JSON ({exc})") from None
 
 
 def _side(value: Any) -> int:
@@ -57,18 +37,13 @@ def _side(value: Any) -> int:
     return int(value["height"] if isinstance(value, dict) else value)
 
 
-def _added_tokens(tokenizer: Path) -> dict[str, int]:
-    vocab = _json(tokenizer)
-    return {t["content"]: int(t["id"]) for t in vocab.get("added_tokens", [])}
-
-
 def _processor_files(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """``processor_config.json`` and ``preprocessor_config.json``; for a checkpoint in Mistral's own layout, which
     has neither (Mistral Small 3.2, Magistral), the same keys from ``tekken.json`` / ``params.json``, as
     transformers' ``convert_tekken_image_processor`` would write them. Empty when no file says: the vision config.
     """
-    processor = _json(directory / "processor_config.json")
-    pre = _json(directory / "preprocessor_config.json")
+    processor = read_json(directory / "processor_config.json")
+    pre = read_json(directory / "preprocessor_config.json")
     mistral = image_params_from_mistral_files(directory) if not (processor or pre) else None
     if mistral is None:
         return processor, pre
@@ -78,31 +53,19 @@ def _processor_files(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return {"patch_size": mistral.patch_size, "spatial_merge_size": mistral.spatial_merge_size}, pre
 
 
-def _stop_ids(directory: Path, config: Any) -> tuple[int, ...]:
-    """What ``generate`` stops at: generation_config.json's eos_token_id, else the config's."""
-    eos = _json(directory / "generation_config.json").get("eos_token_id")
-    if eos is None:
-        eos = config.text_config.eos_token_id if config.text_config.eos_token_id is not None else config.eos_token_id
-    if eos is None:
-        raise BuildError(f"{directory}: no eos_token_id in generation_config.json or config.json")
-    return tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]))
-
-
 class Mistral3(Family):
     MODEL_TYPE = "mistral3"
-    DEFAULT_CHAT_TEMPLATE = DEFAULT_CHAT_TEMPLATE
+    DEFAULT_CHAT_TEMPLATE = MISTRAL_INSTRUCT_TEMPLATE
 
     def read_facts(self, directory: Path, tokenizer: Path) -> ModelFacts:
         from transformers import Mistral3Config
 
         config = Mistral3Config.from_pretrained(directory)
-        added = _added_tokens(tokenizer)
+        added = added_tokens(tokenizer)
         processor, pre = _processor_files(directory)
 
         def token(name: str) -> int:
-            if name not in added:
-                raise BuildError(f"{tokenizer}: special token {name} is missing")
-            return added[name]
+            return token_id(added, name, tokenizer)
 
         vision = config.vision_config
         image_text = processor.get("image_token", "[IMG]")
@@ -128,17 +91,7 @@ class Mistral3(Family):
                              f"config.json's {config.spatial_merge_size}")
         audio = None
         if getattr(config, "audio_config", None):
-            audio_config = config.audio_config
-            positions = int(audio_config["max_source_positions"])
-            audio = AudioFacts(
-                token=token("[AUDIO]"), begin=token("[BEGIN_AUDIO]"),
-                num_mel_bins=int(audio_config["num_mel_bins"]),
-                # Whisper-style: 2 mel frames per encoder position.
-                clip_samples=2 * positions * HOP, hop_length=HOP,
-                # Voxtral's projector stacks intermediate_size // hidden_size positions per token.
-                tokens_per_clip=positions * int(audio_config["hidden_size"]) // int(audio_config["intermediate_size"]),
-                token_text="[AUDIO]",
-            )
+            audio = voxtral_audio_facts(config.audio_config, token("[AUDIO]"), token("[BEGIN_AUDIO]"))
         text = config.text_config
         return ModelFacts(
             family=self.MODEL_TYPE,
@@ -147,7 +100,7 @@ class Mistral3(Family):
             num_layers=int(text.num_hidden_layers),
             num_kv_heads=int(text.num_key_value_heads),
             head_dim=int(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads),
-            stop_ids=_stop_ids(directory, config),
+            stop_ids=stop_ids(directory, config),
             image=image,
             audio=audio,
         )
@@ -155,26 +108,9 @@ class Mistral3(Family):
     def load(self, directory: Path, dtype: str, tokenizer: Path) -> SourceModel:
         import torch
         from transformers import Mistral3Config, Mistral3ForConditionalGeneration
-        from transformers.utils import logging as hf_logging
 
         config = Mistral3Config.from_pretrained(directory)
-        # transformers logs unexpected keys (the preset's audio weights) as warnings; missing ones we check ourselves.
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-        try:
-            model, info = Mistral3ForConditionalGeneration.from_pretrained(
-                directory, config=config, use_safetensors=True, trust_remote_code=False,
-                output_loading_info=True, dtype=getattr(torch, dtype),
-            )
-        except (RuntimeError, ValueError, OSError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise BuildError(f"{directory}: weights do not match config.json: {first}") from None
-        mismatched = info.get("mismatched_keys") or []
-        missing = [k for k in info.get("missing_keys", []) if not k.startswith(_AUDIO_PREFIXES)]
-        if missing or mismatched:
-            names = ", ".join(list(missing)[:3] + [str(m[0]) if isinstance(m, tuple) else str(m) for m in mismatched][:3])
-            raise BuildError(f"{directory}: weights do not match config.json ({len(missing)} missing, "
-                             f"{len(mismatched)} mismatched: {names})")
+        model = load_pretrained(Mistral3ForConditionalGeneration, directory, config, dtype, may_be_missing=_AUDIO_PREFIXES)
         parts: dict[str, torch.nn.Module] = {}
         if getattr(config, "audio_config", None):
             tower, projector = build_audio_modules(config)
@@ -182,7 +118,7 @@ class Mistral3(Family):
             _load_prefixed(weight_files, "audio_tower.", tower)
             _load_prefixed(weight_files, "audio_projector.", projector)
             parts = {"audio_tower": tower, "audio_projector": projector}
-        return SourceModel(directory, model.eval(), self.read_facts(directory, tokenizer), parts)
+        return SourceModel(directory, model, self.read_facts(directory, tokenizer), parts)
 
     def recipes(self, source: SourceModel, limits: "LimitsSpec", components: list[str]) -> list["ExportRecipe"]:
         from builder.export.recipes import audio_recipe, llm_recipe, vision_recipe
@@ -234,13 +170,6 @@ def build_audio_modules(config: Any) -> tuple["torch.nn.Module", "torch.nn.Modul
 
     vconfig = voxtral_config(config)
     return VoxtralEncoder(vconfig.audio_config).eval(), VoxtralMultiModalProjector(vconfig).eval()
-
-
-def audio_embeddings(tower: "torch.nn.Module", projector: "torch.nn.Module", input_features: "torch.Tensor") -> "torch.Tensor":
-    """[clips, mels, frames] -> [clips * tokens_per_clip, hidden]: what ``VoxtralModel.get_audio_features`` does."""
-    hidden = tower(input_features, return_dict=True).last_hidden_state
-    hidden = hidden.reshape(-1, tower.config.intermediate_size)
-    return projector(hidden)
 
 
 def _load_prefixed(weight_files: list[Path], prefix: str, module: "torch.nn.Module") -> None:

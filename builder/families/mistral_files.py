@@ -16,6 +16,21 @@ from builder.errors import BuildError
 
 SYSTEM_PROMPT_FILE = "SYSTEM_PROMPT.txt"
 
+# mistral-common's instruct encoding as a chat template, for Mistral checkpoints without a template of their own
+# (Mistral publishes tekken.json alone): media first, then the text.
+MISTRAL_INSTRUCT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}[SYSTEM_PROMPT]{{ message['content'] }}[/SYSTEM_PROMPT]"
+    "{% elif message['role'] == 'user' %}[INST]"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}[IMG]{% elif item['type'] == 'audio' %}[AUDIO]{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}[/INST]"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] }}{{ eos_token }}"
+    "{% endif %}{% endfor %}"
+)
+
 
 @dataclass(frozen=True)
 class MistralImageParams:

@@ -54,12 +54,13 @@ class Split:
 
 @dataclass(frozen=True)
 class CalibrationSamples:
-    pixel_values: Split
+    pixel_values: Split | None  # None: the model has no vision encoder
     input_features: Split | None  # None: the model has no audio encoder
-    prompts: tuple[ModelInputs, ...]  # held-out requests: prompt + image, prompt + audio, alternating
+    prompts: tuple[ModelInputs, ...]  # held-out requests: prompt + image, prompt + audio, taking turns (text alone without media)
 
 
-def calibration_files(spec: BuildSpec, with_audio: bool) -> CalibrationFiles:
+def calibration_files(spec: BuildSpec, with_images: bool, with_audio: bool) -> CalibrationFiles:
+    """The files of the media the build's encoders take (``with_images``/``with_audio``), and the prompts."""
     cal = spec.calibration
     base = spec.path.parent if spec.path is not None else Path.cwd()
     needed = cal.samples + cal.holdout
@@ -85,7 +86,8 @@ def calibration_files(spec: BuildSpec, with_audio: bool) -> CalibrationFiles:
     if len(prompts) < needed:
         raise BuildError(f"calibration.prompts: {prompts_file} has {len(prompts)} prompts; {needed} are needed")
     audio = listed("audio", "audio", (".wav",)) if with_audio else ()
-    return CalibrationFiles(listed("images", "images", _IMAGE_SUFFIXES), audio, prompts[:needed], cal.samples, cal.holdout)
+    images = listed("images", "images", _IMAGE_SUFFIXES) if with_images else ()
+    return CalibrationFiles(images, audio, prompts[:needed], cal.samples, cal.holdout)
 
 
 def server_preprocessor(spec: BuildSpec, facts: ModelFacts, tokenizer_path: Path) -> Preprocessor:
@@ -104,12 +106,15 @@ def load_samples(files: CalibrationFiles, preprocess: Preprocessor) -> Calibrati
     def split(values: list[np.ndarray]) -> Split:
         return Split(tuple(values[: files.samples]), tuple(values[files.samples :]))
 
-    pixels = split([request("image", image=p).pixel_values for p in files.images])
+    pixels = split([request("image", image=p).pixel_values for p in files.images]) if files.images else None
     features = split([request("audio", audio=p).input_features for p in files.audio]) if files.audio else None
-    held = range(files.samples, files.samples + files.holdout)
-    prompts = tuple(
-        request(files.prompts[i], image=files.images[i]) if (i - files.samples) % 2 == 0 or not files.audio
-        else request(files.prompts[i], audio=files.audio[i])
-        for i in held
-    )
+    media = [kind for kind, present in (("image", files.images), ("audio", files.audio)) if present]
+
+    def held_out(n: int, i: int) -> ModelInputs:
+        """Held-out request n (file i): its prompt with the model's media kinds taking turns; text alone without."""
+        kind = media[n % len(media)] if media else None
+        return request(files.prompts[i], image=files.images[i] if kind == "image" else None,
+                       audio=files.audio[i] if kind == "audio" else None)
+
+    prompts = tuple(held_out(n, i) for n, i in enumerate(range(files.samples, files.samples + files.holdout)))
     return CalibrationSamples(pixels, features, prompts)

@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PixtralImageProcessorPil, PreTrainedTokenizerFast
 
-from builder.families.mistral3 import CLIP_MEAN, CLIP_STD, DEFAULT_CHAT_TEMPLATE, build_audio_modules
+from builder.families.mistral3 import CLIP_MEAN, CLIP_STD, build_audio_modules
+from builder.families.mistral_files import MISTRAL_INSTRUCT_TEMPLATE
 
 # Special tokens first (ids 0..15), then the 256 byte-level tokens: any text round-trips.
 SPECIAL_TOKENS = [
@@ -138,7 +139,7 @@ def write_preset_checkpoint(directory: Path, preset: str = "tiny", seed: int = 0
 def write_tokenizer_and_processor(directory: Path, config: Mistral3Config) -> None:
     """The preset's tokenizer and chat template, and the Pixtral processor files for ``config``'s vision tower."""
     tokenizer = tiny_tokenizer()
-    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE  # Mistral's layout, with [AUDIO] for audio items
+    tokenizer.chat_template = MISTRAL_INSTRUCT_TEMPLATE  # Mistral's layout, with [AUDIO] for audio items
     tokenizer.save_pretrained(directory)
     vision = config.vision_config
     PixtralImageProcessorPil(

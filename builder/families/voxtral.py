@@ -1,0 +1,134 @@
+"""Voxtral (Voxtral Mini / Small): Whisper-style audio encoder + projector + Llama decoder, text and audio in.
+
+As Mistral publishes it: ``config.json`` (``VoxtralConfig``), weights in safetensors shards, ``tekken.json`` as the
+only tokenizer and no chat template: the prompt is mistral-common's instruct encoding (what ``VoxtralProcessor``
+runs), reproduced by :data:`MISTRAL_INSTRUCT_TEMPLATE`. Audio is resampled to 16 kHz, padded to whole 30 s windows,
+turned into one log-mel over the whole signal and cut into windows of ``2 x max_source_positions`` frames; each
+audio input becomes ``[BEGIN_AUDIO]`` and ``[AUDIO]`` x (tokens per window x windows).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from builder.errors import BuildError
+from builder.families.base import Family, SourceModel
+from builder.families.hf_files import added_tokens, load_pretrained, read_json, stop_ids, token_id
+from builder.families.mistral_files import MISTRAL_INSTRUCT_TEMPLATE
+from builder.runtime.audio import HOP, N_FFT, SAMPLE_RATE
+from builder.runtime.model_facts import AudioFacts, ModelFacts
+
+if TYPE_CHECKING:
+    import torch
+
+    from builder.export.recipes import ExportRecipe
+    from builder.spec import LimitsSpec
+
+
+def voxtral_audio_facts(audio_config: Any, token: int, begin: int) -> AudioFacts:
+    """A Voxtral audio tower's clips and tokens: 2 mel frames per encoder position, and the projector stacks
+    ``intermediate_size // hidden_size`` positions into one token (``get_audio_features``' reshape)."""
+    get = audio_config.get if isinstance(audio_config, dict) else lambda key: getattr(audio_config, key)
+    positions = int(get("max_source_positions"))
+    return AudioFacts(
+        token=token, begin=begin, num_mel_bins=int(get("num_mel_bins")), clip_samples=2 * positions * HOP,
+        hop_length=HOP, tokens_per_clip=positions * int(get("hidden_size")) // int(get("intermediate_size")),
+        token_text="[AUDIO]",
+    )
+
+
+def audio_embeddings(tower: "torch.nn.Module", projector: "torch.nn.Module", input_features: "torch.Tensor") -> "torch.Tensor":
+    """[clips, mels, frames] -> [clips * tokens_per_clip, hidden]: what ``VoxtralModel.get_audio_features`` does."""
+    hidden = tower(input_features, return_dict=True).last_hidden_state
+    hidden = hidden.reshape(-1, tower.config.intermediate_size)
+    return projector(hidden)
+
+
+def _check_processor(directory: Path, audio: AudioFacts) -> None:
+    """The checkpoint's own audio settings (WhisperFeatureExtractor's file, tekken.json's audio section) must be the
+    ones serving computes: a mismatch would feed the tower features or token counts it was not trained on."""
+    pre = read_json(directory / "preprocessor_config.json")
+    expected = {"feature_size": audio.num_mel_bins, "hop_length": HOP, "n_fft": N_FFT, "sampling_rate": SAMPLE_RATE}
+    for key, value in expected.items():
+        if key in pre and int(pre[key]) != value:
+            raise BuildError(f"{directory / 'preprocessor_config.json'}: {key} is {pre[key]}, the audio tower "
+                             f"needs {value}")
+    section = read_json(directory / "tekken.json").get("audio")
+    if not section:
+        return
+    clip_seconds = audio.clip_samples / SAMPLE_RATE
+    encoding = section.get("audio_encoding_config", {})
+    found = {"sampling_rate": section.get("sampling_rate"), "num_mel_bins": encoding.get("num_mel_bins"),
+             "hop_length": encoding.get("hop_length"), "chunk_length_s": section.get("chunk_length_s"),
+             "tokens per chunk": float(section["frame_rate"]) * clip_seconds if "frame_rate" in section else None}
+    wanted = {"sampling_rate": SAMPLE_RATE, "num_mel_bins": audio.num_mel_bins, "hop_length": HOP,
+              "chunk_length_s": clip_seconds, "tokens per chunk": audio.tokens_per_clip}
+    for key, value in found.items():
+        if value is not None and float(value) != float(wanted[key]):
+            raise BuildError(f"{directory / 'tekken.json'}: audio {key} is {value}, the audio tower needs {wanted[key]}")
+
+
+class Voxtral(Family):
+    MODEL_TYPE = "voxtral"
+    DEFAULT_CHAT_TEMPLATE = MISTRAL_INSTRUCT_TEMPLATE  # mistral-common's instruct layout: [INST] audio..., text [/INST]
+
+    def read_facts(self, directory: Path, tokenizer: Path) -> ModelFacts:
+        from transformers import VoxtralConfig
+
+        config = VoxtralConfig.from_pretrained(directory)
+        added = added_tokens(tokenizer)
+        audio = voxtral_audio_facts(config.audio_config, token_id(added, "[AUDIO]", tokenizer),
+                                    token_id(added, "[BEGIN_AUDIO]", tokenizer))
+        if audio.token != config.audio_token_id:
+            raise BuildError(f"{directory}: [AUDIO] is token {audio.token} in {tokenizer} but "
+                             f"{config.audio_token_id} in config.json")
+        _check_processor(directory, audio)
+        text = config.text_config
+        return ModelFacts(
+            family=self.MODEL_TYPE,
+            vocab_size=int(text.vocab_size),
+            hidden_size=int(text.hidden_size),
+            num_layers=int(text.num_hidden_layers),
+            num_kv_heads=int(text.num_key_value_heads),
+            head_dim=int(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads),
+            stop_ids=stop_ids(directory, config),
+            image=None,
+            audio=audio,
+        )
+
+    def load(self, directory: Path, dtype: str, tokenizer: Path) -> SourceModel:
+        from transformers import VoxtralConfig, VoxtralForConditionalGeneration
+
+        config = VoxtralConfig.from_pretrained(directory)
+        model = load_pretrained(VoxtralForConditionalGeneration, directory, config, dtype)
+        parts = {"audio_tower": model.model.audio_tower, "audio_projector": model.model.multi_modal_projector}
+        return SourceModel(directory, model, self.read_facts(directory, tokenizer), parts)
+
+    def recipes(self, source: SourceModel, limits: "LimitsSpec", components: list[str]) -> list["ExportRecipe"]:
+        from builder.export.recipes import audio_recipe, llm_recipe
+
+        makers = {"audio_encoder": audio_recipe, "llm": llm_recipe}
+        return [makers[name](source, limits) for name in components]
+
+    def reference_generate(
+        self, source: SourceModel, input_ids: np.ndarray, pixel_values: np.ndarray | None, image_sizes: np.ndarray | None,
+        input_features: np.ndarray | None, max_new_tokens: int,
+    ) -> list[int]:
+        import torch
+
+        facts = source.facts
+        ids = torch.from_numpy(np.asarray(input_ids, dtype=np.int64))[None]
+        features = {"input_features": torch.from_numpy(input_features)} \
+            if input_features is not None and len(input_features) else {}
+        with torch.no_grad():
+            out = source.model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), **features, max_new_tokens=max_new_tokens,
+                do_sample=False, eos_token_id=list(facts.stop_ids), pad_token_id=facts.stop_ids[0],
+            )
+        return out[0, ids.shape[1]:].tolist()
+
+
+FAMILY = Voxtral()

@@ -1,0 +1,151 @@
+"""A Voxtral checkpoint as Mistral publishes it builds, serves, and answers exactly as HF's own pipeline.
+
+``VoxtralForConditionalGeneration`` written by transformers (odd sizes, BF16 shards), ``tekken.json`` as the only
+tokenizer, no chat template: the reference is ``VoxtralProcessor.apply_chat_template`` (mistral-common decodes,
+resamples and tokenizes the audio into 30 s windows) + ``generate``. Served greedy ``output_ids`` must equal it for
+text, one clip, two clips, a clip over one window, and clips at 8 kHz and 44.1 kHz.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from builder.build import build
+from builder.serve.client import Request, ask, ask_stream
+from builder.spec import BuildSpec, load_spec
+from tests.conftest import CACHE, ROOT, png_bytes
+from tests.hf_checkpoints import voxtral_pipeline_generate, write_voxtral_checkpoint
+
+NEW_TOKENS = 16
+
+
+def noisy_wav(seed: int, seconds: float, rate: int = 16000) -> bytes:
+    """A tone under noise, 16-bit mono: features the tower can tell apart."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    signal = 0.3 * np.sin(2 * np.pi * rng.uniform(200, 2000) * t) + 0.05 * rng.standard_normal(t.size)
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes((np.clip(signal, -1, 1) * 32767).astype("<i2").tobytes())
+    return buffer.getvalue()
+
+
+# (text, audio as (seed, seconds, sample rate))
+CASES = {
+    "text": ("Tell me a story.", []),
+    "one clip": ("What do you hear?", [(1, 1.5, 16000)]),
+    "two clips": ("Compare the two recordings.", [(2, 2.5, 16000), (3, 4.0, 16000)]),
+    "a clip over one 30 s window": ("Summarise it.", [(4, 31.0, 16000)]),
+    "a clip at 8 kHz": ("What do you hear?", [(5, 2.0, 8000)]),
+    "a clip at 44.1 kHz": ("What do you hear?", [(6, 2.0, 44100)]),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_voxtral_checkpoint(tmp_path_factory.mktemp("voxtral") / "checkpoint")
+
+
+def voxtral_spec(template: str, checkpoint: Path) -> BuildSpec:
+    """``specs/<template>`` pointed at the checkpoint, with room for 30 s windows of 375 tokens each."""
+    return load_spec(ROOT / "specs" / template, {
+        "source.preset": None, "source.checkpoint": str(checkpoint), "name": "voxtral-test",
+        "limits.max_prompt_tokens": 1200, "limits.max_context": 1280, "limits.max_audio_clips": 3,
+    })
+
+
+@pytest.fixture(scope="module")
+def repository(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    spec = voxtral_spec("tiny.yaml", checkpoint)
+    output = tmp_path_factory.mktemp("voxtral-repo") / "model_repository"
+    build(spec, output, CACHE, progress=False)
+    return output
+
+
+@pytest.fixture(scope="module")
+def connection(repository: Path, tmp_path_factory: pytest.TempPathFactory):
+    from builder.serve.tritonserver import TritonServer
+
+    with TritonServer(repository, log_path=tmp_path_factory.mktemp("triton") / "tritonserver.log") as server:
+        with grpcclient.InferenceServerClient(server.grpc_url) as client:
+            yield client
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint: Path):
+    pytest.importorskip("mistral_common")
+    import torch
+    from transformers import VoxtralForConditionalGeneration, VoxtralProcessor
+
+    model = VoxtralForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    processor = VoxtralProcessor.from_pretrained(checkpoint)
+    return lambda text, audio: voxtral_pipeline_generate(model, processor, text, audio, NEW_TOKENS)
+
+
+def test_only_the_components_the_checkpoint_has(repository: Path) -> None:
+    models = {p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file()}
+    assert models == {"preprocess", "audio_encoder", "fuse", "llm", "llm_stream", "ensemble", "ensemble_stream"}
+    manifest = json.loads((repository / "manifest.json").read_text())
+    assert set(manifest["components"]) == {"audio_encoder", "llm"}
+    facts = json.loads((repository / "preprocess" / "1" / "model_facts.json").read_text()) \
+        if (repository / "preprocess" / "1" / "model_facts.json").is_file() else None
+    if facts is not None:
+        assert facts["family"] == "voxtral" and facts["audio"]["tokens_per_clip"] == 375
+
+
+@pytest.mark.serving
+@pytest.mark.parametrize("case", CASES)
+def test_served_greedy_tokens_equal_hugging_face_pipeline(case: str, connection, reference) -> None:
+    text, audio = CASES[case]
+    clips = [noisy_wav(*spec) for spec in audio]
+    expected = reference(text, clips)
+    served = ask(connection, Request(text, audio=tuple(clips), max_tokens=NEW_TOKENS))
+    assert len(set(expected)) >= 8, f"degenerate reference output {expected}"
+    assert served.token_ids == expected
+
+
+@pytest.mark.serving
+def test_streaming_equals_unary(connection) -> None:
+    request = Request("Compare the two recordings.", audio=(noisy_wav(2, 2.5), noisy_wav(3, 4.0)), max_tokens=NEW_TOKENS)
+    unary = ask(connection, request)
+    streamed = [t for _, ids in ask_stream(connection, request) for t in ids]
+    assert streamed == unary.token_ids
+
+
+@pytest.mark.serving
+def test_an_image_to_an_audio_only_model_is_refused_by_name(connection) -> None:
+    with pytest.raises(InferenceServerException, match=r"image: this model has no vision encoder") as raised:
+        ask(connection, Request("Describe it.", images=(png_bytes(0),)))
+    assert str(raised.value.status()) == "StatusCode.INVALID_ARGUMENT"
+    assert ask(connection, Request("Still there?", max_tokens=4)).token_ids  # the server keeps serving
+
+
+def test_int8_build_passes_the_pipeline_gate_or_falls_back_and_says_so(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """What the INT8 build promises on any CPU: each published component passed its own gate, the pipeline passed
+    the pipeline gate for every kind of request the model takes, and a component kept in float says why."""
+    spec = voxtral_spec("tiny-int8.yaml", checkpoint)
+    build(spec, tmp_path / "repo", CACHE, progress=False)
+    manifest = json.loads((tmp_path / "repo" / "manifest.json").read_text())
+    pipeline = manifest["pipeline_gate"]
+    assert pipeline["passed"] and [k["kind"] for k in pipeline["figures"]["kinds"]] == ["text", "text+audio"]
+    assert all(k["agreement"]["agreement"] >= spec.quantize.pipeline_gate.min_agreement for k in pipeline["figures"]["kinds"])
+    printed = capsys.readouterr().out
+    for name in ("audio_encoder", "llm"):
+        component = manifest["components"][name]
+        last = component["quantization"]["attempts"][-1]
+        assert not last["gate"] or not last["gate"]["failures"], name
+        if component["precision"] != "int8":
+            assert "fell back after" in printed or f"pipeline gate: {name}" in printed, name
