@@ -41,14 +41,15 @@ def noisy_wav(seed: int, seconds: float, rate: int = 16000) -> bytes:
     return buffer.getvalue()
 
 
-# (text, audio as (seed, seconds, sample rate))
+# (text, audio as (seed, seconds, sample rate), system prompt)
 CASES = {
-    "text": ("Tell me a story.", []),
-    "one clip": ("What do you hear?", [(1, 1.5, 16000)]),
-    "two clips": ("Compare the two recordings.", [(2, 2.5, 16000), (3, 4.0, 16000)]),
-    "a clip over one 30 s window": ("Summarise it.", [(4, 31.0, 16000)]),
-    "a clip at 8 kHz": ("What do you hear?", [(5, 2.0, 8000)]),
-    "a clip at 44.1 kHz": ("What do you hear?", [(6, 2.0, 44100)]),
+    "text": ("Tell me a story.", [], None),
+    "text with a system prompt": ("Tell me a story.", [], "Answer in one word."),
+    "one clip": ("What do you hear?", [(1, 1.5, 16000)], None),
+    "two clips": ("Compare the two recordings.", [(2, 2.5, 16000), (3, 4.0, 16000)], None),
+    "a clip over one 30 s window": ("Summarise it.", [(4, 31.0, 16000)], None),
+    "a clip at 8 kHz": ("What do you hear?", [(5, 2.0, 8000)], None),
+    "a clip at 44.1 kHz": ("What do you hear?", [(6, 2.0, 44100)], None),
 }
 
 
@@ -90,7 +91,8 @@ def reference(checkpoint: Path):
 
     model = VoxtralForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
     processor = VoxtralProcessor.from_pretrained(checkpoint)
-    return lambda text, audio: voxtral_pipeline_generate(model, processor, text, audio, NEW_TOKENS)
+    return lambda text, audio, system_prompt: voxtral_pipeline_generate(model, processor, text, audio, NEW_TOKENS,
+                                                                         system_prompt)
 
 
 def test_only_the_components_the_checkpoint_has(repository: Path) -> None:
@@ -107,10 +109,10 @@ def test_only_the_components_the_checkpoint_has(repository: Path) -> None:
 @pytest.mark.serving
 @pytest.mark.parametrize("case", CASES)
 def test_served_greedy_tokens_equal_hugging_face_pipeline(case: str, connection, reference) -> None:
-    text, audio = CASES[case]
+    text, audio, system_prompt = CASES[case]
     clips = [noisy_wav(*spec) for spec in audio]
-    expected = reference(text, clips)
-    served = ask(connection, Request(text, audio=tuple(clips), max_tokens=NEW_TOKENS))
+    expected = reference(text, clips, system_prompt)
+    served = ask(connection, Request(text, audio=tuple(clips), system_prompt=system_prompt, max_tokens=NEW_TOKENS))
     assert len(set(expected)) >= 8, f"degenerate reference output {expected}"
     assert served.token_ids == expected
 
@@ -121,6 +123,16 @@ def test_streaming_equals_unary(connection) -> None:
     unary = ask(connection, request)
     streamed = [t for _, ids in ask_stream(connection, request) for t in ids]
     assert streamed == unary.token_ids
+
+
+@pytest.mark.serving
+def test_a_system_prompt_with_audio_is_refused_as_mistral_common_refuses_it(connection, reference) -> None:
+    clip = noisy_wav(1, 1.5)
+    with pytest.raises(ValueError, match="system messages .* audio"):
+        reference("What do you hear?", [clip], "Answer in one word.")
+    with pytest.raises(InferenceServerException, match=r"a system prompt cannot go with audio") as raised:
+        ask(connection, Request("What do you hear?", audio=(clip,), system_prompt="Answer in one word."))
+    assert str(raised.value.status()) == "StatusCode.INVALID_ARGUMENT"
 
 
 @pytest.mark.serving

@@ -2,7 +2,7 @@
 
 As Mistral publishes it: ``config.json`` (``VoxtralConfig``), weights in safetensors shards, ``tekken.json`` as the
 only tokenizer and no chat template: the prompt is mistral-common's instruct encoding (what ``VoxtralProcessor``
-runs), reproduced by :data:`MISTRAL_INSTRUCT_TEMPLATE`. Audio is resampled to 16 kHz, padded to whole 30 s windows,
+runs), reproduced by :data:`VOXTRAL_CHAT_TEMPLATE`. Audio is resampled to 16 kHz, padded to whole 30 s windows,
 turned into one log-mel over the whole signal and cut into windows of ``2 x max_source_positions`` frames; each
 audio input becomes ``[BEGIN_AUDIO]`` and ``[AUDIO]`` x (tokens per window x windows).
 """
@@ -26,6 +26,15 @@ if TYPE_CHECKING:
 
     from builder.export.recipes import ExportRecipe
     from builder.spec import LimitsSpec
+
+
+# mistral-common (tokenizers before v13, Voxtral Mini and Small's v7) refuses a system message beside audio; so do we.
+VOXTRAL_CHAT_TEMPLATE = MISTRAL_INSTRUCT_TEMPLATE.replace(
+    "{% elif item['type'] == 'audio' %}[AUDIO]",
+    "{% elif item['type'] == 'audio' %}{% if messages[0]['role'] == 'system' %}"
+    "{{ raise_exception('a system prompt cannot go with audio in this model\\'s prompt format "
+    "(mistral-common tokenizers before v13); send one or the other') }}{% endif %}[AUDIO]",
+)
 
 
 def voxtral_audio_facts(audio_config: Any, token: int, begin: int) -> AudioFacts:
@@ -73,7 +82,7 @@ def _check_processor(directory: Path, audio: AudioFacts) -> None:
 
 class Voxtral(Family):
     MODEL_TYPE = "voxtral"
-    DEFAULT_CHAT_TEMPLATE = MISTRAL_INSTRUCT_TEMPLATE  # mistral-common's instruct layout: [INST] audio..., text [/INST]
+    DEFAULT_CHAT_TEMPLATE = VOXTRAL_CHAT_TEMPLATE  # mistral-common's instruct layout: [INST] audio..., text [/INST]
 
     def read_facts(self, directory: Path, tokenizer: Path) -> ModelFacts:
         from transformers import VoxtralConfig
