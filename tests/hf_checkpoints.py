@@ -259,3 +259,80 @@ def voxtral_pipeline_generate(model, processor, text: str, audio: list[bytes], m
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"]
+# Qwen/Qwen2-Audio-7B-Instruct's chat template as published (transformers 4.45's Qwen2AudioProcessor default, which
+# mirrors the hub's; 5.23's default also tests content['type']): it finds audio blocks by their "audio" key.
+QWEN2_AUDIO_TEMPLATE = (
+    "{% set audio_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if 'audio' in content or 'audio_url' in content %}{% set audio_count.value = audio_count.value + 1 %}"
+    "Audio {{ audio_count.value }}: <|audio_bos|><|AUDIO|><|audio_eos|>\n"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def write_qwen2_audio_checkpoint(directory: Path, seed: int = 7) -> Path:
+    """Qwen2-Audio as Qwen publishes it: Qwen2AudioConfig, BF16 shards, tokenizer.json, the published template, a
+    WhisperFeatureExtractor (128 mels, 30 s) and the processor files. Odd sizes; the real 1500-position encoder."""
+    from transformers import (Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor,
+                              WhisperFeatureExtractor)
+
+    from builder.source.tiny import _reinit
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = bpe_tokenizer(QWEN_SPECIALS)
+    tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token = None, "<|im_end|>", "<|endoftext|>"
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIALS}
+    config = Qwen2AudioConfig(
+        audio_config={"num_mel_bins": 128, "d_model": 36, "encoder_layers": 2, "encoder_attention_heads": 3,
+                      "encoder_ffn_dim": 80, "max_source_positions": 1500},
+        text_config={"model_type": "qwen2", "vocab_size": len(tokenizer) + 11, "hidden_size": 56,
+                     "intermediate_size": 120, "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+                     "max_position_embeddings": 8192, "rope_theta": 10000.0, "tie_word_embeddings": False,
+                     "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"]},
+        audio_token_index=ids["<|AUDIO|>"],
+    )
+    torch.manual_seed(seed)
+    model = Qwen2AudioForConditionalGeneration(config).eval()
+    generator = torch.Generator().manual_seed(seed)
+    widen_init(model, generator, special_tokens=len(QWEN_SPECIALS))
+    _reinit(model.model.audio_tower, 0.1, generator)  # so that what a clip holds changes the answer
+    with torch.no_grad():
+        model.lm_head.weight[len(tokenizer):] = 0.0  # the vocabulary's padded tail is never predicted
+    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
+    model.to(torch.bfloat16).save_pretrained(directory, max_shard_size="120KB")
+    features = WhisperFeatureExtractor(feature_size=128, return_attention_mask=True)
+    Qwen2AudioProcessor(feature_extractor=features, tokenizer=tokenizer, chat_template=QWEN2_AUDIO_TEMPLATE).save_pretrained(directory)
+    features.save_pretrained(directory)  # transformers 5 nests it in processor_config.json; the hub has this file
+    return directory
+
+
+def load_16k(clip: bytes) -> np.ndarray:
+    """A WAV file as HF's audio examples load it (``librosa.load(path, sr=16000)``): soundfile, mono, soxr HQ."""
+    import io
+
+    import soundfile
+    import soxr
+
+    samples, rate = soundfile.read(io.BytesIO(clip), dtype="float32", always_2d=True)
+    mono = samples.mean(axis=1)
+    return mono if rate == 16000 else soxr.resample(mono, rate, 16000, quality="HQ")
+
+
+def qwen2_audio_pipeline_generate(model, processor, text: str, audio: list[bytes], max_new_tokens: int,
+                                  system_prompt: str | None = None) -> list[int]:
+    """HF's own Qwen2-Audio pipeline, as its model card runs it: the template, then the processor on 16 kHz audio."""
+    content = [{"type": "audio", "audio_url": f"clip{i}.wav"} for i in range(len(audio))]
+    system = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
+    prompt = processor.apply_chat_template([*system, {"role": "user", "content": [*content, {"type": "text", "text": text}]}],
+                                           add_generation_prompt=True, tokenize=False)
+    arrays = {"audio": [load_16k(clip) for clip in audio], "sampling_rate": 16000} if audio else {}
+    inputs = processor(text=prompt, **arrays, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()

@@ -20,6 +20,7 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from builder.repository.assemble import assemble_repository, render_model_config  # noqa: E402
 from builder.repository.plan import ModelPlan, Tensor, per_request  # noqa: E402
+from builder.runtime.model_facts import ModelFacts  # noqa: E402
 from builder.serve.tritonserver import TritonServer  # noqa: E402
 
 pytestmark = pytest.mark.serving
@@ -47,13 +48,15 @@ class TritonPythonModel:
 """
 
 
-def write_repository(root: Path) -> None:
+def write_repository(root: Path, facts_file: Path) -> None:
+    ModelFacts("toy", vocab_size=16, hidden_size=HIDDEN, num_layers=1, num_kv_heads=1, head_dim=HIDDEN, stop_ids=(0,),
+               image=None, audio=None).save(facts_file)
     gate = ModelPlan(
         "vision_encoder", "python_model.pbtxt.j2",
         inputs=(per_request(Tensor("pixel_values", "TYPE_FP32", (-1, 3, -1, -1))), per_request(Tensor("image_sizes", "TYPE_INT64", (-1, 2)))),
         outputs=(per_request(Tensor("image_embeds", "TYPE_FP32", (-1, HIDDEN))),),
-        python_model="engine_gate",
-        parameters={"input": "pixel_values", "output": "image_embeds", "hidden_size": str(HIDDEN), "engine_model": ENGINE},
+        python_model="engine_gate", files={"model_facts.json": facts_file},
+        parameters={"graph_inputs": "pixel_values", "output": "image_embeds", "engine_model": ENGINE},
     )
     assemble_repository([gate], root, {})  # the gate as the build writes it: its config and model.py
     engine = ModelPlan(
@@ -68,7 +71,7 @@ def write_repository(root: Path) -> None:
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("engine_gate")
-    write_repository(root / "repo")
+    write_repository(root / "repo", root / "model_facts.json")
     with TritonServer(root / "repo", log_path=root / "server.log") as server:
         with grpcclient.InferenceServerClient(server.grpc_url) as connection:
             yield connection

@@ -35,7 +35,8 @@ def test_greedy_matches_pytorch_and_stops_on_a_stop_id(runner, source_model):
 
     ids = prompts(1)[0]
     tokens = list(runner.generate(*text_inputs(ids, runner.facts.hidden_size), SamplingParams(12)))
-    no_media = ModelInputs(ids, np.zeros((0, 3, 1, 1), np.float32), np.zeros((0, 2), np.int64), np.zeros((0, 1, 1), np.float32))
+    no_media = ModelInputs(ids, np.zeros((0, 3, 1, 1), np.float32), np.zeros((0, 2), np.int64), np.zeros((0, 1, 1), np.float32),
+                           np.zeros(0, np.int64))
     assert tokens == reference_generate(source_model, no_media, max_new_tokens=12)
     stopped = list(runner.generate(*text_inputs(ids, runner.facts.hidden_size), SamplingParams(12), frozenset({tokens[3]})))
     assert stopped == tokens[: tokens.index(tokens[3])]

@@ -62,10 +62,12 @@ def test_calibration_and_holdout_are_different_files_through_server_preprocessin
     assert len(samples.pixel_values.calibration) == spec.calibration.samples
     assert len(samples.pixel_values.holdout) == spec.calibration.holdout
     cell, longest = facts.image.cell, facts.image.longest_edge
+    pixels = [feeds["pixel_values"] for feeds in samples.pixel_values.holdout]
     assert all(x.shape[:2] == (1, 3) and x.shape[2] % cell == x.shape[3] % cell == 0 and max(x.shape[2:]) <= longest
-               for x in samples.pixel_values.holdout)  # each photo at its own size, as the server resizes it
-    assert len({x.shape for x in samples.pixel_values.calibration}) > 1
-    assert all(x.shape[1:] == (facts.audio.num_mel_bins, facts.audio.frames) for x in samples.input_features.calibration)
+               for x in pixels)  # each photo at its own size, as the server resizes it
+    assert len({feeds["pixel_values"].shape for feeds in samples.pixel_values.calibration}) > 1
+    assert all(feeds["input_features"].shape[1:] == (facts.audio.num_mel_bins, facts.audio.frames)
+               for feeds in samples.input_features.calibration)
     assert len(samples.prompts) == spec.calibration.holdout
     # Held out: nothing the gate sees was calibrated on.
     held = {p.name for p in files.images[spec.calibration.samples :]}

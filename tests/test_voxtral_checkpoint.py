@@ -8,37 +8,21 @@ text, one clip, two clips, a clip over one window, and clips at 8 kHz and 44.1 k
 
 from __future__ import annotations
 
-import io
 import json
-import wave
 from pathlib import Path
 
-import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from builder.build import build
+from builder.runtime.model_facts import ModelFacts
 from builder.serve.client import Request, ask, ask_stream
-from builder.spec import BuildSpec, load_spec
-from tests.conftest import CACHE, ROOT, png_bytes
+from builder.spec import BuildSpec
+from tests.conftest import CACHE, png_bytes
+from tests.family_checks import assert_int8_kept_its_promise, family_spec, noisy_wav, serving
 from tests.hf_checkpoints import voxtral_pipeline_generate, write_voxtral_checkpoint
 
 NEW_TOKENS = 16
-
-
-def noisy_wav(seed: int, seconds: float, rate: int = 16000) -> bytes:
-    """A tone under noise, 16-bit mono: features the tower can tell apart."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * rate)) / rate
-    signal = 0.3 * np.sin(2 * np.pi * rng.uniform(200, 2000) * t) + 0.05 * rng.standard_normal(t.size)
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        out.writeframes((np.clip(signal, -1, 1) * 32767).astype("<i2").tobytes())
-    return buffer.getvalue()
 
 
 # (text, audio as (seed, seconds, sample rate), system prompt)
@@ -59,11 +43,8 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def voxtral_spec(template: str, checkpoint: Path) -> BuildSpec:
-    """``specs/<template>`` pointed at the checkpoint, with room for 30 s windows of 375 tokens each."""
-    return load_spec(ROOT / "specs" / template, {
-        "source.preset": None, "source.checkpoint": str(checkpoint), "name": "voxtral-test",
-        "limits.max_prompt_tokens": 1200, "limits.max_context": 1280, "limits.max_audio_clips": 3,
-    })
+    """Room for 30 s windows of 375 tokens each."""
+    return family_spec(template, checkpoint, max_prompt_tokens=1200, max_context=1280, max_audio_clips=3)
 
 
 @pytest.fixture(scope="module")
@@ -76,11 +57,8 @@ def repository(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 @pytest.fixture(scope="module")
 def connection(repository: Path, tmp_path_factory: pytest.TempPathFactory):
-    from builder.serve.tritonserver import TritonServer
-
-    with TritonServer(repository, log_path=tmp_path_factory.mktemp("triton") / "tritonserver.log") as server:
-        with grpcclient.InferenceServerClient(server.grpc_url) as client:
-            yield client
+    with serving(repository, tmp_path_factory.mktemp("triton")) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")
@@ -100,10 +78,8 @@ def test_only_the_components_the_checkpoint_has(repository: Path) -> None:
     assert models == {"preprocess", "audio_encoder", "fuse", "llm", "llm_stream", "ensemble", "ensemble_stream"}
     manifest = json.loads((repository / "manifest.json").read_text())
     assert set(manifest["components"]) == {"audio_encoder", "llm"}
-    facts = json.loads((repository / "preprocess" / "1" / "model_facts.json").read_text()) \
-        if (repository / "preprocess" / "1" / "model_facts.json").is_file() else None
-    if facts is not None:
-        assert facts["family"] == "voxtral" and facts["audio"]["tokens_per_clip"] == 375
+    facts = ModelFacts.load(repository / "preprocess" / "1" / "model_facts.json")
+    assert facts.family == "voxtral" and facts.audio is not None and facts.audio.tokens_per_clip == 375
 
 
 @pytest.mark.serving
@@ -146,18 +122,6 @@ def test_an_image_to_an_audio_only_model_is_refused_by_name(connection) -> None:
 def test_int8_build_passes_the_pipeline_gate_or_falls_back_and_says_so(
     checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """What the INT8 build promises on any CPU: each published component passed its own gate, the pipeline passed
-    the pipeline gate for every kind of request the model takes, and a component kept in float says why."""
     spec = voxtral_spec("tiny-int8.yaml", checkpoint)
     build(spec, tmp_path / "repo", CACHE, progress=False)
-    manifest = json.loads((tmp_path / "repo" / "manifest.json").read_text())
-    pipeline = manifest["pipeline_gate"]
-    assert pipeline["passed"] and [k["kind"] for k in pipeline["figures"]["kinds"]] == ["text", "text+audio"]
-    assert all(k["agreement"]["agreement"] >= spec.quantize.pipeline_gate.min_agreement for k in pipeline["figures"]["kinds"])
-    printed = capsys.readouterr().out
-    for name in ("audio_encoder", "llm"):
-        component = manifest["components"][name]
-        last = component["quantization"]["attempts"][-1]
-        assert not last["gate"] or not last["gate"]["failures"], name
-        if component["precision"] != "int8":
-            assert "fell back after" in printed or f"pipeline gate: {name}" in printed, name
+    assert_int8_kept_its_promise(spec, tmp_path / "repo", capsys.readouterr().out, ["text", "text+audio"])

@@ -103,10 +103,10 @@ def encoder_tensors(preprocessor: Preprocessor, cases: tuple[Case, ...]) -> dict
     one request, ``[1, items, ...]``."""
     image = next(c.request for c in cases if c.request.images)
     audio = next(c.request for c in cases if c.request.audio)
-    with_image = preprocessor(image.prompt, list(image.images), [])
+    with_image, with_audio = preprocessor(image.prompt, list(image.images), []), preprocessor(audio.prompt, [], list(audio.audio))
     return {
         "vision_encoder": {"pixel_values": with_image.pixel_values[None], "image_sizes": with_image.image_sizes[None]},
-        "audio_encoder": {"input_features": preprocessor(audio.prompt, [], list(audio.audio)).input_features[None]},
+        "audio_encoder": {"input_features": with_audio.input_features[None], "audio_frames": with_audio.audio_frames[None]},
     }
 
 

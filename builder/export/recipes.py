@@ -10,7 +10,7 @@ import torch
 from torch.export import Dim
 
 from builder.export.axes import COLS, ROWS
-from builder.export.wrappers import AudioEncoder, LanguageModel, VisionEncoder
+from builder.export.wrappers import AudioEncoder, LanguageModel, MaskedAudioEncoder, VisionEncoder
 from builder.families.base import SourceModel
 from builder.spec import LimitsSpec
 
@@ -58,6 +58,27 @@ def audio_recipe(source: SourceModel, limits: LimitsSpec) -> ExportRecipe:
     return ExportRecipe(
         "audio_encoder", AudioEncoder(source.parts["audio_tower"], source.parts["audio_projector"]).eval(), ["input_features"],
         ["audio_embeds"], {"input_features": {0: clips}}, sample,
+    )
+
+
+def masked_audio_recipe(source: SourceModel, limits: LimitsSpec) -> ExportRecipe:
+    """An audio tower that masks each clip's padding: features and ``feature_attention_mask``, both by clip."""
+    audio = source.facts.audio
+    assert audio is not None
+    mels, frames = audio.num_mel_bins, audio.frames
+
+    def sample(gen: torch.Generator, variant: int) -> tuple[torch.Tensor, ...]:
+        clips = 2 + variant % 3
+        lengths = torch.randint(3, frames + 1, (clips,), generator=gen)
+        lengths[0] = frames  # one whole window
+        mask = (torch.arange(frames)[None, :] < lengths[:, None]).long()
+        return torch.randn(clips, mels, frames, generator=gen), mask
+
+    clips = Dim("clips", min=1, max=max(64, limits.max_audio_clips * 16))
+    module = MaskedAudioEncoder(source.parts["audio_tower"], source.parts["audio_projector"]).eval()
+    return ExportRecipe(
+        "audio_encoder", module, ["input_features", "feature_attention_mask"], ["audio_embeds"],
+        {"input_features": {0: clips}, "feature_attention_mask": {0: clips}}, sample,
     )
 
 

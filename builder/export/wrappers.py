@@ -64,6 +64,29 @@ class AudioEncoder(nn.Module):
         return embeds.reshape(input_features.shape[0], -1, embeds.shape[-1]).float()
 
 
+class MaskedAudioEncoder(nn.Module):
+    """input_features [clips, mels, frames] + feature_attention_mask [clips, frames] -> [clips, tokens, hidden].
+
+    Qwen2-Audio's composition (``Qwen2AudioForConditionalGeneration.forward``): the tower attends only to the
+    encoder positions a clip's mask covers, and its pooled positions go through the projector; the caller keeps
+    each clip's first ``clip_tokens(frames)`` tokens.
+    """
+
+    def __init__(self, tower: nn.Module, projector: nn.Module) -> None:
+        super().__init__()
+        self.tower = tower
+        self.projector = projector
+
+    def forward(self, input_features: torch.Tensor, feature_attention_mask: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.tower.parameters()).dtype
+        positions = (feature_attention_mask.sum(-1) - 1) // 2 + 1  # after the stride-2 convolution
+        attended = torch.arange((input_features.shape[-1] - 1) // 2 + 1, device=input_features.device)[None, :] \
+            < positions[:, None]
+        mask = torch.zeros(attended.shape, dtype=dtype).masked_fill(~attended, torch.finfo(dtype).min)[:, None, None, :]
+        hidden = self.tower(input_features.to(dtype), attention_mask=mask).last_hidden_state
+        return self.projector(hidden).float()
+
+
 class LanguageModel(nn.Module):
     """One graph for prefill and decode, KV cache as flat ``past_key_values.{i}.key/value`` tensors.
 

@@ -10,9 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from builder.runtime.model_facts import ModelFacts
+from builder.runtime.preprocess import ModelInputs
 
 if TYPE_CHECKING:  # torch and the export stage load only when a family exports or runs its reference
     import torch
@@ -49,8 +48,5 @@ class Family(ABC):
         """How each of ``components`` (vision_encoder, audio_encoder, llm) exports."""
 
     @abstractmethod
-    def reference_generate(
-        self, source: SourceModel, input_ids: np.ndarray, pixel_values: np.ndarray | None, image_sizes: np.ndarray | None,
-        input_features: np.ndarray | None, max_new_tokens: int,
-    ) -> list[int]:
+    def reference_generate(self, source: SourceModel, inputs: ModelInputs, max_new_tokens: int) -> list[int]:
         """Greedy new tokens of the source model's own ``generate`` on already preprocessed inputs."""

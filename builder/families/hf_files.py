@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from builder.errors import BuildError
+from builder.runtime.audio import HOP, N_FFT, SAMPLE_RATE
+from builder.runtime.model_facts import AudioFacts
 
 if TYPE_CHECKING:
     import torch
@@ -71,3 +73,16 @@ def load_pretrained(model_class: Any, directory: Path, config: Any, dtype: str,
         raise BuildError(f"{directory}: weights do not match config.json ({len(missing)} missing, "
                          f"{len(mismatched)} mismatched: {names})")
     return model.eval()
+
+
+def check_feature_extractor(directory: Path, audio: AudioFacts) -> None:
+    """The checkpoint's WhisperFeatureExtractor settings (``preprocessor_config.json``, or the copy transformers 5
+    nests in ``processor_config.json``) must be the ones serving computes for its audio tower."""
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        found = read_json(directory / name)
+        found = found.get("feature_extractor", found)
+        expected = {"feature_size": audio.num_mel_bins, "hop_length": HOP, "n_fft": N_FFT, "sampling_rate": SAMPLE_RATE,
+                    "n_samples": audio.clip_samples}
+        for key, value in expected.items():
+            if key in found and int(found[key]) != value:
+                raise BuildError(f"{directory / name}: {key} is {found[key]}, the audio tower needs {value}")

@@ -11,14 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from builder.errors import BuildError
 from builder.families.base import Family, SourceModel
 from builder.families.hf_files import added_tokens, load_pretrained, read_json, stop_ids, token_id
 from builder.families.mistral_files import MISTRAL_INSTRUCT_TEMPLATE, image_params_from_mistral_files
 from builder.families.voxtral import audio_embeddings, voxtral_audio_facts
 from builder.runtime.model_facts import ImageFacts, ModelFacts
+from builder.runtime.preprocess import ModelInputs
 
 if TYPE_CHECKING:
     import torch
@@ -126,26 +125,24 @@ class Mistral3(Family):
         makers = {"vision_encoder": vision_recipe, "audio_encoder": audio_recipe, "llm": llm_recipe}
         return [makers[name](source, limits) for name in components]
 
-    def reference_generate(
-        self, source: SourceModel, input_ids: np.ndarray, pixel_values: np.ndarray | None, image_sizes: np.ndarray | None,
-        input_features: np.ndarray | None, max_new_tokens: int,
-    ) -> list[int]:
+    def reference_generate(self, source: SourceModel, inputs: ModelInputs, max_new_tokens: int) -> list[int]:
         import torch
 
         model, facts = source.model, source.facts
-        ids = torch.from_numpy(np.asarray(input_ids, dtype=np.int64))[None]
+        ids = torch.from_numpy(inputs.input_ids)[None]
         with torch.no_grad():
             embeds = model.get_input_embeddings()(ids)
-            if pixel_values is not None and len(pixel_values):
-                assert facts.image is not None and image_sizes is not None
+            if len(inputs.pixel_values):
+                assert facts.image is not None
                 image = model.model.get_image_features(
-                    pixel_values=torch.from_numpy(pixel_values), image_sizes=torch.from_numpy(image_sizes), return_dict=True,
+                    pixel_values=torch.from_numpy(inputs.pixel_values), image_sizes=torch.from_numpy(inputs.image_sizes),
+                    return_dict=True,
                 ).pooler_output
                 embeds = embeds.masked_scatter((ids == facts.image.token)[..., None], torch.cat(list(image)))
-            if input_features is not None and len(input_features):
+            if len(inputs.input_features):
                 assert facts.audio is not None
                 audio = audio_embeddings(source.parts["audio_tower"], source.parts["audio_projector"],
-                                         torch.from_numpy(input_features))
+                                         torch.from_numpy(inputs.input_features))
                 embeds = embeds.masked_scatter((ids == facts.audio.token)[..., None], audio)
             out = model.generate(
                 inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),

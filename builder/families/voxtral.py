@@ -12,14 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from builder.errors import BuildError
 from builder.families.base import Family, SourceModel
-from builder.families.hf_files import added_tokens, load_pretrained, read_json, stop_ids, token_id
+from builder.families.hf_files import added_tokens, check_feature_extractor, load_pretrained, read_json, stop_ids, token_id
 from builder.families.mistral_files import MISTRAL_INSTRUCT_TEMPLATE
-from builder.runtime.audio import HOP, N_FFT, SAMPLE_RATE
+from builder.runtime.audio import HOP, SAMPLE_RATE
 from builder.runtime.model_facts import AudioFacts, ModelFacts
+from builder.runtime.preprocess import ModelInputs
 
 if TYPE_CHECKING:
     import torch
@@ -38,15 +37,15 @@ VOXTRAL_CHAT_TEMPLATE = MISTRAL_INSTRUCT_TEMPLATE.replace(
 
 
 def voxtral_audio_facts(audio_config: Any, token: int, begin: int) -> AudioFacts:
-    """A Voxtral audio tower's clips and tokens: 2 mel frames per encoder position, and the projector stacks
+    """A Voxtral audio tower's windows and tokens: 2 mel frames per encoder position, and the projector stacks
     ``intermediate_size // hidden_size`` positions into one token (``get_audio_features``' reshape)."""
     get = audio_config.get if isinstance(audio_config, dict) else lambda key: getattr(audio_config, key)
-    positions = int(get("max_source_positions"))
-    return AudioFacts(
-        token=token, begin=begin, num_mel_bins=int(get("num_mel_bins")), clip_samples=2 * positions * HOP,
-        hop_length=HOP, tokens_per_clip=positions * int(get("hidden_size")) // int(get("intermediate_size")),
-        token_text="[AUDIO]",
-    )
+    positions, hidden, intermediate = int(get("max_source_positions")), int(get("hidden_size")), int(get("intermediate_size"))
+    if intermediate % hidden or positions % (intermediate // hidden):
+        raise BuildError(f"audio_config: {positions} positions of width {hidden} do not stack into whole tokens of "
+                         f"width intermediate_size={intermediate}")
+    return AudioFacts(token=token, begin=begin, num_mel_bins=int(get("num_mel_bins")), clip_samples=2 * positions * HOP,
+                      hop_length=HOP, positions_per_token=intermediate // hidden, layout="windows", token_text="[AUDIO]")
 
 
 def audio_embeddings(tower: "torch.nn.Module", projector: "torch.nn.Module", input_features: "torch.Tensor") -> "torch.Tensor":
@@ -59,12 +58,7 @@ def audio_embeddings(tower: "torch.nn.Module", projector: "torch.nn.Module", inp
 def _check_processor(directory: Path, audio: AudioFacts) -> None:
     """The checkpoint's own audio settings (WhisperFeatureExtractor's file, tekken.json's audio section) must be the
     ones serving computes: a mismatch would feed the tower features or token counts it was not trained on."""
-    pre = read_json(directory / "preprocessor_config.json")
-    expected = {"feature_size": audio.num_mel_bins, "hop_length": HOP, "n_fft": N_FFT, "sampling_rate": SAMPLE_RATE}
-    for key, value in expected.items():
-        if key in pre and int(pre[key]) != value:
-            raise BuildError(f"{directory / 'preprocessor_config.json'}: {key} is {pre[key]}, the audio tower "
-                             f"needs {value}")
+    check_feature_extractor(directory, audio)
     section = read_json(directory / "tekken.json").get("audio")
     if not section:
         return
@@ -122,16 +116,12 @@ class Voxtral(Family):
         makers = {"audio_encoder": audio_recipe, "llm": llm_recipe}
         return [makers[name](source, limits) for name in components]
 
-    def reference_generate(
-        self, source: SourceModel, input_ids: np.ndarray, pixel_values: np.ndarray | None, image_sizes: np.ndarray | None,
-        input_features: np.ndarray | None, max_new_tokens: int,
-    ) -> list[int]:
+    def reference_generate(self, source: SourceModel, inputs: ModelInputs, max_new_tokens: int) -> list[int]:
         import torch
 
         facts = source.facts
-        ids = torch.from_numpy(np.asarray(input_ids, dtype=np.int64))[None]
-        features = {"input_features": torch.from_numpy(input_features)} \
-            if input_features is not None and len(input_features) else {}
+        ids = torch.from_numpy(inputs.input_ids)[None]
+        features = {"input_features": torch.from_numpy(inputs.input_features)} if len(inputs.input_features) else {}
         with torch.no_grad():
             out = source.model.generate(
                 input_ids=ids, attention_mask=torch.ones_like(ids), **features, max_new_tokens=max_new_tokens,

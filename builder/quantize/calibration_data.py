@@ -14,6 +14,7 @@ import numpy as np
 
 from builder.errors import BuildError
 from builder.runtime.chat import ChatPrompt
+from builder.runtime.encoders import audio_feeds
 from builder.runtime.errors import RequestError
 from builder.runtime.model_facts import ModelFacts
 from builder.runtime.preprocess import ModelInputs, Preprocessor, RequestLimits
@@ -48,8 +49,8 @@ class CalibrationFiles:
 
 @dataclass(frozen=True)
 class Split:
-    calibration: tuple[np.ndarray, ...]  # one encoder input batch per file
-    holdout: tuple[np.ndarray, ...]
+    calibration: tuple[dict[str, np.ndarray], ...]  # one encoder batch per file, by graph input name
+    holdout: tuple[dict[str, np.ndarray], ...]
 
 
 @dataclass(frozen=True)
@@ -103,11 +104,12 @@ def load_samples(files: CalibrationFiles, preprocess: Preprocessor) -> Calibrati
         except RequestError as exc:  # it names the problem; say which file it was
             raise BuildError(f"calibration sample {image or audio or prompt!r}: {exc}") from None
 
-    def split(values: list[np.ndarray]) -> Split:
+    def split(values: list[dict[str, np.ndarray]]) -> Split:
         return Split(tuple(values[: files.samples]), tuple(values[files.samples :]))
 
-    pixels = split([request("image", image=p).pixel_values for p in files.images]) if files.images else None
-    features = split([request("audio", audio=p).input_features for p in files.audio]) if files.audio else None
+    pixels = split([{"pixel_values": request("image", image=p).pixel_values} for p in files.images]) if files.images else None
+    clips = [request("audio", audio=p) for p in files.audio]
+    features = split([audio_feeds(c.input_features, c.audio_frames) for c in clips]) if clips else None
     media = [kind for kind, present in (("image", files.images), ("audio", files.audio)) if present]
 
     def held_out(n: int, i: int) -> ModelInputs:

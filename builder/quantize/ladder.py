@@ -110,10 +110,9 @@ class Settled:
 class EncoderJob:
     component: str
     fp32: Path
-    input_name: str
     output_names: tuple[str, ...]
-    calibration: tuple[np.ndarray, ...]
-    holdout: tuple[np.ndarray, ...]
+    calibration: tuple[dict[str, np.ndarray], ...]  # the graph's feeds, one batch per sample
+    holdout: tuple[dict[str, np.ndarray], ...]
     ranges: Callable[[str], Path]  # calibration method -> ranges file (one cached pass per method)
 
 
@@ -152,7 +151,7 @@ def settle_encoder(job: EncoderJob, requested: str, target: Target, spec: Quanti
                    rejected: int = 0) -> Settled:
     """``rejected``: how many passing rungs the pipeline gate turned down (walk past them)."""
     ladder = _Ladder(job.component, requested, spec, spec.gate, directory, rejected)
-    feeds = [{job.input_name: x} for x in job.holdout]
+    feeds = list(job.holdout)
     reference = run_onnxruntime(job.fp32, feeds, job.output_names)
 
     def gated(path: Path) -> GateResult:
@@ -173,7 +172,7 @@ def settle_encoder(job: EncoderJob, requested: str, target: Target, spec: Quanti
         best = max(ladder.attempts, key=lambda a: a.gate.worst.cosine)
         best_path = directory / f"candidate-{ladder.attempts.index(best)}.onnx"
         method = best.scheme.split()[-1]
-        reader = SampleReader(job.input_name, job.calibration[:2], f"{job.component}: sensitivity", progress)
+        reader = SampleReader(job.calibration[:2], f"{job.component}: sensitivity", progress)
         nodes = most_sensitive_nodes(best_path, weight_nodes(job.fp32, layout.op_types), reader, spec.exclude_nodes)
         if int8(method, nodes):
             return _settled(job.component, requested, ladder, len(job.calibration), len(job.holdout))

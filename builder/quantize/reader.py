@@ -10,10 +10,9 @@ from tqdm import tqdm
 
 
 class SampleReader(CalibrationDataReader):
-    """One calibration batch per sample (an image, or an audio file's clips) into graph input ``input_name``."""
+    """One calibration batch per sample (an image, or an audio file's clips), as the graph's feeds."""
 
-    def __init__(self, input_name: str, samples: Sequence[np.ndarray], label: str, progress: bool = True) -> None:
-        self.input_name = input_name
+    def __init__(self, samples: Sequence[dict[str, np.ndarray]], label: str, progress: bool = True) -> None:
         self.samples = list(samples)
         self.label = label
         self.progress = progress
@@ -29,7 +28,7 @@ class SampleReader(CalibrationDataReader):
         sample = self.samples[self._next]
         self._next += 1
         self._bar.update()
-        return {self.input_name: sample}
+        return sample
 
     def __len__(self) -> int:
         return len(self.samples)

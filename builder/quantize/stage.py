@@ -157,17 +157,19 @@ def _settle(
     assert input_name is not None
     split = getattr(samples, input_name)
     assert split is not None
+    takes = {i.name for i in graph.inputs}  # samples carry every input an encoder of this kind may take
+    calibration, holdout = (tuple({k: v for k, v in feeds.items() if k in takes} for feeds in samples_of)
+                            for samples_of in (split.calibration, split.holdout))
 
     def ranges(method: str) -> Path:
         key = make_key(calibration_key, method)
         entry = cache.lookup("calibration", component, key)
         if entry is None:
             with cache.writer("calibration", component, key) as tmp:
-                reader = SampleReader(input_name, split.calibration, f"{component}: calibrate ({method})", progress)
+                reader = SampleReader(calibration, f"{component}: calibrate ({method})", progress)
                 calibrate(graph.path, reader, method, tmp / "ranges.json")
             entry = cache.entry("calibration", component, key)
         return entry / "ranges.json"
 
-    job = EncoderJob(component, graph.path, input_name, tuple(o.name for o in graph.outputs), split.calibration,
-                     split.holdout, ranges)
+    job = EncoderJob(component, graph.path, tuple(o.name for o in graph.outputs), calibration, holdout, ranges)
     return settle_encoder(job, precision, TARGETS[spec.target], spec.quantize, directory, progress, rejected)

@@ -73,8 +73,8 @@ def plan_repository(spec: BuildSpec, facts: ModelFacts, compiled: dict[str, Comp
                          Tensor("image_sizes", "TYPE_INT64", (-1, 2))), Tensor("image_embeds", "TYPE_FP32", (-1, hidden))))
     if audio is not None:
         assert facts.audio is not None
-        encoders.append(("audio_encoder", audio, (Tensor("input_features", "TYPE_FP32", (-1, facts.audio.num_mel_bins, facts.audio.frames)),),
-                         Tensor("audio_embeds", "TYPE_FP32", (-1, hidden))))
+        encoders.append(("audio_encoder", audio, (Tensor("input_features", "TYPE_FP32", (-1, facts.audio.num_mel_bins, facts.audio.frames)),
+                         Tensor("audio_frames", "TYPE_INT64", (-1,))), Tensor("audio_embeds", "TYPE_FP32", (-1, hidden))))
     media_outputs = [per_request(t) for _, _, inputs, _ in encoders for t in inputs]
     models: list[ModelPlan] = [
         ModelPlan(
@@ -88,18 +88,20 @@ def plan_repository(spec: BuildSpec, facts: ModelFacts, compiled: dict[str, Comp
     ]
     target = TARGETS[spec.target]
     for name, graph, inputs, output in encoders:
-        parameters = {"input": inputs[0].name, "output": output.name, "hidden_size": str(hidden)}
+        parameters = {"output": output.name}
         if target.batches_encoders:  # Triton's own backend runs (and batches) the graph behind a gate
             models.append(ModelPlan(
                 name, "python_model.pbtxt.j2", inputs=tuple(map(per_request, inputs)), outputs=(per_request(output),),
-                python_model="engine_gate", parameters={**parameters, "engine_model": target.engine_model_name(name)},
+                python_model="engine_gate", files=facts_file,
+                parameters={**parameters, "engine_model": target.engine_model_name(name),
+                            "graph_inputs": ",".join(sig.name for sig in graph.graph.inputs)},
                 **per_model,
             ))
             models.append(_engine_model(spec, graph))
         else:  # the Python model runs the graph on the media of every request Triton batched together
             models.append(ModelPlan(
                 name, "python_model.pbtxt.j2", inputs=tuple(dataclasses.replace(t, ragged=True) for t in inputs),
-                outputs=(output,), python_model="encoder", files={"model.onnx": graph.path}, parameters=parameters,
+                outputs=(output,), python_model="encoder", files={"model.onnx": graph.path, **facts_file}, parameters=parameters,
                 max_batch_size=triton.max_batch_size, dynamic_batching=triton.dynamic_batching,
                 max_queue_delay_us=triton.max_queue_delay_us, **per_model,
             ))

@@ -15,6 +15,7 @@ import numpy as np
 import soxr
 
 from .errors import RequestError
+from .model_facts import AudioFacts
 
 SAMPLE_RATE = 16000
 N_FFT = 400
@@ -145,12 +146,17 @@ def log_mel(samples: np.ndarray, filters: np.ndarray, n_samples: int) -> np.ndar
     return (spec + 4.0) / 4.0
 
 
+def resampled_length(n_samples: int, rate: int) -> int:
+    """Samples that ``n_samples`` at ``rate`` Hz make at 16 kHz (what :func:`resample` returns)."""
+    return -(-n_samples * SAMPLE_RATE // rate)
+
+
 def clip_count(n_samples: int, rate: int, clip_samples: int, index: int, limits: AudioLimits) -> int:
     """Encoder clips that ``n_samples`` at ``rate`` Hz make once resampled to 16 kHz; checked against the limit.
 
     Cheap, so the preprocessor calls it before resampling: a 10-minute clip is refused without being resampled.
     """
-    n_clips = -(-(-(-n_samples * SAMPLE_RATE // rate)) // clip_samples)
+    n_clips = -(-resampled_length(n_samples, rate) // clip_samples)
     seconds, clip_seconds = n_samples / rate, clip_samples / SAMPLE_RATE
     if n_clips == 0:
         raise RequestError(f"audio[{index}]: no samples")
@@ -160,6 +166,20 @@ def clip_count(n_samples: int, rate: int, clip_samples: int, index: int, limits:
             f"the limit is {limits.max_clips} clips ({limits.max_clips * clip_seconds:g} s)"
         )
     return n_clips
+
+
+def clip_frames(n_samples: int, rate: int, audio: AudioFacts, index: int, limits: AudioLimits) -> list[int]:
+    """The mel frames each encoder clip of one audio input attends to, as its ``layout`` says (before resampling)."""
+    if audio.layout == "windows":
+        return [audio.frames] * clip_count(n_samples, rate, audio.clip_samples, index, limits)
+    samples, seconds = resampled_length(n_samples, rate), n_samples / rate
+    if samples > audio.clip_samples:  # the model's processor would drop the rest without a word
+        raise RequestError(f"audio[{index}]: {seconds:.2f} s is longer than this model's "
+                           f"{audio.clip_samples / SAMPLE_RATE:g} s window; send it in parts")
+    frames = -(-samples // audio.hop_length)  # Whisper's attention mask: a frame per hop that holds a sample
+    if audio.clip_tokens(frames) == 0:
+        raise RequestError(f"audio[{index}]: {seconds * 1000:.0f} ms is too short to give this model one audio token")
+    return [frames]
 
 
 def audio_to_clips(

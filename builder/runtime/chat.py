@@ -53,7 +53,10 @@ def request_messages(text: str, images: int, audio: int, system_prompt: str | No
     The system turn's content is a text block list, as multimodal templates (Mistral Small 3.1's) read it,
     or a plain string for templates that print it as it is (``system_as_blocks``, decided at build time).
     """
-    content = [{"type": "image"}] * images + [{"type": "audio"}] * audio + [{"type": "text", "text": text}]
+    # Each media block also carries its kind as a key, as HF's examples do ({"type": "audio", "audio": ...}):
+    # some templates (Qwen2-Audio's) test for the key, not the type.
+    content = ([{"type": "image", "image": f"image[{i}]"} for i in range(images)]
+               + [{"type": "audio", "audio": f"audio[{i}]"} for i in range(audio)] + [{"type": "text", "text": text}])
     user = {"role": "user", "content": content}
     return [user] if system_prompt is None else [system_message(system_prompt, system_as_blocks), user]
 

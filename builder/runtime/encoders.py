@@ -1,7 +1,9 @@
 """Running the encoder graphs on the media of one request or of several batched together, the same
 way in Triton and in-process. Images come padded to the largest with their own sizes; the vision
 graph takes same-size images, so each size (across all the requests) runs as one batch, and every
-request gets its own embeddings back in image order.
+request gets its own embeddings back in image order. Clips come with the mel frames each one's encoder
+attends to: a graph that masks padding takes them as ``feature_attention_mask``, and each clip keeps the
+tokens its frames give.
 """
 
 from __future__ import annotations
@@ -11,10 +13,23 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from .model_facts import ModelFacts
+from .model_facts import AudioFacts, ModelFacts
 from .preprocess import ModelInputs, fuse_embeddings
 
-EncoderRun = Callable[[np.ndarray], np.ndarray]  # a batch in -> [batch, tokens, hidden] out
+# Graph inputs by name -> [batch, tokens, hidden]; given more inputs than its graph takes, a run uses its own.
+EncoderRun = Callable[[dict[str, np.ndarray]], np.ndarray]
+
+
+def session_run(session: ort.InferenceSession, output: str | None = None) -> EncoderRun:
+    """An ONNX Runtime session as an :data:`EncoderRun` (its first output unless ``output`` names one)."""
+    names = [i.name for i in session.get_inputs()]
+    return lambda feeds: session.run([output] if output else None, {name: feeds[name] for name in names})[0]
+
+
+def audio_feeds(features: np.ndarray, frames: np.ndarray) -> dict[str, np.ndarray]:
+    """A batch of clips as the audio graphs take it: features, and (HF's) mask of the frames each one attends to."""
+    mask = np.arange(features.shape[-1])[None, :] < np.asarray(frames, dtype=np.int64)[:, None]
+    return {"input_features": features, "feature_attention_mask": mask.astype(np.int64)}
 
 
 def encode_images(run: EncoderRun, requests: Sequence[tuple[np.ndarray, np.ndarray]], hidden: int) -> list[np.ndarray]:
@@ -23,26 +38,32 @@ def encode_images(run: EncoderRun, requests: Sequence[tuple[np.ndarray, np.ndarr
     pieces: dict[tuple[int, int], np.ndarray] = {}
     for height, width in dict.fromkeys(size for _, _, size in images):
         group = [(r, i) for r, i, size in images if size == (height, width)]
-        embeds = run(np.ascontiguousarray(np.stack([requests[r][0][i, :, :height, :width] for r, i in group])))
+        embeds = run({"pixel_values": np.ascontiguousarray(np.stack([requests[r][0][i, :, :height, :width] for r, i in group]))})
         pieces.update(zip(group, embeds))
     return [_joined([pieces[(r, i)] for i in range(len(sizes))], hidden) for r, (_, sizes) in enumerate(requests)]
 
 
-def encode_clips(run: EncoderRun, requests: Sequence[np.ndarray], hidden: int) -> list[np.ndarray]:
-    """Per request ``[clips, mels, frames]`` -> its ``[tokens, hidden]``: all the clips in one run."""
-    counts = [len(features) for features in requests]
+def encode_clips(run: EncoderRun, requests: Sequence[tuple[np.ndarray, np.ndarray]], audio: AudioFacts,
+                 hidden: int) -> list[np.ndarray]:
+    """Per request ``[clips, mels, frames]`` + each clip's attended frames -> its ``[tokens, hidden]``: all the
+    clips in one run, each keeping the tokens its frames give."""
+    counts = [len(features) for features, _ in requests]
     if not sum(counts):
         return [np.zeros((0, hidden), np.float32) for _ in requests]
-    embeds = run(np.concatenate(requests))
+    frames = np.concatenate([f for _, f in requests])
+    embeds = run(audio_feeds(np.concatenate([features for features, _ in requests]), frames))
+    kept = [clip[: audio.clip_tokens(int(n))] for clip, n in zip(embeds, frames)]
     bounds = np.cumsum([0, *counts])
-    return [_joined(list(embeds[start:end]), hidden) for start, end in zip(bounds[:-1], bounds[1:])]
+    return [_joined(kept[start:end], hidden) for start, end in zip(bounds[:-1], bounds[1:])]
 
 
-def encode_requests(run: EncoderRun, requests: Sequence[Mapping[str, np.ndarray]], hidden: int) -> list[np.ndarray]:
-    """Each request's encoder inputs (``pixel_values`` + ``image_sizes``, or ``input_features``) -> its embeddings."""
+def encode_requests(run: EncoderRun, requests: Sequence[Mapping[str, np.ndarray]], facts: ModelFacts) -> list[np.ndarray]:
+    """Each request's encoder inputs (``pixel_values`` + ``image_sizes``, or ``input_features`` + ``audio_frames``)
+    -> its embeddings."""
     if requests and "pixel_values" in requests[0]:
-        return encode_images(run, [(r["pixel_values"], r["image_sizes"]) for r in requests], hidden)
-    return encode_clips(run, [r["input_features"] for r in requests], hidden)
+        return encode_images(run, [(r["pixel_values"], r["image_sizes"]) for r in requests], facts.hidden_size)
+    assert facts.audio is not None
+    return encode_clips(run, [(r["input_features"], r["audio_frames"]) for r in requests], facts.audio, facts.hidden_size)
 
 
 def _joined(pieces: list[np.ndarray], hidden: int) -> np.ndarray:
@@ -56,9 +77,10 @@ def embed_request(inputs: ModelInputs, sessions: Mapping[str, ort.InferenceSessi
     request has that media, so a text-only request needs none.
     """
     def run(name: str) -> EncoderRun:
-        return lambda batch: sessions[name].run(None, {sessions[name].get_inputs()[0].name: batch})[0]
+        return lambda feeds: session_run(sessions[name])(feeds)
 
     hidden = facts.hidden_size
     (image,) = encode_images(run("vision_encoder"), [(inputs.pixel_values, inputs.image_sizes)], hidden)
-    (audio,) = encode_clips(run("audio_encoder"), [inputs.input_features], hidden)
+    audio = encode_clips(run("audio_encoder"), [(inputs.input_features, inputs.audio_frames)], facts.audio, hidden)[0] \
+        if facts.audio is not None else np.zeros((0, hidden), np.float32)
     return fuse_embeddings(inputs.input_ids, image, audio, facts)

@@ -39,23 +39,37 @@ class ImageFacts:
 
 @dataclass(frozen=True)
 class AudioFacts:
-    """Whisper-style audio: fixed-length clips of log-mel frames, a fixed number of tokens per clip.
+    """Whisper-style audio: log-mel windows of ``clip_samples`` at 16 kHz, two mel frames per encoder position.
 
-    The chat template emits ``token`` once per audio file; it expands to ``begin`` + ``token`` x
-    (tokens per clip x clips).
+    ``layout`` says how an audio input becomes encoder clips and placeholder tokens:
+    - "windows" (Voxtral): zero-padded to whole windows, each window a clip of ``tokens_per_clip`` tokens;
+    - "masked" (Qwen2-Audio): one window per input, its padding masked inside the encoder; the tokens follow the
+      clip's own frames (longer audio is refused: the model's processor would cut it).
+    The chat template emits ``token`` once per audio input; it expands to ``begin`` (when the template does not
+    write one itself) + ``token`` x the input's tokens.
     """
 
     token: int
-    begin: int
+    begin: int | None
     num_mel_bins: int
-    clip_samples: int  # 16 kHz samples per encoder clip
+    clip_samples: int  # 16 kHz samples per encoder clip (window)
     hop_length: int  # samples per mel frame
-    tokens_per_clip: int
+    positions_per_token: int  # encoder positions pooled or stacked into one token
+    layout: str  # "windows" | "masked"
     token_text: str
 
     @property
     def frames(self) -> int:
         return self.clip_samples // self.hop_length
+
+    def clip_tokens(self, frames: int) -> int:
+        """Tokens of a clip whose encoder attends to ``frames`` mel frames (stride-2 convolution, then pooling)."""
+        return ((frames - 1) // 2 + 1) // self.positions_per_token
+
+    @property
+    def tokens_per_clip(self) -> int:
+        """Tokens of a whole window: every clip's in the "windows" layout, the most one clip gives when "masked"."""
+        return self.clip_tokens(self.frames)
 
 
 @dataclass(frozen=True)

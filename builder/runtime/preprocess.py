@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tokenizers import Tokenizer
 
-from .audio import SAMPLE_RATE, AudioLimits, audio_to_clips, clip_count, decode_wav, mel_filter_bank, resample
+from .audio import SAMPLE_RATE, AudioLimits, audio_to_clips, clip_frames, decode_wav, mel_filter_bank, resample
 from .chat import ChatPrompt
 from .errors import RequestError
 from .image import ImageLimits, decode_image, image_to_pixels, pad_images, resized_size
@@ -64,6 +64,7 @@ class ModelInputs:
     pixel_values: np.ndarray  # [images, 3, Hmax, Wmax] float32, each image zero-padded bottom/right (0 images is fine)
     image_sizes: np.ndarray  # [images, 2] int64: each image's resized (height, width)
     input_features: np.ndarray  # [clips, mels, frames] float32
+    audio_frames: np.ndarray  # [clips] int64: the mel frames each clip's encoder attends to (the rest is padding)
 
 
 class Preprocessor:
@@ -105,7 +106,7 @@ class Preprocessor:
 
         decoded_audio = [decode_wav(data, i, limits.audio) for i, data in enumerate(audio)]
         # Counts and sizes first: resizing, resampling and mel features cost time per pixel or sample.
-        clip_counts = self._clip_counts(decoded_audio, len(audio))
+        frames = self._clip_frames(decoded_audio, len(audio))
         decoded_images = [decode_image(data, i, limits.image) for i, data in enumerate(images)]
         sizes = [resized_size(img.height, img.width, facts.image.longest_edge, facts.image.cell)
                  for img in decoded_images] if facts.image else []
@@ -114,14 +115,15 @@ class Preprocessor:
                 raise RequestError(f"image[{i}]: {img.width}x{img.height} is too narrow to keep a pixel per side "
                                    f"once scaled to a longest edge of {facts.image.longest_edge}")
         rendered = self.chat.encode(self.tokenizer, prompt, images=len(images), audio=len(audio), system_prompt=system)
-        ids = expand_placeholders(rendered, facts, sizes, clip_counts)
+        ids = expand_placeholders(rendered, facts, sizes, frames)
         if len(ids) > limits.max_prompt_tokens:
             raise RequestError(
                 f"text_input: the prompt is {len(ids)} tokens (images and audio included), "
                 f"over the limit of {limits.max_prompt_tokens}"
             )
         pixels, image_sizes = self._pixels(decoded_images, sizes)
-        return ModelInputs(np.asarray(ids, dtype=np.int64), pixels, image_sizes, self._features(decoded_audio))
+        return ModelInputs(np.asarray(ids, dtype=np.int64), pixels, image_sizes, self._features(decoded_audio),
+                           np.asarray([f for clips in frames for f in clips], dtype=np.int64))
 
     def _text(self, name: str, value: bytes | str | None) -> str | None:
         if value is None:
@@ -137,19 +139,21 @@ class Preprocessor:
         except UnicodeDecodeError as exc:
             raise RequestError(f"{name}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
 
-    def _clip_counts(self, decoded: list[tuple[np.ndarray, int]], files: int) -> list[int]:
+    def _clip_frames(self, decoded: list[tuple[np.ndarray, int]], files: int) -> list[list[int]]:
+        """Per audio input, the mel frames of each of its encoder clips; the clips of all inputs within the limit."""
         if not decoded:
             return []
         audio, limits = self.facts.audio, self.limits.audio
         assert audio is not None
-        counts = [clip_count(len(s), rate, audio.clip_samples, i, limits) for i, (s, rate) in enumerate(decoded)]
-        if sum(counts) > limits.max_clips:
+        frames = [clip_frames(len(s), rate, audio, i, limits) for i, (s, rate) in enumerate(decoded)]
+        clips = sum(map(len, frames))
+        if clips > limits.max_clips:
             seconds = sum(len(s) / rate for s, rate in decoded)
             raise RequestError(
-                f"audio: {seconds:.1f} s of audio in {files} files ({sum(counts)} clips) exceeds the limit of "
+                f"audio: {seconds:.1f} s of audio in {files} files ({clips} clips) exceeds the limit of "
                 f"{limits.max_clips * audio.clip_samples / SAMPLE_RATE:g} s ({limits.max_clips} clips) per request"
             )
-        return counts
+        return frames
 
     def _pixels(self, decoded: list, sizes: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
         image = self.facts.image

@@ -2,7 +2,7 @@
 
 Done on token ids after the template is rendered and tokenized, as the HF processors do on text:
 each image marker becomes rows of image tokens ended by a row break (the last by an end token),
-each audio marker a begin token and the audio tokens of all its clips.
+each audio marker (a begin token and) the audio tokens of all its clips.
 """
 
 from __future__ import annotations
@@ -23,19 +23,22 @@ def image_placeholders(image: ImageFacts, height: int, width: int) -> list[int]:
     return ids
 
 
-def audio_placeholders(audio: AudioFacts, clips: int) -> list[int]:
-    return [audio.begin] + [audio.token] * (audio.tokens_per_clip * clips)
+def audio_placeholders(audio: AudioFacts, clip_frames: Sequence[int]) -> list[int]:
+    """The tokens of one audio input whose clips' encoders attend to ``clip_frames`` mel frames each."""
+    begin = [audio.begin] if audio.begin is not None else []
+    return begin + [audio.token] * sum(audio.clip_tokens(frames) for frames in clip_frames)
 
 
 def expand_placeholders(
-    ids: Sequence[int], facts: ModelFacts, image_sizes: Sequence[tuple[int, int]], audio_clips: Sequence[int]
+    ids: Sequence[int], facts: ModelFacts, image_sizes: Sequence[tuple[int, int]], audio_clips: Sequence[Sequence[int]]
 ) -> list[int]:
-    """Replaces the n-th image marker by image n's tokens and the n-th audio marker by audio n's."""
+    """Replaces the n-th image marker by image n's tokens and the n-th audio marker by audio n's
+    (``audio_clips``: per audio input, the mel frames of each of its clips)."""
     expansions: dict[int, list[list[int]]] = {}
     if facts.image is not None:
         expansions[facts.image.token] = [image_placeholders(facts.image, h, w) for h, w in image_sizes]
     if facts.audio is not None:
-        expansions[facts.audio.token] = [audio_placeholders(facts.audio, clips) for clips in audio_clips]
+        expansions[facts.audio.token] = [audio_placeholders(facts.audio, frames) for frames in audio_clips]
     wanted = {token: len(items) for token, items in expansions.items()}
     found = {token: sum(1 for i in ids if i == token) for token in expansions}
     if found != wanted:  # a template that drops or repeats media: a build-time bug, but say so per request

@@ -13,6 +13,4 @@ from builder.runtime.preprocess import ModelInputs
 
 def reference_generate(source: SourceModel, inputs: ModelInputs, max_new_tokens: int = 16) -> list[int]:
     """Greedy new tokens from the model's own ``generate``."""
-    return FAMILIES[source.facts.family].reference_generate(
-        source, inputs.input_ids, inputs.pixel_values, inputs.image_sizes, inputs.input_features, max_new_tokens,
-    )
+    return FAMILIES[source.facts.family].reference_generate(source, inputs, max_new_tokens)

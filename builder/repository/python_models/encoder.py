@@ -3,7 +3,8 @@ Runtime on the images or clips of every request Triton batched together (one run
 
 import onnxruntime as ort
 
-from mmtb_runtime.encoders import encode_requests
+from mmtb_runtime.encoders import encode_requests, session_run
+from mmtb_runtime.model_facts import ModelFacts
 from mmtb_runtime.triton_io import ModelArgs, input_array, respond_together
 
 
@@ -12,17 +13,14 @@ class TritonPythonModel:
         self.args = ModelArgs(args)
         self.inputs = [t["name"] for t in self.args.config["input"]]
         self.output = self.args.parameters["output"]
-        self.hidden = self.args.int("hidden_size")
-        self.session = ort.InferenceSession(self.args.file("model.onnx"), providers=["CPUExecutionProvider"])
-        self.graph_input = self.args.parameters["input"]
-
-    def run(self, batch):
-        return self.session.run([self.output], {self.graph_input: batch})[0]
+        self.facts = ModelFacts.load(self.args.file("model_facts.json"))
+        session = ort.InferenceSession(self.args.file("model.onnx"), providers=["CPUExecutionProvider"])
+        self.run = session_run(session, self.output)
 
     def handle(self, requests):
         # Each request's tensors are [1, items, ...]: the 1 is the request, Triton's batch axis here.
         media = [{name: input_array(r, name)[0] for name in self.inputs} for r in requests]
-        return [{self.output: embeds[None]} for embeds in encode_requests(self.run, media, self.hidden)]
+        return [{self.output: embeds[None]} for embeds in encode_requests(self.run, media, self.facts)]
 
     def execute(self, requests):
         return respond_together(requests, self.args.name, self.handle)

@@ -9,6 +9,7 @@ Runs only in the NGC container (the CPU-only tritonserver here has no ORT/Tensor
 import triton_python_backend_utils as pb_utils
 
 from mmtb_runtime.encoders import encode_requests
+from mmtb_runtime.model_facts import ModelFacts
 from mmtb_runtime.triton_io import ModelArgs, input_array, respond_together
 
 
@@ -16,13 +17,15 @@ class TritonPythonModel:
     def initialize(self, args):
         self.args = ModelArgs(args)
         self.inputs = [t["name"] for t in self.args.config["input"]]
-        self.input, self.output = self.args.parameters["input"], self.args.parameters["output"]
+        self.graph_inputs = self.args.parameters["graph_inputs"].split(",")
+        self.output = self.args.parameters["output"]
         self.engine = self.args.parameters["engine_model"]
-        self.hidden = self.args.int("hidden_size")
+        self.facts = ModelFacts.load(self.args.file("model_facts.json"))
 
-    def run(self, batch):
+    def run(self, feeds):
         response = pb_utils.InferenceRequest(
-            model_name=self.engine, requested_output_names=[self.output], inputs=[pb_utils.Tensor(self.input, batch)],
+            model_name=self.engine, requested_output_names=[self.output],
+            inputs=[pb_utils.Tensor(name, feeds[name]) for name in self.graph_inputs],
             preferred_memory=pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0),
         ).exec()
         if response.has_error():
@@ -33,7 +36,7 @@ class TritonPythonModel:
     def handle(self, requests):
         # Each request's tensors are [1, items, ...] (one request: this model does not batch).
         media = [{name: input_array(r, name)[0] for name in self.inputs} for r in requests]
-        return [{self.output: embeds[None]} for embeds in encode_requests(self.run, media, self.hidden)]
+        return [{self.output: embeds[None]} for embeds in encode_requests(self.run, media, self.facts)]
 
     def execute(self, requests):
         return respond_together(requests, self.args.name, self.handle)
