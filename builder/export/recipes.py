@@ -10,7 +10,7 @@ import torch
 from torch.export import Dim
 
 from builder.export.axes import COLS, ROWS
-from builder.export.wrappers import AudioEncoder, LanguageModel, MaskedAudioEncoder, VisionEncoder
+from builder.export.wrappers import AudioEncoder, FixedSizeVisionEncoder, LanguageModel, MaskedAudioEncoder, VisionEncoder
 from builder.families.base import SourceModel
 from builder.spec import LimitsSpec
 
@@ -44,6 +44,20 @@ def vision_recipe(source: SourceModel, limits: LimitsSpec) -> ExportRecipe:
         "vision_encoder", VisionEncoder(source.model).eval(), ["pixel_values"], ["image_embeds"],
         {"pixel_values": {0: images, 2: cell * rows, 3: cell * cols}}, sample,
     )
+
+
+def fixed_size_vision_recipe(source: SourceModel, limits: LimitsSpec) -> ExportRecipe:
+    """Images all resized to one square (Gemma 3): only their count varies."""
+    image = source.facts.image
+    assert image is not None
+    side = image.longest_edge
+
+    def sample(gen: torch.Generator, variant: int) -> tuple[torch.Tensor, ...]:
+        return (torch.randn(1 + variant % 3, 3, side, side, generator=gen),)
+
+    images = Dim("images", min=1, max=max(64, limits.max_images * 16))
+    return ExportRecipe("vision_encoder", FixedSizeVisionEncoder(source.model).eval(), ["pixel_values"], ["image_embeds"],
+                        {"pixel_values": {0: images}}, sample)
 
 
 def audio_recipe(source: SourceModel, limits: LimitsSpec) -> ExportRecipe:
@@ -86,10 +100,11 @@ def kv_names(prefix: str, num_layers: int) -> list[str]:
     return [f"{prefix}.{layer}.{kind}" for layer in range(num_layers) for kind in ("key", "value")]
 
 
-def llm_recipe(source: SourceModel, limits: LimitsSpec) -> ExportRecipe:
+def llm_recipe(source: SourceModel, limits: LimitsSpec, wrapper: type[LanguageModel] = LanguageModel) -> ExportRecipe:
+    """``wrapper``: the decoder's flat-I/O module (a family whose attention is not plain causal has its own)."""
     facts = source.facts
     layers = facts.num_layers
-    module = LanguageModel(source.model).eval()
+    module = wrapper(source.model).eval()
 
     def sample(gen: torch.Generator, variant: int) -> tuple[torch.Tensor, ...]:
         # variant 0: a batch-2 prefill after a short past; others alternate prefill and decode shapes.

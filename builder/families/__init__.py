@@ -11,10 +11,10 @@ import json
 from pathlib import Path
 
 from builder.errors import BuildError
-from builder.families import mistral3, qwen2_audio, voxtral
+from builder.families import gemma3, mistral3, qwen2_audio, voxtral
 from builder.families.base import Family
 
-FAMILIES: dict[str, Family] = {family.MODEL_TYPE: family for family in (mistral3.FAMILY, qwen2_audio.FAMILY, voxtral.FAMILY)}
+FAMILIES: dict[str, Family] = {family.MODEL_TYPE: family for family in (gemma3.FAMILY, mistral3.FAMILY, qwen2_audio.FAMILY, voxtral.FAMILY)}
 
 
 def model_type(directory: Path) -> str:

@@ -97,9 +97,13 @@ class ChatPrompt:
             messages = [system_message(_fill_dates(self.default_system_prompt), self.system_as_blocks), *messages]
         return ChatTemplate(self.template).render(messages, self.special_tokens)
 
-    def encode(self, tokenizer: Tokenizer, text: str, images: int, audio: int, system_prompt: str | None = None) -> list[int]:
-        """Token ids of the rendered prompt, with whatever the template writes once per image and audio file."""
+    def encode(self, tokenizer: Tokenizer, text: str, images: int, audio: int, system_prompt: str | None = None,
+               expansions: dict[str, str] | None = None) -> list[int]:
+        """Token ids of the rendered prompt, with whatever the template writes once per image and audio file;
+        ``expansions``: text that replaces each marker the template (not a client) wrote, before tokenizing."""
         rendered = self.render(text, images, audio, system_prompt)
+        for marker, expansion in (expansions or {}).items():  # a client's copy is wrapped in _START ... _END
+            rendered = re.sub(f"(?<!{re.escape(_START)}){re.escape(marker)}", lambda _: expansion, rendered)
         # A processor adds the tokenizer's special tokens (its post-processor) unless the template wrote the BOS.
         bos = self.special_tokens.get("bos_token")
         add_special = not (bos and rendered.startswith(bos))

@@ -1,9 +1,10 @@
-"""Decode untrusted PNG/JPEG bytes and turn them into Pixtral pixel values (numpy + Pillow only).
+"""Decode untrusted PNG/JPEG bytes and turn them into pixel values (numpy + Pillow only).
 
-Reproduces HF ``PixtralImageProcessorPil`` bit for bit: the size from ``resized_size`` (aspect ratio
-kept, longest edge scaled down, sides rounded up to whole placeholder cells), RGB conversion
-(transparency composited on white), Pillow bicubic resize of the uint8 image, ``* (1/255)`` in
-float64 cast to float32, float32 normalize; a batch zero-padded bottom/right to its largest image.
+Reproduces HF ``PixtralImageProcessorPil`` (and ``Gemma3ImageProcessorPil``) bit for bit: the size from
+``resized_size`` (aspect ratio kept, longest edge scaled down, sides rounded up to whole placeholder cells; Gemma:
+one fixed square), RGB conversion (transparency composited on white), Pillow bicubic (Gemma: bilinear) resize of
+the uint8 image, ``* (1/255)`` in float64 cast to float32, float32 normalize; a batch zero-padded bottom/right to
+its largest image.
 """
 
 from __future__ import annotations
@@ -78,13 +79,17 @@ def resized_size(height: int, width: int, longest_edge: int, cell: int) -> tuple
     return ((height - 1) // cell + 1) * cell, ((width - 1) // cell + 1) * cell
 
 
-def image_to_pixels(img: Image.Image, size: tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """Resize to ``size`` = (height, width) (bicubic), rescale and normalize: float32 [3, height, width]."""
+RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+
+def image_to_pixels(img: Image.Image, size: tuple[int, int], mean: Sequence[float], std: Sequence[float],
+                    resample: str = "bicubic") -> np.ndarray:
+    """Resize to ``size`` = (height, width) with ``resample``, rescale and normalize: float32 [3, height, width]."""
     if img.mode != "RGB":
         img = _to_rgb(img)
     height, width = size
     # Pillow resizes the uint8 image (its own rounding and [0, 255] clipping), as the HF PIL backend does.
-    resized = np.asarray(img.resize((width, height), resample=Image.Resampling.BICUBIC))
+    resized = np.asarray(img.resize((width, height), resample=RESAMPLE[resample]))
     # HF order and dtypes exactly: float64 rescale cast to float32, then normalize in float32.
     scaled = (resized.astype(np.float64) * (1 / 255)).astype(np.float32)
     pixels = (scaled - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)

@@ -15,10 +15,14 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class ImageFacts:
-    """Pixtral-style images: kept at their own aspect ratio, one placeholder per merged patch.
+    """How images become pixels and placeholder tokens, by ``layout``:
 
-    The chat template emits ``token`` once per image; it expands to ``rows`` lines of ``token`` x
-    ``cols``, each ended by ``row_break``, the very last by ``end``.
+    - "pixtral": kept at their own aspect ratio, scaled down to ``longest_edge``, sides rounded up to whole cells;
+      the template emits ``token`` once per image, which expands (on token ids) to rows of ``token`` x cols, each
+      ended by ``row_break``, the very last by ``end``.
+    - "fixed" (Gemma 3): squashed to one ``longest_edge`` square (a single cell); the template emits the marker
+      ``token_text`` once per image, replaced in the rendered text by ``expansion`` before tokenizing (its
+      newlines merge with the text around it), which holds ``tokens_per_image`` of ``token``.
     """
 
     token: int
@@ -30,6 +34,10 @@ class ImageFacts:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     token_text: str  # the placeholder as the template writes it, e.g. "[IMG]"
+    layout: str = "pixtral"  # "pixtral" | "fixed"
+    resample: str = "bicubic"  # Pillow's filter for the resize: "bicubic" | "bilinear"
+    tokens_per_image: int = 0  # "fixed": the ``token``s in ``expansion``
+    expansion: str = ""  # "fixed": the text each template marker becomes
 
     @property
     def cell(self) -> int:

@@ -109,12 +109,15 @@ class Preprocessor:
         frames = self._clip_frames(decoded_audio, len(audio))
         decoded_images = [decode_image(data, i, limits.image) for i, data in enumerate(images)]
         sizes = [resized_size(img.height, img.width, facts.image.longest_edge, facts.image.cell)
+                 if facts.image.layout == "pixtral" else (facts.image.longest_edge,) * 2
                  for img in decoded_images] if facts.image else []
         for i, (img, (height, width)) in enumerate(zip(decoded_images, sizes)):
             if not height or not width:  # e.g. 1 x 5000: scaled to fit, one side rounds down to nothing
                 raise RequestError(f"image[{i}]: {img.width}x{img.height} is too narrow to keep a pixel per side "
                                    f"once scaled to a longest edge of {facts.image.longest_edge}")
-        rendered = self.chat.encode(self.tokenizer, prompt, images=len(images), audio=len(audio), system_prompt=system)
+        expansions = {facts.image.token_text: facts.image.expansion} if facts.image and facts.image.expansion else {}
+        rendered = self.chat.encode(self.tokenizer, prompt, images=len(images), audio=len(audio), system_prompt=system,
+                                    expansions=expansions)
         ids = expand_placeholders(rendered, facts, sizes, frames)
         if len(ids) > limits.max_prompt_tokens:
             raise RequestError(
@@ -159,7 +162,8 @@ class Preprocessor:
         image = self.facts.image
         if image is None or not decoded:
             return np.zeros((0, 3, 1, 1), np.float32), np.zeros((0, 2), np.int64)
-        return pad_images([image_to_pixels(img, size, image.mean, image.std) for img, size in zip(decoded, sizes)])
+        return pad_images([image_to_pixels(img, size, image.mean, image.std, image.resample)
+                           for img, size in zip(decoded, sizes)])
 
     def _features(self, decoded: list[tuple[np.ndarray, int]]) -> np.ndarray:
         audio = self.facts.audio

@@ -35,7 +35,11 @@ def expand_placeholders(
     """Replaces the n-th image marker by image n's tokens and the n-th audio marker by audio n's
     (``audio_clips``: per audio input, the mel frames of each of its clips)."""
     expansions: dict[int, list[list[int]]] = {}
-    if facts.image is not None:
+    if facts.image is not None and facts.image.layout == "fixed":  # expanded in the text already: count them
+        found, wanted = sum(1 for i in ids if i == facts.image.token), facts.image.tokens_per_image * len(image_sizes)
+        if found != wanted:
+            raise RequestError(f"chat template placed {found} image tokens for {len(image_sizes)} images")
+    elif facts.image is not None:
         expansions[facts.image.token] = [image_placeholders(facts.image, h, w) for h, w in image_sizes]
     if facts.audio is not None:
         expansions[facts.audio.token] = [audio_placeholders(facts.audio, frames) for frames in audio_clips]
