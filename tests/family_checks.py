@@ -1,20 +1,26 @@
 """What every family's served test does the same way: a spec pointed at its checkpoint, a real tritonserver over
-the built repository, and the INT8 build's promise (each component gated, the pipeline gated, fallbacks said)."""
+the built repository, the checks of a served answer, and the INT8 build's promise (each component gated, the
+pipeline gated, fallbacks said)."""
 
 from __future__ import annotations
 
 import io
 import json
 import wave
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
+from builder.build import build
+from builder.serve.client import Request, ask, ask_stream
 from builder.spec import BuildSpec, load_spec
-from tests.conftest import ROOT
+from tests.conftest import CACHE, ROOT
 
 
 def family_spec(template: str, checkpoint: Path, **limits: int) -> BuildSpec:
@@ -23,6 +29,47 @@ def family_spec(template: str, checkpoint: Path, **limits: int) -> BuildSpec:
         "source.preset": None, "source.checkpoint": str(checkpoint), "name": f"{checkpoint.parent.name}-test",
         **{f"limits.{key}": value for key, value in limits.items()},
     })
+
+
+def family_fixtures(write_checkpoint: Callable[[Path], Path], **limits: int) -> tuple[Any, Any, Any]:
+    """Module fixtures ``checkpoint`` (written by ``write_checkpoint``), ``repository`` (built from
+    ``specs/tiny.yaml`` with ``limits``) and ``connection`` (a gRPC client of a tritonserver serving it)."""
+
+    @pytest.fixture(scope="module", name="checkpoint")
+    def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+        return write_checkpoint(tmp_path_factory.mktemp("family") / "checkpoint")
+
+    @pytest.fixture(scope="module", name="repository")
+    def repository(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+        output = tmp_path_factory.mktemp("repository") / "model_repository"
+        build(family_spec("tiny.yaml", checkpoint, **limits), output, CACHE, progress=False)
+        return output
+
+    @pytest.fixture(scope="module", name="connection")
+    def connection(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[grpcclient.InferenceServerClient]:
+        with serving(repository, tmp_path_factory.mktemp("triton")) as client:
+            yield client
+
+    return checkpoint, repository, connection
+
+
+def assert_served_as_reference(connection: grpcclient.InferenceServerClient, request: Request, expected: list[int]) -> None:
+    """The server's greedy ``output_ids`` for ``request`` are HF's ``expected`` (which must not be degenerate)."""
+    assert len(set(expected)) >= 8, f"degenerate reference output {expected}"
+    assert ask(connection, request).token_ids == expected
+
+
+def assert_streaming_equals_unary(connection: grpcclient.InferenceServerClient, request: Request) -> None:
+    unary = ask(connection, request)
+    assert [t for _, ids in ask_stream(connection, request) for t in ids] == unary.token_ids
+
+
+def assert_refused(connection: grpcclient.InferenceServerClient, request: Request, message: str) -> None:
+    """``INVALID_ARGUMENT`` naming the problem (``message``, a regex), and the server keeps serving."""
+    with pytest.raises(InferenceServerException, match=message) as raised:
+        ask(connection, request)
+    assert str(raised.value.status()) == "StatusCode.INVALID_ARGUMENT"
+    assert ask(connection, Request("Still there?", max_tokens=4)).token_ids
 
 
 @contextmanager
@@ -49,15 +96,20 @@ def noisy_wav(seed: int, seconds: float, rate: int = 16000) -> bytes:
     return buffer.getvalue()
 
 
-def assert_int8_kept_its_promise(spec: BuildSpec, repository: Path, printed: str, kinds: list[str]) -> None:
-    """What an INT8 build promises on any CPU: each published component passed its own gate, the pipeline passed the
-    pipeline gate for every kind of request the model takes, and a component kept in float says why."""
-    manifest = json.loads((repository / "manifest.json").read_text())
+def assert_int8_build_kept_its_promise(checkpoint: Path, directory: Path, printed: Callable[[], str], kinds: list[str],
+                                       **limits: int) -> None:
+    """Builds ``specs/tiny-int8.yaml`` for ``checkpoint`` into ``directory`` and checks what an INT8 build promises on
+    any CPU: each published component passed its own gate, the pipeline passed the pipeline gate for every kind of
+    request the model takes (``kinds``), and a component kept in float says why (in what the build ``printed``)."""
+    spec = family_spec("tiny-int8.yaml", checkpoint, **limits)
+    build(spec, directory, CACHE, progress=False)
+    manifest = json.loads((directory / "manifest.json").read_text())
     pipeline = manifest["pipeline_gate"]
     assert pipeline["passed"] and [k["kind"] for k in pipeline["figures"]["kinds"]] == kinds
     assert all(k["agreement"]["agreement"] >= spec.quantize.pipeline_gate.min_agreement for k in pipeline["figures"]["kinds"])
+    output = printed()
     for name, component in manifest["components"].items():
         last = component["quantization"]["attempts"][-1]
         assert not last["gate"] or not last["gate"]["failures"], name
         if component["precision"] != "int8":
-            assert "fell back after" in printed or f"pipeline gate: {name}" in printed, name
+            assert "fell back after" in output or f"pipeline gate: {name}" in output, name

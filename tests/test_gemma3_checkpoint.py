@@ -14,17 +14,17 @@ import json
 from pathlib import Path
 
 import pytest
-from tritonclient.utils import InferenceServerException
 
-from builder.build import build
-from builder.serve.client import Request, ask, ask_stream
-from builder.spec import BuildSpec
-from tests.conftest import CACHE, wav_bytes
-from tests.family_checks import assert_int8_kept_its_promise, family_spec, serving
+from builder.serve.client import Request, ask
+from tests.conftest import wav_bytes
+from tests.family_checks import (assert_int8_build_kept_its_promise, assert_refused, assert_served_as_reference,
+                                 assert_streaming_equals_unary, family_fixtures)
 from tests.hf_checkpoints import image
 from tests.hf_gemma3 import gemma3_pipeline_generate, write_gemma3_checkpoint
 
 NEW_TOKENS = 16
+LIMITS = {"max_prompt_tokens": 256, "max_context": 320}
+checkpoint, repository, connection = family_fixtures(write_gemma3_checkpoint, **LIMITS)
 
 # (text, images as (seed, width, height), system prompt)
 CASES = {
@@ -39,28 +39,6 @@ def png(picture) -> bytes:
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def gemma3_spec(template: str, checkpoint: Path) -> BuildSpec:
-    return family_spec(template, checkpoint, max_prompt_tokens=256, max_context=320)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_gemma3_checkpoint(tmp_path_factory.mktemp("gemma3") / "checkpoint")
-
-
-@pytest.fixture(scope="module")
-def repository(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    output = tmp_path_factory.mktemp("gemma3-repo") / "model_repository"
-    build(gemma3_spec("tiny.yaml", checkpoint), output, CACHE, progress=False)
-    return output
-
-
-@pytest.fixture(scope="module")
-def connection(repository: Path, tmp_path_factory: pytest.TempPathFactory):
-    with serving(repository, tmp_path_factory.mktemp("triton")) as client:
-        yield client
 
 
 @pytest.fixture(scope="module")
@@ -85,11 +63,8 @@ def test_only_the_components_the_checkpoint_has(repository: Path) -> None:
 def test_served_greedy_tokens_equal_hugging_face_pipeline(case: str, connection, reference) -> None:
     text, images, system_prompt = CASES[case]
     pictures = [image(*spec) for spec in images]
-    expected = reference(text, pictures, system_prompt)
-    served = ask(connection, Request(text, images=tuple(png(p) for p in pictures), system_prompt=system_prompt,
-                                     max_tokens=NEW_TOKENS))
-    assert len(set(expected)) >= 8, f"degenerate reference output {expected}"
-    assert served.token_ids == expected
+    request = Request(text, images=tuple(png(p) for p in pictures), system_prompt=system_prompt, max_tokens=NEW_TOKENS)
+    assert_served_as_reference(connection, request, reference(text, pictures, system_prompt))
 
 
 @pytest.mark.serving
@@ -101,24 +76,17 @@ def test_what_an_image_holds_reaches_the_model(connection) -> None:
 
 @pytest.mark.serving
 def test_streaming_equals_unary(connection) -> None:
-    request = Request("Compare the two pictures.", images=(png(image(2, 40, 64)), png(image(3, 100, 100))),
-                      max_tokens=NEW_TOKENS)
-    unary = ask(connection, request)
-    streamed = [t for _, ids in ask_stream(connection, request) for t in ids]
-    assert streamed == unary.token_ids
+    assert_streaming_equals_unary(connection, Request("Compare the two pictures.", max_tokens=NEW_TOKENS,
+                                                      images=(png(image(2, 40, 64)), png(image(3, 100, 100)))))
 
 
 @pytest.mark.serving
 def test_audio_to_a_vision_only_model_is_refused_by_name(connection) -> None:
-    with pytest.raises(InferenceServerException, match=r"audio: this model has no audio encoder") as raised:
-        ask(connection, Request("Transcribe.", audio=(wav_bytes(0.5),)))
-    assert str(raised.value.status()) == "StatusCode.INVALID_ARGUMENT"
-    assert ask(connection, Request("Still there?", max_tokens=4)).token_ids  # the server keeps serving
+    assert_refused(connection, Request("Transcribe.", audio=(wav_bytes(0.5),)), r"audio: this model has no audio encoder")
 
 
 def test_int8_build_passes_the_pipeline_gate_or_falls_back_and_says_so(
     checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
-    spec = gemma3_spec("tiny-int8.yaml", checkpoint)
-    build(spec, tmp_path / "repo", CACHE, progress=False)
-    assert_int8_kept_its_promise(spec, tmp_path / "repo", capsys.readouterr().out, ["text", "text+image"])
+    assert_int8_build_kept_its_promise(checkpoint, tmp_path / "repo", lambda: capsys.readouterr().out,
+                                       ["text", "text+image"], **LIMITS)

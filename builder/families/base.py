@@ -8,12 +8,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from builder.runtime.model_facts import ModelFacts
+from builder.families.hf_files import stop_ids
+from builder.runtime.model_facts import AudioFacts, ImageFacts, ModelFacts
 from builder.runtime.preprocess import ModelInputs
 
 if TYPE_CHECKING:  # torch and the export stage load only when a family exports or runs its reference
+    import numpy as np
     import torch
 
     from builder.export.recipes import ExportRecipe
@@ -50,3 +52,34 @@ class Family(ABC):
     @abstractmethod
     def reference_generate(self, source: SourceModel, inputs: ModelInputs, max_new_tokens: int) -> list[int]:
         """Greedy new tokens of the source model's own ``generate`` on already preprocessed inputs."""
+
+
+def model_facts(family: str, directory: Path, config: Any, image: ImageFacts | None, audio: AudioFacts | None) -> ModelFacts:
+    """The facts of a checkpoint whose decoder is described by ``config.text_config`` (every family's so far)."""
+    text = config.text_config
+    return ModelFacts(
+        family=family,
+        vocab_size=int(text.vocab_size),
+        hidden_size=int(text.hidden_size),
+        num_layers=int(text.num_hidden_layers),
+        num_kv_heads=int(text.num_key_value_heads),
+        head_dim=int(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads),
+        stop_ids=stop_ids(directory, config),
+        image=image,
+        audio=audio,
+    )
+
+
+def greedy_new_tokens(source: SourceModel, input_ids: "np.ndarray", max_new_tokens: int, **model_inputs: Any) -> list[int]:
+    """The new tokens of the model's own greedy ``generate`` on a prompt's ids and its media tensors (numpy)."""
+    import torch
+
+    facts = source.facts
+    ids = torch.from_numpy(input_ids)[None]
+    tensors = {name: torch.from_numpy(value) for name, value in model_inputs.items()}
+    with torch.no_grad():
+        out = source.model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), **tensors, max_new_tokens=max_new_tokens,
+            do_sample=False, eos_token_id=list(facts.stop_ids), pad_token_id=facts.stop_ids[0],
+        )
+    return out[0, ids.shape[1]:].tolist()

@@ -14,9 +14,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from builder.errors import BuildError
-from builder.families.base import Family, SourceModel
-from builder.families.hf_files import added_tokens, load_pretrained, read_json, stop_ids, token_id
+from builder.families.base import Family, SourceModel, greedy_new_tokens, model_facts
+from builder.families.hf_files import added_tokens, load_pretrained, read_json, token_id
 from builder.runtime.model_facts import ImageFacts, ModelFacts
 from builder.runtime.preprocess import ModelInputs
 
@@ -91,18 +93,7 @@ class Gemma3(Family):
         from transformers import Gemma3Config
 
         config = Gemma3Config.from_pretrained(directory)
-        text = config.text_config
-        return ModelFacts(
-            family=self.MODEL_TYPE,
-            vocab_size=int(text.vocab_size),
-            hidden_size=int(text.hidden_size),
-            num_layers=int(text.num_hidden_layers),
-            num_kv_heads=int(text.num_key_value_heads),
-            head_dim=int(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads),
-            stop_ids=stop_ids(directory, config),
-            image=_image_facts(directory, tokenizer, config),
-            audio=None,
-        )
+        return model_facts(self.MODEL_TYPE, directory, config, _image_facts(directory, tokenizer, config), None)
 
     def load(self, directory: Path, dtype: str, tokenizer: Path) -> SourceModel:
         from transformers import Gemma3Config, Gemma3ForConditionalGeneration
@@ -120,19 +111,12 @@ class Gemma3(Family):
         return [makers[name](source, limits) for name in components]
 
     def reference_generate(self, source: SourceModel, inputs: ModelInputs, max_new_tokens: int) -> list[int]:
-        import torch
-
-        facts = source.facts
-        assert facts.image is not None
-        ids = torch.from_numpy(inputs.input_ids)[None]
-        images = {"pixel_values": torch.from_numpy(inputs.pixel_values)} if len(inputs.pixel_values) else {}
-        with torch.no_grad():
-            out = source.model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=(ids == facts.image.token).long(),
-                **images, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=list(facts.stop_ids),
-                pad_token_id=facts.stop_ids[0],
-            )
-        return out[0, ids.shape[1]:].tolist()
+        image = source.facts.image
+        assert image is not None
+        # token_type_ids: what the processor gives generate, so the prefill attends both ways inside an image.
+        media = {"pixel_values": inputs.pixel_values} if len(inputs.pixel_values) else {}
+        return greedy_new_tokens(source, inputs.input_ids, max_new_tokens,
+                                 token_type_ids=(inputs.input_ids == image.token).astype(np.int64)[None], **media)
 
 
 FAMILY = Gemma3()

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from builder.errors import BuildError
-from builder.families.base import Family, SourceModel
-from builder.families.hf_files import added_tokens, load_pretrained, read_json, stop_ids, token_id
+from builder.families.base import Family, SourceModel, model_facts
+from builder.families.hf_files import added_tokens, load_pretrained, read_json, token_id
 from builder.families.mistral_files import MISTRAL_INSTRUCT_TEMPLATE, image_params_from_mistral_files
 from builder.families.voxtral import audio_embeddings, voxtral_audio_facts
 from builder.runtime.model_facts import ImageFacts, ModelFacts
@@ -91,21 +91,9 @@ class Mistral3(Family):
         audio = None
         if getattr(config, "audio_config", None):
             audio = voxtral_audio_facts(config.audio_config, token("[AUDIO]"), token("[BEGIN_AUDIO]"))
-        text = config.text_config
-        return ModelFacts(
-            family=self.MODEL_TYPE,
-            vocab_size=int(text.vocab_size),
-            hidden_size=int(text.hidden_size),
-            num_layers=int(text.num_hidden_layers),
-            num_kv_heads=int(text.num_key_value_heads),
-            head_dim=int(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads),
-            stop_ids=stop_ids(directory, config),
-            image=image,
-            audio=audio,
-        )
+        return model_facts(self.MODEL_TYPE, directory, config, image, audio)
 
     def load(self, directory: Path, dtype: str, tokenizer: Path) -> SourceModel:
-        import torch
         from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 
         config = Mistral3Config.from_pretrained(directory)

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from builder.errors import BuildError
-from builder.families.base import Family, SourceModel
-from builder.families.hf_files import added_tokens, check_feature_extractor, load_pretrained, stop_ids, token_id
+from builder.families.base import Family, SourceModel, greedy_new_tokens, model_facts
+from builder.families.hf_files import added_tokens, check_feature_extractor, load_pretrained, token_id
 from builder.runtime.audio import HOP
 from builder.runtime.model_facts import AudioFacts, ModelFacts
 from builder.runtime.preprocess import ModelInputs
@@ -74,18 +74,7 @@ class Qwen2Audio(Family):
                            clip_samples=2 * int(tower.max_source_positions) * HOP, hop_length=HOP, positions_per_token=2,
                            layout="masked", token_text=AUDIO_TOKEN)
         check_feature_extractor(directory, audio)
-        text = config.text_config
-        return ModelFacts(
-            family=self.MODEL_TYPE,
-            vocab_size=int(text.vocab_size),
-            hidden_size=int(text.hidden_size),
-            num_layers=int(text.num_hidden_layers),
-            num_kv_heads=int(text.num_key_value_heads),
-            head_dim=int(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads),
-            stop_ids=stop_ids(directory, config),
-            image=None,
-            audio=audio,
-        )
+        return model_facts(self.MODEL_TYPE, directory, config, None, audio)
 
     def load(self, directory: Path, dtype: str, tokenizer: Path) -> SourceModel:
         from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
@@ -102,20 +91,10 @@ class Qwen2Audio(Family):
         return [makers[name](source, limits) for name in components]
 
     def reference_generate(self, source: SourceModel, inputs: ModelInputs, max_new_tokens: int) -> list[int]:
-        import torch
-
         from builder.runtime.encoders import audio_feeds
 
-        facts = source.facts
-        ids = torch.from_numpy(inputs.input_ids)[None]
-        audio = {key: torch.from_numpy(value) for key, value in audio_feeds(inputs.input_features, inputs.audio_frames).items()} \
-            if len(inputs.input_features) else {}
-        with torch.no_grad():
-            out = source.model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), **audio, max_new_tokens=max_new_tokens,
-                do_sample=False, eos_token_id=list(facts.stop_ids), pad_token_id=facts.stop_ids[0],
-            )
-        return out[0, ids.shape[1]:].tolist()
+        audio = audio_feeds(inputs.input_features, inputs.audio_frames) if len(inputs.input_features) else {}
+        return greedy_new_tokens(source, inputs.input_ids, max_new_tokens, **audio)
 
 
 FAMILY = Qwen2Audio()

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from builder.errors import BuildError
-from builder.families.base import Family, SourceModel
-from builder.families.hf_files import added_tokens, check_feature_extractor, load_pretrained, read_json, stop_ids, token_id
+from builder.families.base import Family, SourceModel, greedy_new_tokens, model_facts
+from builder.families.hf_files import added_tokens, check_feature_extractor, load_pretrained, read_json, token_id
 from builder.families.mistral_files import MISTRAL_INSTRUCT_TEMPLATE
 from builder.runtime.audio import HOP, SAMPLE_RATE
 from builder.runtime.model_facts import AudioFacts, ModelFacts
@@ -89,18 +89,7 @@ class Voxtral(Family):
             raise BuildError(f"{directory}: [AUDIO] is token {audio.token} in {tokenizer} but "
                              f"{config.audio_token_id} in config.json")
         _check_processor(directory, audio)
-        text = config.text_config
-        return ModelFacts(
-            family=self.MODEL_TYPE,
-            vocab_size=int(text.vocab_size),
-            hidden_size=int(text.hidden_size),
-            num_layers=int(text.num_hidden_layers),
-            num_kv_heads=int(text.num_key_value_heads),
-            head_dim=int(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads),
-            stop_ids=stop_ids(directory, config),
-            image=None,
-            audio=audio,
-        )
+        return model_facts(self.MODEL_TYPE, directory, config, None, audio)
 
     def load(self, directory: Path, dtype: str, tokenizer: Path) -> SourceModel:
         from transformers import VoxtralConfig, VoxtralForConditionalGeneration
@@ -117,17 +106,8 @@ class Voxtral(Family):
         return [makers[name](source, limits) for name in components]
 
     def reference_generate(self, source: SourceModel, inputs: ModelInputs, max_new_tokens: int) -> list[int]:
-        import torch
-
-        facts = source.facts
-        ids = torch.from_numpy(inputs.input_ids)[None]
-        features = {"input_features": torch.from_numpy(inputs.input_features)} if len(inputs.input_features) else {}
-        with torch.no_grad():
-            out = source.model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), **features, max_new_tokens=max_new_tokens,
-                do_sample=False, eos_token_id=list(facts.stop_ids), pad_token_id=facts.stop_ids[0],
-            )
-        return out[0, ids.shape[1]:].tolist()
+        features = {"input_features": inputs.input_features} if len(inputs.input_features) else {}
+        return greedy_new_tokens(source, inputs.input_ids, max_new_tokens, **features)
 
 
 FAMILY = Voxtral()
