@@ -50,7 +50,7 @@ serve: engines
 
 bench: engines system-deps
 	@$(if $(QUICK),,echo "make bench: the full run takes a few minutes for the tiny preset, about 15 for specs/small.yaml, on 2 cores (QUICK=1: under 3)")
-	$(PY) -m builder bench --spec $(SPEC) --repository $(OUTPUT) $(if $(QUICK),--quick)
+	$(PY) -m builder bench --spec $(SPEC) --repository $(OUTPUT) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(if $(QUICK),--quick)
 
 # GPU build server only (NGC container: TRITONSERVER=/opt/tritonserver/bin/tritonserver, pip install -e '.[tensorrt]').
 gpu-smoke: $(STAMP)

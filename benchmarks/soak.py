@@ -33,7 +33,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from builder.bench.inputs import chord_wav, gradient_png, mixes
+from builder.bench.inputs import gradient_png, mixes
 from builder.serve.client import Request, ask, ask_stream
 from builder.serve.tritonserver import TritonServer
 

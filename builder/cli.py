@@ -8,6 +8,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -30,15 +31,20 @@ def _overrides(pairs: list[str]) -> dict[str, object]:
     return result
 
 
+def _checkpoint_overrides(checkpoint: Path | None) -> dict[str, Any]:
+    """``--checkpoint DIR``: the spec's other settings apply; components and sizes come from the checkpoint."""
+    if checkpoint is None:
+        return {}
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", checkpoint.resolve().name)[:64] or "checkpoint"
+    return {"source.preset": None, "source.checkpoint": str(checkpoint), "name": name}
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from builder.spec import load_spec
 
-    overrides = _overrides(args.set)
+    overrides = {**_overrides(args.set), **_checkpoint_overrides(args.checkpoint)}
     if args.target:
         overrides["target"] = args.target
-    if args.checkpoint:  # the spec's other settings apply; components and sizes come from the checkpoint
-        name = re.sub(r"[^A-Za-z0-9_.-]", "-", args.checkpoint.resolve().name)[:64] or "checkpoint"
-        overrides.update({"source.preset": None, "source.checkpoint": str(args.checkpoint), "name": name})
     spec = load_spec(args.spec, overrides)  # before importing torch: a bad spec is reported at once
     from builder.build import build
 
@@ -105,12 +111,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from builder.build import build
     from builder.spec import load_spec
 
-    spec = load_spec(args.spec)
+    spec = load_spec(args.spec, _checkpoint_overrides(args.checkpoint))
     settings = QUICK if args.quick else FULL
     if args.concurrency:
         settings = dataclasses.replace(settings, concurrency=tuple(int(c) for c in args.concurrency.split(",")))
     name = args.name or (f"{spec.name}-quick" if args.quick else spec.name)
     command = (f"python -m builder bench{' --quick' if args.quick else ''} --spec {args.spec} --repository {args.repository}"
+               + (f" --checkpoint {args.checkpoint}" if args.checkpoint else "")
                + (f" --concurrency {args.concurrency}" if args.concurrency else ""))
     print(build(spec, args.repository, args.cache, progress=False).summary(), flush=True)  # up to date: a no-op
     summary = run_bench(spec, args.repository, args.cache, args.results / name, settings, command)
@@ -194,6 +201,8 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--name", help="results directory name (default: the spec name, + '-quick' with --quick)")
     m.add_argument("--repository", type=Path, default=DEFAULT_OUTPUT)
     m.add_argument("--spec", type=Path, default=DEFAULT_SPEC)
+    m.add_argument("--checkpoint", type=Path, metavar="DIR", help="the checkpoint `build --checkpoint` built (default: "
+                   "the spec's source)")
     m.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     m.add_argument("--results", type=Path, default=Path("benchmarks/results"))
     m.add_argument("--concurrency", help="comma-separated concurrency sweep, e.g. 1,2 (default: 1,2,4,8,16; quick 1,2,8)")

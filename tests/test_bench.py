@@ -166,3 +166,15 @@ def test_the_in_process_baseline_reuses_prefixes_as_llm_does(built_repository: P
     pipeline = InProcessPipeline(built_repository, load_preprocessor(built_repository, tiny_spec.limits), 64)
     assert pipeline.runner.prefix_cache is not None
     assert pipeline.runner.prefix_cache.capacity_bytes == tiny_spec.triton.prefix_cache_mb << 20
+
+
+@pytest.mark.parametrize(("images", "audio", "kinds"), [
+    (True, True, ["text", "text+image", "text+audio", "text+image+audio"]),
+    (False, True, ["text", "text+audio"]),
+    (True, False, ["text", "text+image"]),
+])
+def test_the_mixed_requests_carry_only_media_the_model_takes(images: bool, audio: bool, kinds: list[str]) -> None:
+    """A bench of an audio-only (Voxtral) or vision-only (Gemma 3) checkpoint sends none of what it would refuse."""
+    from builder.bench.inputs import mixes
+
+    assert [c.name for c in mixes(8, images=images, audio=audio)["mixed"]] == kinds

@@ -51,23 +51,23 @@ class Case:
     request: Request
 
 
-def mixes(max_tokens: int) -> dict[str, tuple[Case, ...]]:
-    """``mixed``: text, text+image, text+audio and all three, in turn; ``text``: text-only requests."""
+def mixes(max_tokens: int, images: bool = True, audio: bool = True) -> dict[str, tuple[Case, ...]]:
+    """``mixed``: text, text+image, text+audio and all three, in turn, of the media the model takes (``images``,
+    ``audio``); ``text``: text-only requests."""
     image, clip = gradient_png(), chord_wav()
 
     def case(name: str, prompt: str, images: tuple[bytes, ...] = (), audio: tuple[bytes, ...] = ()) -> Case:
         return Case(name, Request(prompt, images=images, audio=audio, max_tokens=max_tokens))
 
     text = case("text", "Write a short story about a lighthouse keeper and a storm.")
-    return {
-        "mixed": (
-            text,
-            case("text+image", "Describe this picture in detail.", images=(image,)),
-            case("text+audio", "What do you hear in this recording?", audio=(clip,)),
-            case("text+image+audio", "Does the sound match the picture?", images=(image,), audio=(clip,)),
-        ),
-        "text": (text, case("text-2", "List three facts about the Moon.")),
-    }
+    mixed = (
+        text,
+        *([case("text+image", "Describe this picture in detail.", images=(image,))] if images else []),
+        *([case("text+audio", "What do you hear in this recording?", audio=(clip,))] if audio else []),
+        *([case("text+image+audio", "Does the sound match the picture?", images=(image,), audio=(clip,))]
+          if images and audio else []),
+    )
+    return {"mixed": mixed, "text": (text, case("text-2", "List three facts about the Moon."))}
 
 
 def _bytes_tensor(items: tuple[bytes, ...]) -> dict[str, object]:
@@ -100,14 +100,18 @@ def encoder_input_data(tensors: dict[str, np.ndarray], batched: bool) -> dict[st
 
 def encoder_tensors(preprocessor: Preprocessor, cases: tuple[Case, ...]) -> dict[str, dict[str, np.ndarray]]:
     """Each encoder model's inputs exactly as ``preprocess`` sends them for the first case carrying its media:
-    one request, ``[1, items, ...]``."""
-    image = next(c.request for c in cases if c.request.images)
-    audio = next(c.request for c in cases if c.request.audio)
-    with_image, with_audio = preprocessor(image.prompt, list(image.images), []), preprocessor(audio.prompt, [], list(audio.audio))
-    return {
-        "vision_encoder": {"pixel_values": with_image.pixel_values[None], "image_sizes": with_image.image_sizes[None]},
-        "audio_encoder": {"input_features": with_audio.input_features[None], "audio_frames": with_audio.audio_frames[None]},
-    }
+    one request, ``[1, items, ...]`` (no entry for a medium no case carries)."""
+    tensors = {}
+    image = next((c.request for c in cases if c.request.images), None)
+    if image is not None:
+        with_image = preprocessor(image.prompt, list(image.images), [])
+        tensors["vision_encoder"] = {"pixel_values": with_image.pixel_values[None], "image_sizes": with_image.image_sizes[None]}
+    audio = next((c.request for c in cases if c.request.audio), None)
+    if audio is not None:
+        with_audio = preprocessor(audio.prompt, [], list(audio.audio))
+        tensors["audio_encoder"] = {"input_features": with_audio.input_features[None],
+                                    "audio_frames": with_audio.audio_frames[None]}
+    return tensors
 
 
 def write_json(path: Path, data: dict[str, object]) -> Path:

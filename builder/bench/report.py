@@ -190,7 +190,7 @@ class Report:
             f"(greedy, fixed max_tokens): {tokens}; served answers {'equal' if self.same_tokens else 'DIFFER FROM'} the "
             "in-process answers token for token.",
             "Mixes: `text` = two text-only prompts; `mixed` = text, text+image (PNG), text+audio (WAV, 1.5 s), "
-            "text+image+audio, in turn. Served tokens/s = requests/s x mean new tokens per request.",
+            "text+image+audio, in turn (those the model takes). Served tokens/s = requests/s x mean new tokens per request.",
             "## Served: `ensemble` (unary)", table(served),
             "## Served, streaming: `ensemble_stream` (perf_analyzer `--streaming`; TTFT and inter-token latency "
             "from its `--profile-export-file` response timestamps)", table(streamed),

@@ -68,8 +68,9 @@ def run_bench(spec: BuildSpec, repository: Path, cache: Path, output: Path, sett
     pa = perf_analyzer.find_perf_analyzer()  # fail early, before minutes of baselines
     checkpoint = resolve_source(spec.source, StageCache(cache)).checkpoint
     output.mkdir(parents=True, exist_ok=True)
-    mixes = inputs.mixes(settings.max_tokens)
     preprocessor = baselines.load_preprocessor(repository, spec.limits)
+    facts = preprocessor.facts
+    mixes = inputs.mixes(settings.max_tokens, images=facts.image is not None, audio=facts.audio is not None)
 
     rows: list[Row] = []
     answers: dict[str, tuple[int, ...]] = {}
@@ -88,7 +89,7 @@ def run_bench(spec: BuildSpec, repository: Path, cache: Path, output: Path, sett
     decode_bound = bounds.measure(size.decode_read_bytes(llm_precision), size.decode_parameters, size.hidden_size,
                                   size.intermediate_size, batches=tuple(c for c in settings.concurrency if c <= spec.triton.max_batch_size))
     text_prompts = [preprocessor(c.request.prompt, [], [], c.request.system_prompt).input_ids for c in mixes["text"]]
-    steps = [step_profile.profile_decode(repository / "llm" / "1" / "model.onnx", preprocessor.facts, text_prompts, batch)
+    steps = [step_profile.profile_decode(repository / "llm" / "1" / "model.onnx", facts, text_prompts, batch)
              for batch in sorted({1, min(8, spec.triton.max_batch_size)})]
     hf = baselines.HuggingFaceEager(checkpoint, preprocessor)
     for mix, cases in mixes.items():
