@@ -10,7 +10,8 @@ import torch
 from torch.export import Dim
 
 from builder.export.axes import COLS, ROWS
-from builder.export.wrappers import AudioEncoder, FixedSizeVisionEncoder, LanguageModel, MaskedAudioEncoder, VisionEncoder
+from builder.export.wrappers import (AudioEncoder, ChunkedAudioEncoder, FixedSizeVisionEncoder, LanguageModel,
+                                     MaskedAudioEncoder, VisionEncoder, WindowedVisionEncoder)
 from builder.families.base import SourceModel
 from builder.spec import LimitsSpec
 
@@ -96,6 +97,56 @@ def masked_audio_recipe(source: SourceModel, limits: LimitsSpec) -> ExportRecipe
     )
 
 
+def windowed_vision_recipe(source: SourceModel, limits: LimitsSpec) -> ExportRecipe:
+    """Qwen2-VL-style images (any size in whole cells) as patches and numpy index tensors, same-size images per call."""
+    import numpy as np
+
+    from builder.runtime.encoders import qwen_vl_image_feeds
+
+    image = source.facts.image
+    assert image is not None
+    names = ["pixel_patches", "rotary_pos_ids", "window_index", "cu_seqlens", "cu_window_seqlens"]
+    shapes = [(2, 4, 6), (1, 9, 5), (3, 2, 2), (1, 12, 16)]  # (images, rows, cols) of cells: the export example first
+
+    def sample(gen: torch.Generator, variant: int) -> tuple[torch.Tensor, ...]:
+        count, rows, cols = shapes[variant % len(shapes)]
+        pixels = torch.randn(count, 3, rows * image.cell, cols * image.cell, generator=gen).numpy()
+        feeds = qwen_vl_image_feeds(image, pixels)
+        return tuple(torch.from_numpy(np.ascontiguousarray(feeds[name])) for name in names)
+
+    merged = Dim("merged_tokens", min=1, max=max(65536, image.max_pixels // image.cell ** 2 * 16))
+    images, windows = Dim("images_plus_one", min=2, max=1025), Dim("windows_plus_one", min=2, max=65537)
+    dynamic = {"pixel_patches": {0: 4 * merged}, "rotary_pos_ids": {0: 4 * merged}, "window_index": {0: merged},
+               "cu_seqlens": {0: images}, "cu_window_seqlens": {0: windows}}
+    assert image.merge_size == 2, "the export's patch axis is 4 x merged tokens"
+    return ExportRecipe("vision_encoder", WindowedVisionEncoder(source.model).eval(), names, ["image_embeds"], dynamic, sample)
+
+
+def chunked_audio_recipe(source: SourceModel, limits: LimitsSpec) -> ExportRecipe:
+    """Clips of any length as chunks of ``chunk_frames`` mel frames and numpy index tensors, all clips in one call."""
+    import numpy as np
+
+    from builder.runtime.encoders import chunked_audio_feeds
+
+    audio = source.facts.audio
+    assert audio is not None
+    names = ["padded_feature", "chunk_lengths", "valid_indices", "pool_indices", "cu_seqlens"]
+    lengths = [(237, 461), (100,), (701, 50, 301), (2990,)]  # mel frames per clip: the export example first
+
+    def sample(gen: torch.Generator, variant: int) -> tuple[torch.Tensor, ...]:
+        frames = np.array(lengths[variant % len(lengths)], np.int64)
+        features = torch.randn(len(frames), audio.num_mel_bins, int(frames.max()), generator=gen).numpy()
+        feeds = chunked_audio_feeds(audio, features, frames)
+        return tuple(torch.from_numpy(np.ascontiguousarray(feeds[name])) for name in names)
+
+    chunks = Dim("chunks", min=1, max=4096)
+    dynamic = {"padded_feature": {0: chunks, 2: Dim("chunk_frames", min=2, max=audio.chunk_frames)},
+               "chunk_lengths": {0: chunks}, "valid_indices": {0: Dim("convolved", min=1, max=400000)},
+               "pool_indices": {0: Dim("audio_tokens", min=1, max=200000)},
+               "cu_seqlens": {0: Dim("chunks_plus_one", min=2, max=4097)}}
+    return ExportRecipe("audio_encoder", ChunkedAudioEncoder(source.model).eval(), names, ["audio_embeds"], dynamic, sample)
+
+
 def kv_names(prefix: str, num_layers: int) -> list[str]:
     return [f"{prefix}.{layer}.{kind}" for layer in range(num_layers) for kind in ("key", "value")]
 
@@ -114,6 +165,8 @@ def llm_recipe(source: SourceModel, limits: LimitsSpec, wrapper: type[LanguageMo
         mask = torch.rand(batch, seq, generator=gen) > 0.5
         attention = torch.ones(batch, past + seq, dtype=torch.long)
         positions = torch.arange(past, past + seq).unsqueeze(0).repeat(batch, 1)
+        if facts.position_rows != 1:  # M-RoPE: [rows, B, S]
+            positions = positions.unsqueeze(0).repeat(facts.position_rows, 1, 1)
         kv_dtype = module.lm_head.weight.dtype  # at call time: the export casts the weights first
         cache = [torch.randn(batch, facts.num_kv_heads, past, facts.head_dim, generator=gen).to(kv_dtype)
                  for _ in range(2 * layers)]
@@ -128,7 +181,7 @@ def llm_recipe(source: SourceModel, limits: LimitsSpec, wrapper: type[LanguageMo
         "multimodal_embeds": {0: batch, 1: seq},
         "multimodal_mask": {0: batch, 1: seq},
         "attention_mask": {0: batch, 1: total},  # must be fully dynamic: past + sequence
-        "position_ids": {0: batch, 1: seq},
+        "position_ids": {0: batch, 1: seq} if facts.position_rows == 1 else {1: batch, 2: seq},
         "past": tuple({0: batch, 2: past} for _ in range(2 * layers)),
     }
     inputs = ["input_ids", "multimodal_embeds", "multimodal_mask", "attention_mask", "position_ids"]

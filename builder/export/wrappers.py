@@ -6,9 +6,11 @@ computes; :mod:`builder.export.parity` proves it on fresh inputs.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
-from transformers import DynamicCache, Mistral3ForConditionalGeneration
+from transformers import AttentionInterface, DynamicCache, Mistral3ForConditionalGeneration
 
 from builder.families.voxtral import audio_embeddings
 
@@ -184,3 +186,95 @@ class BidirectionalImageLanguageModel(LanguageModel):
         for layer in range(self.num_layers):
             present += [out.past_key_values.layers[layer].keys, out.past_key_values.layers[layer].values]
         return (logits, *present)
+
+
+# The name must hold "flash": only then do Qwen2.5-Omni's encoders hand their segment bounds (cu_seqlens) to the
+# attention function instead of splitting the batch with a Python loop over them, which does not export.
+SEGMENT_ATTENTION = "flash_segments_as_tensors"
+
+
+def _block_diagonal_attention(query, key, value, scaling, bounds):
+    """query/key/value [1, heads, S, d], attention only inside [bounds[i], bounds[i + 1]): [1, S, heads, d]."""
+    position = torch.arange(query.shape[2], device=query.device)
+    # bounds[1:], never empty (bounds[1:-1] is empty for one segment, which ONNX Runtime then mis-broadcasts)
+    segment = (position[:, None] >= bounds[1:].to(position.dtype)[None, :]).sum(-1)
+    mask = segment[:, None] == segment[None, :]
+    out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask[None, None], scale=scaling)
+    return out.transpose(1, 2).contiguous()
+
+
+def segment_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, is_causal=False,
+                      cu_seq_lens_q=None, cu_seq_lens_k=None, **kwargs):
+    """HF's varlen attention (each segment of ``cu_seq_lens_q`` attends to itself) in tensor ops. A module tagged
+    with ``max_segment_len`` (a static bound on its segments: audio chunks, vision windows) gathers its segments into
+    a padded [segments, L] batch (memory O(S * L)); an untagged one uses a block-diagonal [S, S] mask."""
+    longest = getattr(module, "max_segment_len", None)
+    if longest is None:
+        return _block_diagonal_attention(query, key, value, scaling, cu_seq_lens_q), None
+    bounds = cu_seq_lens_q.long()
+    starts, ends = bounds[:-1], bounds[1:]
+    index = starts[:, None] + torch.arange(longest, device=query.device)[None, :]  # [segments, L]
+    valid = index < ends[:, None]
+    index = torch.where(valid, index, torch.zeros_like(index))
+    q, k, v = (t[0][:, index].transpose(0, 1) for t in (query, key, value))  # [segments, heads, L, d]
+    out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :], scale=scaling)
+    position = torch.arange(query.shape[2], device=query.device)
+    segment = (position[:, None] >= ends[None, :]).sum(-1)
+    flat = segment * longest + (position - starts[segment])
+    return out.transpose(1, 2).reshape(-1, out.shape[1], out.shape[3])[flat][None], None
+
+
+AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
+
+
+@contextmanager
+def _attention(config, implementation: str):
+    """``config``'s attention implementation switched for the call (the source model keeps its own)."""
+    kept = config._attn_implementation
+    config._attn_implementation = implementation
+    try:
+        yield
+    finally:
+        config._attn_implementation = kept
+
+
+class ChunkedAudioEncoder(nn.Module):
+    """Qwen2.5-Omni's audio tower on index tensors computed in numpy (``runtime.encoders.chunked_audio_feeds``):
+    padded_feature [chunks, mels, frames] + chunk_lengths + valid_indices + pool_indices + cu_seqlens ->
+    audio_embeds [tokens of all clips, hidden]. The tower takes them in place of its Python loops."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.tower = model.model.audio_tower
+        for layer in self.tower.layers:  # a chunk is at most 2 * n_window mel frames: n_window after the convolution
+            layer.self_attn.max_segment_len = self.tower.config.n_window
+
+    def forward(self, padded_feature, chunk_lengths, valid_indices, pool_indices, cu_seqlens) -> torch.Tensor:
+        dtype = next(self.tower.parameters()).dtype
+        with _attention(self.tower.config, SEGMENT_ATTENTION):
+            out = self.tower(input_features=None, feature_lens=None, padded_feature=padded_feature.to(dtype),
+                             chunk_lengths=chunk_lengths, valid_indices=valid_indices, pool_indices=pool_indices,
+                             cu_seqlens=cu_seqlens, max_seqlen=0, return_dict=True)
+        return out.last_hidden_state.float()
+
+
+class WindowedVisionEncoder(nn.Module):
+    """Qwen2.5-Omni's (Qwen2.5-VL's) vision tower on index tensors computed in numpy
+    (``runtime.encoders.qwen_vl_image_feeds``): pixel_patches [patches, C*T*p*p] + rotary_pos_ids + window_index +
+    cu_seqlens + cu_window_seqlens -> image_embeds [merged tokens, hidden], image after image, row-major."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.visual = model.model.visual
+        config = self.visual.config
+        for i, block in enumerate(self.visual.blocks):  # window blocks: at most (window / patch)^2 patches
+            if i not in config.fullatt_block_indexes:
+                block.attn.max_segment_len = (config.window_size // config.patch_size) ** 2
+
+    def forward(self, pixel_patches, rotary_pos_ids, window_index, cu_seqlens, cu_window_seqlens) -> torch.Tensor:
+        dtype = next(self.visual.parameters()).dtype
+        with _attention(self.visual.config, SEGMENT_ATTENTION):
+            out = self.visual(pixel_patches.to(dtype), grid_thw=None, position_ids=rotary_pos_ids, cu_seqlens=cu_seqlens,
+                              window_index=window_index, cu_window_seqlens=cu_window_seqlens, max_seqlen=0,
+                              max_window_seqlen=0, return_dict=True)
+        return out.pooler_output.float()

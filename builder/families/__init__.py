@@ -11,10 +11,11 @@ import json
 from pathlib import Path
 
 from builder.errors import BuildError
-from builder.families import gemma3, mistral3, qwen2_audio, voxtral
+from builder.families import gemma3, mistral3, qwen2_audio, qwen25_omni, voxtral
 from builder.families.base import Family
 
-FAMILIES: dict[str, Family] = {family.MODEL_TYPE: family for family in (gemma3.FAMILY, mistral3.FAMILY, qwen2_audio.FAMILY, voxtral.FAMILY)}
+FAMILIES: dict[str, Family] = {family.MODEL_TYPE: family for family in (gemma3.FAMILY, mistral3.FAMILY, qwen2_audio.FAMILY,
+                                                                  qwen25_omni.FAMILY, voxtral.FAMILY)}
 
 
 def model_type(directory: Path) -> str:

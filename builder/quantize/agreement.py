@@ -26,6 +26,7 @@ class FusedPrompt:
     input_ids: np.ndarray  # [S]
     embeds: np.ndarray  # [S, hidden]
     mask: np.ndarray  # [S]
+    position_ids: np.ndarray | None = None  # [3, S] for an M-RoPE decoder
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ def fuse_prompt(inputs: ModelInputs, encoders: Mapping[str, ort.InferenceSession
     """What the ensemble does before the LLM: encode the images and audio, place them at their tokens.
     ``encoders`` maps ``vision_encoder`` / ``audio_encoder`` to a session."""
     embeds, mask = embed_request(inputs, encoders, facts)
-    return FusedPrompt(inputs.input_ids, embeds, mask)
+    return FusedPrompt(inputs.input_ids, embeds, mask, inputs.position_ids)
 
 
 def teacher_forced(
@@ -56,8 +57,10 @@ def teacher_forced(
     params = SamplingParams(max_tokens=positions)
     same, candidate_logits, reference_logits = 0, [], []
     for ref_prompt, cand_prompt in prompts:
-        ref = reference.start(ref_prompt.input_ids, ref_prompt.embeds, ref_prompt.mask, params)
-        cand = candidate.start(cand_prompt.input_ids, cand_prompt.embeds, cand_prompt.mask, params)
+        ref = reference.start(ref_prompt.input_ids, ref_prompt.embeds, ref_prompt.mask, params,
+                              position_ids=ref_prompt.position_ids)
+        cand = candidate.start(cand_prompt.input_ids, cand_prompt.embeds, cand_prompt.mask, params,
+                               position_ids=cand_prompt.position_ids)
         for position in range(positions):
             token = int(np.argmax(ref.logits))
             same += int(np.argmax(cand.logits)) == token

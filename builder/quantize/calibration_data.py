@@ -14,7 +14,7 @@ import numpy as np
 
 from builder.errors import BuildError
 from builder.runtime.chat import ChatPrompt
-from builder.runtime.encoders import audio_feeds
+from builder.runtime.encoders import audio_graph_feeds, image_feeds
 from builder.runtime.errors import RequestError
 from builder.runtime.model_facts import ModelFacts
 from builder.runtime.preprocess import ModelInputs, Preprocessor, RequestLimits
@@ -107,9 +107,17 @@ def load_samples(files: CalibrationFiles, preprocess: Preprocessor) -> Calibrati
     def split(values: list[dict[str, np.ndarray]]) -> Split:
         return Split(tuple(values[: files.samples]), tuple(values[files.samples :]))
 
-    pixels = split([{"pixel_values": request("image", image=p).pixel_values} for p in files.images]) if files.images else None
+    facts = preprocess.facts
+
+    def one_image(inputs: ModelInputs) -> dict[str, np.ndarray]:
+        (height, width), = inputs.image_sizes
+        assert facts.image is not None
+        return image_feeds(facts.image, np.ascontiguousarray(inputs.pixel_values[:, :, :height, :width]))
+
+    pixels = split([one_image(request("image", image=p)) for p in files.images]) if files.images else None
     clips = [request("audio", audio=p) for p in files.audio]
-    features = split([audio_feeds(c.input_features, c.audio_frames) for c in clips]) if clips else None
+    features = split([audio_graph_feeds(facts.audio, c.input_features, c.audio_frames) for c in clips]) \
+        if clips and facts.audio is not None else None
     media = [kind for kind, present in (("image", files.images), ("audio", files.audio)) if present]
 
     def held_out(n: int, i: int) -> ModelInputs:

@@ -73,14 +73,17 @@ def plan_repository(spec: BuildSpec, facts: ModelFacts, compiled: dict[str, Comp
                          Tensor("image_sizes", "TYPE_INT64", (-1, 2))), Tensor("image_embeds", "TYPE_FP32", (-1, hidden))))
     if audio is not None:
         assert facts.audio is not None
-        encoders.append(("audio_encoder", audio, (Tensor("input_features", "TYPE_FP32", (-1, facts.audio.num_mel_bins, facts.audio.frames)),
+        clip_width = -1 if facts.audio.layout == "chunked" else facts.audio.frames  # "chunked": the clips' own frames
+        encoders.append(("audio_encoder", audio, (Tensor("input_features", "TYPE_FP32", (-1, facts.audio.num_mel_bins, clip_width)),
                          Tensor("audio_frames", "TYPE_INT64", (-1,))), Tensor("audio_embeds", "TYPE_FP32", (-1, hidden))))
     media_outputs = [per_request(t) for _, _, inputs, _ in encoders for t in inputs]
+    # A decoder with M-RoPE takes the prompt's [3, S] positions, which only preprocess can compute (image sizes).
+    positions = [Tensor("prompt_positions", "TYPE_INT64", (facts.position_rows, -1))] if facts.position_rows != 1 else []
     models: list[ModelPlan] = [
         ModelPlan(
             "preprocess", "python_model.pbtxt.j2",
             inputs=(TEXT_INPUT, *MEDIA_INPUTS),
-            outputs=(Tensor("input_ids", "TYPE_INT64", (-1,)), *media_outputs),
+            outputs=(Tensor("input_ids", "TYPE_INT64", (-1,)), *positions, *media_outputs),
             python_model="preprocess", files=dict(shared),
             parameters=RequestLimits.from_spec(lim).parameters(),  # read back by RequestLimits.from_parameters
             **per_model,
@@ -116,6 +119,7 @@ def plan_repository(spec: BuildSpec, facts: ModelFacts, compiled: dict[str, Comp
         Tensor("input_ids", "TYPE_INT64", (-1,)),
         Tensor("multimodal_embeds", "TYPE_FP32", (-1, hidden)),
         Tensor("multimodal_mask", "TYPE_BOOL", (-1,)),
+        *positions,
         *SAMPLING_INPUTS,
     )
     # One model holds the LLM's weights: `llm`. A unary infer on a decoupled ensemble is refused, so
@@ -124,7 +128,8 @@ def plan_repository(spec: BuildSpec, facts: ModelFacts, compiled: dict[str, Comp
     # are optional on `llm` because a poll carries only the session.
     models.append(ModelPlan(
         "llm", "python_model.pbtxt.j2",
-        inputs=(*(dataclasses.replace(t, optional=True) for t in llm_inputs[:3]), *llm_inputs[3:], SESSION_INPUT),
+        inputs=(*(dataclasses.replace(t, optional=True) for t in llm_inputs[:3 + len(positions)]),
+                *llm_inputs[3 + len(positions):], SESSION_INPUT),
         outputs=(*ANSWER_OUTPUTS, FINISHED_OUTPUT), python_model="llm",
         files={**compiled["llm"].files, **facts_file, "tokenizer.json": shared["tokenizer.json"]},
         parameters={
@@ -145,14 +150,15 @@ def plan_repository(spec: BuildSpec, facts: ModelFacts, compiled: dict[str, Comp
             instances=triton.max_batch_size * triton.instances,
         ))
 
-    front_outputs = {"input_ids": "_input_ids", **{t.name: f"_{t.name}" for t in media_outputs}}
+    front_outputs = {"input_ids": "_input_ids", **{t.name: f"_{t.name}" for t in (*positions, *media_outputs)}}
     front = [EnsembleStep("preprocess", {t.name: t.name for t in (TEXT_INPUT, *MEDIA_INPUTS)}, front_outputs)]
     for name, _, inputs, output in encoders:
         front.append(EnsembleStep(name, {t.name: f"_{t.name}" for t in inputs}, {output.name: f"_{output.name}"}))
     front.append(EnsembleStep("fuse", {"input_ids": "_input_ids", **{t.name: f"_{t.name}" for t in embeds_inputs}},
                               {"multimodal_embeds": "_multimodal_embeds", "multimodal_mask": "_multimodal_mask"}))
     decode_inputs = {"input_ids": "_input_ids", "multimodal_embeds": "_multimodal_embeds",
-                     "multimodal_mask": "_multimodal_mask", **{t.name: t.name for t in SAMPLING_INPUTS}}
+                     "multimodal_mask": "_multimodal_mask", **{t.name: f"_{t.name}" for t in positions},
+                     **{t.name: t.name for t in SAMPLING_INPUTS}}
     answer = {t.name: t.name for t in ANSWER_OUTPUTS}
     if triton.entry_points != "streaming":
         models.append(ModelPlan(

@@ -193,3 +193,10 @@ def audio_to_clips(
     n_clips = clip_count(len(samples), SAMPLE_RATE, clip_samples, index, limits)
     mel = log_mel(samples, filters, n_clips * clip_samples)
     return np.ascontiguousarray(mel.reshape(mel.shape[0], n_clips, clip_samples // HOP).transpose(1, 0, 2))
+
+
+def valid_frames_log_mel(samples: np.ndarray, filters: np.ndarray, frames: int) -> np.ndarray:
+    """The first ``frames`` columns of the log-mel of ``samples`` zero-padded to a long window (Qwen2.5-Omni's
+    processor pads every clip to 300 s): float32 [n_mels, frames]. Only the frames that overlap the audio differ from
+    the floor, so a pad of one FFT window past the last frame gives the same columns and the same max - 8 floor."""
+    return log_mel(samples, filters, frames * HOP + N_FFT)[:, :frames]

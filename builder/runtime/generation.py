@@ -74,6 +74,7 @@ class Sequence:
     logits: np.ndarray  # [vocab] for the next token
     tokens: list[int] = field(default_factory=list)
     finished: bool = False
+    position_offset: int = 0  # a decode step's position is length + this (M-RoPE: the prompt's images shift it)
 
     def next_token(self) -> int | None:
         """Chooses the next token; None (and finished) on a stop id. Finished after max_tokens."""
@@ -99,6 +100,7 @@ class SequenceRunner(Protocol):
         multimodal_mask: np.ndarray,  # [S] bool
         params: SamplingParams,
         stop_ids: frozenset[int] = ...,
+        position_ids: np.ndarray | None = None,  # [3, S] when the decoder takes M-RoPE positions
     ) -> Sequence: ...
 
     def decode(self, sequences: list[Sequence]) -> None: ...
@@ -114,9 +116,10 @@ class GenerateOne:
         multimodal_mask: np.ndarray,
         params: SamplingParams,
         stop_ids: frozenset[int] = frozenset(),
+        position_ids: np.ndarray | None = None,
     ) -> Iterator[int]:
         """Yields new token ids as they are chosen; stops on a stop id (not yielded) or after max_tokens."""
-        seq = self.start(input_ids, multimodal_embeds, multimodal_mask, params, stop_ids)
+        seq = self.start(input_ids, multimodal_embeds, multimodal_mask, params, stop_ids, position_ids)
         while True:
             token = seq.next_token()
             if token is None:
@@ -156,6 +159,7 @@ class LanguageModelRunner(GenerateOne):
         multimodal_mask: np.ndarray,  # [S] bool
         params: SamplingParams,
         stop_ids: frozenset[int] = frozenset(),
+        position_ids: np.ndarray | None = None,  # [3, S] M-RoPE positions (position_rows 3); None: 0, 1, 2...
     ) -> Sequence:
         facts = self.facts
         hit = self.prefix_cache.lookup(input_ids, multimodal_mask) if self.prefix_cache is not None else None
@@ -163,19 +167,27 @@ class LanguageModelRunner(GenerateOne):
         empty_kv = np.zeros((1, facts.num_kv_heads, 0, facts.head_dim), dtype=self.kv_dtype)
         past = [kv[None] for kv in hit.past] if hit else [empty_kv] * len(self.kv_inputs)
         length = int(input_ids.size)
+        if position_ids is None:
+            position_ids = np.broadcast_to(np.arange(length, dtype=np.int64), (facts.position_rows, length))
         feeds = {
             "input_ids": input_ids[None, reused:].astype(np.int64),
             "multimodal_embeds": multimodal_embeds[None, reused:].astype(np.float32),
             "multimodal_mask": multimodal_mask[None, reused:].astype(bool),
             "attention_mask": np.ones((1, length), dtype=np.int64),
-            "position_ids": np.arange(reused, length, dtype=np.int64)[None],
+            "position_ids": self._positions(np.ascontiguousarray(position_ids[:, None, reused:], dtype=np.int64)),
             **dict(zip(self.kv_inputs, past)),
         }
         logits, *present = self.session.run(["logits", *self.kv_outputs], feeds)
         cache = [p[0] for p in present]
         if self.prefix_cache is not None:
             self.prefix_cache.store(input_ids, multimodal_mask, cache)
-        return Sequence(params, stop_ids, np.random.default_rng(params.seed), cache, length, logits[0])
+        # The next position follows the prompt's largest (M-RoPE: an image spans fewer positions than tokens).
+        offset = int(position_ids.max()) + 1 - length if length else 0
+        return Sequence(params, stop_ids, np.random.default_rng(params.seed), cache, length, logits[0], position_offset=offset)
+
+    def _positions(self, rows: np.ndarray) -> np.ndarray:
+        """[rows, B, S] positions as the graph takes them: [B, S] for plain positions, [3, B, S] for M-RoPE."""
+        return rows[0] if self.facts.position_rows == 1 else rows
 
     def decode(self, sequences: list[Sequence]) -> None:
         """Feeds each sequence its last token; updates its cache and next-token logits."""
@@ -194,7 +206,9 @@ class LanguageModelRunner(GenerateOne):
             "multimodal_embeds": np.zeros((batch, 1, facts.hidden_size), dtype=np.float32),
             "multimodal_mask": np.zeros((batch, 1), dtype=bool),
             "attention_mask": attention,
-            "position_ids": np.array([[s.length] for s in sequences], dtype=np.int64),
+            "position_ids": self._positions(np.broadcast_to(
+                np.array([[s.length + s.position_offset] for s in sequences], dtype=np.int64),
+                (facts.position_rows, batch, 1)).copy()),
             **past,
         }
         logits, *present = self.session.run(["logits", *self.kv_outputs], feeds)

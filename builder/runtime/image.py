@@ -79,6 +79,21 @@ def resized_size(height: int, width: int, longest_edge: int, cell: int) -> tuple
     return ((height - 1) // cell + 1) * cell, ((width - 1) // cell + 1) * cell
 
 
+def smart_resize(height: int, width: int, cell: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen2-VL's ``smart_resize``: each side rounded (half to even, Python's ``round``) to whole cells, then scaled
+    as a whole so the area lies within ``min_pixels``..``max_pixels``; (0, 0) for an aspect ratio over 200."""
+    if max(height, width) / min(height, width) > 200:
+        return 0, 0
+    h, w = round(height / cell) * cell, round(width / cell) * cell
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h, w = max(cell, math.floor(height / beta / cell) * cell), max(cell, math.floor(width / beta / cell) * cell)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * beta / cell) * cell, math.ceil(width * beta / cell) * cell
+    return h, w
+
+
 RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 

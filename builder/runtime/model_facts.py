@@ -23,6 +23,10 @@ class ImageFacts:
     - "fixed" (Gemma 3): squashed to one ``longest_edge`` square (a single cell); the template emits the marker
       ``token_text`` once per image, replaced in the rendered text by ``expansion`` before tokenizing (its
       newlines merge with the text around it), which holds ``tokens_per_image`` of ``token``.
+    - "qwen_vl" (Qwen2.5-Omni): Qwen2-VL's ``smart_resize`` (sides rounded to whole cells, the area kept within
+      ``min_pixels``..``max_pixels``); the template's ``token`` expands to (height x width) / cell^2 of ``token``. The
+      encoder takes each image as ``patch_size`` patches of ``temporal_patch_size`` frames, merged ``merge_size`` x
+      ``merge_size``, attended in windows of ``window_size`` pixels.
     """
 
     token: int
@@ -34,10 +38,14 @@ class ImageFacts:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     token_text: str  # the placeholder as the template writes it, e.g. "[IMG]"
-    layout: str = "pixtral"  # "pixtral" | "fixed"
+    layout: str = "pixtral"  # "pixtral" | "fixed" | "qwen_vl"
     resample: str = "bicubic"  # Pillow's filter for the resize: "bicubic" | "bilinear"
     tokens_per_image: int = 0  # "fixed": the ``token``s in ``expansion``
     expansion: str = ""  # "fixed": the text each template marker becomes
+    min_pixels: int = 0  # "qwen_vl": the resized area's bounds
+    max_pixels: int = 0
+    temporal_patch_size: int = 1  # "qwen_vl": frames per patch (a still image repeats itself)
+    window_size: int = 0  # "qwen_vl": pixels per side of an attention window
 
     @property
     def cell(self) -> int:
@@ -52,7 +60,9 @@ class AudioFacts:
     ``layout`` says how an audio input becomes encoder clips and placeholder tokens:
     - "windows" (Voxtral): zero-padded to whole windows, each window a clip of ``tokens_per_clip`` tokens;
     - "masked" (Qwen2-Audio): one window per input, its padding masked inside the encoder; the tokens follow the
-      clip's own frames (longer audio is refused: the model's processor would cut it).
+      clip's own frames (longer audio is refused: the model's processor would cut it);
+    - "chunked" (Qwen2.5-Omni): as "masked", but a clip travels as its own frames only (no window padding) and the
+      encoder attends inside chunks of ``chunk_frames`` mel frames, its positions restarting in each.
     The chat template emits ``token`` once per audio input; it expands to ``begin`` (when the template does not
     write one itself) + ``token`` x the input's tokens.
     """
@@ -63,8 +73,9 @@ class AudioFacts:
     clip_samples: int  # 16 kHz samples per encoder clip (window)
     hop_length: int  # samples per mel frame
     positions_per_token: int  # encoder positions pooled or stacked into one token
-    layout: str  # "windows" | "masked"
+    layout: str  # "windows" | "masked" | "chunked"
     token_text: str
+    chunk_frames: int = 0  # "chunked": mel frames per encoder chunk
 
     @property
     def frames(self) -> int:
@@ -91,6 +102,9 @@ class ModelFacts:
     stop_ids: tuple[int, ...]  # generation ends at any of these
     image: ImageFacts | None  # None: the checkpoint has no vision encoder
     audio: AudioFacts | None  # None: the checkpoint has no audio encoder
+    # 3: the decoder takes M-RoPE positions (temporal, height, width) per token, which preprocessing computes from
+    # the prompt's images; 1: plain positions 0, 1, 2...
+    position_rows: int = 1
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")

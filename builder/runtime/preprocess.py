@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tokenizers import Tokenizer
 
-from .audio import SAMPLE_RATE, AudioLimits, audio_to_clips, clip_frames, decode_wav, mel_filter_bank, resample
+from .audio import (SAMPLE_RATE, AudioLimits, audio_to_clips, clip_frames, decode_wav, mel_filter_bank, resample,
+                    valid_frames_log_mel)
 from .chat import ChatPrompt
 from .errors import RequestError
-from .image import ImageLimits, decode_image, image_to_pixels, pad_images, resized_size
+from .image import ImageLimits, decode_image, image_to_pixels, pad_images, resized_size, smart_resize
 from .model_facts import ModelFacts
-from .prompt import expand_placeholders
+from .prompt import expand_placeholders, mrope_positions
 from .text import load_tokenizer
 
 if TYPE_CHECKING:  # the spec is build-side; serving renders its limits into config parameters
@@ -65,6 +66,7 @@ class ModelInputs:
     image_sizes: np.ndarray  # [images, 2] int64: each image's resized (height, width)
     input_features: np.ndarray  # [clips, mels, frames] float32
     audio_frames: np.ndarray  # [clips] int64: the mel frames each clip's encoder attends to (the rest is padding)
+    position_ids: np.ndarray | None = None  # [3, S] int64 when the decoder takes M-RoPE positions (position_rows 3)
 
 
 class Preprocessor:
@@ -108,13 +110,14 @@ class Preprocessor:
         # Counts and sizes first: resizing, resampling and mel features cost time per pixel or sample.
         frames = self._clip_frames(decoded_audio, len(audio))
         decoded_images = [decode_image(data, i, limits.image) for i, data in enumerate(images)]
-        sizes = [resized_size(img.height, img.width, facts.image.longest_edge, facts.image.cell)
-                 if facts.image.layout == "pixtral" else (facts.image.longest_edge,) * 2
-                 for img in decoded_images] if facts.image else []
+        sizes = [self._resized_size(img.height, img.width) for img in decoded_images]
         for i, (img, (height, width)) in enumerate(zip(decoded_images, sizes)):
             if not height or not width:  # e.g. 1 x 5000: scaled to fit, one side rounds down to nothing
                 raise RequestError(f"image[{i}]: {img.width}x{img.height} is too narrow to keep a pixel per side "
-                                   f"once scaled to a longest edge of {facts.image.longest_edge}")
+                                   f"once scaled to a longest edge of {facts.image.longest_edge}"
+                                   if facts.image.layout != "qwen_vl" else
+                                   f"image[{i}]: {img.width}x{img.height} has an aspect ratio over 200, which this "
+                                   f"model's processor refuses")
         expansions = {facts.image.token_text: facts.image.expansion} if facts.image and facts.image.expansion else {}
         rendered = self.chat.encode(self.tokenizer, prompt, images=len(images), audio=len(audio), system_prompt=system,
                                     expansions=expansions)
@@ -125,8 +128,19 @@ class Preprocessor:
                 f"over the limit of {limits.max_prompt_tokens}"
             )
         pixels, image_sizes = self._pixels(decoded_images, sizes)
-        return ModelInputs(np.asarray(ids, dtype=np.int64), pixels, image_sizes, self._features(decoded_audio),
-                           np.asarray([f for clips in frames for f in clips], dtype=np.int64))
+        clip_frames = np.asarray([f for clips in frames for f in clips], dtype=np.int64)
+        positions = mrope_positions(ids, facts.image, sizes) if facts.position_rows == 3 else None
+        return ModelInputs(np.asarray(ids, dtype=np.int64), pixels, image_sizes,
+                           self._features(decoded_audio, clip_frames), clip_frames, positions)
+
+    def _resized_size(self, height: int, width: int) -> tuple[int, int]:
+        image = self.facts.image
+        assert image is not None
+        if image.layout == "qwen_vl":
+            return smart_resize(height, width, image.cell, image.min_pixels, image.max_pixels)
+        if image.layout == "pixtral":
+            return resized_size(height, width, image.longest_edge, image.cell)
+        return image.longest_edge, image.longest_edge
 
     def _text(self, name: str, value: bytes | str | None) -> str | None:
         if value is None:
@@ -165,12 +179,17 @@ class Preprocessor:
         return pad_images([image_to_pixels(img, size, image.mean, image.std, image.resample)
                            for img, size in zip(decoded, sizes)])
 
-    def _features(self, decoded: list[tuple[np.ndarray, int]]) -> np.ndarray:
+    def _features(self, decoded: list[tuple[np.ndarray, int]], frames: np.ndarray) -> np.ndarray:
         audio = self.facts.audio
         if audio is None or not decoded:
-            mels, frames = (audio.num_mel_bins, audio.frames) if audio else (1, 1)
+            mels, frames = (audio.num_mel_bins, audio.frames if audio.layout != "chunked" else 1) if audio else (1, 1)
             return np.zeros((0, mels, frames), np.float32)
         assert self.mel_filters is not None
+        if audio.layout == "chunked":  # each clip's own frames, the request's clips padded to the longest
+            batch = np.zeros((len(decoded), audio.num_mel_bins, int(frames.max())), np.float32)
+            for i, ((samples, rate), n) in enumerate(zip(decoded, frames)):
+                batch[i, :, :n] = valid_frames_log_mel(resample(samples, rate), self.mel_filters, int(n))
+            return batch
         clips = [audio_to_clips(resample(samples, rate), self.mel_filters, audio.clip_samples, i, self.limits.audio)
                  for i, (samples, rate) in enumerate(decoded)]
         return np.concatenate(clips).astype(np.float32)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from .errors import RequestError
 from .model_facts import AudioFacts, ImageFacts, ModelFacts
 
@@ -16,6 +18,8 @@ from .model_facts import AudioFacts, ImageFacts, ModelFacts
 def image_placeholders(image: ImageFacts, height: int, width: int) -> list[int]:
     """The tokens of one resized image of ``height`` x ``width`` pixels (multiples of ``image.cell``)."""
     rows, cols = height // image.cell, width // image.cell
+    if image.layout == "qwen_vl":  # one token per cell, no row breaks
+        return [image.token] * (rows * cols)
     ids: list[int] = []
     for _ in range(rows):
         ids += [image.token] * cols + [image.row_break]
@@ -56,3 +60,26 @@ def expand_placeholders(
         else:
             out.append(token)
     return out
+
+
+def mrope_positions(ids: Sequence[int], image: ImageFacts | None, image_sizes: Sequence[tuple[int, int]]) -> np.ndarray:
+    """[3, S] M-RoPE positions (temporal, height, width) of an expanded prompt, as Qwen2.5-Omni's ``get_rope_index``
+    gives them for images and audio: a text or audio token is one step on all three rows; image n's tokens, a run of
+    rows x cols cells from position p, get (p, p + row, p + col); after each block the next position is its largest
+    plus one. Before the first image every row equals the plain positions 0, 1, 2... (so prefixes cache as text)."""
+    positions = np.zeros((3, len(ids)), np.int64)
+    token = image.token if image is not None else None
+    next_position, i, n = 0, 0, 0
+    while i < len(ids):
+        if ids[i] == token:
+            rows, cols = image_sizes[n][0] // image.cell, image_sizes[n][1] // image.cell
+            count = rows * cols
+            positions[0, i:i + count] = next_position
+            positions[1, i:i + count] = next_position + np.repeat(np.arange(rows), cols)
+            positions[2, i:i + count] = next_position + np.tile(np.arange(cols), rows)
+            next_position += max(rows, cols)
+            i, n = i + count, n + 1
+        else:
+            positions[:, i] = next_position
+            next_position, i = next_position + 1, i + 1
+    return positions

@@ -33,6 +33,7 @@ class DecodeJob:
     on_token: Callable[[int], None]  # each new token, as it is chosen
     on_finish: Callable[[], None]  # after the last token (max_tokens or a stop id)
     on_error: Callable[[BaseException], None]  # instead of on_finish
+    position_ids: np.ndarray | None = None  # [3, S] M-RoPE positions, for a decoder that takes them
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,8 @@ class DecodeScheduler:
 
     def _admit(self, job: DecodeJob) -> None:
         try:
-            seq = self.runner.start(job.input_ids, job.multimodal_embeds, job.multimodal_mask, job.params, job.stop_ids)
+            seq = self.runner.start(job.input_ids, job.multimodal_embeds, job.multimodal_mask, job.params, job.stop_ids,
+                                    job.position_ids)
         except Exception as exc:  # noqa: BLE001
             self._end(job, failed=True)
             job.on_error(exc)

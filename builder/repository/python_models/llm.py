@@ -73,7 +73,9 @@ class TritonPythonModel:
 
     def start(self, prompt, sink):
         """Decodes ``prompt``; ``sink`` gets each token, then ``finish()`` or ``fail(error)``."""
-        self.scheduler.submit(DecodeJob(*prompt, self.stop_ids, on_token=sink.token, on_finish=sink.finish, on_error=sink.fail))
+        ids, embeds, mask, params, positions = prompt
+        self.scheduler.submit(DecodeJob(ids, embeds, mask, params, self.stop_ids, on_token=sink.token, on_finish=sink.finish,
+                                        on_error=sink.fail, position_ids=positions))
 
     def prompt(self, request):
         """The request's prompt and sampling parameters, validated: a bad request fails before it starts."""
@@ -87,7 +89,10 @@ class TritonPythonModel:
             raise RequestError(
                 f"max_tokens: prompt ({ids.size} tokens) + max_tokens ({params.max_tokens}) exceeds the context of {self.max_context}"
             )
-        return ids, embeds, mask, params
+        positions = input_array(request, "prompt_positions")  # M-RoPE models only: [3, S] from preprocess
+        if self.facts.position_rows != 1 and (positions is None or positions.shape != (self.facts.position_rows, ids.size)):
+            raise RequestError(f"prompt_positions: {self.facts.position_rows} rows of {ids.size} positions are required")
+        return ids, embeds, mask, params, positions
 
     def finalize(self):
         self.metrics.close()

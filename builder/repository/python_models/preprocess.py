@@ -17,7 +17,7 @@ class TritonPythonModel:
         # The encoders' inputs carry a leading axis of 1, the request (see the encoders' configs).
         outputs = {"input_ids": inputs.input_ids, "pixel_values": inputs.pixel_values[None],
                    "image_sizes": inputs.image_sizes[None], "input_features": inputs.input_features[None],
-                   "audio_frames": inputs.audio_frames[None]}
+                   "audio_frames": inputs.audio_frames[None], "prompt_positions": inputs.position_ids}
         # Only what this model's config declares: a build without an encoder has no output for it.
         return {name: outputs[name] for name in request.requested_output_names()}
 

@@ -1,0 +1,146 @@
+"""Qwen2.5-Omni thinker (``Qwen2_5OmniThinkerForConditionalGeneration``): Qwen2.5-VL's windowed vision tower, a
+Whisper-style audio tower attending inside 2 s chunks, and a Qwen2 decoder with M-RoPE; text, images and audio in.
+
+As a thinker-only checkpoint is published (``model_type: qwen2_5_omni_thinker``, what ``save_pretrained`` of the
+class writes): ``config.json`` (``Qwen2_5OmniThinkerConfig``), safetensors shards, ``tokenizer.json``, the chat
+template (``chat_template.json``: a default system prompt, each image ``<|vision_bos|><|IMAGE|><|vision_eos|>``,
+each audio ``<|audio_bos|><|AUDIO|><|audio_eos|>``) and one ``preprocessor_config.json`` holding the
+Qwen2VLImageProcessor and WhisperFeatureExtractor keys. Images are ``smart_resize``d (bicubic) within
+min/max_pixels, one ``<|IMAGE|>`` per 28 x 28 pixels; audio at 16 kHz up to 300 s (longer is refused: the processor
+would cut it), one ``<|AUDIO|>`` per 40 ms. The decoder's positions are 3 rows (temporal, height, width) that
+preprocessing computes (``runtime.prompt.mrope_positions``). Videos (and audio inside videos) are not supported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from builder.errors import BuildError
+from builder.families.base import Family, SourceModel, greedy_new_tokens, model_facts
+from builder.families.hf_files import added_tokens, check_feature_extractor, load_pretrained, read_json, token_id
+from builder.runtime.audio import HOP, SAMPLE_RATE
+from builder.runtime.model_facts import AudioFacts, ImageFacts, ModelFacts
+from builder.runtime.preprocess import ModelInputs
+
+if TYPE_CHECKING:
+    from builder.export.recipes import ExportRecipe
+    from builder.spec import LimitsSpec
+
+IMAGE_TOKEN, AUDIO_TOKEN = "<|IMAGE|>", "<|AUDIO|>"
+_BICUBIC = 3  # PIL's filter number, as preprocessor_config.json stores it
+
+# Qwen2.5-Omni-7B's chat_template.json, for checkpoints without one of their own.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% set audio_count = namespace(value=0) %}{% set image_count = namespace(value=0) %}"
+    "{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_bos|><|IMAGE|><|vision_eos|>"
+    "{% elif content['type'] == 'audio' or 'audio' in content or 'audio_url' in content %}"
+    "{% set audio_count.value = audio_count.value + 1 %}{% if add_audio_id %}Audio {{ audio_count.value }}: "
+    "{% endif %}<|audio_bos|><|AUDIO|><|audio_eos|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_bos|><|VIDEO|><|vision_eos|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _configured_token(directory: Path, tokenizer: Path, name: str, configured: int) -> int:
+    token = token_id(added_tokens(tokenizer), name, tokenizer)
+    if token != configured:
+        raise BuildError(f"{directory}: {name} is token {token} in {tokenizer} but {configured} in config.json")
+    return token
+
+
+def _image_facts(directory: Path, tokenizer: Path, config: Any, pre: dict[str, Any]) -> ImageFacts:
+    vision = config.vision_config
+    if int(pre.get("resample", _BICUBIC)) != _BICUBIC:
+        raise BuildError(f"{directory / 'preprocessor_config.json'}: resample={pre['resample']} is not bicubic (3)")
+    size = pre.get("size") or {}
+    for key, value in (("patch_size", vision.patch_size), ("merge_size", vision.spatial_merge_size),
+                       ("temporal_patch_size", vision.temporal_patch_size)):
+        if key in pre and int(pre[key]) != int(value):
+            raise BuildError(f"{directory / 'preprocessor_config.json'}: {key} {pre[key]} is not the vision tower's {value}")
+    return ImageFacts(
+        token=_configured_token(directory, tokenizer, IMAGE_TOKEN, config.image_token_index), row_break=-1, end=-1,
+        patch_size=int(vision.patch_size), merge_size=int(vision.spatial_merge_size),
+        longest_edge=0,  # no longest edge: min_pixels..max_pixels bound the area
+        mean=tuple(pre.get("image_mean", (0.48145466, 0.4578275, 0.40821073))),
+        std=tuple(pre.get("image_std", (0.26862954, 0.26130258, 0.27577711))),
+        token_text=IMAGE_TOKEN, layout="qwen_vl", resample="bicubic",
+        min_pixels=int(pre.get("min_pixels", size.get("shortest_edge", 56 * 56))),
+        max_pixels=int(pre.get("max_pixels", size.get("longest_edge", 28 * 28 * 16384))),
+        temporal_patch_size=int(vision.temporal_patch_size), window_size=int(vision.window_size),
+    )
+
+
+def _audio_facts(directory: Path, tokenizer: Path, config: Any, pre: dict[str, Any]) -> AudioFacts:
+    tower = config.audio_config
+    audio = AudioFacts(
+        token=_configured_token(directory, tokenizer, AUDIO_TOKEN, config.audio_token_index), begin=None,
+        num_mel_bins=int(tower.num_mel_bins), clip_samples=int(pre.get("n_samples", 300 * SAMPLE_RATE)), hop_length=HOP,
+        positions_per_token=2, layout="chunked", token_text=AUDIO_TOKEN, chunk_frames=2 * int(tower.n_window),
+    )
+    check_feature_extractor(directory, audio)
+    return audio
+
+
+def _config(directory: Path) -> Any:
+    from transformers import Qwen2_5OmniThinkerConfig
+
+    config = Qwen2_5OmniThinkerConfig.from_pretrained(directory)
+    # get_rope_index reads these; the published thinker configs carry them, transformers does not declare them.
+    for name in ("vision_start_token_id", "vision_end_token_id"):
+        if getattr(config, name, None) is None:
+            raise BuildError(f"{directory / 'config.json'}: {name} is missing (the model's own generate needs it)")
+    return config
+
+
+class Qwen25OmniThinker(Family):
+    MODEL_TYPE = "qwen2_5_omni_thinker"
+    DEFAULT_CHAT_TEMPLATE = DEFAULT_CHAT_TEMPLATE
+
+    def read_facts(self, directory: Path, tokenizer: Path) -> ModelFacts:
+        config = _config(directory)
+        pre = read_json(directory / "preprocessor_config.json")
+        facts = model_facts(self.MODEL_TYPE, directory, config, _image_facts(directory, tokenizer, config, pre),
+                            _audio_facts(directory, tokenizer, config, pre))
+        return dataclasses.replace(facts, position_rows=3)
+
+    def load(self, directory: Path, dtype: str, tokenizer: Path) -> SourceModel:
+        from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+        model = load_pretrained(Qwen2_5OmniThinkerForConditionalGeneration, directory, _config(directory), dtype)
+        return SourceModel(directory, model, self.read_facts(directory, tokenizer))
+
+    def recipes(self, source: SourceModel, limits: "LimitsSpec", components: list[str]) -> list["ExportRecipe"]:
+        from builder.export.recipes import chunked_audio_recipe, llm_recipe, windowed_vision_recipe
+
+        makers = {"vision_encoder": windowed_vision_recipe, "audio_encoder": chunked_audio_recipe, "llm": llm_recipe}
+        return [makers[name](source, limits) for name in components]
+
+    def reference_generate(self, source: SourceModel, inputs: ModelInputs, max_new_tokens: int) -> list[int]:
+        from builder.runtime.encoders import audio_feeds, qwen_vl_image_feeds
+
+        image = source.facts.image
+        assert image is not None
+        media: dict[str, np.ndarray] = {}
+        if len(inputs.pixel_values):  # the processor's flat patches and (t, h, w) grid per image
+            crops = [inputs.pixel_values[i : i + 1, :, :h, :w] for i, (h, w) in enumerate(inputs.image_sizes)]
+            media["pixel_values"] = np.concatenate([qwen_vl_image_feeds(image, c)["pixel_patches"] for c in crops])
+            media["image_grid_thw"] = np.array([[1, h // image.patch_size, w // image.patch_size]
+                                                for h, w in inputs.image_sizes], np.int64)
+        if len(inputs.input_features):
+            media.update(audio_feeds(inputs.input_features, inputs.audio_frames))
+        return greedy_new_tokens(source, inputs.input_ids, max_new_tokens, **media)
+
+
+FAMILY = Qwen25OmniThinker()

@@ -1,0 +1,98 @@
+"""A Qwen2.5-Omni thinker checkpoint as published (thinker only) builds, serves, and answers exactly as HF's pipeline.
+
+``Qwen2_5OmniThinkerForConditionalGeneration`` written by transformers (odd sizes, BF16 shards, the on-disk key
+layout), a Qwen2 tokenizer, the published chat template and preprocessor_config.json (tests/hf_qwen25_omni.py). The
+reference is ``Qwen2_5OmniProcessor`` + ``generate``: served greedy ``output_ids`` must equal HF's for text, one
+image, one clip, and an image with a clip, where the decoder's M-RoPE positions follow the image's grid.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from builder.serve.client import Request, ask
+from tests.family_checks import (assert_int8_build_kept_its_promise, assert_refused, assert_served_as_reference,
+                                 assert_streaming_equals_unary, family_fixtures, noisy_wav)
+from tests.hf_checkpoints import image
+from tests.hf_qwen25_omni import load_processor, omni_pipeline_generate, write_qwen25_omni_checkpoint
+
+NEW_TOKENS = 16
+LIMITS = {"max_prompt_tokens": 1200, "max_context": 1300}
+checkpoint, repository, connection = family_fixtures(write_qwen25_omni_checkpoint, **LIMITS)
+
+# (text, images as (seed, width, height), audio as (seed, seconds, sample rate), system prompt)
+CASES = {
+    "text": ("Describe the colours and the shapes you see.", [], [], None),
+    "one image": ("What is in the picture?", [(1, 97, 61)], [], None),
+    "one clip": ("Listen to this audio clip and tell me what you hear.", [], [(2, 2.37, 16000)], None),
+    "an image and a clip": ("Compare the audio with the image.", [(3, 130, 75)], [(4, 4.61, 16000)], None),
+    "two images, a clip at 44.1 kHz, a system prompt": ("Compare them.", [(5, 300, 200), (6, 40, 50)],
+                                                        [(7, 2.5, 44100)], "Answer in one word."),
+}
+
+
+def png(picture) -> bytes:
+    out = io.BytesIO()
+    picture.save(out, format="PNG")
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint: Path):
+    import torch
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    processor = load_processor(checkpoint)
+    return lambda text, images, audio, system_prompt: omni_pipeline_generate(model, processor, text, images, audio,
+                                                                             NEW_TOKENS, system_prompt)
+
+
+def test_only_the_components_the_checkpoint_has(repository: Path) -> None:
+    models = {p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file()}
+    assert models == {"preprocess", "vision_encoder", "audio_encoder", "fuse", "llm", "llm_stream", "ensemble",
+                      "ensemble_stream"}
+    facts = json.loads((repository / "llm" / "1" / "model_facts.json").read_text()) \
+        if (repository / "llm" / "1" / "model_facts.json").is_file() else None
+    assert facts is None or facts["position_rows"] == 3
+
+
+@pytest.mark.serving
+@pytest.mark.parametrize("case", CASES)
+def test_served_greedy_tokens_equal_hugging_face_pipeline(case: str, connection, reference) -> None:
+    text, images, audio, system_prompt = CASES[case]
+    pictures, clips = [image(*spec) for spec in images], [noisy_wav(*spec) for spec in audio]
+    request = Request(text, images=tuple(map(png, pictures)), audio=tuple(clips), system_prompt=system_prompt,
+                      max_tokens=NEW_TOKENS)
+    assert_served_as_reference(connection, request, reference(text, pictures, clips, system_prompt))
+
+
+@pytest.mark.serving
+def test_what_an_image_holds_reaches_the_model(connection) -> None:
+    """Guards the cases above: two images of the same size but other pixels give other answers."""
+    answers = [ask(connection, Request("What is in the picture?", images=(png(image(seed, 97, 61)),),
+                                       max_tokens=NEW_TOKENS)).token_ids for seed in (11, 12)]
+    assert answers[0] != answers[1]
+
+
+@pytest.mark.serving
+def test_streaming_equals_unary(connection) -> None:
+    assert_streaming_equals_unary(connection, Request("Compare the audio with the image.", images=(png(image(3, 130, 75)),),
+                                                      audio=(noisy_wav(4, 4.61),), max_tokens=NEW_TOKENS))
+
+
+@pytest.mark.serving
+def test_an_image_of_extreme_aspect_ratio_is_refused(connection) -> None:
+    """Its processor raises on an aspect ratio over 200; serving says so."""
+    assert_refused(connection, Request("Describe it.", images=(png(image(8, 403, 2)),)), r"image\[0\]: 403x2 has an aspect ratio over 200")
+
+
+def test_int8_build_passes_the_pipeline_gate_or_falls_back_and_says_so(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert_int8_build_kept_its_promise(checkpoint, tmp_path / "repo", lambda: capsys.readouterr().out,
+                                       ["text", "text+image", "text+audio", "text+image+audio"], **LIMITS)
