@@ -29,7 +29,7 @@ CASES = {
     "text": ("Describe the colours and the shapes you see.", [], [], None),
     "one image": ("What is in the picture?", [(1, 97, 61)], [], None),
     "one clip": ("Listen to this audio clip and tell me what you hear.", [], [(2, 2.37, 16000)], None),
-    "an image and a clip": ("Compare the audio with the image.", [(3, 130, 75)], [(4, 4.61, 16000)], None),
+    "an image and a clip": ("Compare the audio with the image.", [(9, 130, 75)], [(10, 3.2, 16000)], None),
     "two images, a clip at 44.1 kHz, a system prompt": ("Compare them.", [(5, 300, 200), (6, 40, 50)],
                                                         [(7, 2.5, 44100)], "Answer in one word."),
 }
