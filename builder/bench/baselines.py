@@ -58,7 +58,8 @@ class InProcessPipeline:
         inputs = self.preprocess(request.prompt, list(request.images), list(request.audio), request.system_prompt)
         embeds, mask = embed_request(inputs, self.encoders, self.facts)
         params = SamplingParams(max_tokens=request.max_tokens or 0).validate(self.max_tokens_cap)
-        yield from self.runner.generate(inputs.input_ids, embeds, mask, params, frozenset(self.facts.stop_ids))
+        yield from self.runner.generate(inputs.input_ids, embeds, mask, params, frozenset(self.facts.stop_ids),
+                                        inputs.position_ids)
 
 
 class HuggingFaceEager:
