@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,17 @@ def test_what_an_image_holds_reaches_the_model(connection) -> None:
     answers = [ask(connection, Request("What is in the picture?", images=(png(image(seed, 97, 61)),),
                                        max_tokens=NEW_TOKENS)).token_ids for seed in (11, 12)]
     assert answers[0] != answers[1]
+
+
+@pytest.mark.serving
+def test_concurrent_requests_decode_together_and_keep_their_own_positions(connection) -> None:
+    """Requests whose images shift their M-RoPE positions by different amounts (or not at all) share decode steps and
+    encoder runs (clips of other lengths, images of other sizes): each gets the answer it gets alone."""
+    requests = [Request(text, images=tuple(png(image(*spec)) for spec in images), audio=tuple(noisy_wav(*spec) for spec in audio),
+                        system_prompt=system_prompt, max_tokens=NEW_TOKENS) for text, images, audio, system_prompt in CASES.values()]
+    alone = [ask(connection, r).token_ids for r in requests]
+    with ThreadPoolExecutor(len(requests)) as pool:
+        assert list(pool.map(lambda r: ask(connection, r).token_ids, requests)) == alone
 
 
 @pytest.mark.serving

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.compile.artifacts import CompiledModel
+from builder.errors import BuildError
 from builder.onnx_files import data_files
 from builder.runtime.contract import (
     ANSWER_OUTPUTS, CLIENT_INPUTS, MEDIA_INPUTS, SAMPLING_INPUTS, STREAM_INPUT, STREAMING_ENSEMBLE, TEXT_INPUT,
@@ -63,6 +64,18 @@ def plan_repository(spec: BuildSpec, facts: ModelFacts, compiled: dict[str, Comp
     per_model = dict(instances=triton.instances)
     facts_file = {"model_facts.json": shared["model_facts.json"]}
     vision, audio = compiled.get("vision_encoder"), compiled.get("audio_encoder")
+    target = TARGETS[spec.target]
+    # Graphs that take one call's patches or chunks with their index tensors have no axis a backend could batch on,
+    # and the TensorRT decode loop feeds plain positions: such models serve on target python only.
+    one_call_graphs = [name for name, takes_one_call in (
+        ("vision_encoder", vision is not None and facts.image is not None and facts.image.layout == "qwen_vl"),
+        ("audio_encoder", audio is not None and facts.audio is not None and facts.audio.layout == "chunked")) if takes_one_call]
+    if target.batches_encoders and one_call_graphs:
+        raise BuildError(f"target {spec.target}: {', '.join(one_call_graphs)} of this model cannot run batched in "
+                         f"Triton's own backend; build for target python")
+    if _llm_runner(compiled["llm"]) and facts.position_rows != 1:
+        raise BuildError(f"target {spec.target}: the TensorRT decode loop feeds plain positions, this model's decoder "
+                         f"takes M-RoPE positions; build for target python")
 
     # An encoder's tensors per request, [1, items, ...]: the leading 1 is the request. Batched across
     # requests (max_batch_size > 0, ragged) that 1 is Triton's batch axis, so a request without images
@@ -89,7 +102,6 @@ def plan_repository(spec: BuildSpec, facts: ModelFacts, compiled: dict[str, Comp
             **per_model,
         ),
     ]
-    target = TARGETS[spec.target]
     for name, graph, inputs, output in encoders:
         parameters = {"output": output.name}
         if target.batches_encoders:  # Triton's own backend runs (and batches) the graph behind a gate

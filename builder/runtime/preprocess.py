@@ -113,11 +113,9 @@ class Preprocessor:
         sizes = [self._resized_size(img.height, img.width) for img in decoded_images]
         for i, (img, (height, width)) in enumerate(zip(decoded_images, sizes)):
             if not height or not width:  # e.g. 1 x 5000: scaled to fit, one side rounds down to nothing
-                raise RequestError(f"image[{i}]: {img.width}x{img.height} is too narrow to keep a pixel per side "
-                                   f"once scaled to a longest edge of {facts.image.longest_edge}"
-                                   if facts.image.layout != "qwen_vl" else
-                                   f"image[{i}]: {img.width}x{img.height} has an aspect ratio over 200, which this "
-                                   f"model's processor refuses")
+                why = ("has an aspect ratio over 200, which this model's processor refuses" if facts.image.layout == "qwen_vl"
+                       else f"is too narrow to keep a pixel per side once scaled to a longest edge of {facts.image.longest_edge}")
+                raise RequestError(f"image[{i}]: {img.width}x{img.height} {why}")
         expansions = {facts.image.token_text: facts.image.expansion} if facts.image and facts.image.expansion else {}
         rendered = self.chat.encode(self.tokenizer, prompt, images=len(images), audio=len(audio), system_prompt=system,
                                     expansions=expansions)

@@ -17,7 +17,6 @@ import numpy as np
 import tensorrt as trt
 from polygraphy import cuda
 
-from .errors import RequestError
 from .generation import GenerateOne, SamplingParams, Sequence
 from .gpu import query_gpu
 from .model_facts import ModelFacts
@@ -75,10 +74,8 @@ class TensorRTLanguageModelRunner(GenerateOne):
         multimodal_mask: np.ndarray,  # [S] bool
         params: SamplingParams,
         stop_ids: frozenset[int] = frozenset(),
-        position_ids: np.ndarray | None = None,
+        position_ids: np.ndarray | None = None,  # unused: plain positions only (the build refuses M-RoPE models here)
     ) -> Sequence:
-        if self.facts.position_rows != 1:
-            raise RequestError("this TensorRT runner drives plain positions only, not the M-RoPE positions this model takes")
         length = int(input_ids.size)  # the llm model has checked length + max_tokens <= max_context
         logits = self._run(PREFILL, {
             "input_ids": input_ids[None],
