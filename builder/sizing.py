@@ -98,7 +98,8 @@ def _count(n: int) -> str:
 
 def _component(tensor: str) -> str:
     """Which component a tensor belongs to, by the names HF multimodal checkpoints use."""
-    if "vision_tower" in tensor or "multi_modal_projector" in tensor or "vision_model" in tensor:
+    if ("vision_tower" in tensor or "multi_modal_projector" in tensor or "vision_model" in tensor
+            or tensor.startswith(("visual.", "thinker.visual."))):  # Qwen2.5-Omni's vision tower and merger
         return "vision_encoder"
     if "audio_tower" in tensor or "audio_projector" in tensor:
         return "audio_encoder"
