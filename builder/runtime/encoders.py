@@ -82,9 +82,9 @@ def qwen_vl_image_feeds(image: ImageFacts, pixels: np.ndarray) -> dict[str, np.n
             "cu_seqlens": (np.arange(count + 1) * rows * cols).astype(np.int32), "cu_window_seqlens": window_bounds.astype(np.int32)}
 
 
-def image_feeds(image: ImageFacts, pixels: np.ndarray) -> dict[str, np.ndarray]:
+def image_feeds(image: ImageFacts | None, pixels: np.ndarray) -> dict[str, np.ndarray]:
     """Same-size images ``[N, 3, H, W]`` as the vision graph takes them."""
-    return qwen_vl_image_feeds(image, pixels) if image.layout == "qwen_vl" else {"pixel_values": pixels}
+    return qwen_vl_image_feeds(image, pixels) if image is not None and image.layout == "qwen_vl" else {"pixel_values": pixels}
 
 
 def audio_graph_feeds(audio: AudioFacts, features: np.ndarray, frames: np.ndarray) -> dict[str, np.ndarray]:
@@ -92,7 +92,7 @@ def audio_graph_feeds(audio: AudioFacts, features: np.ndarray, frames: np.ndarra
     return chunked_audio_feeds(audio, features, frames) if audio.layout == "chunked" else audio_feeds(features, frames)
 
 
-def encode_images(run: EncoderRun, requests: Sequence[tuple[np.ndarray, np.ndarray]], image: ImageFacts,
+def encode_images(run: EncoderRun, requests: Sequence[tuple[np.ndarray, np.ndarray]], image: ImageFacts | None,
                   hidden: int) -> list[np.ndarray]:
     """Per request ``[N, 3, Hmax, Wmax]`` pixels + ``[N, 2]`` sizes -> its ``[tokens, hidden]``, image after image."""
     images = [(r, i, tuple(int(v) for v in size)) for r, (_, sizes) in enumerate(requests) for i, size in enumerate(sizes)]
@@ -127,7 +127,6 @@ def encode_requests(run: EncoderRun, requests: Sequence[Mapping[str, np.ndarray]
     """Each request's encoder inputs (``pixel_values`` + ``image_sizes``, or ``input_features`` + ``audio_frames``)
     -> its embeddings."""
     if requests and "pixel_values" in requests[0]:
-        assert facts.image is not None
         return encode_images(run, [(r["pixel_values"], r["image_sizes"]) for r in requests], facts.image, facts.hidden_size)
     assert facts.audio is not None
     return encode_clips(run, [(r["input_features"], r["audio_frames"]) for r in requests], facts.audio, facts.hidden_size)
