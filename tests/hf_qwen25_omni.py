@@ -224,15 +224,6 @@ def load_processor(directory: str | Path) -> Qwen2_5OmniProcessor:
     )
 
 
-def load_processor(directory: Path):
-    chat_template = json.loads((directory / "chat_template.json").read_text())["chat_template"]
-    return NoVideoQwen2_5OmniProcessor(
-        image_processor=Qwen2VLImageProcessorPil.from_pretrained(directory), video_processor=None,
-        feature_extractor=WhisperFeatureExtractor.from_pretrained(directory),
-        tokenizer=AutoTokenizer.from_pretrained(directory), chat_template=chat_template,
-    )
-
-
 def omni_pipeline_generate(model, processor, text: str, images: list, audio: list[bytes], max_new_tokens: int,
                            system_prompt: str | None = None) -> list[int]:
     """HF's own pipeline: one user turn (images, then audio, then the text), the processor on PIL images and on
