@@ -43,17 +43,23 @@ def test_greedy_matches_pytorch_and_stops_on_a_stop_id(runner, source_model):
 
 
 def test_batched_decode_equals_one_at_a_time(runner):
+    """Sequences of different lengths decode together (left-padded and masked) while others leave (shorter
+    max_tokens) and join (two start after three steps): each step's batch is re-padded or reused as it stands."""
     hidden = runner.facts.hidden_size
-    alone = [list(runner.generate(*text_inputs(p, hidden), SamplingParams(16))) for p in prompts(6)]
-    sequences = [runner.start(*text_inputs(p, hidden), SamplingParams(16)) for p in prompts(6)]
+    params = [SamplingParams(6 + 2 * i) for i in range(6)]
+    alone = [list(runner.generate(*text_inputs(p, hidden), q)) for p, q in zip(prompts(6), params)]
+    sequences = [runner.start(*text_inputs(p, hidden), q) for p, q in zip(prompts(6), params)]
     together: list[list[int]] = [[] for _ in sequences]
+    step = 0
     while not all(s.finished for s in sequences):
+        joined = sequences if step >= 3 else sequences[2:]
         for out, seq in zip(together, sequences):
-            if not seq.finished:
+            if seq in joined and not seq.finished:
                 out.append(seq.next_token())
-        active = [s for s in sequences if not s.finished]
+        active = [s for s in joined if not s.finished]
         if active:
-            runner.decode(active)  # different lengths: left-padded and masked
+            runner.decode(active)
+        step += 1
     assert together == alone
 
 

@@ -151,6 +151,9 @@ class LanguageModelRunner(GenerateOne):
         self.kv_dtype = np.float16 if kv and kv[0].type == "tensor(float16)" else np.float32
         self.prefix_cache = prefix_cache  # None: every prompt is prefilled whole
         self.kv_outputs = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
+        # The last decode step's sequences and its present KV: [B, kv_heads, longest, head_dim] each, left-padded
+        # as the next step's past would be. Holds at most one batch's cache beyond its sequences' own.
+        self._last_batch: tuple[list[Sequence], dict[str, np.ndarray]] | None = None
 
     def start(
         self,
@@ -194,13 +197,8 @@ class LanguageModelRunner(GenerateOne):
         facts = self.facts
         batch, longest = len(sequences), max(s.length for s in sequences)
         attention = np.zeros((batch, longest + 1), dtype=np.int64)
-        past = {name: np.zeros((batch, facts.num_kv_heads, longest, facts.head_dim), dtype=self.kv_dtype)
-                for name in self.kv_inputs}
         for row, seq in enumerate(sequences):
-            pad = longest - seq.length
-            attention[row, pad:] = 1
-            for name, cache in zip(self.kv_inputs, seq.past):
-                past[name][row, :, pad:] = cache
+            attention[row, longest - seq.length:] = 1
         feeds = {
             "input_ids": np.array([[s.tokens[-1]] for s in sequences], dtype=np.int64),
             "multimodal_embeds": np.zeros((batch, 1, facts.hidden_size), dtype=np.float32),
@@ -209,11 +207,28 @@ class LanguageModelRunner(GenerateOne):
             "position_ids": self._positions(np.broadcast_to(
                 np.array([[s.length + s.position_offset] for s in sequences], dtype=np.int64),
                 (facts.position_rows, batch, 1)).copy()),
-            **past,
+            **self._batched_past(sequences, longest),
         }
         logits, *present = self.session.run(["logits", *self.kv_outputs], feeds)
+        self._last_batch = (list(sequences), dict(zip(self.kv_inputs, present)))
         for row, seq in enumerate(sequences):
             pad = longest - seq.length
             seq.past = [p[row, :, pad:] for p in present]
             seq.length += 1
             seq.logits = logits[row]
+
+    def _batched_past(self, sequences: list[Sequence], longest: int) -> dict[str, np.ndarray]:
+        """Each KV input as [B, kv_heads, longest, head_dim], every sequence's cache left-padded. The same batch as
+        the last step's, in the same order, finds it already so in that step's present KV (no copy): the usual case
+        between one arrival or departure and the next."""
+        if self._last_batch is not None:
+            last, present = self._last_batch
+            if len(last) == len(sequences) and all(a is b for a, b in zip(last, sequences)):
+                return present
+        facts = self.facts
+        past = {name: np.zeros((len(sequences), facts.num_kv_heads, longest, facts.head_dim), dtype=self.kv_dtype)
+                for name in self.kv_inputs}
+        for row, seq in enumerate(sequences):
+            for name, cache in zip(self.kv_inputs, seq.past):
+                past[name][row, :, longest - seq.length:] = cache
+        return past
