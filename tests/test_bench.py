@@ -125,6 +125,23 @@ def test_no_verdict_for_a_baseline_slower_than_what_it_bounds_or_a_point_that_di
     assert "**1.151x** (target <= 1.15x, just missed)" in close  # not "1.15x, missed by 1.00x"
 
 
+def test_the_realistic_size_targets_judge_text_requests() -> None:
+    """Issue 13's targets: text tokens/s at c=8 over HF eager, and text at c=1 against the decode bound."""
+    from builder.bench.report import HF_EAGER, SERVED, TEXT_MIX, Ratios, series
+    from builder.bench.results import Row
+
+    def row(name: str, tokens: float, concurrency: int = 1, stable: bool = True) -> Row:
+        return Row(series(name, TEXT_MIX), concurrency, 1.0, tokens, 100.0, 100.0, 100.0, stable=stable)
+
+    rows = [row(SERVED, 37.0), row(SERVED, 165.0, concurrency=8), row(HF_EAGER, 15.0)]
+    headline = Ratios.of(rows, bound_tokens_per_s=45.0).headline()
+    assert "text requests: served vs HF eager tokens/s at concurrency 8: **11.00x** (target >= 10x, met)" in headline
+    assert "at concurrency 1 vs the batch-1 decode bound: **0.82x** (target >= 0.8x, met)" in headline
+    short = Ratios.of([row(SERVED, 30.0, stable=False), row(HF_EAGER, 15.0)], bound_tokens_per_s=45.0).headline()
+    assert "decode bound: **0.67x** (target >= 0.8x, no verdict: ensemble (text) at c=1 did not settle)" in short
+    assert "text requests: served vs HF eager" not in short  # c=8 not measured: no line at all
+
+
 def test_a_decode_step_is_bounded_by_the_longer_of_reading_and_multiplying_the_weights() -> None:
     from builder.bench.bounds import DecodeBound, measure
 
