@@ -13,11 +13,10 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import onnxruntime as ort
 
 from builder.bench.inputs import Case
 from builder.repository.render import parse_config
-from builder.runtime.encoders import embed_request
+from builder.runtime.encoders import embed_request, encoder_session
 from builder.runtime.generation import LanguageModelRunner, SamplingParams
 from builder.runtime.prefix_cache import PrefixCache
 from builder.runtime.preprocess import Preprocessor, RequestLimits
@@ -45,7 +44,7 @@ class InProcessPipeline:
         self.facts = preprocessor.facts
         self.max_tokens_cap = max_tokens_cap
         self.encoders = {
-            name: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            name: encoder_session(str(path))
             for name in ("vision_encoder", "audio_encoder")
             if (path := repository / name / "1" / "model.onnx").is_file()
         }

@@ -1,9 +1,7 @@
 """Triton models `vision_encoder` / `audio_encoder` (target python): the encoder graph, run by ONNX
 Runtime on the images or clips of every request Triton batched together (one run per image size)."""
 
-import onnxruntime as ort
-
-from mmtb_runtime.encoders import encode_requests, session_run
+from mmtb_runtime.encoders import encode_requests, encoder_session, session_run
 from mmtb_runtime.model_facts import ModelFacts
 from mmtb_runtime.triton_io import ModelArgs, input_array, respond_together
 
@@ -14,8 +12,7 @@ class TritonPythonModel:
         self.inputs = [t["name"] for t in self.args.config["input"]]
         self.output = self.args.parameters["output"]
         self.facts = ModelFacts.load(self.args.file("model_facts.json"))
-        session = ort.InferenceSession(self.args.file("model.onnx"), providers=["CPUExecutionProvider"])
-        self.run = session_run(session, self.output)
+        self.run = session_run(encoder_session(self.args.file("model.onnx")), self.output)
 
     def handle(self, requests):
         # Each request's tensors are [1, items, ...]: the 1 is the request, Triton's batch axis here.
