@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from builder.bench.inputs import Case
 from builder.repository.render import parse_config
 from builder.runtime.encoders import embed_request, encoder_session
