@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,16 +18,18 @@ from tests.conftest import CACHE, ROOT
 
 
 class CountingRunner:
-    """The real runner, recording how many positions the scheduler had reserved at every step."""
+    """The real runner, recording how many positions the scheduler had reserved at every step; with
+    ``step_delay_s`` each step also takes at least that long, so a wait outlasts a queue timeout on any machine."""
 
-    def __init__(self, runner: LanguageModelRunner) -> None:
-        self.runner, self.scheduler, self.reserved = runner, None, []
+    def __init__(self, runner: LanguageModelRunner, step_delay_s: float = 0.0) -> None:
+        self.runner, self.scheduler, self.reserved, self.step_delay_s = runner, None, [], step_delay_s
 
     def start(self, *args):
         return self.runner.start(*args)
 
     def decode(self, sequences):
         self.reserved.append(self.scheduler.reserved)
+        time.sleep(self.step_delay_s)
         self.runner.decode(sequences)
 
 
@@ -36,8 +39,9 @@ def runner(built_repository: Path) -> LanguageModelRunner:
     return LanguageModelRunner(str(directory / "model.onnx"), ModelFacts.load(directory / "model_facts.json"))
 
 
-def run_jobs(runner: LanguageModelRunner, budget: KvBudget, count: int, prompt: int, max_tokens: int):
-    counting = CountingRunner(runner)
+def run_jobs(runner: LanguageModelRunner, budget: KvBudget, count: int, prompt: int, max_tokens: int,
+             step_delay_s: float = 0.0):
+    counting = CountingRunner(runner, step_delay_s)
     scheduler = DecodeScheduler(counting, max_batch=8, budget=budget)
     counting.scheduler = scheduler
     done = threading.Semaphore(0)
@@ -72,7 +76,8 @@ def test_requests_wait_in_order_and_the_budget_is_never_exceeded(runner: Languag
 
 def test_a_request_that_waited_too_long_is_refused_as_busy(runner: LanguageModelRunner) -> None:
     budget = KvBudget(tokens=100, queue_timeout_s=0.05)
-    results, reserved, left = run_jobs(runner, budget, count=6, prompt=20, max_tokens=60)
+    # 60 steps of at least 5 ms: the first request holds the budget for 0.3 s, so the others wait past the timeout.
+    results, reserved, left = run_jobs(runner, budget, count=6, prompt=20, max_tokens=60, step_delay_s=0.005)
     answered = [r for r in results.values() if isinstance(r, list)]
     refused = [r for r in results.values() if isinstance(r, ServerBusy)]
     assert answered and refused and len(answered) + len(refused) == 6
