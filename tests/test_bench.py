@@ -138,8 +138,28 @@ def test_the_realistic_size_targets_judge_text_requests() -> None:
     assert "text requests: served vs HF eager tokens/s at concurrency 8: **11.00x** (target >= 10x, met)" in headline
     assert "at concurrency 1 vs the batch-1 decode bound: **0.82x** (target >= 0.8x, met)" in headline
     short = Ratios.of([row(SERVED, 30.0, stable=False), row(HF_EAGER, 15.0)], bound_tokens_per_s=45.0).headline()
-    assert "decode bound: **0.67x** (target >= 0.8x, no verdict: ensemble (text) at c=1 did not settle)" in short
+    assert "decode bound: **0.67x** (target >= 0.8x, short by 1.20x; ensemble (text) at c=1 did not settle)" in short
     assert "text requests: served vs HF eager" not in short  # c=8 not measured: no line at all
+    unsettled_miss = Ratios.of([row(SERVED, 37.0), row(SERVED, 75.0, concurrency=8, stable=False), row(HF_EAGER, 15.0)],
+                               bound_tokens_per_s=45.0).headline()
+    assert "**5.00x** (target >= 10x, short by 2.00x; ensemble (text) at c=8 did not settle)" in unsettled_miss
+
+
+def test_the_text_target_at_c8_is_set_against_the_steps_matrix_multiplications() -> None:
+    """The Done-when's fallback: where the machine cannot reach 10x, the summary says why from the measured step."""
+    from builder.bench.bounds import DecodeBound
+    from builder.bench.report import _text_c8_budget
+    from builder.bench.step_profile import StepBreakdown
+
+    bound = DecodeBound(16.0, 32.0, 2, 750 * 10**6, 190 * 10**6, {1: 30.0, 8: 180.0})
+    slow = StepBreakdown(8, 63, 44.0, {"MatMul": 0.7, "Concat": 0.1}, 0.15, 0.05)
+    [line] = _text_c8_budget(bound, [slow], hf_tokens_per_s=27.0)
+    assert "10 x 27.0 = 270 text tokens/s: a step of 8 sequences every 29.6 ms" in line
+    assert "30.8 ms of it in matrix-multiply kernels (70%)" in line and "out of reach" in line
+    fast = StepBreakdown(8, 63, 30.0, {"MatMulNBits": 0.5, "MatMul": 0.05, "Concat": 0.1}, 0.3, 0.05)
+    [line] = _text_c8_budget(bound, [fast], hf_tokens_per_s=27.0)
+    assert "16.5 ms of it in matrix-multiply kernels (55%)" in line and "13.1 ms are left for everything else" in line
+    assert _text_c8_budget(bound, [slow], hf_tokens_per_s=None) == []
 
 
 def test_a_decode_step_is_bounded_by_the_longer_of_reading_and_multiplying_the_weights() -> None:
