@@ -318,7 +318,7 @@ def _text_c8_budget(bound: DecodeBound, steps: Sequence[StepBreakdown], hf_token
     budget_ms = 1000 * step.batch / need
     matmul_share = sum(share for op, share in step.op_shares.items() if "MatMul" in op or op == "Gemm")
     matmul_ms = matmul_share * step.decode_ms
-    verdict = (f"the multiplications alone take more than the whole step may: out of reach with these weights on this machine"
+    verdict = ("the multiplications alone take more than the whole step may: out of reach with these weights on this machine"
                if matmul_ms >= budget_ms else
                f"{budget_ms - matmul_ms:.1f} ms are left for everything else in a step (it takes {step.decode_ms - matmul_ms:.1f} ms now)")
     return [f"**What {TEXT_OVER_HF_C8:g}x HF eager at concurrency 8 asks.** {TEXT_OVER_HF_C8:g} x {hf_tokens_per_s:.1f} = "

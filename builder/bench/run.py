@@ -22,6 +22,7 @@ from builder.sizing import read_size
 from builder.spec import BuildSpec
 
 
+POINT_FILES = ("*_c[0-9]*.csv", "*_c[0-9]*.log", "*_c[0-9]*.profile.json")  # perf_analyzer's files, one set per point
 WINDOW_S = 12.0  # one measurement window: about this long of one-at-a-time requests
 SLOW_TRIALS = 6  # windows per point for a slow model before it is kept as unstable
 
@@ -68,6 +69,8 @@ def run_bench(spec: BuildSpec, repository: Path, cache: Path, output: Path, sett
     pa = perf_analyzer.find_perf_analyzer()  # fail early, before minutes of baselines
     checkpoint = resolve_source(spec.source, StageCache(cache)).checkpoint
     output.mkdir(parents=True, exist_ok=True)
+    for stale in (f for pattern in POINT_FILES for f in output.glob(pattern)):  # a point this run skips leaves no old file
+        stale.unlink()
     preprocessor = baselines.load_preprocessor(repository, spec.limits)
     facts = preprocessor.facts
     mixes = inputs.mixes(settings.max_tokens, images=facts.image is not None, audio=facts.audio is not None)
