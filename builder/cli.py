@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import signal
 import sys
@@ -126,6 +127,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_the_servers_allocator() -> None:
+    """The bench's baselines (in-process, HF eager) run in this process: it restarts itself with the allocator
+    setting the server gets, so a baseline is never slower for a setting only the server had."""
+    from builder.serve.tritonserver import serving_environment
+
+    env = serving_environment(os.environ)
+    if env != dict(os.environ):
+        os.execve(sys.executable, [sys.executable, "-m", "builder", *sys.argv[1:]], env)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from builder.sizing import GPUS, Gpu, read_size, report
 
@@ -235,6 +246,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if argv is None and args.func is cmd_bench:
+        _with_the_servers_allocator()
     try:
         return args.func(args)
     except BuildError as exc:

@@ -16,7 +16,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from builder.serve.tritonserver import NGC_IMAGE
+from builder.serve.tritonserver import ALLOCATOR_TUNABLE, NGC_IMAGE, serving_environment
 from tests.conftest import ROOT
 
 DEPLOY = ROOT / "deploy"
@@ -92,6 +92,15 @@ def test_dockerfiles_lint_and_name_the_triton_release_of_the_build() -> None:
         assert f"ARG TRITON_IMAGE={NGC_IMAGE}\n" in text, dockerfile
         result = subprocess.run([str(hadolint), "--no-color", str(DEPLOY / dockerfile)], capture_output=True, text=True, check=False)
         assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_serving_image_and_every_server_started_here_ask_for_huge_pages() -> None:
+    assert f"ENV GLIBC_TUNABLES={ALLOCATOR_TUNABLE}\n" in (DEPLOY / "Dockerfile").read_text()
+    assert serving_environment({"PATH": "/bin"}) == {"PATH": "/bin", "GLIBC_TUNABLES": ALLOCATOR_TUNABLE}
+    # The user's other tunables are kept; a value of their own for this one wins.
+    assert serving_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})["GLIBC_TUNABLES"] == \
+        f"glibc.malloc.arena_max=2:{ALLOCATOR_TUNABLE}"
+    assert serving_environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"
 
 
 def test_the_dashboard_graphs_metrics_that_exist() -> None:

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +29,12 @@ from builder.errors import BuildError
 TRITON_VERSION = "2.51.0"
 NGC_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
 STUB_NAME = "triton_python_backend_stub"
+# glibc's malloc asks the kernel for transparent huge pages (madvise) on what it maps: ONNX Runtime's weights,
+# read whole at every decode step, then cost far fewer TLB misses. The small preset's LLM graph here, fresh
+# processes alternated: 32.4 -> 27.9 ms per batch-1 step, 48.8 -> 43.1 ms at batch 8. Needs glibc >= 2.35 and
+# THP "madvise" or "always" (/sys/kernel/mm/transparent_hugepage/enabled); elsewhere it changes nothing.
+# Set for every server this project starts and in deploy/Dockerfile.
+ALLOCATOR_TUNABLE = "glibc.malloc.hugetlb=1"
 DEFAULT_CONTAINER_BACKENDS = Path("/opt/tritonserver/backends")
 # Error-level log lines, e.g. E1122 02:12:12.889 3225 model_lifecycle.cc:642] "failed to load ..."
 _ERROR_LINE = re.compile(r'^E\d{4} [\d:.]+ +\d+ (?P<where>[\w.]+:\d+)\] "?(?P<message>.*?)"?$', re.M)
@@ -89,6 +95,16 @@ def _signal_group(group: int, sig: signal.Signals) -> None:
         pass
 
 
+def serving_environment(base: Mapping[str, str]) -> dict[str, str]:
+    """``base`` with ALLOCATOR_TUNABLE added to its GLIBC_TUNABLES (unless it sets that tunable itself)."""
+    env = dict(base)
+    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
+    name = ALLOCATOR_TUNABLE.split("=")[0]
+    if not any(t.split("=")[0] == name for t in tunables):
+        env["GLIBC_TUNABLES"] = ":".join([*tunables, ALLOCATOR_TUNABLE])
+    return env
+
+
 class TritonServer:
     """A ``tritonserver`` process serving ``model_repository``; use as a context manager."""
 
@@ -141,7 +157,7 @@ class TritonServer:
         if self._process is not None:
             raise BuildError("tritonserver is already running")
         install = find_tritonserver()
-        env = dict(os.environ)
+        env = serving_environment(os.environ)
         env["PATH"] = os.pathsep.join([str(self.python.parent), env.get("PATH", "")])
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
