@@ -37,7 +37,8 @@ def series(kind: str, mix: str) -> str:
 @dataclass(frozen=True)
 class Ratio:
     value: float | None
-    fault: str | None = None  # why no verdict may be given: a point that did not settle, a bound beaten by what it bounds
+    unsettled: str | None = None  # the points that did not settle: never "met", a miss still a miss
+    fault: str | None = None  # a baseline beaten by what it bounds: no verdict at all
 
 
 @dataclass(frozen=True)
@@ -72,9 +73,9 @@ class Ratios:
         latency = Ratio(None)
         if served1 and floor:
             # In-process is the floor of served latency: a floor slower than the server is a measuring fault.
-            fault = unsettled(served1, floor) or ("the in-process baseline was slower than the server it bounds: "
-                                                  "a measuring fault (a loaded machine?)" if floor.p50_ms > served1.p50_ms else None)
-            latency = Ratio(served1.p50_ms / floor.p50_ms, fault)
+            fault = ("the in-process baseline was slower than the server it bounds: a measuring fault (a loaded machine?)"
+                     if floor.p50_ms > served1.p50_ms else None)
+            latency = Ratio(served1.p50_ms / floor.p50_ms, unsettled(served1, floor), fault)
         text1, text8 = find(SERVED, mix=TEXT_MIX), find(SERVED, 8, TEXT_MIX)
         share = Ratio(None)
         if text1 and text1.tokens_per_s and bound_tokens_per_s:
@@ -103,8 +104,10 @@ def _ratio(what: str, ratio: Ratio, target: float, at_most: bool = False) -> str
     met = value <= target if at_most else value >= target
     off = value / target if at_most else target / value
     missed = f"{'missed' if at_most else 'short'} by {off:.2f}x" if off >= 1.005 else "just missed"
-    if ratio.fault:  # never "met" on a faulty measurement; a miss is still a miss, with its fault beside it
-        verdict = f"{missed}; {ratio.fault}" if not met and "did not settle" in ratio.fault else f"no verdict: {ratio.fault}"
+    if ratio.unsettled:
+        verdict = f"no verdict: {ratio.unsettled}" if met else f"{missed}; {ratio.unsettled}"
+    elif ratio.fault:
+        verdict = f"no verdict: {ratio.fault}"
     else:
         verdict = "met" if met else missed
     digits = 3 if f"{value:.2f}" == f"{target:.2f}" else 2  # 1.152 is not "1.15x, missed"
