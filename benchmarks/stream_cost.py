@@ -52,20 +52,13 @@ def core_seconds(pids: list[int]) -> float:
     return total
 
 
-def server_pids(pid: int) -> list[int]:
-    children = [int(s.parent.name) for s in Path("/proc").glob("[0-9]*/status")
-                if f"PPid:\t{pid}\n" in s.read_text(errors="replace")]
-    return [pid, *children]
-
-
 def successes(server: TritonServer) -> dict[str, int]:
     return {c.model: c.success for c in request_counts(server.host, server.metrics_port)}
 
 
 def measure(server: TritonServer, model: str, data: Path, concurrency: int, requests: int) -> Run:
     pa = find_perf_analyzer()
-    assert server._process is not None
-    pids = server_pids(server._process.pid)
+    pids = server.processes()
     command = [str(pa.binary), "-m", model, "-u", server.grpc_url, "-i", "grpc", "--input-data", str(data),
                f"--concurrency-range={concurrency}:{concurrency}", "--measurement-mode=count_windows",
                f"--measurement-request-count={requests}", "--stability-percentage=1000", "--max-trials=3"]

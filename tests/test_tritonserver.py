@@ -106,24 +106,12 @@ def test_serves_a_python_model_and_stops_cleanly(tmp_path: Path) -> None:
             result = client.infer("add_one", [request])
             np.testing.assert_array_equal(result.as_numpy("Y"), x + 1)
         assert process_group_alive(group)  # server + python backend stub
-        stubs = [pid for pid in group_members(group) if Path(f"/proc/{pid}/comm").read_text().startswith("triton_python")]
+        stubs = [pid for pid in server.processes() if Path(f"/proc/{pid}/comm").read_text().startswith("triton_python")]
         assert stubs  # each model's stub, where the weights live, runs with the allocator setting
         for pid in stubs:
             environ = dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in v)
             assert ALLOCATOR_TUNABLE in environ["GLIBC_TUNABLES"].split(":")
     assert not process_group_alive(group)
-
-
-def group_members(group: int) -> list[int]:
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, pgrp, ...
-        except OSError:  # the process ended meanwhile
-            continue
-        if int(fields[2]) == group:
-            members.append(int(stat.parent.name))
-    return members
 
 
 def test_broken_model_fails_wait_ready_with_its_error(tmp_path: Path) -> None:

@@ -30,8 +30,8 @@ TRITON_VERSION = "2.51.0"
 NGC_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
 STUB_NAME = "triton_python_backend_stub"
 # glibc's malloc asks the kernel for transparent huge pages (madvise) on what it maps: ONNX Runtime's weights,
-# read whole at every decode step, then cost far fewer TLB misses. The small preset's LLM graph here, fresh
-# processes alternated: 32.4 -> 27.9 ms per batch-1 step, 48.8 -> 43.1 ms at batch 8. Needs glibc >= 2.35 and
+# read whole at every decode step, then cost far fewer TLB misses (benchmarks/huge_pages.py measures it side by
+# side; the README quotes it). Needs glibc >= 2.35 and
 # THP "madvise" or "always" (/sys/kernel/mm/transparent_hugepage/enabled); elsewhere it changes nothing.
 # Set for every server this project starts and in deploy/Dockerfile.
 ALLOCATOR_TUNABLE = "glibc.malloc.hugetlb=1"
@@ -205,6 +205,20 @@ class TritonServer:
             pass
         _signal_group(group, signal.SIGKILL)  # whatever outlived the grace period (stubs, a hung server)
         process.wait()
+
+    def processes(self) -> list[int]:
+        """The running server's process ids: tritonserver and every Python backend stub (its process group)."""
+        if self._process is None:
+            return []
+        group, pids = self._process.pid, []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, pgrp, ...
+            except OSError:  # the process ended meanwhile
+                continue
+            if int(fields[2]) == group:
+                pids.append(int(stat.parent.name))
+        return pids
 
     def log_tail(self, lines: int = 30) -> str:
         """The server's error lines (e.g. why a model failed to load), then its last ``lines`` lines."""
