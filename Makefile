@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-SPEC ?= specs/tiny.yaml
+SPEC ?=
 OUTPUT ?= model_repository
 TARGET ?=
 CHECKPOINT ?=
@@ -15,7 +15,7 @@ QUICK ?=
 .PHONY: help setup system-deps engines test serve bench gpu-smoke clean
 
 help:
-	@echo "make engines   build $(SPEC) into $(OUTPUT)/ (installs what it needs into $(VENV)/)"
+	@echo "make engines   build SPEC (default specs/tiny.yaml; with CHECKPOINT=dir, limits follow the checkpoint) into $(OUTPUT)/"
 	@echo "make test      run the test suite (builds first if needed)"
 	@echo "make serve     run tritonserver on $(OUTPUT)/ at 127.0.0.1:8001 (gRPC) / :8000 (HTTP)"
 	@echo "make bench     perf_analyzer + baselines into benchmarks/results/ (QUICK=1: a smoke run under 3 minutes)"
@@ -40,7 +40,7 @@ system-deps:
 	  || echo "warning: cannot install libb64-0d here; perf_analyzer needs it (apt-get install libb64-0d)"
 
 engines: $(STAMP)
-	$(PY) -m builder build --spec $(SPEC) --output $(OUTPUT) $(if $(TARGET),--target $(TARGET)) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(BUILD_ARGS)
+	$(PY) -m builder build $(if $(SPEC),--spec $(SPEC)) --output $(OUTPUT) $(if $(TARGET),--target $(TARGET)) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(BUILD_ARGS)
 
 test: engines system-deps
 	$(PY) -m pytest -q tests
@@ -50,11 +50,11 @@ serve: engines
 
 bench: engines system-deps
 	@$(if $(QUICK),,echo "make bench: the full run takes a few minutes for the tiny preset, about 15 for specs/small.yaml, on 2 cores (QUICK=1: under 3)")
-	$(PY) -m builder bench --spec $(SPEC) --repository $(OUTPUT) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(if $(QUICK),--quick)
+	$(PY) -m builder bench $(if $(SPEC),--spec $(SPEC)) --repository $(OUTPUT) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(if $(QUICK),--quick)
 
 # GPU build server only (NGC container: TRITONSERVER=/opt/tritonserver/bin/tritonserver, pip install -e '.[tensorrt]').
 gpu-smoke: $(STAMP)
-	$(PY) benchmarks/gpu_smoke.py --spec $(SPEC)
+	$(PY) benchmarks/gpu_smoke.py $(if $(SPEC),--spec $(SPEC))
 
 clean:
 	rm -rf $(OUTPUT) .build_cache

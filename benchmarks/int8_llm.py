@@ -158,7 +158,7 @@ def plot(rows: list[Row], path: Path) -> None:
 
 def measure(source: SourceModel, directory: Path, prompts: list[FusedPrompt], steps: int) -> list[Row]:
     """FP32 and the build's two weight-only INT8 rungs: int8 compute (accuracy_level 4), float compute (0)."""
-    fp32 = export_graph(llm_recipe(source, LimitsSpec()), directory, ExportSpec(parity_samples=1, atol=1e-3, rtol=1e-2)).path
+    fp32 = export_graph(llm_recipe(source, LimitsSpec(max_context=512)), directory, ExportSpec(parity_samples=1, atol=1e-3, rtol=1e-2)).path
     reference = LanguageModelRunner(str(fp32), source.facts)
     warmup = max(2, steps // 16)
     variants = [("fp32", fp32, reference, 1.0, 1.0)]

@@ -33,6 +33,7 @@ from builder.runtime.model_facts import ModelFacts
 from builder.serve.tritonserver import NGC_IMAGE, TRITON_VERSION
 from builder.source.chat_files import read_chat_prompt
 from builder.source.checkpoint import SourceModel, check_checkpoint_files, load_checkpoint, read_facts
+from builder.source.limits import checkpoint_limits, describe
 from builder.source.preflight import Preflight, estimate
 from builder.source.resolve import resolve_source
 from builder.source.tokenizer_files import serving_tokenizer
@@ -46,6 +47,7 @@ class BuildResult:
     reused: tuple[str, ...]
     published: bool
     seconds: float
+    spec: BuildSpec  # as built: every limit set (those the spec left unset follow the checkpoint)
     preflight: Preflight | None = None  # set when the checkpoint was loaded
 
     def summary(self) -> str:
@@ -69,6 +71,7 @@ def build(spec: BuildSpec, output: Path, cache_dir: Path, progress: bool = True)
     weight_files = check_checkpoint_files(source.checkpoint)
     tokenizer = serving_tokenizer(source.checkpoint, cache)  # the checkpoint's, or converted from tekken.json once
     facts = served_facts(spec, _checkpoint_facts(source.checkpoint, source.fingerprint, tokenizer, cache))
+    spec = checkpoint_limits(spec, facts)
     target = dataclasses.replace(target, image=facts.image)
     components = [c.name for c in COMPONENTS.values() if c.media is None or getattr(facts, c.media) is not None]
     precisions = {c: getattr(spec.components, COMPONENTS[c].spec_key).precision for c in components}
@@ -81,7 +84,7 @@ def build(spec: BuildSpec, output: Path, cache_dir: Path, progress: bool = True)
                         code_fingerprint("repository", "runtime", "compile", "families", "source"), _templates_fingerprint(),
                         target.fingerprint)
     if _published_key(output) == repo_key:
-        return BuildResult(output, (), tuple(components), False, time.perf_counter() - started)
+        return BuildResult(output, (), tuple(components), False, time.perf_counter() - started, spec)
 
     rebuilt = [
         c for c in components
@@ -91,6 +94,8 @@ def build(spec: BuildSpec, output: Path, cache_dir: Path, progress: bool = True)
     exported: dict[str, ExportedGraph] = {}
     loaded: SourceModel | None = None
     preflight = None
+    if progress:
+        tqdm.write(describe(spec.limits))
     if any(cache.lookup("export", c, keys[c]) is None for c in components):  # the checkpoint will be loaded
         preflight = estimate(weight_files, cache_dir, dtypes["llm"], extra_copy=quantized)
         preflight.check()
@@ -119,7 +124,7 @@ def build(spec: BuildSpec, output: Path, cache_dir: Path, progress: bool = True)
         write_report(staging / "build_report.md", spec, compiled, pipeline)
         publish(staging, output)
     return BuildResult(output, tuple(rebuilt), tuple(c for c in components if c not in rebuilt), True,
-                       time.perf_counter() - started, preflight)
+                       time.perf_counter() - started, spec, preflight)
 
 
 def _checkpoint_facts(checkpoint: Path, fingerprint: str, tokenizer: Path, cache: StageCache) -> ModelFacts:

@@ -9,13 +9,16 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from builder.errors import BuildError
 from builder.runtime.contract import SAMPLING_INPUTS, SYSTEM_PROMPT_INPUT
 from builder.targets import TARGETS
+
+if TYPE_CHECKING:
+    from builder.spec import BuildSpec
 
 DEFAULT_SPEC = Path("specs/tiny.yaml")
 DEFAULT_OUTPUT = Path("model_repository")
@@ -40,13 +43,20 @@ def _checkpoint_overrides(checkpoint: Path | None) -> dict[str, Any]:
     return {"source.preset": None, "source.checkpoint": str(checkpoint), "name": name}
 
 
-def cmd_build(args: argparse.Namespace) -> int:
+def _load_spec(spec: Path | None, checkpoint: Path | None, overrides: dict[str, Any]) -> "BuildSpec":
+    """``--spec``, else: for ``--checkpoint`` every key's default (limits follow the checkpoint), for the preset
+    ``specs/tiny.yaml``."""
     from builder.spec import load_spec
 
-    overrides = {**_overrides(args.set), **_checkpoint_overrides(args.checkpoint)}
+    path = spec if spec is not None or checkpoint is not None else DEFAULT_SPEC
+    return load_spec(path, {**overrides, **_checkpoint_overrides(checkpoint)})
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    overrides = _overrides(args.set)
     if args.target:
         overrides["target"] = args.target
-    spec = load_spec(args.spec, overrides)  # before importing torch: a bad spec is reported at once
+    spec = _load_spec(args.spec, args.checkpoint, overrides)  # before importing torch: a bad spec is reported at once
     from builder.build import build
 
     result = build(spec, args.output, args.cache, progress=not args.quiet)
@@ -110,18 +120,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from builder.bench.run import FULL, QUICK, run_bench
     from builder.build import build
-    from builder.spec import load_spec
 
-    spec = load_spec(args.spec, _checkpoint_overrides(args.checkpoint))
+    spec = _load_spec(args.spec, args.checkpoint, {})
     settings = QUICK if args.quick else FULL
     if args.concurrency:
         settings = dataclasses.replace(settings, concurrency=tuple(int(c) for c in args.concurrency.split(",")))
     name = args.name or (f"{spec.name}-quick" if args.quick else spec.name)
-    command = (f"python -m builder bench{' --quick' if args.quick else ''} --spec {args.spec} --repository {args.repository}"
+    command = (f"python -m builder bench{' --quick' if args.quick else ''}" + (f" --spec {args.spec}" if args.spec else "")
+               + f" --repository {args.repository}"
                + (f" --checkpoint {args.checkpoint}" if args.checkpoint else "")
                + (f" --concurrency {args.concurrency}" if args.concurrency else ""))
-    print(build(spec, args.repository, args.cache, progress=False).summary(), flush=True)  # up to date: a no-op
-    summary = run_bench(spec, args.repository, args.cache, args.results / name, settings, command)
+    built = build(spec, args.repository, args.cache, progress=False)  # up to date: a no-op
+    print(built.summary(), flush=True)
+    summary = run_bench(built.spec, args.repository, args.cache, args.results / name, settings, command)
     print(summary.read_text().split("\n\n")[1])
     print(f"report: {summary}")
     return 0
@@ -171,7 +182,8 @@ def parser() -> argparse.ArgumentParser:
                        description="Runs source -> export (checked against PyTorch) -> compile -> repository. "
                        "Stages are cached: an unchanged build does nothing. The repository is replaced "
                        "atomically, and only when every check passed.")
-    b.add_argument("--spec", type=Path, default=DEFAULT_SPEC, help=f"build spec YAML (default: {DEFAULT_SPEC})")
+    b.add_argument("--spec", type=Path, help=f"build spec YAML (default: {DEFAULT_SPEC}; with --checkpoint, every key's "
+                   "default, the request limits following the checkpoint)")
     b.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help=f"repository directory (default: {DEFAULT_OUTPUT})")
     b.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"stage cache (default: {DEFAULT_CACHE})")
     b.add_argument("--checkpoint", type=Path, metavar="DIR",
@@ -211,7 +223,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--quick", action="store_true", help="a smoke run of a few minutes (short windows, concurrency 1, 2, 8)")
     m.add_argument("--name", help="results directory name (default: the spec name, + '-quick' with --quick)")
     m.add_argument("--repository", type=Path, default=DEFAULT_OUTPUT)
-    m.add_argument("--spec", type=Path, default=DEFAULT_SPEC)
+    m.add_argument("--spec", type=Path, help="the spec the repository was built with (default: as `build`)")
     m.add_argument("--checkpoint", type=Path, metavar="DIR", help="the checkpoint `build --checkpoint` built (default: "
                    "the spec's source)")
     m.add_argument("--cache", type=Path, default=DEFAULT_CACHE)

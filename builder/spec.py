@@ -56,10 +56,12 @@ class LimitsSpec:
     max_image_pixels: int = 40_000_000
     max_audio_clips: int = 4  # encoder clips (fixed-length chunks) per request
     max_audio_bytes: int = 50_000_000
-    max_prompt_tokens: int = 384  # tokens of the prompt, placeholders included
-    max_context: int = 512  # prompt + generated tokens
-    max_tokens: int = 128  # cap on new tokens per request
-    default_max_tokens: int = 32
+    # Unset (a spec without them, e.g. `make engines CHECKPOINT=dir`): they follow the checkpoint, as
+    # builder/source/limits.py derives them (its context, its media's token cost), and the build prints them.
+    max_prompt_tokens: int | None = None  # tokens of the prompt, placeholders included
+    max_context: int | None = None  # prompt + generated tokens
+    max_tokens: int | None = None  # cap on new tokens per request
+    default_max_tokens: int = 32  # when a request does not say (at most max_tokens)
 
 
 @dataclass(frozen=True)
@@ -175,13 +177,14 @@ class BuildSpec:
         return dataclasses.asdict(getattr(self, name))
 
 
-def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> BuildSpec:
-    """Reads and validates a spec file; ``overrides`` are dotted keys (``target``, ``components.llm.precision``)."""
-    path = Path(path)
-    if not path.is_file():
+def load_spec(path: str | Path | None, overrides: dict[str, Any] | None = None) -> BuildSpec:
+    """Reads and validates a spec file (None: no file, every key at its default); ``overrides`` are dotted keys
+    (``target``, ``components.llm.precision``)."""
+    path = Path(path) if path is not None else None
+    if path is not None and not path.is_file():
         raise SpecError(f"spec file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = (yaml.safe_load(path.read_text()) if path is not None else None) or {}
     except yaml.YAMLError as exc:  # one line: where, and what the parser expected
         mark = getattr(exc, "problem_mark", None)
         where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -203,6 +206,13 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Buil
 
 def parse_spec(data: dict[str, Any]) -> BuildSpec:
     spec = _build(BuildSpec, data, "")
+    _check(spec)
+    return spec
+
+
+def with_limits(spec: BuildSpec, limits: LimitsSpec) -> BuildSpec:
+    """``spec`` with ``limits`` (e.g. derived from the checkpoint), checked by the same rules as a spec file's."""
+    spec = dataclasses.replace(spec, limits=limits)
     _check(spec)
     return spec
 
@@ -266,14 +276,14 @@ def _check(spec: BuildSpec) -> None:
     if (spec.source.preset is None) == (spec.source.checkpoint is None):
         raise SpecError("source: give exactly one of 'preset' or 'checkpoint'")
     lim = spec.limits
-    positive = {k: v for k, v in dataclasses.asdict(lim).items() if v <= 0}
+    positive = {k: v for k, v in dataclasses.asdict(lim).items() if v is not None and v <= 0}
     for key in positive:
         raise SpecError(f"limits.{key}: must be greater than 0")
-    if lim.max_prompt_tokens >= lim.max_context:
+    if lim.max_prompt_tokens is not None and lim.max_context is not None and lim.max_prompt_tokens >= lim.max_context:
         raise SpecError(
             f"limits.max_prompt_tokens ({lim.max_prompt_tokens}) must be smaller than limits.max_context ({lim.max_context})"
         )
-    if lim.default_max_tokens > lim.max_tokens:
+    if lim.max_tokens is not None and lim.default_max_tokens > lim.max_tokens:
         raise SpecError(f"limits.default_max_tokens ({lim.default_max_tokens}) exceeds limits.max_tokens ({lim.max_tokens})")
     if not spec.components.llm.enabled:
         raise SpecError("components.llm.enabled: the language model cannot be disabled")
@@ -286,7 +296,7 @@ def _check(spec: BuildSpec) -> None:
         raise SpecError("triton.prefix_cache_mb: must be 0 (off) or more")
     if spec.triton.kv_budget_tokens < 0 or not spec.triton.kv_queue_timeout_s > 0:
         raise SpecError("triton.kv_budget_tokens: must be 0 (automatic) or more; triton.kv_queue_timeout_s: more than 0")
-    if 0 < spec.triton.kv_budget_tokens < lim.max_context:
+    if lim.max_context is not None and 0 < spec.triton.kv_budget_tokens < lim.max_context:
         raise SpecError(f"triton.kv_budget_tokens ({spec.triton.kv_budget_tokens}) must hold at least one request of "
                         f"limits.max_context ({lim.max_context})")
     if spec.export.parity_samples < 1:

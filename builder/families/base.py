@@ -67,6 +67,7 @@ def model_facts(family: str, directory: Path, config: Any, image: ImageFacts | N
         stop_ids=stop_ids(directory, config),
         image=image,
         audio=audio,
+        max_positions=int(getattr(text, "max_position_embeddings", 0) or 0),
     )
 
 

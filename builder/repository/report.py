@@ -7,6 +7,7 @@ from pathlib import Path
 
 from builder.compile.artifacts import CompiledModel
 from builder.quantize.pipeline import PipelineResult
+from builder.source.limits import describe
 from builder.spec import BuildSpec
 
 
@@ -15,6 +16,7 @@ def write_report(path: Path, spec: BuildSpec, compiled: Mapping[str, CompiledMod
         f"# Build report: {spec.name}", "",
         f"Target `{spec.target}`. Quantized graphs are compared with the FP32 graph on held-out inputs "
         "(calibration samples are never among them); a graph below the gate is never published.", "",
+        f"Request {describe(spec.limits)}.", "",
         "| component | precision | file | size | scheme | calibration samples | held-out | gate (worst output) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]

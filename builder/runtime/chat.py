@@ -44,6 +44,9 @@ class ChatTemplate:
                                                  add_generation_prompt=add_generation_prompt, **variables)
         except jinja2.TemplateError as exc:  # e.g. the template's raise_exception for content it does not take
             raise RequestError(f"chat template: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - the checkpoint's code failing on this request's messages, e.g. a
+            # system turn given in a form it does not take (a TypeError in its string concatenation)
+            raise RequestError(f"chat template: {type(exc).__name__}: {exc}") from None
 
 
 def request_messages(text: str, images: int, audio: int, system_prompt: str | None = None,

@@ -105,6 +105,7 @@ class ModelFacts:
     # 3: the decoder takes M-RoPE positions (temporal, height, width) per token, which preprocessing computes from
     # the prompt's images; 1: plain positions 0, 1, 2...
     position_rows: int = 1
+    max_positions: int = 0  # the decoder's trained context (its config's max_position_embeddings); 0: not stated
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")

@@ -56,7 +56,8 @@ def read_chat_files(directory: Path, fallback_template: str = GENERIC_CHAT_TEMPL
     chat = ChatTemplate(template)
     as_blocks = _takes_system_blocks(chat, special_tokens)
     system_prompt = default_system_prompt(directory)  # Mistral's SYSTEM_PROMPT.txt, if the checkpoint has one
-    if system_prompt is not None and _has_default_system_prompt(chat, special_tokens, as_blocks):
+    where = str(directory / source) if found else "the family's default chat template"
+    if _has_default_system_prompt(chat, special_tokens, as_blocks, where) and system_prompt is not None:
         system_prompt = None  # the template's own default wins, as in HF's pipeline
     return ChatFiles(source, ChatPrompt(
         template=template,
@@ -118,25 +119,32 @@ def _hf_tokenizer(directory: Path, tokenizer_file: Path) -> Any:
 
 
 def _takes_system_blocks(chat: ChatTemplate, special_tokens: dict[str, str]) -> bool:
-    """Whether the template prints a system turn given as text blocks (else it is given as a string)."""
-    try:
-        rendered = chat.render(request_messages(_PROBE_USER, 0, 0, _PROBE_SYSTEM, True), special_tokens)
-    except RequestError:
-        return False
-    return _PROBE_SYSTEM in rendered and repr(_PROBE_SYSTEM) not in rendered  # not the block list's repr
+    """Whether the template prints a system turn given as text blocks (else it is given as a string).
+
+    A template that fails on blocks (a ``TypeError`` where it concatenates the content) does not take them."""
+    rendered = _rendered(chat, request_messages(_PROBE_USER, 0, 0, _PROBE_SYSTEM, True), special_tokens)
+    return rendered is not None and _PROBE_SYSTEM in rendered and repr(_PROBE_SYSTEM) not in rendered  # not the list's repr
 
 
-def _has_default_system_prompt(chat: ChatTemplate, special_tokens: dict[str, str], as_blocks: bool) -> bool:
+def _has_default_system_prompt(chat: ChatTemplate, special_tokens: dict[str, str], as_blocks: bool, where: str) -> bool:
     """Whether the template writes a system prompt of its own where a given one would go."""
     try:
         without = chat.render(request_messages(_PROBE_USER, 0, 0), special_tokens)
     except RequestError as exc:
-        raise BuildError(f"the chat template cannot render one user turn ({exc})") from None
-    given = chat.render(request_messages(_PROBE_USER, 0, 0, _PROBE_SYSTEM, as_blocks), special_tokens)
-    if _PROBE_SYSTEM not in given:
+        raise BuildError(f"{where}: the chat template cannot render one user turn ({exc})") from None
+    given = _rendered(chat, request_messages(_PROBE_USER, 0, 0, _PROBE_SYSTEM, as_blocks), special_tokens)
+    if given is None or _PROBE_SYSTEM not in given:
         return True  # the template takes no system prompt: a default could not be passed either
     before, after = given.split(_PROBE_SYSTEM, 1)
     return without.startswith(before) and without.endswith(after) and len(without) > len(before) + len(after)
+
+
+def _rendered(chat: ChatTemplate, messages: list[dict[str, Any]], special_tokens: dict[str, str]) -> str | None:
+    """The template's text for ``messages``, or None where it refuses them (it raises, whatever the exception)."""
+    try:
+        return chat.render(messages, special_tokens)
+    except RequestError:
+        return None
 
 
 def _json(path: Path) -> dict[str, Any]:
