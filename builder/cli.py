@@ -159,7 +159,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise BuildError(f"--gpu {args.gpu}: not in the table ({', '.join(g.name for g in GPUS.values())}); "
                          "give --gpu-memory-gib and --gpu-bandwidth-gbs instead")
     print(report(read_size(args.checkpoint), gpu, args.context, args.gpus))
+    print(_served_limits(args.checkpoint))
     return 0
+
+
+def _served_limits(checkpoint: Path) -> str:
+    """The limits ``make engines CHECKPOINT=dir`` would serve with, from the checkpoint's facts (no weight loaded)."""
+    from builder.source.checkpoint import read_facts
+    from builder.source.limits import checkpoint_limits, describe
+
+    try:
+        facts = read_facts(checkpoint)
+    except BuildError as exc:  # e.g. headers and config only: the tokenizer and processor files decide the media cost
+        return f"served limits: decided by the build ({exc})"
+    return f"served {describe(checkpoint_limits(_load_spec(None, checkpoint, {}), facts).limits)} (make engines CHECKPOINT=dir)"
 
 
 def cmd_publish(args: argparse.Namespace) -> int:

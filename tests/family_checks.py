@@ -23,17 +23,20 @@ from builder.spec import BuildSpec, load_spec
 from tests.conftest import CACHE, ROOT
 
 
-def family_spec(template: str, checkpoint: Path, **limits: int) -> BuildSpec:
-    """``specs/<template>`` pointed at ``checkpoint``, with its limits overridden by ``limits``."""
-    return load_spec(ROOT / "specs" / template, {
+def family_spec(template: str | None, checkpoint: Path, **limits: int) -> BuildSpec:
+    """``specs/<template>`` pointed at ``checkpoint``, with its limits overridden by ``limits``; ``template`` None: no
+    spec file, as ``make engines CHECKPOINT=dir`` builds (every key's default, the limits following the checkpoint)."""
+    return load_spec(ROOT / "specs" / template if template else None, {
         "source.preset": None, "source.checkpoint": str(checkpoint), "name": f"{checkpoint.parent.name}-test",
         **{f"limits.{key}": value for key, value in limits.items()},
     })
 
 
-def family_fixtures(write_checkpoint: Callable[[Path], Path], **limits: int) -> tuple[Any, Any, Any]:
+def family_fixtures(write_checkpoint: Callable[[Path], Path], template: str | None = "tiny.yaml",
+                    **limits: int) -> tuple[Any, Any, Any]:
     """Module fixtures ``checkpoint`` (written by ``write_checkpoint``), ``repository`` (built from
-    ``specs/tiny.yaml`` with ``limits``) and ``connection`` (a gRPC client of a tritonserver serving it)."""
+    ``specs/<template>`` with ``limits``, see :func:`family_spec`) and ``connection`` (a gRPC client of a
+    tritonserver serving it)."""
 
     @pytest.fixture(scope="module", name="checkpoint")
     def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -42,7 +45,7 @@ def family_fixtures(write_checkpoint: Callable[[Path], Path], **limits: int) -> 
     @pytest.fixture(scope="module", name="repository")
     def repository(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         output = tmp_path_factory.mktemp("repository") / "model_repository"
-        build(family_spec("tiny.yaml", checkpoint, **limits), output, CACHE, progress=False)
+        build(family_spec(template, checkpoint, **limits), output, CACHE, progress=False)
         return output
 
     @pytest.fixture(scope="module", name="connection")

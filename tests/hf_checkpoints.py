@@ -9,6 +9,7 @@ the processor's ``apply_chat_template`` + ``generate``.
 from __future__ import annotations
 
 import base64
+import io
 import json
 import sys
 from pathlib import Path
@@ -186,6 +187,13 @@ def image(seed: int, width: int, height: int):
     from PIL import Image
 
     return Image.fromarray((np.random.default_rng(seed).random((height, width, 3)) * 255).astype(np.uint8))
+
+
+def png(picture) -> bytes:
+    """A PIL image as the PNG file a client sends."""
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def tekken_ranks() -> list[bytes]:

@@ -281,3 +281,58 @@ def test_template_without_default_named_entry_is_refused(tmp_path: Path) -> None
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(BuildError, match="none named 'default'"):
         read_chat_files(directory)
+
+
+# A system turn as published templates take it, each with Mistral-3's [INST] layout for the user turn.
+_USER_TURNS = ("{%- for message in loop_messages %}[INST]{% for item in message['content'] %}"
+               "{% if item['type'] == 'image' %}[IMG]{% else %}{{ item['text'] }}{% endif %}{% endfor %}[/INST]{% endfor %}")
+SYSTEM_FORMS = {
+    # Older Mistral, community and mistral-common generated templates: the content concatenated as a string
+    "string only": ("{{ bos_token }}{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+                    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+                    "{%- if system_message is defined %}{{- '[SYSTEM_PROMPT]' + system_message + '[/SYSTEM_PROMPT]' }}{%- endif %}"
+                    + _USER_TURNS),
+    "blocks only": ("{{ bos_token }}{%- if messages[0]['role'] == 'system' %}"
+                    "{{- '[SYSTEM_PROMPT]' + messages[0]['content'][0]['text'] + '[/SYSTEM_PROMPT]' }}"
+                    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+                    + _USER_TURNS),
+    "both": MISTRAL_SMALL,
+    # Gemma 2's and Mistral 7B v0.1's way: no system role at all
+    "no system turn": ("{{ bos_token }}{%- if messages[0]['role'] == 'system' %}"
+                       "{{ raise_exception('System role not supported') }}{%- endif %}{%- set loop_messages = messages %}"
+                       + _USER_TURNS),
+}
+
+
+@pytest.mark.parametrize("form", SYSTEM_FORMS)
+def test_a_system_turn_in_the_form_the_template_takes_gives_hf_ids(tmp_path: Path, form: str) -> None:
+    """The build probes which form the template prints (a template may raise anything for the other); the served
+    ids equal HF's for the form the template's users send, and one that takes none refuses in the template's words."""
+    template = SYSTEM_FORMS[form]
+    directory = _checkpoint(tmp_path / "ckpt", **{"chat_template.jinja": template})
+    chat, tokenizer = _serving(directory)
+    assert chat.encode(tokenizer, TEXT, 1, 0) == _hf_ids(directory, request_messages(TEXT, 1, 0))
+    system = "Answer in one word."
+    if form == "no system turn":
+        with pytest.raises(Exception, match="System role not supported"):
+            _hf_ids(directory, request_messages(TEXT, 1, 0, system))
+        with pytest.raises(RequestError, match="chat template: System role not supported"):
+            chat.encode(tokenizer, TEXT, 1, 0, system)
+        return
+    assert chat.system_as_blocks == (form != "string only")
+    ids = chat.encode(tokenizer, TEXT, 1, 0, system)
+    assert ids == _hf_ids(directory, request_messages(TEXT, 1, 0, system, system_as_blocks=form != "string only"))
+    assert system in tokenizer.decode(ids)
+
+
+def test_a_request_the_template_fails_on_is_a_request_error() -> None:
+    """Not only raise_exception: whatever the checkpoint's template raises on a request's messages."""
+    with pytest.raises(RequestError, match="chat template: TypeError: can only concatenate str"):
+        ChatTemplate(SYSTEM_FORMS["string only"]).render([system_message("blocks"), *request_messages(TEXT, 0, 0)], {})
+
+
+def test_a_template_that_cannot_render_one_user_turn_is_refused_naming_its_file(tmp_path: Path) -> None:
+    directory = _checkpoint(tmp_path / "ckpt", **{"chat_template.jinja": "{{ messages[0]['content'] + '!' }}"})
+    with pytest.raises(BuildError, match=r"chat_template\.jinja: the chat template cannot render one user turn "
+                                         r"\(chat template: TypeError"):
+        read_chat_files(directory)

@@ -9,7 +9,6 @@ text, one image, two images of different sizes and a system prompt.
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from builder.serve.client import Request, ask
 from tests.conftest import wav_bytes
 from tests.family_checks import (assert_int8_build_kept_its_promise, assert_refused, assert_served_as_reference,
                                  assert_streaming_equals_unary, family_fixtures)
-from tests.hf_checkpoints import image
+from tests.hf_checkpoints import image, png
 from tests.hf_gemma3 import gemma3_pipeline_generate, write_gemma3_checkpoint
 
 NEW_TOKENS = 16
@@ -33,12 +32,6 @@ CASES = {
     "two images of different sizes": ("Compare the two pictures.", [(2, 40, 64), (3, 100, 100)], None),
     "a system prompt": ("Describe the colours.", [(4, 30, 80)], "Answer in one word."),
 }
-
-
-def png(picture) -> bytes:
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")

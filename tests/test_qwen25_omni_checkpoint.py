@@ -8,7 +8,6 @@ image, one clip, and an image with a clip, where the decoder's M-RoPE positions 
 
 from __future__ import annotations
 
-import io
 import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 from builder.serve.client import Request, ask
 from tests.family_checks import (assert_int8_build_kept_its_promise, assert_refused, assert_served_as_reference,
                                  assert_streaming_equals_unary, family_fixtures, noisy_wav)
-from tests.hf_checkpoints import image
+from tests.hf_checkpoints import image, png
 from tests.hf_qwen25_omni import load_processor, omni_pipeline_generate, write_qwen25_omni_checkpoint
 
 NEW_TOKENS = 16
@@ -34,12 +33,6 @@ CASES = {
     "two images, a clip at 44.1 kHz, a system prompt": ("Compare them.", [(5, 300, 200), (6, 40, 50)],
                                                         [(7, 2.5, 44100)], "Answer in one word."),
 }
-
-
-def png(picture) -> bytes:
-    out = io.BytesIO()
-    picture.save(out, format="PNG")
-    return out.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,9 @@ from tests.family_checks import (assert_int8_build_kept_its_promise, assert_refu
 from tests.hf_checkpoints import qwen2_audio_pipeline_generate, write_qwen2_audio_checkpoint
 
 NEW_TOKENS = 16
-LIMITS = {"max_prompt_tokens": 1600, "max_context": 1700, "max_audio_clips": 2}  # two clips of up to 750 tokens
-checkpoint, repository, connection = family_fixtures(write_qwen2_audio_checkpoint, **LIMITS)
+INT8_LIMITS = {"max_prompt_tokens": 1600, "max_context": 1700, "max_audio_clips": 2}  # the INT8 build: two clips of up to 750
+# Served as `make engines CHECKPOINT=dir` builds it: no spec file, the limits follow the checkpoint
+checkpoint, repository, connection = family_fixtures(write_qwen2_audio_checkpoint, template=None)
 
 # (text, audio as (seed, seconds, sample rate), system prompt)
 CASES = {
@@ -96,4 +97,4 @@ def test_int8_build_passes_the_pipeline_gate_or_falls_back_and_says_so(
     checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
     assert_int8_build_kept_its_promise(checkpoint, tmp_path / "repo", lambda: capsys.readouterr().out,
-                                       ["text", "text+audio"], **LIMITS)
+                                       ["text", "text+audio"], **INT8_LIMITS)

@@ -8,7 +8,6 @@ sizes and a system prompt override; streaming equals unary; audio is refused by 
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -20,15 +19,16 @@ from builder.build import build
 from builder.serve.client import Request, ask, ask_stream
 from builder.spec import load_spec
 from tests.conftest import CACHE, ROOT, run_cli, wav_bytes
-from tests.hf_checkpoints import hf_pipeline_generate, image, load_reference_model, pixtral_processor, write_mistral3_checkpoint
+from tests.hf_checkpoints import (
+    hf_pipeline_generate,
+    image,
+    load_reference_model,
+    pixtral_processor,
+    png,
+    write_mistral3_checkpoint,
+)
 
 NEW_TOKENS = 16
-
-
-def png(picture) -> bytes:
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 # (text, images as (seed, width, height), system prompt)
