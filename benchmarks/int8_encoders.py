@@ -28,7 +28,8 @@ import torch
 
 from builder.export.onnx_export import export_graph
 from builder.compare import figures, run_onnxruntime
-from builder.export.recipes import audio_recipe, vision_recipe
+from builder.families.mistral3.export import vision_recipe
+from builder.families.voxtral.export import audio_recipe
 from builder.quantize.calibration_data import DEFAULT_DIRECTORY
 from builder.quantize.qdq import S8S8, U8S8, calibrate, quantize_qdq
 from builder.quantize.reader import SampleReader

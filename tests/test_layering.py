@@ -20,8 +20,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "builder"
 STAGES = ["source", "export", "quantize", "compile", "repository", "serve", "bench"]
 
 
-def builder_imports(path: Path) -> set[str]:
-    """Dotted ``builder.*`` modules imported by ``path`` at run time (anywhere, also inside functions)."""
+def builder_imports(path: Path, modules: set[str] = frozenset()) -> set[str]:
+    """Dotted ``builder.*`` modules imported by ``path`` at run time (anywhere, also inside functions); with
+    ``modules`` (every module's name), ``from package import submodule`` names the submodule instead."""
     tree = ast.parse(path.read_text())
     skipped: set[int] = set()
     for node in ast.walk(tree):
@@ -32,7 +33,8 @@ def builder_imports(path: Path) -> set[str]:
         if id(node) in skipped:
             continue
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("builder"):
-            found.add(node.module)
+            names = {f"{node.module}.{alias.name}" for alias in node.names}
+            found |= names & modules if names <= modules else {node.module, *(names & modules)}
         elif isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names if alias.name.startswith("builder"))
     return found
@@ -72,3 +74,30 @@ def test_the_walk_sees_imports() -> None:
     """Guards the test itself: a known import is found, an annotation-only one is not."""
     assert "builder.runtime.model_facts" in builder_imports(PACKAGE / "build.py")
     assert "builder.spec" not in builder_imports(PACKAGE / "runtime" / "preprocess.py")
+
+
+def test_no_import_circle_among_builder_modules() -> None:
+    """Imports that run (module level or in functions, not ``TYPE_CHECKING``) form no circle: a stage or family
+    module can be read, and imported, on its own. ``from builder.x import name`` counts as importing ``builder.x``."""
+    paths = {_module_name(path): path for path in PACKAGE.rglob("*.py")}
+    graph = {module: builder_imports(path, set(paths)) & paths.keys() for module, path in paths.items()}
+    circles: list[list[str]] = []
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        if module in path:
+            circles.append(path[path.index(module):] + [module])
+        elif module not in done:
+            for imported in sorted(graph[module]):
+                visit(imported, [*path, module])
+            done.add(module)
+
+    for module in sorted(graph):
+        visit(module, [])
+    assert not circles, "import circles: " + "; ".join(" -> ".join(circle) for circle in circles)
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+

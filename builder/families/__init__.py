@@ -1,8 +1,10 @@
-"""The family registry: one module per model type, the only code that knows a family.
+"""The family registry: one package per model type, the only code that knows a family.
 
-A family reads a checkpoint's facts (token ids, processor parameters, which encoders it has),
-loads its PyTorch modules, says how they export, and runs Hugging Face's own pipeline as the
-reference. Adding a family is one module here plus its tests.
+A family package (``builder/families/<model_type>/``) reads a checkpoint's facts (token ids, processor parameters,
+which encoders it has), loads its PyTorch modules and runs Hugging Face's own pipeline as the reference (its
+``__init__``), and says how each component exports (its ``export`` module: wrappers and a ``RECIPES`` table).
+Adding a family is one package here, its line in ``FAMILIES`` and its tests (``tests/test_family_registry.py``
+fails while a registered family has no served-parity test).
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ Stages call these methods and never branch on ``model_type`` themselves.
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,9 +46,11 @@ class Family(ABC):
     def load(self, directory: Path, dtype: str, tokenizer: Path) -> SourceModel:
         """The checkpoint's modules in ``dtype`` (a torch dtype's name), weights checked against its config."""
 
-    @abstractmethod
     def recipes(self, source: SourceModel, limits: "LimitsSpec", components: list[str]) -> list["ExportRecipe"]:
-        """How each of ``components`` (vision_encoder, audio_encoder, llm) exports."""
+        """How each of ``components`` (vision_encoder, audio_encoder, llm) exports: the ``RECIPES`` table of the
+        family package's ``export`` module, imported here so that torch loads only when a family exports."""
+        export = importlib.import_module(f"{type(self).__module__}.export")
+        return [export.RECIPES[name](source, limits) for name in components]
 
     @abstractmethod
     def reference_generate(self, source: SourceModel, inputs: ModelInputs, max_new_tokens: int) -> list[int]:

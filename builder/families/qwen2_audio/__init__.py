@@ -11,7 +11,6 @@ with librosa, whose default resampler (soxr HQ) is the one serving uses.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from builder.errors import BuildError
 from builder.families.base import Family, SourceModel, greedy_new_tokens, model_facts
@@ -19,10 +18,6 @@ from builder.families.hf_files import added_tokens, check_feature_extractor, loa
 from builder.runtime.audio import HOP
 from builder.runtime.model_facts import AudioFacts, ModelFacts
 from builder.runtime.preprocess import ModelInputs
-
-if TYPE_CHECKING:
-    from builder.export.recipes import ExportRecipe
-    from builder.spec import LimitsSpec
 
 AUDIO_TOKEN = "<|AUDIO|>"
 
@@ -83,12 +78,6 @@ class Qwen2Audio(Family):
         model = load_pretrained(Qwen2AudioForConditionalGeneration, directory, config, dtype)
         parts = {"audio_tower": model.model.audio_tower, "audio_projector": model.model.multi_modal_projector}
         return SourceModel(directory, model, self.read_facts(directory, tokenizer), parts)
-
-    def recipes(self, source: SourceModel, limits: "LimitsSpec", components: list[str]) -> list["ExportRecipe"]:
-        from builder.export.recipes import llm_recipe, masked_audio_recipe
-
-        makers = {"audio_encoder": masked_audio_recipe, "llm": llm_recipe}
-        return [makers[name](source, limits) for name in components]
 
     def reference_generate(self, source: SourceModel, inputs: ModelInputs, max_new_tokens: int) -> list[int]:
         from builder.runtime.encoders import audio_feeds

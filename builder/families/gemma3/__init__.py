@@ -6,13 +6,13 @@ the chat template, ``preprocessor_config.json`` and ``processor_config.json`` (`
 is squashed to one square (bilinear), and each ``<start_of_image>`` the template writes becomes, in the text before
 tokenizing, ``"\\n\\n<start_of_image>" + <image_soft_token> x mm_tokens_per_image + "<end_of_image>\\n\\n"``. In a
 prefill the soft tokens of one image attend to each other both ways; sliding-window layers see a window back
-(:class:`builder.export.wrappers.BidirectionalImageLanguageModel`). Pan-and-scan crops are not supported.
+(:class:`builder.families.gemma3.export.BidirectionalImageLanguageModel`). Pan-and-scan crops are not supported.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -21,10 +21,6 @@ from builder.families.base import Family, SourceModel, greedy_new_tokens, model_
 from builder.families.hf_files import added_tokens, load_pretrained, read_json, token_id
 from builder.runtime.model_facts import ImageFacts, ModelFacts
 from builder.runtime.preprocess import ModelInputs
-
-if TYPE_CHECKING:
-    from builder.export.recipes import ExportRecipe
-    from builder.spec import LimitsSpec
 
 _RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL's filter numbers, as preprocessor_config.json stores them
 
@@ -101,14 +97,6 @@ class Gemma3(Family):
         config = Gemma3Config.from_pretrained(directory)
         model = load_pretrained(Gemma3ForConditionalGeneration, directory, config, dtype)
         return SourceModel(directory, model, self.read_facts(directory, tokenizer))
-
-    def recipes(self, source: SourceModel, limits: "LimitsSpec", components: list[str]) -> list["ExportRecipe"]:
-        from builder.export.recipes import fixed_size_vision_recipe, llm_recipe
-        from builder.export.wrappers import BidirectionalImageLanguageModel
-
-        makers = {"vision_encoder": fixed_size_vision_recipe,
-                  "llm": lambda s, l: llm_recipe(s, l, BidirectionalImageLanguageModel)}
-        return [makers[name](source, limits) for name in components]
 
     def reference_generate(self, source: SourceModel, inputs: ModelInputs, max_new_tokens: int) -> list[int]:
         image = source.facts.image

@@ -23,9 +23,6 @@ from builder.runtime.preprocess import ModelInputs
 if TYPE_CHECKING:
     import torch
 
-    from builder.export.recipes import ExportRecipe
-    from builder.spec import LimitsSpec
-
 
 # mistral-common (tokenizers before v13, Voxtral Mini and Small's v7) refuses a system message beside audio; so do we.
 VOXTRAL_CHAT_TEMPLATE = MISTRAL_INSTRUCT_TEMPLATE.replace(
@@ -98,12 +95,6 @@ class Voxtral(Family):
         model = load_pretrained(VoxtralForConditionalGeneration, directory, config, dtype)
         parts = {"audio_tower": model.model.audio_tower, "audio_projector": model.model.multi_modal_projector}
         return SourceModel(directory, model, self.read_facts(directory, tokenizer), parts)
-
-    def recipes(self, source: SourceModel, limits: "LimitsSpec", components: list[str]) -> list["ExportRecipe"]:
-        from builder.export.recipes import audio_recipe, llm_recipe
-
-        makers = {"audio_encoder": audio_recipe, "llm": llm_recipe}
-        return [makers[name](source, limits) for name in components]
 
     def reference_generate(self, source: SourceModel, inputs: ModelInputs, max_new_tokens: int) -> list[int]:
         features = {"input_features": inputs.input_features} if len(inputs.input_features) else {}

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -25,10 +25,6 @@ from builder.families.hf_files import added_tokens, check_feature_extractor, loa
 from builder.runtime.audio import HOP, SAMPLE_RATE
 from builder.runtime.model_facts import AudioFacts, ImageFacts, ModelFacts
 from builder.runtime.preprocess import ModelInputs
-
-if TYPE_CHECKING:
-    from builder.export.recipes import ExportRecipe
-    from builder.spec import LimitsSpec
 
 IMAGE_TOKEN, AUDIO_TOKEN = "<|IMAGE|>", "<|AUDIO|>"
 _BICUBIC = 3  # PIL's filter number, as preprocessor_config.json stores it
@@ -120,12 +116,6 @@ class Qwen25OmniThinker(Family):
 
         model = load_pretrained(Qwen2_5OmniThinkerForConditionalGeneration, directory, _config(directory), dtype)
         return SourceModel(directory, model, self.read_facts(directory, tokenizer))
-
-    def recipes(self, source: SourceModel, limits: "LimitsSpec", components: list[str]) -> list["ExportRecipe"]:
-        from builder.export.recipes import chunked_audio_recipe, llm_recipe, windowed_vision_recipe
-
-        makers = {"vision_encoder": windowed_vision_recipe, "audio_encoder": chunked_audio_recipe, "llm": llm_recipe}
-        return [makers[name](source, limits) for name in components]
 
     def reference_generate(self, source: SourceModel, inputs: ModelInputs, max_new_tokens: int) -> list[int]:
         from builder.runtime.encoders import audio_feeds, qwen_vl_image_feeds

@@ -22,13 +22,10 @@ from builder.runtime.preprocess import ModelInputs
 if TYPE_CHECKING:
     import torch
 
-    from builder.export.recipes import ExportRecipe
-    from builder.spec import LimitsSpec
 
 _AUDIO_PREFIXES = ("audio_tower.", "audio_projector.")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # Pixtral's defaults when a checkpoint has no processor file
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
 
 
 def _side(value: Any) -> int:
@@ -106,12 +103,6 @@ class Mistral3(Family):
             _load_prefixed(weight_files, "audio_projector.", projector)
             parts = {"audio_tower": tower, "audio_projector": projector}
         return SourceModel(directory, model, self.read_facts(directory, tokenizer), parts)
-
-    def recipes(self, source: SourceModel, limits: "LimitsSpec", components: list[str]) -> list["ExportRecipe"]:
-        from builder.export.recipes import audio_recipe, llm_recipe, vision_recipe
-
-        makers = {"vision_encoder": vision_recipe, "audio_encoder": audio_recipe, "llm": llm_recipe}
-        return [makers[name](source, limits) for name in components]
 
     def reference_generate(self, source: SourceModel, inputs: ModelInputs, max_new_tokens: int) -> list[int]:
         import torch
