@@ -95,7 +95,7 @@ def build(spec: BuildSpec, output: Path, cache_dir: Path, progress: bool = True)
     loaded: SourceModel | None = None
     preflight = None
     if progress:
-        tqdm.write(describe(spec.limits))
+        tqdm.write(describe(spec.limits, facts))
     if any(cache.lookup("export", c, keys[c]) is None for c in components):  # the checkpoint will be loaded
         preflight = estimate(weight_files, cache_dir, dtypes["llm"], extra_copy=quantized)
         preflight.check()
@@ -121,7 +121,7 @@ def build(spec: BuildSpec, output: Path, cache_dir: Path, progress: bool = True)
         }
         plans = plan_repository(spec, facts, compiled, shared)
         assemble_repository(plans, staging, _manifest(spec, repo_key, source.fingerprint, compiled, pipeline))
-        write_report(staging / "build_report.md", spec, compiled, pipeline)
+        write_report(staging / "build_report.md", spec, describe(spec.limits, facts), compiled, pipeline)
         publish(staging, output)
     return BuildResult(output, tuple(rebuilt), tuple(c for c in components if c not in rebuilt), True,
                        time.perf_counter() - started, spec, preflight)

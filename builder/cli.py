@@ -172,7 +172,8 @@ def _served_limits(checkpoint: Path) -> str:
         facts = read_facts(checkpoint)
     except BuildError as exc:  # e.g. headers and config only: the tokenizer and processor files decide the media cost
         return f"served limits: decided by the build ({exc})"
-    return f"served {describe(checkpoint_limits(_load_spec(None, checkpoint, {}), facts).limits)} (make engines CHECKPOINT=dir)"
+    limits = checkpoint_limits(_load_spec(None, checkpoint, {}), facts).limits
+    return f"served {describe(limits, facts)} (make engines CHECKPOINT=dir)"
 
 
 def cmd_publish(args: argparse.Namespace) -> int:

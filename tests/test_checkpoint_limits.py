@@ -73,5 +73,5 @@ def test_plan_shows_the_limits_a_checkpoint_build_serves_with(tmp_path: Path) ->
     result = run_cli("plan", str(checkpoint), "--gpu", "L4")
     assert result.returncode == 0, result.stderr
     assert (f"served limits: context {expected.max_context} tokens, prompt {expected.max_prompt_tokens} "
-            f"(4 images, 4 audio clips), max_tokens {expected.max_tokens}") in result.stdout
+            f"(4 images), max_tokens {expected.max_tokens}") in result.stdout  # a vision-only model
     assert expected.max_context == 2048  # the checkpoint's max_position_embeddings

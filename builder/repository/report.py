@@ -7,16 +7,17 @@ from pathlib import Path
 
 from builder.compile.artifacts import CompiledModel
 from builder.quantize.pipeline import PipelineResult
-from builder.source.limits import describe
 from builder.spec import BuildSpec
 
 
-def write_report(path: Path, spec: BuildSpec, compiled: Mapping[str, CompiledModel], pipeline: PipelineResult | None) -> None:
+def write_report(path: Path, spec: BuildSpec, limits: str, compiled: Mapping[str, CompiledModel],
+                 pipeline: PipelineResult | None) -> None:
+    """``limits``: the request limits as the build describes them (builder.source.limits.describe)."""
     lines = [
         f"# Build report: {spec.name}", "",
         f"Target `{spec.target}`. Quantized graphs are compared with the FP32 graph on held-out inputs "
         "(calibration samples are never among them); a graph below the gate is never published.", "",
-        f"Request {describe(spec.limits)}.", "",
+        f"Request {limits}.", "",
         "| component | precision | file | size | scheme | calibration samples | held-out | gate (worst output) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]

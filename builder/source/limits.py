@@ -58,8 +58,10 @@ def most_clip_tokens(audio: AudioFacts | None) -> int:
     return audio.tokens_per_clip + (audio.begin is not None)
 
 
-def describe(limits: LimitsSpec) -> str:
-    """One line for the build's output and report."""
-    return (f"limits: context {limits.max_context} tokens, prompt {limits.max_prompt_tokens} "
-            f"({limits.max_images} images, {limits.max_audio_clips} audio clips), max_tokens {limits.max_tokens} "
-            f"(default {limits.default_max_tokens})")
+def describe(limits: LimitsSpec, facts: ModelFacts) -> str:
+    """One line for the build's output and report: the media named are those the model takes."""
+    media = [f"{count} {what}" for count, what, has in ((limits.max_images, "images", facts.image),
+                                                       (limits.max_audio_clips, "audio clips", facts.audio)) if has]
+    return (f"limits: context {limits.max_context} tokens, prompt {limits.max_prompt_tokens}"
+            + (f" ({', '.join(media)})" if media else "")
+            + f", max_tokens {limits.max_tokens} (default {limits.default_max_tokens})")
