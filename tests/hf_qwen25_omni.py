@@ -88,8 +88,10 @@ CORPUS = [
 ]
 
 
-def build_tokenizer(vocab_size: int = 380) -> Qwen2Tokenizer:
-    """Byte-level BPE trained with Qwen2's own normalizer / pre-tokenizer / decoder; specials appended after."""
+def build_tokenizer(vocab_size: int = 380, specials: list[str] = SPECIALS,
+                    model_specific_tokens: dict[str, str] = MODEL_SPECIFIC_TOKENS) -> Qwen2Tokenizer:
+    """Byte-level BPE trained with Qwen2's own normalizer / pre-tokenizer / decoder; ``specials`` (a Qwen model's
+    added tokens in their id order) appended after, and ``model_specific_tokens`` as its processor reads them."""
     backend = Tokenizer(BPE())
     backend.normalizer = normalizers.NFC()
     backend.pre_tokenizer = pre_tokenizers.Sequence([
@@ -99,12 +101,12 @@ def build_tokenizer(vocab_size: int = 380) -> Qwen2Tokenizer:
     backend.decoder = decoders.ByteLevel()
     backend.train_from_iterator(CORPUS, trainers.BpeTrainer(
         vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in NON_SPECIAL_ADDED])
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in FIM_SPECIALS])
     return Qwen2Tokenizer(
         tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None, bos_token=None,
-        extra_special_tokens=dict(MODEL_SPECIFIC_TOKENS), errors="replace", model_max_length=32768,
+        extra_special_tokens=dict(model_specific_tokens), errors="replace", model_max_length=32768,
         split_special_tokens=False, clean_up_tokenization_spaces=False,
     )
 
