@@ -101,17 +101,18 @@ def windowed_vision_recipe(source: SourceModel, limits: LimitsSpec) -> ExportRec
     """Qwen2-VL-style images (any size in whole cells) as patches and numpy index tensors, same-size images per call."""
     import numpy as np
 
-    from builder.runtime.encoders import qwen_vl_image_feeds
+    from builder.runtime.media import image_layout
 
     image = source.facts.image
     assert image is not None
+    layout = image_layout(image)
     names = ["pixel_patches", "rotary_pos_ids", "window_index", "cu_seqlens", "cu_window_seqlens"]
     shapes = [(2, 4, 6), (1, 9, 5), (3, 2, 2), (1, 12, 16)]  # (images, rows, cols) of cells: the export example first
 
     def sample(gen: torch.Generator, variant: int) -> tuple[torch.Tensor, ...]:
         count, rows, cols = shapes[variant % len(shapes)]
         pixels = torch.randn(count, 3, rows * image.cell, cols * image.cell, generator=gen).numpy()
-        feeds = qwen_vl_image_feeds(image, pixels)
+        feeds = layout.graph_feeds(pixels)
         return tuple(torch.from_numpy(np.ascontiguousarray(feeds[name])) for name in names)
 
     merged = Dim("merged_tokens", min=1, max=max(65536, image.max_pixels // image.cell ** 2 * 16))
@@ -126,17 +127,18 @@ def chunked_audio_recipe(source: SourceModel, limits: LimitsSpec) -> ExportRecip
     """Clips of any length as chunks of ``chunk_frames`` mel frames and numpy index tensors, all clips in one call."""
     import numpy as np
 
-    from builder.runtime.encoders import chunked_audio_feeds
+    from builder.runtime.media import audio_layout
 
     audio = source.facts.audio
     assert audio is not None
+    layout = audio_layout(audio)
     names = ["padded_feature", "chunk_lengths", "valid_indices", "pool_indices", "cu_seqlens"]
     lengths = [(237, 461), (100,), (701, 50, 301), (2990,)]  # mel frames per clip: the export example first
 
     def sample(gen: torch.Generator, variant: int) -> tuple[torch.Tensor, ...]:
         frames = np.array(lengths[variant % len(lengths)], np.int64)
         features = torch.randn(len(frames), audio.num_mel_bins, int(frames.max()), generator=gen).numpy()
-        feeds = chunked_audio_feeds(audio, features, frames)
+        feeds = layout.graph_feeds(features, frames)
         return tuple(torch.from_numpy(np.ascontiguousarray(feeds[name])) for name in names)
 
     chunks = Dim("chunks", min=1, max=4096)

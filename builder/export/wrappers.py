@@ -268,7 +268,7 @@ def _attention(config, implementation: str):
 
 
 class ChunkedAudioEncoder(nn.Module):
-    """Qwen2.5-Omni's audio tower on index tensors computed in numpy (``runtime.encoders.chunked_audio_feeds``):
+    """Qwen2.5-Omni's audio tower on index tensors computed in numpy (``runtime.media.chunked.ChunkedLayout.graph_feeds``):
     padded_feature [chunks, mels, frames] + chunk_lengths + valid_indices + pool_indices + cu_seqlens ->
     audio_embeds [tokens of all clips, hidden]. The tower takes them in place of its Python loops."""
 
@@ -289,7 +289,7 @@ class ChunkedAudioEncoder(nn.Module):
 
 class WindowedVisionEncoder(nn.Module):
     """Qwen2.5-Omni's (Qwen2.5-VL's) vision tower on index tensors computed in numpy
-    (``runtime.encoders.qwen_vl_image_feeds``): pixel_patches [patches, C*T*p*p] + rotary_pos_ids + window_index +
+    (``runtime.media.qwen_vl.QwenVLLayout.graph_feeds``): pixel_patches [patches, C*T*p*p] + rotary_pos_ids + window_index +
     cu_seqlens + cu_window_seqlens -> image_embeds [merged tokens, hidden], image after image, row-major."""
 
     def __init__(self, model: nn.Module) -> None:
