@@ -20,7 +20,7 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from builder.repository.assemble import assemble_repository, render_model_config  # noqa: E402
 from builder.repository.plan import ModelPlan, Tensor, per_request  # noqa: E402
-from builder.runtime.model_facts import ModelFacts  # noqa: E402
+from builder.runtime.model_facts import ImageFacts, ModelFacts  # noqa: E402
 from builder.serve.tritonserver import TritonServer  # noqa: E402
 
 pytestmark = pytest.mark.serving
@@ -49,8 +49,11 @@ class TritonPythonModel:
 
 
 def write_repository(root: Path, facts_file: Path) -> None:
+    # A Pixtral-style vision encoder: its layout feeds each size's images to the engine as pixel_values.
+    image = ImageFacts(token=1, row_break=2, end=3, patch_size=2, merge_size=1, longest_edge=64, mean=(0.5, 0.5, 0.5),
+                       std=(0.5, 0.5, 0.5), token_text="[IMG]")
     ModelFacts("toy", vocab_size=16, hidden_size=HIDDEN, num_layers=1, num_kv_heads=1, head_dim=HIDDEN, stop_ids=(0,),
-               image=None, audio=None).save(facts_file)
+               image=image, audio=None).save(facts_file)
     gate = ModelPlan(
         "vision_encoder", "python_model.pbtxt.j2",
         inputs=(per_request(Tensor("pixel_values", "TYPE_FP32", (-1, 3, -1, -1))), per_request(Tensor("image_sizes", "TYPE_INT64", (-1, 2)))),

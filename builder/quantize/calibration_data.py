@@ -14,8 +14,8 @@ import numpy as np
 
 from builder.errors import BuildError
 from builder.runtime.chat import ChatPrompt
-from builder.runtime.encoders import audio_graph_feeds, image_feeds
 from builder.runtime.errors import RequestError
+from builder.runtime.media import audio_layout, image_layout
 from builder.runtime.model_facts import ModelFacts
 from builder.runtime.preprocess import ModelInputs, Preprocessor, RequestLimits
 from builder.runtime.text import load_tokenizer
@@ -112,11 +112,11 @@ def load_samples(files: CalibrationFiles, preprocess: Preprocessor) -> Calibrati
     def one_image(inputs: ModelInputs) -> dict[str, np.ndarray]:
         (height, width), = inputs.image_sizes
         assert facts.image is not None
-        return image_feeds(facts.image, np.ascontiguousarray(inputs.pixel_values[:, :, :height, :width]))
+        return image_layout(facts.image).graph_feeds(np.ascontiguousarray(inputs.pixel_values[:, :, :height, :width]))
 
     pixels = split([one_image(request("image", image=p)) for p in files.images]) if files.images else None
     clips = [request("audio", audio=p) for p in files.audio]
-    features = split([audio_graph_feeds(facts.audio, c.input_features, c.audio_frames) for c in clips]) \
+    features = split([audio_layout(facts.audio).graph_feeds(c.input_features, c.audio_frames) for c in clips]) \
         if clips and facts.audio is not None else None
     media = [kind for kind, present in (("image", files.images), ("audio", files.audio)) if present]
 

@@ -18,6 +18,7 @@ from builder.runtime.contract import (
     ANSWER_OUTPUTS, CLIENT_INPUTS, MEDIA_INPUTS, SAMPLING_INPUTS, STREAM_INPUT, STREAMING_ENSEMBLE, TEXT_INPUT,
     UNARY_ENSEMBLE, Tensor,
 )
+from builder.runtime.media import audio_layout, image_layout
 from builder.runtime.model_facts import ModelFacts
 from builder.runtime.preprocess import RequestLimits
 from builder.spec import BuildSpec
@@ -68,8 +69,9 @@ def plan_repository(spec: BuildSpec, facts: ModelFacts, compiled: dict[str, Comp
     # Graphs that take one call's patches or chunks with their index tensors have no axis a backend could batch on,
     # and the TensorRT decode loop feeds plain positions: such models serve on target python only.
     one_call_graphs = [name for name, takes_one_call in (
-        ("vision_encoder", vision is not None and facts.image is not None and facts.image.layout == "qwen_vl"),
-        ("audio_encoder", audio is not None and facts.audio is not None and facts.audio.layout == "chunked")) if takes_one_call]
+        ("vision_encoder", vision is not None and facts.image is not None and not image_layout(facts.image).batchable),
+        ("audio_encoder", audio is not None and facts.audio is not None and not audio_layout(facts.audio).batchable))
+        if takes_one_call]
     if target.batches_encoders and one_call_graphs:
         raise BuildError(f"target {spec.target}: {', '.join(one_call_graphs)} of this model cannot run batched in "
                          f"Triton's own backend; build for target python")
@@ -86,7 +88,7 @@ def plan_repository(spec: BuildSpec, facts: ModelFacts, compiled: dict[str, Comp
                          Tensor("image_sizes", "TYPE_INT64", (-1, 2))), Tensor("image_embeds", "TYPE_FP32", (-1, hidden))))
     if audio is not None:
         assert facts.audio is not None
-        clip_width = -1 if facts.audio.layout == "chunked" else facts.audio.frames  # "chunked": the clips' own frames
+        clip_width = audio_layout(facts.audio).clip_width or -1  # -1: the clips' own frames
         encoders.append(("audio_encoder", audio, (Tensor("input_features", "TYPE_FP32", (-1, facts.audio.num_mel_bins, clip_width)),
                          Tensor("audio_frames", "TYPE_INT64", (-1,))), Tensor("audio_embeds", "TYPE_FP32", (-1, hidden))))
     media_outputs = [per_request(t) for _, _, inputs, _ in encoders for t in inputs]

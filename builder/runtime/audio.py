@@ -168,10 +168,9 @@ def clip_count(n_samples: int, rate: int, clip_samples: int, index: int, limits:
     return n_clips
 
 
-def clip_frames(n_samples: int, rate: int, audio: AudioFacts, index: int, limits: AudioLimits) -> list[int]:
-    """The mel frames each encoder clip of one audio input attends to, as its ``layout`` says (before resampling)."""
-    if audio.layout == "windows":
-        return [audio.frames] * clip_count(n_samples, rate, audio.clip_samples, index, limits)
+def window_frames(n_samples: int, rate: int, audio: AudioFacts, index: int) -> int:
+    """The mel frames of an audio input that is one window, its padding masked (before resampling): refused when
+    longer than the window or too short for one token."""
     samples, seconds = resampled_length(n_samples, rate), n_samples / rate
     if samples > audio.clip_samples:  # the model's processor would drop the rest without a word
         raise RequestError(f"audio[{index}]: {seconds:.2f} s is longer than this model's "
@@ -179,7 +178,7 @@ def clip_frames(n_samples: int, rate: int, audio: AudioFacts, index: int, limits
     frames = -(-samples // audio.hop_length)  # Whisper's attention mask: a frame per hop that holds a sample
     if audio.clip_tokens(frames) == 0:
         raise RequestError(f"audio[{index}]: {seconds * 1000:.0f} ms is too short to give this model one audio token")
-    return [frames]
+    return frames
 
 
 def audio_to_clips(
@@ -200,3 +199,9 @@ def valid_frames_log_mel(samples: np.ndarray, filters: np.ndarray, frames: int) 
     processor pads every clip to 300 s): float32 [n_mels, frames]. Only the frames that overlap the audio differ from
     the floor, so a pad of one FFT window past the last frame gives the same columns and the same max - 8 floor."""
     return log_mel(samples, filters, frames * HOP + N_FFT)[:, :frames]
+
+
+def audio_feeds(features: np.ndarray, frames: np.ndarray) -> dict[str, np.ndarray]:
+    """A batch of clips as the audio graphs take them: features, and (HF's) mask of the frames each one attends to."""
+    mask = np.arange(features.shape[-1])[None, :] < np.asarray(frames, dtype=np.int64)[:, None]
+    return {"input_features": features, "feature_attention_mask": mask.astype(np.int64)}

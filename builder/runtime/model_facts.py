@@ -15,19 +15,8 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class ImageFacts:
-    """How images become pixels and placeholder tokens, by ``layout``:
-
-    - "pixtral": kept at their own aspect ratio, scaled down to ``longest_edge``, sides rounded up to whole cells;
-      the template emits ``token`` once per image, which expands (on token ids) to rows of ``token`` x cols, each
-      ended by ``row_break``, the very last by ``end``.
-    - "fixed" (Gemma 3): squashed to one ``longest_edge`` square (a single cell); the template emits the marker
-      ``token_text`` once per image, replaced in the rendered text by ``expansion`` before tokenizing (its
-      newlines merge with the text around it), which holds ``tokens_per_image`` of ``token``.
-    - "qwen_vl" (Qwen2.5-Omni): Qwen2-VL's ``smart_resize`` (sides rounded to whole cells, the area kept within
-      ``min_pixels``..``max_pixels``); the template's ``token`` expands to (height x width) / cell^2 of ``token``. The
-      encoder takes each image as ``patch_size`` patches of ``temporal_patch_size`` frames, merged ``merge_size`` x
-      ``merge_size``, attended in windows of ``window_size`` pixels.
-    """
+    """How images become pixels and placeholder tokens. ``layout`` names the module of :mod:`.media` that says how
+    (``IMAGE_LAYOUTS``): "pixtral" (Mistral 3), "fixed" (Gemma 3) or "qwen_vl" (Qwen2.5-Omni)."""
 
     token: int
     row_break: int
@@ -57,12 +46,8 @@ class ImageFacts:
 class AudioFacts:
     """Whisper-style audio: log-mel windows of ``clip_samples`` at 16 kHz, two mel frames per encoder position.
 
-    ``layout`` says how an audio input becomes encoder clips and placeholder tokens:
-    - "windows" (Voxtral): zero-padded to whole windows, each window a clip of ``tokens_per_clip`` tokens;
-    - "masked" (Qwen2-Audio): one window per input, its padding masked inside the encoder; the tokens follow the
-      clip's own frames (longer audio is refused: the model's processor would cut it);
-    - "chunked" (Qwen2.5-Omni): as "masked", but a clip travels as its own frames only (no window padding) and the
-      encoder attends inside chunks of ``chunk_frames`` mel frames, its positions restarting in each.
+    ``layout`` names the module of :mod:`.media` that says how an audio input becomes encoder clips and placeholder
+    tokens (``AUDIO_LAYOUTS``): "windows" (Voxtral), "masked" (Qwen2-Audio) or "chunked" (Qwen2.5-Omni).
     The chat template emits ``token`` once per audio input; it expands to ``begin`` (when the template does not
     write one itself) + ``token`` x the input's tokens.
     """

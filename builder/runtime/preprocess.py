@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tokenizers import Tokenizer
 
-from .audio import (SAMPLE_RATE, AudioLimits, audio_to_clips, clip_frames, decode_wav, mel_filter_bank, resample,
-                    valid_frames_log_mel)
+from .audio import SAMPLE_RATE, AudioLimits, decode_wav, mel_filter_bank
 from .chat import ChatPrompt
 from .errors import RequestError
-from .image import ImageLimits, decode_image, image_to_pixels, pad_images, resized_size, smart_resize
+from .image import ImageLimits, decode_image, image_to_pixels, pad_images
+from .media import audio_layout, image_layout
 from .model_facts import ModelFacts
 from .prompt import expand_placeholders, mrope_positions
 from .text import load_tokenizer
@@ -75,6 +75,8 @@ class Preprocessor:
         self.tokenizer = tokenizer
         self.chat = chat
         self.limits = limits
+        self.image_layout = image_layout(facts.image) if facts.image else None
+        self.audio_layout = audio_layout(facts.audio) if facts.audio else None
         self.mel_filters = mel_filter_bank(facts.audio.num_mel_bins) if facts.audio else None
         # No prompt longer than this fits in max_prompt_tokens: longer ones are refused without tokenizing
         # them (a 10 MB prompt takes the tokenizer 15 s). UTF-8 bytes of a token's string bound the bytes it covers.
@@ -110,12 +112,7 @@ class Preprocessor:
         # Counts and sizes first: resizing, resampling and mel features cost time per pixel or sample.
         frames = self._clip_frames(decoded_audio, len(audio))
         decoded_images = [decode_image(data, i, limits.image) for i, data in enumerate(images)]
-        sizes = [self._resized_size(img.height, img.width) for img in decoded_images]
-        for i, (img, (height, width)) in enumerate(zip(decoded_images, sizes)):
-            if not height or not width:  # e.g. 1 x 5000: scaled to fit, one side rounds down to nothing
-                why = ("has an aspect ratio over 200, which this model's processor refuses" if facts.image.layout == "qwen_vl"
-                       else f"is too narrow to keep a pixel per side once scaled to a longest edge of {facts.image.longest_edge}")
-                raise RequestError(f"image[{i}]: {img.width}x{img.height} {why}")
+        sizes = [self.image_layout.resized_size(img.height, img.width, i) for i, img in enumerate(decoded_images)]
         expansions = {facts.image.token_text: facts.image.expansion} if facts.image and facts.image.expansion else {}
         rendered = self.chat.encode(self.tokenizer, prompt, images=len(images), audio=len(audio), system_prompt=system,
                                     expansions=expansions)
@@ -130,15 +127,6 @@ class Preprocessor:
         positions = mrope_positions(ids, facts.image, sizes) if facts.position_rows == 3 else None
         return ModelInputs(np.asarray(ids, dtype=np.int64), pixels, image_sizes,
                            self._features(decoded_audio, clip_frames), clip_frames, positions)
-
-    def _resized_size(self, height: int, width: int) -> tuple[int, int]:
-        image = self.facts.image
-        assert image is not None
-        if image.layout == "qwen_vl":
-            return smart_resize(height, width, image.cell, image.min_pixels, image.max_pixels)
-        if image.layout == "pixtral":
-            return resized_size(height, width, image.longest_edge, image.cell)
-        return image.longest_edge, image.longest_edge
 
     def _text(self, name: str, value: bytes | str | None) -> str | None:
         if value is None:
@@ -158,9 +146,9 @@ class Preprocessor:
         """Per audio input, the mel frames of each of its encoder clips; the clips of all inputs within the limit."""
         if not decoded:
             return []
-        audio, limits = self.facts.audio, self.limits.audio
-        assert audio is not None
-        frames = [clip_frames(len(s), rate, audio, i, limits) for i, (s, rate) in enumerate(decoded)]
+        audio, layout, limits = self.facts.audio, self.audio_layout, self.limits.audio
+        assert audio is not None and layout is not None
+        frames = [layout.clip_frames(len(s), rate, i, limits) for i, (s, rate) in enumerate(decoded)]
         clips = sum(map(len, frames))
         if clips > limits.max_clips:
             seconds = sum(len(s) / rate for s, rate in decoded)
@@ -178,19 +166,12 @@ class Preprocessor:
                            for img, size in zip(decoded, sizes)])
 
     def _features(self, decoded: list[tuple[np.ndarray, int]], frames: np.ndarray) -> np.ndarray:
-        audio = self.facts.audio
-        if audio is None or not decoded:
-            mels, frames = (audio.num_mel_bins, audio.frames if audio.layout != "chunked" else 1) if audio else (1, 1)
-            return np.zeros((0, mels, frames), np.float32)
+        layout = self.audio_layout
+        if layout is None or not decoded:  # no clips: a width of 1 where clips keep their own frames
+            mels, width = (layout.audio.num_mel_bins, layout.clip_width or 1) if layout else (1, 1)
+            return np.zeros((0, mels, width), np.float32)
         assert self.mel_filters is not None
-        if audio.layout == "chunked":  # each clip's own frames, the request's clips padded to the longest
-            batch = np.zeros((len(decoded), audio.num_mel_bins, int(frames.max())), np.float32)
-            for i, ((samples, rate), n) in enumerate(zip(decoded, frames)):
-                batch[i, :, :n] = valid_frames_log_mel(resample(samples, rate), self.mel_filters, int(n))
-            return batch
-        clips = [audio_to_clips(resample(samples, rate), self.mel_filters, audio.clip_samples, i, self.limits.audio)
-                 for i, (samples, rate) in enumerate(decoded)]
-        return np.concatenate(clips).astype(np.float32)
+        return layout.features(decoded, frames, self.mel_filters, self.limits.audio)
 
 
 def fuse_embeddings(

@@ -1,8 +1,8 @@
 """Placeholder expansion: the chat template writes one marker per image or audio file, the model wants many.
 
 Done on token ids after the template is rendered and tokenized, as the HF processors do on text:
-each image marker becomes rows of image tokens ended by a row break (the last by an end token),
-each audio marker (a begin token and) the audio tokens of all its clips.
+each image marker becomes its layout's placeholders (:mod:`.media`; Pixtral's: rows of image tokens ended
+by a row break, the last by an end token), each audio marker (a begin token and) the audio tokens of all its clips.
 """
 
 from __future__ import annotations
@@ -12,19 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from .errors import RequestError
+from .media import image_layout
 from .model_facts import AudioFacts, ImageFacts, ModelFacts
-
-
-def image_placeholders(image: ImageFacts, height: int, width: int) -> list[int]:
-    """The tokens of one resized image of ``height`` x ``width`` pixels (multiples of ``image.cell``)."""
-    rows, cols = height // image.cell, width // image.cell
-    if image.layout == "qwen_vl":  # one token per cell, no row breaks
-        return [image.token] * (rows * cols)
-    ids: list[int] = []
-    for _ in range(rows):
-        ids += [image.token] * cols + [image.row_break]
-    ids[-1] = image.end
-    return ids
 
 
 def audio_placeholders(audio: AudioFacts, clip_frames: Sequence[int]) -> list[int]:
@@ -39,12 +28,14 @@ def expand_placeholders(
     """Replaces the n-th image marker by image n's tokens and the n-th audio marker by audio n's
     (``audio_clips``: per audio input, the mel frames of each of its clips)."""
     expansions: dict[int, list[list[int]]] = {}
-    if facts.image is not None and facts.image.layout == "fixed":  # expanded in the text already: count them
-        found, wanted = sum(1 for i in ids if i == facts.image.token), facts.image.tokens_per_image * len(image_sizes)
+    layout = image_layout(facts.image) if facts.image is not None else None
+    if layout is not None and layout.expanded_in_text:  # in the text already: count them
+        found = sum(1 for i in ids if i == layout.image.token)
+        wanted = sum(len(layout.placeholders(h, w)) for h, w in image_sizes)
         if found != wanted:
             raise RequestError(f"chat template placed {found} image tokens for {len(image_sizes)} images")
-    elif facts.image is not None:
-        expansions[facts.image.token] = [image_placeholders(facts.image, h, w) for h, w in image_sizes]
+    elif layout is not None:
+        expansions[layout.image.token] = [layout.placeholders(h, w) for h, w in image_sizes]
     if facts.audio is not None:
         expansions[facts.audio.token] = [audio_placeholders(facts.audio, frames) for frames in audio_clips]
     wanted = {token: len(items) for token, items in expansions.items()}

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from builder.runtime.image import resized_size
+from builder.runtime.media import image_layout
 from builder.runtime.model_facts import AudioFacts, ImageFacts, ModelFacts
-from builder.runtime.prompt import image_placeholders
 from builder.spec import BuildSpec, LimitsSpec, with_limits
 
 # Tokens per sequence at most when the spec does not say. Each sequence may reserve this much KV cache
@@ -41,14 +40,7 @@ def checkpoint_limits(spec: BuildSpec, facts: ModelFacts) -> BuildSpec:
 
 def most_image_tokens(image: ImageFacts | None) -> int:
     """Placeholder tokens of the largest image the layout makes (0 without a vision encoder)."""
-    if image is None:
-        return 0
-    if image.layout == "fixed":
-        return image.tokens_per_image
-    if image.layout == "qwen_vl":  # the resized area is at most max_pixels, one token per cell
-        return image.max_pixels // image.cell**2
-    height, width = resized_size(image.longest_edge, image.longest_edge, image.longest_edge, image.cell)
-    return len(image_placeholders(image, height, width))
+    return image_layout(image).most_tokens() if image is not None else 0
 
 
 def most_clip_tokens(audio: AudioFacts | None) -> int:

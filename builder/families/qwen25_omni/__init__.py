@@ -118,14 +118,15 @@ class Qwen25OmniThinker(Family):
         return SourceModel(directory, model, self.read_facts(directory, tokenizer))
 
     def reference_generate(self, source: SourceModel, inputs: ModelInputs, max_new_tokens: int) -> list[int]:
-        from builder.runtime.encoders import audio_feeds, qwen_vl_image_feeds
+        from builder.runtime.audio import audio_feeds
+        from builder.runtime.media import image_layout
 
         image = source.facts.image
         assert image is not None
         media: dict[str, np.ndarray] = {}
         if len(inputs.pixel_values):  # the processor's flat patches and (t, h, w) grid per image
             crops = [inputs.pixel_values[i : i + 1, :, :h, :w] for i, (h, w) in enumerate(inputs.image_sizes)]
-            media["pixel_values"] = np.concatenate([qwen_vl_image_feeds(image, c)["pixel_patches"] for c in crops])
+            media["pixel_values"] = np.concatenate([image_layout(image).graph_feeds(c)["pixel_patches"] for c in crops])
             media["image_grid_thw"] = np.array([[1, h // image.patch_size, w // image.patch_size]
                                                 for h, w in inputs.image_sizes], np.int64)
         if len(inputs.input_features):

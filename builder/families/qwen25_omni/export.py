@@ -14,7 +14,7 @@ from builder.spec import LimitsSpec
 
 
 class ChunkedAudioEncoder(nn.Module):
-    """Qwen2.5-Omni's audio tower on index tensors computed in numpy (``runtime.encoders.chunked_audio_feeds``):
+    """Qwen2.5-Omni's audio tower on index tensors computed in numpy (``runtime.media.chunked.ChunkedLayout.graph_feeds``):
     padded_feature [chunks, mels, frames] + chunk_lengths + valid_indices + pool_indices + cu_seqlens ->
     audio_embeds [tokens of all clips, hidden]. The tower takes them in place of its Python loops."""
 
@@ -35,7 +35,7 @@ class ChunkedAudioEncoder(nn.Module):
 
 class WindowedVisionEncoder(nn.Module):
     """Qwen2.5-Omni's (Qwen2.5-VL's) vision tower on index tensors computed in numpy
-    (``runtime.encoders.qwen_vl_image_feeds``): pixel_patches [patches, C*T*p*p] + rotary_pos_ids + window_index +
+    (``runtime.media.qwen_vl.QwenVLLayout.graph_feeds``): pixel_patches [patches, C*T*p*p] + rotary_pos_ids + window_index +
     cu_seqlens + cu_window_seqlens -> image_embeds [merged tokens, hidden], image after image, row-major."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -59,17 +59,18 @@ def windowed_vision_recipe(source: SourceModel, limits: LimitsSpec) -> ExportRec
     """Qwen2-VL-style images (any size in whole cells) as patches and numpy index tensors, same-size images per call."""
     import numpy as np
 
-    from builder.runtime.encoders import qwen_vl_image_feeds
+    from builder.runtime.media import image_layout
 
     image = source.facts.image
     assert image is not None
+    layout = image_layout(image)
     names = ["pixel_patches", "rotary_pos_ids", "window_index", "cu_seqlens", "cu_window_seqlens"]
     shapes = [(2, 4, 6), (1, 9, 5), (3, 2, 2), (1, 12, 16)]  # (images, rows, cols) of cells: the export example first
 
     def sample(gen: torch.Generator, variant: int) -> tuple[torch.Tensor, ...]:
         count, rows, cols = shapes[variant % len(shapes)]
         pixels = torch.randn(count, 3, rows * image.cell, cols * image.cell, generator=gen).numpy()
-        feeds = qwen_vl_image_feeds(image, pixels)
+        feeds = layout.graph_feeds(pixels)
         return tuple(torch.from_numpy(np.ascontiguousarray(feeds[name])) for name in names)
 
     merged = Dim("merged_tokens", min=1, max=max(65536, image.max_pixels // image.cell ** 2 * 16))
@@ -84,17 +85,18 @@ def chunked_audio_recipe(source: SourceModel, limits: LimitsSpec) -> ExportRecip
     """Clips of any length as chunks of ``chunk_frames`` mel frames and numpy index tensors, all clips in one call."""
     import numpy as np
 
-    from builder.runtime.encoders import chunked_audio_feeds
+    from builder.runtime.media import audio_layout
 
     audio = source.facts.audio
     assert audio is not None
+    layout = audio_layout(audio)
     names = ["padded_feature", "chunk_lengths", "valid_indices", "pool_indices", "cu_seqlens"]
     lengths = [(237, 461), (100,), (701, 50, 301), (2990,)]  # mel frames per clip: the export example first
 
     def sample(gen: torch.Generator, variant: int) -> tuple[torch.Tensor, ...]:
         frames = np.array(lengths[variant % len(lengths)], np.int64)
         features = torch.randn(len(frames), audio.num_mel_bins, int(frames.max()), generator=gen).numpy()
-        feeds = chunked_audio_feeds(audio, features, frames)
+        feeds = layout.graph_feeds(features, frames)
         return tuple(torch.from_numpy(np.ascontiguousarray(feeds[name])) for name in names)
 
     chunks = Dim("chunks", min=1, max=4096)

@@ -80,7 +80,7 @@ class Qwen2Audio(Family):
         return SourceModel(directory, model, self.read_facts(directory, tokenizer), parts)
 
     def reference_generate(self, source: SourceModel, inputs: ModelInputs, max_new_tokens: int) -> list[int]:
-        from builder.runtime.encoders import audio_feeds
+        from builder.runtime.audio import audio_feeds
 
         audio = audio_feeds(inputs.input_features, inputs.audio_frames) if len(inputs.input_features) else {}
         return greedy_new_tokens(source, inputs.input_ids, max_new_tokens, **audio)
