@@ -56,8 +56,11 @@ def _configured_token(directory: Path, tokenizer: Path, name: str, configured: i
     return token
 
 
-def _image_facts(directory: Path, tokenizer: Path, config: Any, pre: dict[str, Any]) -> ImageFacts:
-    vision = config.vision_config
+def qwen_vl_image_facts(directory: Path, tokenizer: Path, vision: Any, pre: dict[str, Any], token_text: str,
+                        configured_token: int) -> ImageFacts:
+    """Qwen2.5-VL's vision tower (``vision`` config) fed as its ``Qwen2VLImageProcessor`` (``pre``, the checkpoint's
+    preprocessor_config.json) prepares images; ``token_text``: the placeholder, token ``configured_token`` in
+    config.json. Shared by the families built on that tower."""
     if int(pre.get("resample", _BICUBIC)) != _BICUBIC:
         raise BuildError(f"{directory / 'preprocessor_config.json'}: resample={pre['resample']} is not bicubic (3)")
     size = pre.get("size") or {}
@@ -66,12 +69,12 @@ def _image_facts(directory: Path, tokenizer: Path, config: Any, pre: dict[str, A
         if key in pre and int(pre[key]) != int(value):
             raise BuildError(f"{directory / 'preprocessor_config.json'}: {key} {pre[key]} is not the vision tower's {value}")
     return ImageFacts(
-        token=_configured_token(directory, tokenizer, IMAGE_TOKEN, config.image_token_index), row_break=-1, end=-1,
+        token=_configured_token(directory, tokenizer, token_text, configured_token), row_break=-1, end=-1,
         patch_size=int(vision.patch_size), merge_size=int(vision.spatial_merge_size),
         longest_edge=0,  # no longest edge: min_pixels..max_pixels bound the area
         mean=tuple(pre.get("image_mean", (0.48145466, 0.4578275, 0.40821073))),
         std=tuple(pre.get("image_std", (0.26862954, 0.26130258, 0.27577711))),
-        token_text=IMAGE_TOKEN, layout="qwen_vl", resample="bicubic",
+        token_text=token_text, layout="qwen_vl", resample="bicubic",
         min_pixels=int(pre.get("min_pixels", size.get("shortest_edge", 56 * 56))),
         max_pixels=int(pre.get("max_pixels", size.get("longest_edge", 28 * 28 * 16384))),
         temporal_patch_size=int(vision.temporal_patch_size), window_size=int(vision.window_size),
@@ -107,8 +110,8 @@ class Qwen25OmniThinker(Family):
     def read_facts(self, directory: Path, tokenizer: Path) -> ModelFacts:
         config = _config(directory)
         pre = read_json(directory / "preprocessor_config.json")
-        facts = model_facts(self.MODEL_TYPE, directory, config, _image_facts(directory, tokenizer, config, pre),
-                            _audio_facts(directory, tokenizer, config, pre))
+        image = qwen_vl_image_facts(directory, tokenizer, config.vision_config, pre, IMAGE_TOKEN, config.image_token_index)
+        facts = model_facts(self.MODEL_TYPE, directory, config, image, _audio_facts(directory, tokenizer, config, pre))
         return dataclasses.replace(facts, position_rows=3)
 
     def load(self, directory: Path, dtype: str, tokenizer: Path) -> SourceModel:
@@ -119,19 +122,24 @@ class Qwen25OmniThinker(Family):
 
     def reference_generate(self, source: SourceModel, inputs: ModelInputs, max_new_tokens: int) -> list[int]:
         from builder.runtime.audio import audio_feeds
-        from builder.runtime.media import image_layout
 
-        image = source.facts.image
-        assert image is not None
-        media: dict[str, np.ndarray] = {}
-        if len(inputs.pixel_values):  # the processor's flat patches and (t, h, w) grid per image
-            crops = [inputs.pixel_values[i : i + 1, :, :h, :w] for i, (h, w) in enumerate(inputs.image_sizes)]
-            media["pixel_values"] = np.concatenate([image_layout(image).graph_feeds(c)["pixel_patches"] for c in crops])
-            media["image_grid_thw"] = np.array([[1, h // image.patch_size, w // image.patch_size]
-                                                for h, w in inputs.image_sizes], np.int64)
+        media = qwen_vl_image_inputs(source.facts.image, inputs)
         if len(inputs.input_features):
             media.update(audio_feeds(inputs.input_features, inputs.audio_frames))
         return greedy_new_tokens(source, inputs.input_ids, max_new_tokens, **media)
+
+
+def qwen_vl_image_inputs(image: ImageFacts | None, inputs: ModelInputs) -> dict[str, np.ndarray]:
+    """A request's images as the HF model takes them from its processor: flat patches and a (t, h, w) grid per image."""
+    from builder.runtime.media import image_layout
+
+    if not len(inputs.pixel_values):
+        return {}
+    assert image is not None
+    crops = [inputs.pixel_values[i : i + 1, :, :h, :w] for i, (h, w) in enumerate(inputs.image_sizes)]
+    return {"pixel_values": np.concatenate([image_layout(image).graph_feeds(c)["pixel_patches"] for c in crops]),
+            "image_grid_thw": np.array([[1, h // image.patch_size, w // image.patch_size] for h, w in inputs.image_sizes],
+                                       np.int64)}
 
 
 FAMILY = Qwen25OmniThinker()
