@@ -9,15 +9,24 @@ fails while a registered family has no served-parity test).
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
 from builder.errors import BuildError
-from builder.families import gemma3, mistral3, qwen2_audio, qwen25_omni, voxtral
 from builder.families.base import Family
 
-FAMILIES: dict[str, Family] = {family.MODEL_TYPE: family for family in (gemma3.FAMILY, mistral3.FAMILY, qwen2_audio.FAMILY,
-                                                                  qwen25_omni.FAMILY, voxtral.FAMILY)}
+# The registry: one line per family package under builder/families/, each defining FAMILY.
+PACKAGES = (
+    "gemma3",
+    "mistral3",
+    "qwen2_audio",
+    "qwen25_omni",
+    "voxtral",
+)
+FAMILIES: dict[str, Family] = {
+    family.MODEL_TYPE: family for family in (importlib.import_module(f"{__name__}.{name}").FAMILY for name in PACKAGES)
+}
 
 
 def model_type(directory: Path) -> str:
