@@ -16,6 +16,7 @@ SERVED_PARITY = {
     "qwen2_audio": "tests.test_qwen2_audio_checkpoint",
     "gemma3": "tests.test_gemma3_checkpoint",
     "qwen2_5_omni_thinker": "tests.test_qwen25_omni_checkpoint",
+    "qwen2_5_vl": "tests.test_qwen25_vl_checkpoint",
 }
 PARITY_TEST = "test_served_greedy_tokens_equal_hugging_face_pipeline"
 

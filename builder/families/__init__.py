@@ -20,6 +20,7 @@ from builder.families.base import Family
 PACKAGES = (
     "gemma3",
     "mistral3",
+    "qwen2_5_vl",
     "qwen2_audio",
     "qwen25_omni",
     "voxtral",
