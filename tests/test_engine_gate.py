@@ -7,9 +7,8 @@ first values of each image, and answering an error for negative pixels.
 
 from __future__ import annotations
 
-import time
-
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
