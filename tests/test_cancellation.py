@@ -41,7 +41,7 @@ def test_abandoned_streams_stop_and_give_back_their_kv(tmp_path: Path) -> None:
                 client.async_stream_infer("ensemble_stream", request_inputs(request, stream=True),
                                           enable_empty_final_response=True)
             for client, arrived in zip(clients, responses):
-                result, error = arrived.get(timeout=60)  # the first token: the stream is decoding
+                _, error = arrived.get(timeout=60)  # the first token: the stream is decoding
                 assert error is None, error
                 client.stop_stream(cancel_requests=True)  # the client goes away
             stopped = settled(server, {"mmtb_requests_cancelled_total": STREAMS, "mmtb_active_sequences": 0,

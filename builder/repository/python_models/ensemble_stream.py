@@ -69,7 +69,7 @@ class TritonPythonModel:
             tokens.append(ids)
             if finished:
                 break
-            # Asked before the final response only: Triton 2.51 crashes when asked about a request it has completed.
+            # Asked before the final response only: asked after it, Triton 2.51 crashed (in ResponseFactoryIsCancelled).
             if request.is_cancelled():
                 call(self.decode["model"], [session, pb_utils.Tensor("cancel", np.array([True]))], CHUNK)
                 sender.send(flags=FINAL)  # nobody reads it; it completes the request
