@@ -83,7 +83,7 @@ def reference(hf_pipeline):
 
 def test_only_the_components_the_checkpoint_has(repository: Path) -> None:
     models = {p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file()}
-    assert models == {"preprocess", "vision_encoder", "fuse", "llm", "llm_stream", "ensemble", "ensemble_stream"}
+    assert models == {"preprocess", "vision_encoder", "fuse", "llm", "ensemble", "ensemble_stream"}
     ensemble = (repository / "ensemble" / "config.pbtxt").read_text()
     assert "audio_encoder" not in ensemble and "vision_encoder" in ensemble
     manifest = json.loads((repository / "manifest.json").read_text())
