@@ -4,7 +4,7 @@ Serves a built repository, then runs perf_analyzer on `ensemble` and on `ensembl
 mixed requests, 32 new tokens) at one concurrency, alternating unary and streaming for --rounds rounds so
 both see the same machine load. For each run: requests/s, the core-seconds the server spent per request
 (tritonserver and every Python stub, from /proc), the same for perf_analyzer, and for streaming how many
-times `llm_stream` polled `llm` per request (Triton's own request counters).
+times `ensemble_stream` called `llm` per request (Triton's own request counters).
 
     python benchmarks/stream_cost.py                       # model_repository/, concurrency 8, 3 rounds (~1 min)
 

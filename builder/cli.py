@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import signal
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from builder.errors import BuildError
-from builder.runtime.contract import SAMPLING_INPUTS, SYSTEM_PROMPT_INPUT
+from builder.runtime.contract import MESSAGES_INPUT, SAMPLING_INPUTS, SYSTEM_PROMPT_INPUT
 from builder.targets import TARGETS
 
 if TYPE_CHECKING:
@@ -90,14 +91,19 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
     from builder.serve.client import Request, ask, ask_stream
 
+    if (args.prompt is None) == (args.messages is None):
+        raise BuildError("ask: give a prompt or --messages FILE (a conversation), not both")
     try:
+        messages = json.loads(args.messages.read_text()) if args.messages is not None else None
         request = Request(
             prompt=args.prompt, images=tuple(p.read_bytes() for p in args.image),
-            audio=tuple(p.read_bytes() for p in args.audio), system_prompt=args.system_prompt,
+            audio=tuple(p.read_bytes() for p in args.audio), system_prompt=args.system_prompt, messages=messages,
             **{t.name: getattr(args, t.name) for t in SAMPLING_INPUTS},
         )
     except OSError as exc:
         raise BuildError(f"cannot read {exc.filename}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise BuildError(f"--messages {args.messages}: not valid JSON ({exc})") from None
     try:
         with grpcclient.InferenceServerClient(args.url) as client:
             if args.stream:
@@ -220,12 +226,14 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     a = sub.add_parser("ask", help="send a prompt (with images/audio) to a running server")
-    a.add_argument("prompt")
+    a.add_argument("prompt", nargs="?", help="the user's message (or give --messages)")
     a.add_argument("--image", type=Path, action="append", default=[], help="PNG/JPEG file (repeatable)")
     a.add_argument("--audio", type=Path, action="append", default=[], help="WAV file (repeatable)")
     a.add_argument("--url", default="127.0.0.1:8001", help="gRPC address of the server")
     a.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     a.add_argument("--system-prompt", help=SYSTEM_PROMPT_INPUT.help)
+    a.add_argument("--messages", type=Path, metavar="FILE", help="a JSON file with " + MESSAGES_INPUT.help
+                   + "; --image/--audio give the files the parts name, in order")
     for sampling in SAMPLING_INPUTS:  # the client contract's table: a new input shows up here
         a.add_argument(f"--{sampling.name.replace('_', '-')}", type=sampling.scalar_type, help=sampling.help)
     a.set_defaults(func=cmd_ask)

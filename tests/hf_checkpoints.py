@@ -179,6 +179,30 @@ def hf_pipeline_generate(model, processor, text: str, images: list, system_promp
     return out[0, inputs["input_ids"].shape[1]:].tolist()
 
 
+def hf_conversation(messages: list[dict], **media: list) -> list[dict]:
+    """A conversation as a client sends it in ``messages`` (media parts ``{"type", "index"}`` naming the request's
+    files) as HF's examples write it for ``apply_chat_template``: each media part holding its item, e.g.
+    ``image=[PIL images]`` or ``audio_url=[names]`` (the key the family's template and processor read)."""
+    def part(item: dict) -> dict:
+        if item["type"] == "text":
+            return item
+        key = next(k for k in media if k.startswith(item["type"]))
+        return {"type": item["type"], key: media[key][item["index"]]}
+
+    return [{**m, "content": m["content"] if isinstance(m["content"], str) else [part(p) for p in m["content"]]}
+            for m in messages]
+
+
+@torch.no_grad()
+def hf_conversation_generate(model, processor, conversation: list[dict], max_new_tokens: int) -> list[int]:
+    """HF's own pipeline on a conversation whose parts hold their images: the processor's ``apply_chat_template``
+    (tokenized, with the images) + greedy ``generate``."""
+    inputs = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
 def load_reference_model(directory: Path) -> Mistral3ForConditionalGeneration:
     return Mistral3ForConditionalGeneration.from_pretrained(directory, dtype=torch.float32).eval()
 
@@ -337,8 +361,15 @@ def qwen2_audio_pipeline_generate(model, processor, text: str, audio: list[bytes
     """HF's own Qwen2-Audio pipeline, as its model card runs it: the template, then the processor on 16 kHz audio."""
     content = [{"type": "audio", "audio_url": f"clip{i}.wav"} for i in range(len(audio))]
     system = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
-    prompt = processor.apply_chat_template([*system, {"role": "user", "content": [*content, {"type": "text", "text": text}]}],
-                                           add_generation_prompt=True, tokenize=False)
+    conversation = [*system, {"role": "user", "content": [*content, {"type": "text", "text": text}]}]
+    return qwen2_audio_conversation_generate(model, processor, conversation, audio, max_new_tokens)
+
+
+def qwen2_audio_conversation_generate(model, processor, conversation: list[dict], audio: list[bytes],
+                                      max_new_tokens: int) -> list[int]:
+    """As the model card runs a conversation: the template on it (audio parts as ``audio_url``), then the processor
+    on the clips (16 kHz), in the order the conversation names them."""
+    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     arrays = {"audio": [load_16k(clip) for clip in audio], "sampling_rate": 16000} if audio else {}
     inputs = processor(text=prompt, **arrays, return_tensors="pt")
     with torch.no_grad():

@@ -47,7 +47,7 @@ def reference(checkpoint: Path):
 
 def test_only_the_components_the_checkpoint_has(repository: Path) -> None:
     models = {p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file()}
-    assert models == {"preprocess", "vision_encoder", "fuse", "llm", "llm_stream", "ensemble", "ensemble_stream"}
+    assert models == {"preprocess", "vision_encoder", "fuse", "llm", "ensemble", "ensemble_stream"}
     assert set(json.loads((repository / "manifest.json").read_text())["components"]) == {"vision_encoder", "llm"}
 
 

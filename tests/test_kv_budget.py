@@ -85,6 +85,36 @@ def test_a_request_that_waited_too_long_is_refused_as_busy(runner: LanguageModel
     assert max(reserved) <= budget.tokens and left == 0
 
 
+def test_a_cancelled_sequence_stops_at_the_next_step_and_gives_back_its_reservation(runner: LanguageModelRunner) -> None:
+    counting = CountingRunner(runner, step_delay_s=0.002)
+    scheduler = DecodeScheduler(counting, max_batch=8, budget=KvBudget(tokens=200, queue_timeout_s=60))
+    counting.scheduler = scheduler
+    hidden = runner.facts.hidden_size
+    gone = threading.Event()
+    abandoned: list[int] = []
+    kept: list[int] = []
+    done = threading.Event()
+
+    def job(on_token, on_finish, is_cancelled) -> DecodeJob:
+        return DecodeJob(np.arange(16, 36), np.zeros((20, hidden), np.float32), np.zeros(20, bool), SamplingParams(80),
+                         frozenset(), on_token, on_finish, lambda exc: pytest.fail(str(exc)), is_cancelled=is_cancelled)
+
+    def abandon_after_three(token: int) -> None:  # the client goes away after its third token
+        abandoned.append(token)
+        if len(abandoned) == 3:
+            gone.set()
+
+    scheduler.submit(job(abandon_after_three, lambda: pytest.fail("a cancelled job finished"), gone.is_set))
+    scheduler.submit(job(kept.append, done.set, lambda: False))
+    scheduler.submit(job(kept.append, done.set, lambda: True))  # gone before it was admitted
+    assert done.wait(60)
+    scheduler.close()
+    assert len(abandoned) == 3 and len(kept) == 80  # not one token after the cancel; the other answered in full
+    assert max(counting.reserved) == 200 and counting.reserved[-1] == 100 and scheduler.reserved == 0
+    assert (scheduler.stats.cancelled, scheduler.stats.finished, scheduler.stats.failed) == (2, 1, 0)
+    assert not scheduler.active and not scheduler.waiting
+
+
 def test_a_request_bigger_than_the_budget_is_refused_at_once(runner: LanguageModelRunner) -> None:
     scheduler = DecodeScheduler(runner, max_batch=8, budget=KvBudget(tokens=50, queue_timeout_s=1))
     job = DecodeJob(np.arange(16, 46), np.zeros((30, runner.facts.hidden_size), np.float32), np.zeros(30, bool),

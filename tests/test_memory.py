@@ -108,5 +108,5 @@ def copies(weights: int, held: dict[str, int]) -> list[str]:
 
 
 def test_both_entry_points_hold_the_weights_once(wide_checkpoint: Path, tmp_path: Path) -> None:
-    """`llm` holds the weights; `llm_stream` (decoupled) polls it through BLS and holds none."""
+    """`llm` holds the weights; `ensemble_stream` (decoupled) polls it through BLS and holds none."""
     assert copies(*build_and_measure(wide_checkpoint, "both", tmp_path)) == ["llm"]

@@ -73,7 +73,7 @@ def test_refusals_are_counted_by_the_model_that_refused_and_why(server, client) 
             ask(client, request)
         assert raised.value.status() == "StatusCode.INVALID_ARGUMENT", raised.value.message()
     with pytest.raises(InferenceServerException):
-        [_ for _ in ask_stream(client, Request("Hi", max_tokens=10**6))]  # refused by llm, forwarded by llm_stream
+        [_ for _ in ask_stream(client, Request("Hi", max_tokens=10**6))]  # refused by llm, forwarded by ensemble_stream
     after = refusals(server)
     moved = {key: after[key] - before.get(key, 0) for key in after if after[key] != before.get(key, 0)}
     assert moved == {("preprocess", "invalid_argument"): 1, ("llm", "invalid_argument"): 2}, after

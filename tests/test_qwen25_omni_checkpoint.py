@@ -48,7 +48,7 @@ def reference(checkpoint: Path):
 
 def test_only_the_components_the_checkpoint_has(repository: Path) -> None:
     models = {p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file()}
-    assert models == {"preprocess", "vision_encoder", "audio_encoder", "fuse", "llm", "llm_stream", "ensemble",
+    assert models == {"preprocess", "vision_encoder", "audio_encoder", "fuse", "llm", "ensemble",
                       "ensemble_stream"}
     assert json.loads((repository / "llm" / "1" / "model_facts.json").read_text())["position_rows"] == 3  # M-RoPE
 

@@ -47,7 +47,7 @@ def reference(checkpoint: Path):
 
 def test_only_the_components_the_checkpoint_has(repository: Path) -> None:
     models = {p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file()}
-    assert models == {"preprocess", "vision_encoder", "fuse", "llm", "llm_stream", "ensemble", "ensemble_stream"}
+    assert models == {"preprocess", "vision_encoder", "fuse", "llm", "ensemble", "ensemble_stream"}
     facts = json.loads((repository / "llm" / "1" / "model_facts.json").read_text())
     assert facts["family"] == "qwen2_5_vl" and facts["position_rows"] == 3 and facts["image"]["layout"] == "qwen_vl"
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
@@ -20,6 +21,8 @@ from builder.serve.client import Request, ask, ask_stream
 from builder.spec import load_spec
 from tests.conftest import CACHE, ROOT, run_cli, wav_bytes
 from tests.hf_checkpoints import (
+    hf_conversation,
+    hf_conversation_generate,
     hf_pipeline_generate,
     image,
     load_reference_model,
@@ -64,8 +67,13 @@ def connection(repository: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="module")
-def reference(checkpoint: Path):
-    model, processor = load_reference_model(checkpoint), pixtral_processor(checkpoint)
+def hf_pipeline(checkpoint: Path):
+    return load_reference_model(checkpoint), pixtral_processor(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def reference(hf_pipeline):
+    model, processor = hf_pipeline
 
     def generate(text: str, images: list, system_prompt: str | None, sanitize: bool = False) -> list[int]:
         return hf_pipeline_generate(model, processor, text, images, system_prompt, NEW_TOKENS, sanitize)
@@ -75,7 +83,7 @@ def reference(checkpoint: Path):
 
 def test_only_the_components_the_checkpoint_has(repository: Path) -> None:
     models = {p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file()}
-    assert models == {"preprocess", "vision_encoder", "fuse", "llm", "llm_stream", "ensemble", "ensemble_stream"}
+    assert models == {"preprocess", "vision_encoder", "fuse", "llm", "ensemble", "ensemble_stream"}
     ensemble = (repository / "ensemble" / "config.pbtxt").read_text()
     assert "audio_encoder" not in ensemble and "vision_encoder" in ensemble
     manifest = json.loads((repository / "manifest.json").read_text())
@@ -131,3 +139,39 @@ def test_make_engines_checkpoint_builds_it_from_the_command_line(checkpoint: Pat
     assert result.returncode == 0, result.stderr
     assert "built" in result.stdout
     assert json.loads((tmp_path / "repo" / "manifest.json").read_text())["spec"]["name"] == "checkpoint"
+
+
+# A conversation as a chat client sends it (OpenAI's shape): a system turn, images in two user turns, an earlier answer
+CONVERSATION = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": [{"type": "image", "index": 0}, {"type": "text", "text": "What is in the picture?"}]},
+    {"role": "assistant", "content": "The quick brown fox near the river."},
+    {"role": "user", "content": [{"type": "text", "text": "Compare it with this one."}, {"type": "image", "index": 1}]},
+]
+
+
+@pytest.mark.serving
+def test_a_conversation_with_images_in_two_turns_equals_hugging_face_pipeline(connection, hf_pipeline) -> None:
+    """The ``messages`` input: the same tokens as HF's ``apply_chat_template(conversation)`` + ``generate``."""
+    model, processor = hf_pipeline
+    pictures = [image(5, 40, 28), image(6, 24, 48)]
+    expected = hf_conversation_generate(model, processor, hf_conversation(CONVERSATION, image=pictures), NEW_TOKENS)
+    request = Request(None, images=tuple(map(png, pictures)), messages=CONVERSATION, max_tokens=NEW_TOKENS)
+    assert len(set(expected)) >= 8 and ask(connection, request).token_ids == expected
+    assert [t for _, ids in ask_stream(connection, request) for t in ids] == expected
+    earlier_turns_matter = Request(None, images=(png(pictures[1]),), max_tokens=NEW_TOKENS, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "Compare it with this one."}, {"type": "image", "index": 0}]}])
+    assert ask(connection, earlier_turns_matter).token_ids != expected
+
+
+@pytest.mark.serving
+@pytest.mark.parametrize(("request_", "message"), [
+    (Request("Hi", messages=[{"role": "user", "content": "Hi"}]), r"messages: send the conversation alone"),
+    (Request(None, images=(png(image(1, 20, 20)),), messages=[{"role": "user", "content": "No image named."}]),
+     r"messages: the image parts name items \[\], the request has 1 image"),
+    (Request(None, extra={"messages": np.array([b"{not json"], dtype=np.object_)}), r"messages: not valid JSON"),
+])
+def test_a_bad_conversation_is_refused_naming_messages(connection, request_: Request, message: str) -> None:
+    with pytest.raises(InferenceServerException, match=message) as raised:
+        ask(connection, request_)
+    assert str(raised.value.status()) == "StatusCode.INVALID_ARGUMENT"

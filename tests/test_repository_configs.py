@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import onnx
 import pytest
@@ -33,7 +34,7 @@ def test_every_config_parses_and_names_its_directory(built_repository):
         if config.backend == "python":
             assert (directory / "1" / "model.py").is_file()
         names.add(config.name)
-    assert names == {"preprocess", "vision_encoder", "audio_encoder", "fuse", "llm", "llm_stream", "ensemble", "ensemble_stream"}
+    assert names == {"preprocess", "vision_encoder", "audio_encoder", "fuse", "llm", "ensemble", "ensemble_stream"}
 
 
 def test_encoder_configs_match_their_onnx_signature(built_repository):
@@ -55,18 +56,22 @@ def test_encoder_configs_match_their_onnx_signature(built_repository):
         "pixel_values", "image_sizes"]
 
 
-def test_ensembles_wire_every_step(built_repository):
+def test_entry_points_wire_every_step(built_repository):
+    """The unary ensemble's steps, and the same steps in the streaming entry point's steps.json (it runs them itself)."""
     configs = {d.name: c for d, c in _configs(built_repository)}
-    for name in ("ensemble", "ensemble_stream"):
-        ensemble = configs[name]
-        produced = {t.name for t in ensemble.input}
-        for step in ensemble.ensemble_scheduling.step:
-            model = configs[step.model_name]
-            assert set(step.input_map) <= {t.name for t in model.input}
-            assert set(step.input_map.values()) <= produced
-            produced |= set(step.output_map.values())
-        assert {t.name for t in ensemble.output} <= produced
-    assert configs["llm_stream"].model_transaction_policy.decoupled
+    unary = [(s.model_name, dict(s.input_map), dict(s.output_map)) for s in configs["ensemble"].ensemble_scheduling.step]
+    steps_file = built_repository / "ensemble_stream" / "1" / "steps.json"
+    streaming = [(s["model"], s["inputs"], s["outputs"]) for s in json.loads(steps_file.read_text())]
+    for name, steps in (("ensemble", unary), ("ensemble_stream", streaming)):
+        produced = {t.name for t in configs[name].input}
+        for model_name, inputs, outputs in steps:
+            model = configs[model_name]
+            assert set(inputs) <= {t.name for t in model.input}
+            assert set(inputs.values()) <= produced
+            produced |= set(outputs.values())
+        assert {t.name for t in configs[name].output} <= produced
+    assert streaming == unary
+    assert configs["ensemble_stream"].model_transaction_policy.decoupled
     assert not configs["llm"].model_transaction_policy.decoupled
 
 
@@ -123,7 +128,7 @@ def test_config_dims_must_agree_with_the_graph(built_repository, tmp_path):
 
 
 @pytest.mark.parametrize(("entry_points", "expected"),
-                         [("unary", {"llm", "ensemble"}), ("streaming", {"llm", "llm_stream", "ensemble_stream"})])
+                         [("unary", {"llm", "ensemble"}), ("streaming", {"llm", "ensemble_stream"})])
 def test_entry_points_decide_the_ensembles_and_llm_always_holds_the_weights(entry_points, expected, tiny_spec, tmp_path):
     from builder.build import build
     from tests.conftest import CACHE
@@ -131,12 +136,12 @@ def test_entry_points_decide_the_ensembles_and_llm_always_holds_the_weights(entr
     spec = dataclasses.replace(tiny_spec, triton=dataclasses.replace(tiny_spec.triton, entry_points=entry_points))
     build(spec, tmp_path / "repo", CACHE, progress=False)
     names = {d.name for d, _ in _configs(tmp_path / "repo")}
-    assert names & {"llm", "llm_stream", "ensemble", "ensemble_stream"} == expected
+    assert names & {"llm", "ensemble", "ensemble_stream"} == expected
     assert (tmp_path / "repo" / "llm" / "1" / "model.onnx").is_file()
-    assert not (tmp_path / "repo" / "llm_stream" / "1" / "model.onnx").exists()  # one copy of the weights
+    assert not (tmp_path / "repo" / "ensemble_stream" / "1" / "model.onnx").exists()  # one copy of the weights
 
 
 def test_no_version_directory_is_empty(built_repository):
     """Object storage has no empty directories: an ensemble's version would vanish on upload."""
     versions = [d for d in built_repository.glob("*/1") if d.is_dir()]
-    assert len(versions) >= 8 and all(any(v.iterdir()) for v in versions)
+    assert len(versions) >= 7 and all(any(v.iterdir()) for v in versions)

@@ -1,4 +1,4 @@
-"""The session buffer between `llm_stream` and `llm` (mmtb_runtime.sessions), without a server."""
+"""The session buffer between `ensemble_stream` and `llm` (mmtb_runtime.sessions), without a server."""
 
 from __future__ import annotations
 
@@ -103,6 +103,16 @@ def test_tokens_from_the_scheduler_thread_and_polls_interleave_without_loss(tabl
         assert arrived.wait(5)
     thread.join()
     assert [t for c in got for t in c.tokens] == [100 + t % 100 for t in range(300)]
+
+
+def test_a_cancelled_session_closes_and_tells_the_scheduler(table: SessionTable) -> None:
+    session = table.open(31)
+    session.token(72)
+    table.cancel(31)
+    assert session.cancelled and len(table) == 0  # DecodeJob.is_cancelled reads `cancelled`
+    with pytest.raises(RequestError, match="session 31: unknown or already ended"):
+        table.get(31)
+    table.cancel(31)  # it ended meanwhile: nothing left to stop
 
 
 def test_unloading_answers_every_waiting_poll(table: SessionTable) -> None:

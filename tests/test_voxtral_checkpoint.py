@@ -51,7 +51,7 @@ def reference(checkpoint: Path):
 
 def test_only_the_components_the_checkpoint_has(repository: Path) -> None:
     models = {p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file()}
-    assert models == {"preprocess", "audio_encoder", "fuse", "llm", "llm_stream", "ensemble", "ensemble_stream"}
+    assert models == {"preprocess", "audio_encoder", "fuse", "llm", "ensemble", "ensemble_stream"}
     assert set(json.loads((repository / "manifest.json").read_text())["components"]) == {"audio_encoder", "llm"}
     facts = ModelFacts.load(repository / "preprocess" / "1" / "model_facts.json")
     assert facts.family == "voxtral" and facts.audio is not None and facts.audio.tokens_per_clip == 375

@@ -51,7 +51,7 @@ class StreamTimes:
 def stream_times(profile: Path, tokens_per_request: float) -> StreamTimes:
     """Per request: first response minus send time (TTFT); time per token after the first (ITL).
 
-    ``llm_stream`` sends the first token alone, then the tokens chosen in each
+    ``ensemble_stream`` sends the first token alone, then the tokens chosen in each
     ``triton.stream_interval_ms``, then an empty final response, so the token responses are all but
     the last and the ITL is their span over the tokens after the first.
     """

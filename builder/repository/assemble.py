@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -17,6 +18,8 @@ RUNTIME = Path(__file__).resolve().parents[1] / "runtime"
 # The name every model.py imports the runtime by: a copy beside it in the version directory, which the
 # Python backend puts on sys.path, so the repository runs where this builder is not installed.
 RUNTIME_PACKAGE = "mmtb_runtime"
+# What a Python model that runs steps itself reads them from: [{"model", "inputs", "outputs"}, ...] in order.
+STEPS_FILE = "steps.json"
 # Triton reads an ensemble's version directory but no file in it; copied to S3, an empty directory
 # would vanish and tritonserver would find no version ("No model version was found").
 EMPTY_VERSION_NOTE = ("README.txt", "An ensemble has no model file; this file keeps its version directory in object storage.\n")
@@ -45,6 +48,8 @@ def assemble_repository(plans: list[ModelPlan], staging: Path, manifest: dict[st
         if plan.python_model:
             shutil.copyfile(PYTHON_MODELS / f"{plan.python_model}.py", version / "model.py")
             _copy_tree(RUNTIME, version / RUNTIME_PACKAGE)
+            if plan.steps:
+                (version / STEPS_FILE).write_text(json.dumps([dataclasses.asdict(step) for step in plan.steps], indent=2) + "\n")
         for name, source in plan.files.items():
             if source.suffix == ".onnx":  # with its external weights, if any
                 copy_onnx(source, version / name)

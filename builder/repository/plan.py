@@ -24,9 +24,10 @@ from builder.runtime.preprocess import RequestLimits
 from builder.spec import BuildSpec
 from builder.targets import TARGETS
 
-# Between `llm_stream` and `llm` only (mmtb_runtime.sessions): which session a call opens or polls,
-# and whether a poll's chunk ends the answer.
+# Between `ensemble_stream` and `llm` only (mmtb_runtime.sessions): which session a call opens, polls
+# or cancels (its client went away), and whether a poll's chunk ends the answer.
 SESSION_INPUT = Tensor("session", "TYPE_UINT64", (1,), optional=True)
+CANCEL_INPUT = Tensor("cancel", "TYPE_BOOL", (1,), optional=True)
 FINISHED_OUTPUT = Tensor("finished", "TYPE_BOOL", (1,))
 
 
@@ -51,7 +52,7 @@ class ModelPlan:
     instances: int = 1
     dynamic_batching: bool = False
     max_queue_delay_us: int = 0
-    steps: tuple[EnsembleStep, ...] = ()
+    steps: tuple[EnsembleStep, ...] = ()  # an ensemble's, or those a Python model runs itself (steps.json)
     serves: CompiledModel | None = None  # the graph whose signature the config must match
     adds_batch_axis: bool = False  # the model feeds one request as a batch of 1 (the decode loop)
     template_options: dict[str, Any] = field(default_factory=dict)  # what only its template uses
@@ -136,14 +137,14 @@ def plan_repository(spec: BuildSpec, facts: ModelFacts, compiled: dict[str, Comp
         *positions,
         *SAMPLING_INPUTS,
     )
-    # One model holds the LLM's weights: `llm`. A unary infer on a decoupled ensemble is refused, so
-    # the streaming entry point has a decoupled `llm_stream` of its own, holding no weights: it opens
-    # a session on `llm` and polls it with plain BLS calls (mmtb_runtime.sessions). Its prompt inputs
-    # are optional on `llm` because a poll carries only the session.
+    # One model holds the LLM's weights: `llm`. A unary infer on a decoupled ensemble is refused, so the
+    # streaming entry point is a decoupled Python model holding no weights: it runs the same steps as
+    # the unary ensemble with plain BLS calls, the last one as a session on `llm` that it polls
+    # (mmtb_runtime.sessions). Its prompt inputs are optional on `llm` because a poll carries only the session.
     models.append(ModelPlan(
         "llm", "python_model.pbtxt.j2",
         inputs=(*(dataclasses.replace(t, optional=True) for t in llm_inputs[:3 + len(positions)]),
-                *llm_inputs[3 + len(positions):], SESSION_INPUT),
+                *llm_inputs[3 + len(positions):], SESSION_INPUT, CANCEL_INPUT),
         outputs=(*ANSWER_OUTPUTS, FINISHED_OUTPUT), python_model="llm",
         files={**compiled["llm"].files, **facts_file, "tokenizer.json": shared["tokenizer.json"]},
         parameters={
@@ -156,13 +157,6 @@ def plan_repository(spec: BuildSpec, facts: ModelFacts, compiled: dict[str, Comp
         },
         serves=compiled["llm"], adds_batch_axis=True, **per_model,
     ))
-    if triton.entry_points != "unary":
-        # `execute` blocks for the stream it serves: one instance per sequence of a full decode batch.
-        models.append(ModelPlan(
-            "llm_stream", "python_model.pbtxt.j2", inputs=(*llm_inputs, STREAM_INPUT), outputs=ANSWER_OUTPUTS,
-            python_model="llm_stream", parameters={"decode_model": "llm"}, decoupled=True,
-            instances=triton.max_batch_size * triton.instances,
-        ))
 
     front_outputs = {"input_ids": "_input_ids", **{t.name: f"_{t.name}" for t in (*positions, *media_outputs)}}
     front = [EnsembleStep("preprocess", {t.name: t.name for t in (TEXT_INPUT, *MEDIA_INPUTS)}, front_outputs)]
@@ -180,9 +174,13 @@ def plan_repository(spec: BuildSpec, facts: ModelFacts, compiled: dict[str, Comp
             steps=(*front, EnsembleStep("llm", decode_inputs, answer)),
         ))
     if triton.entry_points != "unary":
+        # A Python model, not a Triton ensemble: Triton 2.51 does not pass a client's cancellation on to an
+        # ensemble step already running, so only the model the client called can see it (request.is_cancelled()).
+        # `execute` blocks for the stream it serves: one instance per sequence of a full decode batch.
         models.append(ModelPlan(
-            STREAMING_ENSEMBLE, "ensemble.pbtxt.j2", inputs=(*CLIENT_INPUTS, STREAM_INPUT), outputs=ANSWER_OUTPUTS,
-            steps=(*front, EnsembleStep("llm_stream", {**decode_inputs, "stream": "stream"}, answer)), decoupled=True,
+            STREAMING_ENSEMBLE, "python_model.pbtxt.j2", inputs=(*CLIENT_INPUTS, STREAM_INPUT), outputs=ANSWER_OUTPUTS,
+            python_model=STREAMING_ENSEMBLE, steps=(*front, EnsembleStep("llm", decode_inputs, answer)), decoupled=True,
+            instances=triton.max_batch_size * triton.instances,
         ))
     return models
 

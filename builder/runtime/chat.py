@@ -68,6 +68,64 @@ def system_message(text: str, as_blocks: bool = True) -> dict[str, Any]:
     return {"role": "system", "content": [{"type": "text", "text": text}] if as_blocks else text}
 
 
+ROLES = ("system", "user", "assistant")
+
+
+def parse_conversation(document: str, images: int, audio: int, system_as_blocks: bool = True) -> list[dict[str, Any]]:
+    """A client's ``messages`` input (JSON: ``[{"role", "content"}, ...]``, OpenAI's shape) as the conversation HF's
+    ``apply_chat_template`` takes: content a string or parts ``{"type": "text", "text"}``, ``{"type": "image",
+    "index": i}``, ``{"type": "audio", "index": i}``, a media part naming item ``i`` of the request's ``image`` /
+    ``audio`` input. Media parts name every item once, in order of appearance (the placeholders expand in that
+    order); a system turn comes first, in the form the template takes; the last turn is the user's."""
+    try:
+        turns = json.loads(document)
+    except json.JSONDecodeError as exc:
+        raise RequestError(f"messages: not valid JSON ({exc.msg} at character {exc.pos})") from None
+    if not isinstance(turns, list) or not turns:
+        raise RequestError("messages: expected a non-empty JSON list of {\"role\", \"content\"} objects")
+    seen = {"image": [], "audio": []}
+    conversation = [_turn(turn, i, seen) for i, turn in enumerate(turns)]
+    for kind, count in (("image", images), ("audio", audio)):
+        if seen[kind] != list(range(count)):
+            raise RequestError(f"messages: the {kind} parts name items {seen[kind]}, the request has {count} "
+                               f"{kind} input(s): name each once, in order (0, 1, ...)")
+    if any(turn["role"] == "system" for turn in conversation[1:]):
+        raise RequestError("messages: a system turn may only come first")
+    if conversation[-1]["role"] != "user":
+        raise RequestError(f"messages: the last turn is the {conversation[-1]['role']}'s; it must be the user's")
+    if conversation[0]["role"] == "system":
+        content = conversation[0]["content"]
+        text = content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
+        if not isinstance(content, str) and any(part["type"] != "text" for part in content):
+            raise RequestError("messages[0]: a system turn holds text only")
+        conversation[0] = system_message(text, system_as_blocks)
+    return conversation
+
+
+def _turn(turn: Any, index: int, seen: dict[str, list[int]]) -> dict[str, Any]:
+    where = f"messages[{index}]"
+    if not isinstance(turn, dict) or turn.get("role") not in ROLES or set(turn) - {"role", "content"}:
+        raise RequestError(f"{where}: expected {{\"role\": one of {', '.join(ROLES)}, \"content\": ...}}")
+    content = turn.get("content")
+    if isinstance(content, str):
+        return {"role": turn["role"], "content": content}
+    if not isinstance(content, list):
+        raise RequestError(f"{where}.content: expected a string or a list of parts")
+    parts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str) and set(part) == {"type", "text"}:
+            parts.append({"type": "text", "text": part["text"]})
+        elif kind in seen and turn["role"] == "user" and isinstance(part.get("index"), int) and set(part) == {"type", "index"}:
+            seen[kind].append(part["index"])
+            # Each media block carries its kind as a key, as HF's examples do (see request_messages).
+            parts.append({"type": kind, kind: f"{kind}[{part['index']}]"})
+        else:
+            raise RequestError(f"{where}.content[{j}]: expected {{\"type\": \"text\", \"text\": ...}} or, in a user "
+                               f"turn, {{\"type\": \"image\" | \"audio\", \"index\": n}}")
+    return {"role": turn["role"], "content": parts}
+
+
 @dataclass(frozen=True)
 class ChatPrompt:
     """What serving needs to turn one request into prompt ids; written by the build beside ``tokenizer.json``."""
@@ -92,19 +150,23 @@ class ChatPrompt:
         return cls((directory / TEMPLATE_FILE).read_text(), settings["special_tokens"], tuple(settings["control_tokens"]),
                    settings["default_system_prompt"], settings["system_as_blocks"])
 
-    def render(self, text: str, images: int, audio: int, system_prompt: str | None = None) -> str:
-        """The prompt text, client strings marked: a request's ``system_prompt`` replaces the default one."""
-        messages = _mark(request_messages(text, images, audio, system_prompt, self.system_as_blocks), self.control_tokens)
-        if system_prompt is None and self.default_system_prompt is not None:
+    def conversation(self, text: str, images: int, audio: int, system_prompt: str | None = None) -> list[dict[str, Any]]:
+        """The one-turn request (``text_input``, ``system_prompt``) as a conversation (see :func:`request_messages`)."""
+        return request_messages(text, images, audio, system_prompt, self.system_as_blocks)
+
+    def render(self, messages: list[dict[str, Any]]) -> str:
+        """The prompt text of a conversation, client strings marked; the checkpoint's default system prompt first when
+        the conversation has no system turn of its own."""
+        messages = _mark(messages, self.control_tokens)
+        if self.default_system_prompt is not None and (not messages or messages[0]["role"] != "system"):
             # The checkpoint's own prompt is trusted: its control tokens (Magistral's [THINK]) stay control tokens.
             messages = [system_message(_fill_dates(self.default_system_prompt), self.system_as_blocks), *messages]
         return ChatTemplate(self.template).render(messages, self.special_tokens)
 
-    def encode(self, tokenizer: Tokenizer, text: str, images: int, audio: int, system_prompt: str | None = None,
-               expansions: dict[str, str] | None = None) -> list[int]:
-        """Token ids of the rendered prompt, with whatever the template writes once per image and audio file;
+    def encode(self, tokenizer: Tokenizer, messages: list[dict[str, Any]], expansions: dict[str, str] | None = None) -> list[int]:
+        """Token ids of the rendered conversation, with whatever the template writes once per image and audio file;
         ``expansions``: text that replaces each marker the template (not a client) wrote, before tokenizing."""
-        rendered = self.render(text, images, audio, system_prompt)
+        rendered = self.render(messages)
         for marker, expansion in (expansions or {}).items():  # a client's copy is wrapped in _START ... _END
             rendered = re.sub(f"(?<!{re.escape(_START)}){re.escape(marker)}", lambda _: expansion, rendered)
         # A processor adds the tokenizer's special tokens (its post-processor) unless the template wrote the BOS.

@@ -41,7 +41,11 @@ IMAGE_INPUT = Tensor("image", "TYPE_STRING", (-1,), optional=True, help="0..N PN
 AUDIO_INPUT = Tensor("audio", "TYPE_STRING", (-1,), optional=True, help="0..N WAV files")
 SYSTEM_PROMPT_INPUT = Tensor("system_prompt", "TYPE_STRING", (1,), optional=True,
                              help="replaces the chat template's default system prompt")
-MEDIA_INPUTS = (IMAGE_INPUT, AUDIO_INPUT, SYSTEM_PROMPT_INPUT)
+# The whole conversation instead of text_input (+ system_prompt): JSON as runtime.chat.parse_conversation reads it.
+MESSAGES_INPUT = Tensor("messages", "TYPE_STRING", (1,), optional=True,
+                        help='the conversation as JSON, instead of text_input: [{"role": "system" | "user" | "assistant", '
+                             '"content": "..." or [{"type": "text", "text": "..."}, {"type": "image" | "audio", "index": n}]}]')
+MEDIA_INPUTS = (IMAGE_INPUT, AUDIO_INPUT, SYSTEM_PROMPT_INPUT, MESSAGES_INPUT)
 # Read by the decode model into runtime.generation.SamplingParams (a field of the same name each).
 SAMPLING_INPUTS = (
     Tensor("max_tokens", "TYPE_INT32", (1,), optional=True, help="new tokens at most (default: the build's)"),

@@ -9,19 +9,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tokenizers import Tokenizer
 
 from .audio import SAMPLE_RATE, AudioLimits, decode_wav, mel_filter_bank
-from .chat import ChatPrompt
+from .chat import ChatPrompt, parse_conversation
 from .errors import RequestError
 from .image import ImageLimits, decode_image, image_to_pixels, pad_images
 from .media import audio_layout, image_layout
 from .model_facts import ModelFacts
 from .prompt import expand_placeholders, mrope_positions
 from .text import load_tokenizer
+
+JSON_OVERHEAD = 4
 
 if TYPE_CHECKING:  # the spec is build-side; serving renders its limits into config parameters
     from builder.spec import LimitsSpec
@@ -93,14 +95,12 @@ class Preprocessor:
 
     def __call__(
         self, text: bytes | str | None, images: list[bytes], audio: list[bytes], system_prompt: bytes | str | None = None,
+        messages: bytes | str | None = None,
     ) -> ModelInputs:
+        """One request: ``text`` (+ ``system_prompt``), or the conversation in ``messages``; the media it names."""
         facts, limits = self.facts, self.limits
-        prompt = self._text("text_input", text)
-        if prompt is None:
-            raise RequestError("text_input: required input is missing")
-        if not prompt.strip():
-            raise RequestError("text_input: the prompt is empty")
-        system = self._text("system_prompt", system_prompt)
+        conversation = self._conversation(text, system_prompt, messages, len(images), len(audio))
+        prompt_input = "messages" if messages is not None else "text_input"
         if images and facts.image is None:
             raise RequestError("image: this model has no vision encoder; send text or audio only")
         if audio and facts.audio is None:
@@ -114,12 +114,11 @@ class Preprocessor:
         decoded_images = [decode_image(data, i, limits.image) for i, data in enumerate(images)]
         sizes = [self.image_layout.resized_size(img.height, img.width, i) for i, img in enumerate(decoded_images)]
         expansions = {facts.image.token_text: facts.image.expansion} if facts.image and facts.image.expansion else {}
-        rendered = self.chat.encode(self.tokenizer, prompt, images=len(images), audio=len(audio), system_prompt=system,
-                                    expansions=expansions)
+        rendered = self.chat.encode(self.tokenizer, conversation, expansions)
         ids = expand_placeholders(rendered, facts, sizes, frames)
         if len(ids) > limits.max_prompt_tokens:
             raise RequestError(
-                f"text_input: the prompt is {len(ids)} tokens (images and audio included), "
+                f"{prompt_input}: the prompt is {len(ids)} tokens (images and audio included), "
                 f"over the limit of {limits.max_prompt_tokens}"
             )
         pixels, image_sizes = self._pixels(decoded_images, sizes)
@@ -128,14 +127,30 @@ class Preprocessor:
         return ModelInputs(np.asarray(ids, dtype=np.int64), pixels, image_sizes,
                            self._features(decoded_audio, clip_frames), clip_frames, positions)
 
-    def _text(self, name: str, value: bytes | str | None) -> str | None:
+    def _conversation(self, text: bytes | str | None, system_prompt: bytes | str | None, messages: bytes | str | None,
+                      images: int, audio: int) -> list[dict[str, Any]]:
+        if messages is not None:
+            if text is not None or system_prompt is not None:
+                raise RequestError("messages: send the conversation alone, without text_input or system_prompt "
+                                   "(its system turn goes first in it)")
+            # JSON quotes, keys and escapes: allow the document several times the bytes its text may take
+            document = self._text("messages", messages, JSON_OVERHEAD * self.max_prompt_bytes)
+            return parse_conversation(document, images, audio, self.chat.system_as_blocks)
+        prompt = self._text("text_input", text)
+        if prompt is None:
+            raise RequestError("text_input: required input is missing (or send the conversation in messages)")
+        if not prompt.strip():
+            raise RequestError("text_input: the prompt is empty")
+        return self.chat.conversation(prompt, images, audio, self._text("system_prompt", system_prompt))
+
+    def _text(self, name: str, value: bytes | str | None, max_bytes: int | None = None) -> str | None:
         if value is None:
             return None
         size = len(value) if isinstance(value, bytes) else len(value.encode())
-        if size > self.max_prompt_bytes:
+        if size > (max_bytes or self.max_prompt_bytes):
             raise RequestError(
                 f"{name}: {size} bytes is more than the limit of {self.limits.max_prompt_tokens} prompt tokens "
-                f"can hold ({self.max_prompt_bytes} bytes)"
+                f"can hold ({max_bytes or self.max_prompt_bytes} bytes)"
             )
         try:
             return value.decode("utf-8") if isinstance(value, bytes) else value

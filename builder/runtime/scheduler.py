@@ -5,7 +5,8 @@ delivers the next requests while earlier ones are still decoding. A background t
 newcomers, then advances every active sequence by one token in a single batched call. With a
 :class:`KvBudget`, a request is admitted only when its KV fits beside the others'; until then it
 waits in order, and is refused (server busy) when it has waited too long: memory stays bounded
-however many requests arrive.
+however many requests arrive. A job whose client went away (``is_cancelled``) leaves at the next step
+boundary, giving back its KV reservation and batch slot.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -34,6 +36,7 @@ class DecodeJob:
     on_finish: Callable[[], None]  # after the last token (max_tokens or a stop id)
     on_error: Callable[[BaseException], None]  # instead of on_finish
     position_ids: np.ndarray | None = None  # [3, S] M-RoPE positions, for a decoder that takes them
+    is_cancelled: Callable[[], bool] = lambda: False  # asked before each step; True: dropped, no callback
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ class SchedulerStats:
 
     finished: int = 0
     failed: int = 0  # errors during decoding (refusals are counted where they are answered: triton_io)
+    cancelled: int = 0  # dropped because their client went away (admitted or still waiting)
     prompt_tokens: int = 0
     generated_tokens: int = 0
     first_token_seconds: float = 0.0  # submit to first token, summed over admitted requests
@@ -98,6 +102,7 @@ class DecodeScheduler:
                     return
                 self.waiting.append(item)
                 block = False
+            self._drop_cancelled()
             self._admit_waiting()
             if not self.active:
                 continue
@@ -108,7 +113,7 @@ class DecodeScheduler:
             except Exception as exc:  # noqa: BLE001 - the failure goes to the requests it hit
                 for pair in batch:
                     self.active.remove(pair)
-                    self._end(pair[1], failed=True)
+                    self._end(pair[1], "failed")
                     pair[1].on_error(exc)
                 continue
             self.stats.decode_steps += 1
@@ -117,6 +122,15 @@ class DecodeScheduler:
             self.active = self.active[len(batch):]  # round-robin when more than max_batch are active
             for seq, job in batch:
                 self._emit(seq, job)
+
+    def _drop_cancelled(self) -> None:
+        """Jobs whose client went away stop here, between steps: no more tokens, their reservation and slot freed."""
+        for item in [item for item in self.waiting if item[1].is_cancelled()]:
+            self.waiting.remove(item)
+            self.stats.cancelled += 1
+        for pair in [pair for pair in self.active if pair[1].is_cancelled()]:
+            self.active.remove(pair)
+            self._end(pair[1], "cancelled")
 
     def _admit_waiting(self) -> None:
         """Admits waiting requests in order while the budget has room; refuses those that waited too long."""
@@ -143,17 +157,15 @@ class DecodeScheduler:
             seq = self.runner.start(job.input_ids, job.multimodal_embeds, job.multimodal_mask, job.params, job.stop_ids,
                                     job.position_ids)
         except Exception as exc:  # noqa: BLE001
-            self._end(job, failed=True)
+            self._end(job, "failed")
             job.on_error(exc)
             return
         self._emit(seq, job)
 
-    def _end(self, job: DecodeJob, failed: bool = False) -> None:
+    def _end(self, job: DecodeJob, outcome: Literal["finished", "failed", "cancelled"] = "finished") -> None:
+        """Gives back an admitted job's reservation and counts how it ended (the stats field of that name)."""
         self.reserved -= reservation(job)
-        if failed:
-            self.stats.failed += 1
-        else:
-            self.stats.finished += 1
+        setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
 
     def _emit(self, seq: Sequence, job: DecodeJob) -> None:
         """Chooses the sequence's next token from its fresh logits; keeps it active unless finished."""
@@ -165,7 +177,7 @@ class DecodeScheduler:
             if seq.finished:
                 job.on_finish()
         except Exception as exc:  # noqa: BLE001 - e.g. the client went away while sending
-            self._end(job, failed=True)
+            self._end(job, "failed")
             job.on_error(exc)
             return
         if seq.finished:

@@ -1,11 +1,12 @@
 """Token streams that one model polls from another, so the LLM's weights live in one process.
 
-The decode model `llm` holds the weights. The decoupled `llm_stream` holds none: it opens a session
+The decode model `llm` holds the weights. The decoupled `ensemble_stream` holds none: it opens a session
 on `llm` with the prompt (a plain, non-decoupled BLS call), then polls it until the answer ends. The
 sequence decodes in `llm`'s running batch at full speed; the first poll is answered with the first
 token, each later one with every token chosen since, once ``interval_s`` has passed since the last
 answer (or at the end): a cadence, not a token count, so a fast model streams few large chunks (each
-poll is a round trip) and a slow one every token as it comes.
+poll is a round trip) and a slow one every token as it comes. When the stream's client goes away the
+poller cancels the session instead of polling it: the decode scheduler drops its sequence at the next step.
 Plain BLS calls only: Triton 2.51's decoupled BLS (`exec(decoupled=True)`) lost stubs under the soak.
 """
 
@@ -51,6 +52,7 @@ class TokenSession:
         self._waiter: Callable[[Chunk], None] | None = None
         self._on_closed = on_closed
         self.ended_at: float | None = None
+        self.cancelled = False  # read by the decode scheduler before each step (DecodeJob.is_cancelled)
 
     def token(self, token: int) -> None:
         with self._lock:
@@ -68,6 +70,12 @@ class TokenSession:
         with self._lock:
             self._error, self.ended_at = error, time.monotonic()
             self._deliver()
+
+    def cancel(self) -> None:
+        """The poller's client went away: the session closes and the decode scheduler drops its sequence before its next step."""
+        with self._lock:
+            self.cancelled, self.ended_at = True, time.monotonic()
+        self._on_closed()
 
     def poll(self, deliver: Callable[[Chunk], None]) -> None:
         """``deliver`` is called once, now or when the next token (or the end) comes."""
@@ -115,6 +123,13 @@ class SessionTable:
         if session is None:
             raise RequestError(f"session {session_id}: unknown or already ended")
         return session
+
+    def cancel(self, session_id: int) -> None:
+        """Cancels the session if it is still open (it may have ended meanwhile: then nothing is left to stop)."""
+        with self._lock:
+            session = self._sessions.get(session_id)
+        if session is not None:
+            session.cancel()
 
     def __len__(self) -> int:
         return len(self._sessions)

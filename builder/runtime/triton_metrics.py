@@ -24,6 +24,7 @@ INTERVAL_S = 1.0
 COUNTERS = {  # metric -> (help, what it counts)
     "mmtb_requests_finished_total": ("Answers completed by the decode model", lambda s, c: s.stats.finished),
     "mmtb_requests_failed_total": ("Answers that failed while decoding", lambda s, c: s.stats.failed),
+    "mmtb_requests_cancelled_total": ("Answers stopped because their client went away", lambda s, c: s.stats.cancelled),
     "mmtb_prompt_tokens_total": ("Prompt tokens prefilled (placeholders included)", lambda s, c: s.stats.prompt_tokens),
     "mmtb_generated_tokens_total": ("Tokens generated", lambda s, c: s.stats.generated_tokens),
     "mmtb_first_token_seconds_total": ("Arrival at the decode model to first token, summed", lambda s, c: s.stats.first_token_seconds),

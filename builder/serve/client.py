@@ -1,11 +1,13 @@
 """A small gRPC client for the generated ensembles (the client contract of DESIGN.md).
 
 ``ask`` sends a unary request to ``ensemble``; ``ask_stream`` streams tokens from
-``ensemble_stream``. Both take the same inputs: a prompt, 0..N image files and 0..N WAV files.
+``ensemble_stream``. Both take the same inputs: a prompt (or a whole conversation), 0..N image files and 0..N
+WAV files.
 """
 
 from __future__ import annotations
 
+import json
 import queue
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,14 +18,14 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from builder.runtime.contract import (
-    AUDIO_INPUT, IMAGE_INPUT, OUTPUT_IDS, SAMPLING_INPUTS, STREAM_INPUT, STREAMING_ENSEMBLE, SYSTEM_PROMPT_INPUT,
-    TEXT_INPUT, TEXT_OUTPUT, UNARY_ENSEMBLE, Tensor,
+    AUDIO_INPUT, IMAGE_INPUT, MESSAGES_INPUT, OUTPUT_IDS, SAMPLING_INPUTS, STREAM_INPUT, STREAMING_ENSEMBLE,
+    SYSTEM_PROMPT_INPUT, TEXT_INPUT, TEXT_OUTPUT, UNARY_ENSEMBLE, Tensor,
 )
 
 
 @dataclass(frozen=True)
 class Request:
-    prompt: str
+    prompt: str | None  # the user's turn; None when ``messages`` carries the conversation
     images: tuple[bytes, ...] = ()
     audio: tuple[bytes, ...] = ()
     system_prompt: str | None = None  # replaces the chat template's default system prompt
@@ -32,6 +34,8 @@ class Request:
     top_k: int | None = None
     top_p: float | None = None
     seed: int | None = None
+    # The conversation instead of prompt + system_prompt: [{"role", "content"}], media parts {"type", "index"}
+    messages: list[dict[str, Any]] | None = None
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # raw tensors, e.g. for testing bad input
 
 
@@ -46,6 +50,7 @@ def request_inputs(request: Request, stream: bool | None = None) -> list[grpccli
     values: dict[Tensor, Any] = {
         TEXT_INPUT: request.prompt, IMAGE_INPUT: request.images or None, AUDIO_INPUT: request.audio or None,
         SYSTEM_PROMPT_INPUT: request.system_prompt, STREAM_INPUT: stream,
+        MESSAGES_INPUT: json.dumps(request.messages, ensure_ascii=False) if request.messages is not None else None,
         **{t: getattr(request, t.name) for t in SAMPLING_INPUTS},  # Request has a field of each name
     }
     tensors = {t.name: _tensor(t, v) for t, v in values.items() if v is not None}

@@ -3,8 +3,9 @@
 `execute` validates each request and hands it to the decode scheduler, then returns at once (the
 answer goes through the request's response sender), so requests arriving while others decode join
 the running batch at the next step. A request without `session` gets one response with the whole
-answer (the unary ensemble). The streaming entry point's `llm_stream` opens a session with the
-prompt and polls it (see mmtb_runtime.sessions): each response carries the tokens since the last.
+answer (the unary ensemble). The streaming entry point `ensemble_stream` opens a session with the
+prompt and polls it (see mmtb_runtime.sessions): each response carries the tokens since the last; a
+call with `cancel` set stops the session's sequence (its client went away).
 """
 
 import numpy as np
@@ -61,21 +62,26 @@ class TritonPythonModel:
         if session_id is None:  # unary: the whole answer in one response
             self.start(self.prompt(request), WholeAnswer(sender, self.tokenizer, self.args.name))
             return
+        if input_scalar(request, "cancel", False, bool):
+            self.sessions.cancel(session_id)
+            sender.send(answer("", [], finished=True), flags=FINAL)
+            return
         prompt = self.prompt(request) if input_array(request, "input_ids") is not None else None
         session = self.sessions.open(session_id) if prompt is not None else self.sessions.get(session_id)
         # Polled before it starts: the first token gets a response of its own.
         session.poll(lambda chunk: send_chunk(sender, chunk, self.args.name))
         if prompt is not None:
             try:
-                self.start(prompt, session)
+                self.start(prompt, session, is_cancelled=lambda: session.cancelled)
             except Exception as exc:  # noqa: BLE001 - refused at once: the poll above answers with it
                 session.fail(exc)
 
-    def start(self, prompt, sink):
-        """Decodes ``prompt``; ``sink`` gets each token, then ``finish()`` or ``fail(error)``."""
+    def start(self, prompt, sink, is_cancelled=lambda: False):
+        """Decodes ``prompt``; ``sink`` gets each token, then ``finish()`` or ``fail(error)``, unless
+        ``is_cancelled()`` turns true first: then the sequence stops silently at the next step."""
         ids, embeds, mask, params, positions = prompt
         self.scheduler.submit(DecodeJob(ids, embeds, mask, params, self.stop_ids, on_token=sink.token, on_finish=sink.finish,
-                                        on_error=sink.fail, position_ids=positions))
+                                        on_error=sink.fail, position_ids=positions, is_cancelled=is_cancelled))
 
     def prompt(self, request):
         """The request's prompt and sampling parameters, validated: a bad request fails before it starts."""

@@ -1,6 +1,6 @@
 """Triton model `preprocess`: chat template, prompt text, images and audio files to token ids and encoder inputs."""
 
-from mmtb_runtime.contract import AUDIO_INPUT, IMAGE_INPUT, SYSTEM_PROMPT_INPUT, TEXT_INPUT
+from mmtb_runtime.contract import AUDIO_INPUT, IMAGE_INPUT, MESSAGES_INPUT, SYSTEM_PROMPT_INPUT, TEXT_INPUT
 from mmtb_runtime.errors import RequestError
 from mmtb_runtime.preprocess import Preprocessor, RequestLimits
 from mmtb_runtime.triton_io import ModelArgs, input_array, input_bytes_list, respond_each
@@ -12,8 +12,9 @@ class TritonPythonModel:
         self.preprocess = Preprocessor.from_directory(self.args.directory, RequestLimits.from_parameters(self.args.parameters))
 
     def handle(self, request):
-        text, system = (self.single(request, t.name) for t in (TEXT_INPUT, SYSTEM_PROMPT_INPUT))
-        inputs = self.preprocess(text, input_bytes_list(request, IMAGE_INPUT.name), input_bytes_list(request, AUDIO_INPUT.name), system)
+        text, system, messages = (self.single(request, t.name) for t in (TEXT_INPUT, SYSTEM_PROMPT_INPUT, MESSAGES_INPUT))
+        inputs = self.preprocess(text, input_bytes_list(request, IMAGE_INPUT.name), input_bytes_list(request, AUDIO_INPUT.name),
+                                 system, messages)
         # The encoders' inputs carry a leading axis of 1, the request (see the encoders' configs).
         outputs = {"input_ids": inputs.input_ids, "pixel_values": inputs.pixel_values[None],
                    "image_sizes": inputs.image_sizes[None], "input_features": inputs.input_features[None],
