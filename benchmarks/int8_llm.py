@@ -3,7 +3,7 @@ memory-bandwidth bound of decode at batch 1.
 
 A Mistral decoder of realistic but CPU-friendly size (hidden 768, 12 layers, 12 heads / 4 KV heads,
 intermediate 3072, vocab 32768: about 154M parameters), built with the same wrappers, recipe and
-export as the build, quantized by the build's ``quantize_weights_int8`` (block-wise ``MatMulNBits``,
+export as the build, quantized by the build's ``quantize_weights_nbits`` (block-wise ``MatMulNBits``,
 the spec's default block size) and run by the server's ``LanguageModelRunner``.
 
 Its weights are trained, briefly, on real text, so its next-token distributions are peaked as a
@@ -47,7 +47,7 @@ from builder.bench.report import machine
 from builder.export.onnx_export import export_graph
 from builder.export.recipes import llm_recipe
 from builder.quantize.agreement import FusedPrompt, teacher_forced
-from builder.quantize.weight_only import quantize_weights_int8
+from builder.quantize.weight_only import quantize_weights_nbits
 from builder.runtime.generation import LanguageModelRunner, SamplingParams
 from builder.runtime.model_facts import ModelFacts
 from builder.source.checkpoint import SourceModel, read_facts
@@ -164,7 +164,7 @@ def measure(source: SourceModel, directory: Path, prompts: list[FusedPrompt], st
     variants = [("fp32", fp32, reference, 1.0, 1.0)]
     for label, bits, level in (("int8, int8 compute", 8, 4), ("int8, float compute", 8, 0), ("4-bit, int8 compute", 4, 4)):
         path = directory / f"int{bits}-level{level}.onnx"
-        quantize_weights_int8(fp32, path, QuantizeSpec().llm_block_size, accuracy_level=level, bits=bits)
+        quantize_weights_nbits(fp32, path, QuantizeSpec().llm_block_size, accuracy_level=level, bits=bits)
         runner = LanguageModelRunner(str(path), source.facts)
         agreement = teacher_forced(reference, runner, [(p, p) for p in prompts])
         variants.append((label, path, runner, agreement.logits.cosine, agreement.agreement))

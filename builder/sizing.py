@@ -149,12 +149,10 @@ def report(size: ModelSize, gpu: Gpu, context: int, gpus: int = 1) -> str:
                      "a lower precision or a larger GPU")
         return "\n".join(lines)
     batch = min(chosen.sequences // gpus, 16)  # per instance
-    build_precision = {"fp16": "fp16", "int8": "int8", "int4": "int8"}[chosen.precision]  # 4-bit: not built yet
     lines += [
-        f"recommended: {chosen.precision} ({chosen.sequences} sequences of {context} tokens fit)"
-        + ("; the build makes INT8, not 4-bit, yet" if chosen.precision == "int4" else ""),
+        f"recommended: {chosen.precision} ({chosen.sequences} sequences of {context} tokens fit)",
         "spec:",
-        f"  components: {{llm: {{precision: {build_precision}}}}}",
+        f"  components: {{llm: {{precision: {chosen.precision}}}}}",
         f"  limits: {{max_context: {context}}}",
         f"  triton: {{max_batch_size: {batch}, kv_budget_tokens: {batch * context}}}  # per instance, one per GPU",
     ]

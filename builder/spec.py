@@ -20,7 +20,7 @@ import yaml
 from builder.errors import SpecError
 from builder.targets import TARGETS
 
-Precision = Literal["fp32", "fp16", "int8"]
+Precision = Literal["fp32", "fp16", "int8", "int4"]  # int4: the LLM's weights only (builder/quantize/ladder.py)
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 
@@ -287,6 +287,9 @@ def _check(spec: BuildSpec) -> None:
         raise SpecError(f"limits.default_max_tokens ({lim.default_max_tokens}) exceeds limits.max_tokens ({lim.max_tokens})")
     if not spec.components.llm.enabled:
         raise SpecError("components.llm.enabled: the language model cannot be disabled")
+    for name in ("vision", "audio"):
+        if getattr(spec.components, name).precision == "int4":
+            raise SpecError(f"components.{name}.precision: int4 is for the llm's weights; an encoder takes int8, fp16 or fp32")
     for key in ("instances", "max_batch_size"):
         if getattr(spec.triton, key) < 1:
             raise SpecError(f"triton.{key}: must be at least 1")

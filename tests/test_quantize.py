@@ -6,18 +6,19 @@ import json
 from pathlib import Path
 
 import onnx
+from onnx import numpy_helper
 import pytest
 
 from builder.build import build
 from builder.compare import onnxruntime_session
-from builder.errors import BuildError
+from builder.errors import BuildError, SpecError
 from builder.quantize.agreement import fuse_prompt
 from builder.quantize.calibration_data import calibration_files, load_samples, server_preprocessor
 from builder.quantize.ladder import LlmJob, settle_llm
 from builder.quantize.pipeline import PipelineFigures, held_out_requests, measure_pipeline
-from builder.quantize.weight_only import quantize_weights_int8_qdq
+from builder.quantize.weight_only import quantize_weights_qdq
 from builder.runtime.model_facts import ModelFacts
-from builder.spec import load_spec
+from builder.spec import load_spec, parse_spec
 from builder.targets import TARGETS
 from tests.conftest import CACHE, ROOT
 
@@ -155,22 +156,25 @@ def test_a_failing_pipeline_gate_without_fallback_fails_the_build(tmp_path: Path
     assert not (tmp_path / "repo").exists()
 
 
-def dequantized_matmuls(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
-    """The DequantizeLinear nodes whose output is a MatMul's weight; asserts each reads int8 weights."""
+def dequantized_matmuls(graph: onnx.GraphProto, bits: int = 8) -> list[onnx.NodeProto]:
+    """The DequantizeLinear nodes whose output is a MatMul's weight; asserts each reads int8 (int4) weights."""
     producers = {out: node for node in graph.node for out in node.output}
     weights = {i.name: i for i in graph.initializer}
     found = [producers[n.input[1]] for n in graph.node if n.op_type == "MatMul" and n.input[1] in producers
              and producers[n.input[1]].op_type == "DequantizeLinear"]
-    assert all(weights[dq.input[0]].data_type == onnx.TensorProto.INT8 for dq in found)
+    kind = onnx.TensorProto.INT8 if bits == 8 else onnx.TensorProto.INT4
+    assert all(weights[dq.input[0]].data_type == kind for dq in found)
     return found
 
 
-@pytest.mark.parametrize("block", [None, 32])
-def test_tensorrt_int8_llm_graph_is_int8_dequantize_feeding_matmul(built_repository: Path, tmp_path: Path, block: int | None) -> None:
-    """TensorRT cannot parse MatMulNBits: its INT8 LLM is standard ONNX, int8 weights -> DequantizeLinear -> MatMul."""
+@pytest.mark.parametrize(("block", "bits"), [(None, 8), (32, 8), (32, 4)])
+def test_tensorrt_integer_llm_graph_is_dequantize_feeding_matmul(built_repository: Path, tmp_path: Path, block: int | None,
+                                                                bits: int) -> None:
+    """TensorRT cannot parse MatMulNBits: its INT8 / INT4 LLM is standard ONNX, int8 / int4 weights -> DequantizeLinear
+    (opset 21, blocked) -> MatMul."""
     fp32 = served_graphs(built_repository)["llm"]
     output = tmp_path / "llm-qdq.onnx"
-    quantize_weights_int8_qdq(fp32, output, block)
+    quantize_weights_qdq(fp32, output, block, bits)
     model = onnx.load(str(output))
     onnx.checker.check_model(model)
     assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"} and next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 21
@@ -179,11 +183,13 @@ def test_tensorrt_int8_llm_graph_is_int8_dequantize_feeding_matmul(built_reposit
     reference = onnx.load(str(fp32)).graph
     matrices = {i.name for i in reference.initializer if len(i.dims) == 2}
     float_weights = [n for n in reference.node if n.op_type == "MatMul" and n.input[1] in matrices]
-    dequantize = dequantized_matmuls(model.graph)
+    dequantize = dequantized_matmuls(model.graph, bits)
     assert float_weights and len(dequantize) == len(float_weights)  # every weight-carrying MatMul
     attributes = [{a.name: a.i for a in dq.attribute} for dq in dequantize]
     assert all(a == ({"axis": 0, "block_size": block} if block else {"axis": 1}) for a in attributes)
-    assert output.stat().st_size < 0.35 * fp32.stat().st_size
+    weights = sum(numpy_helper.to_array(i).size for i in reference.initializer if i.name in {n.input[1] for n in float_weights})
+    quantized = sum(len(i.raw_data) for i in model.graph.initializer if i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.INT4))
+    assert quantized == weights * bits // 8  # int4: two weights a byte
     onnxruntime_session(output)  # ONNX Runtime runs this very graph (the gate's measurement)
 
 
@@ -207,3 +213,34 @@ def test_tensorrt_int8_llm_settles_on_qdq_gated_with_onnxruntime(built_repositor
         assert dequantized_matmuls(onnx.load(str(settled.path)).graph)
     else:
         assert settled.fell_back and "fell back after weight-only Q/DQ per channel" in settled.summary()
+
+
+def test_int4_llm_walks_4_bit_rungs_then_int8_and_says_so(built_repository: Path, tmp_path: Path) -> None:
+    """``precision: int4``: MatMulNBits bits 4 (int8 then float compute, then blocks of 16), then INT8's rungs, then
+    FP32, each gated against FP32 on the held-out prompts; what it settled on passed the LLM gate, and a fall back
+    names the rungs that failed."""
+    spec = load_spec(INT8_SPEC)
+    facts = ModelFacts.load(built_repository / "preprocess" / "1" / "model_facts.json")
+    preprocess = server_preprocessor(spec, facts, built_repository / "preprocess" / "1" / "tokenizer.json")
+    graphs = served_graphs(built_repository)
+    encoders = {name: onnxruntime_session(graphs[name]) for name in ("vision_encoder", "audio_encoder")}
+    held_out = load_samples(calibration_files(spec, with_images=True, with_audio=True), preprocess).prompts
+    prompts = tuple(fuse_prompt(p, encoders, facts) for p in held_out)
+    settled = settle_llm(LlmJob(graphs["llm"], facts, prompts), "int4", TARGETS["python"], spec.quantize, tmp_path)
+    first = settled.attempts[0]
+    assert first.precision == "int4" and first.scheme == f"weight-only block {spec.quantize.llm_block_size}, int8 compute"
+    precisions = [a.precision for a in settled.attempts]
+    assert precisions == sorted(precisions, key=["int4", "int8", "fp32"].index)  # never back up the ladder
+    final = settled.final
+    assert final.gate is None or (final.gate.passed and final.agreement.logits.cosine >= spec.quantize.llm_gate.min_cosine)
+    if settled.precision == "int4":
+        nodes = [n for n in onnx.load(str(settled.path)).graph.node if n.op_type == "MatMulNBits"]
+        assert nodes and all({a.name: a.i for a in n.attribute}["bits"] == 4 for n in nodes)
+    else:
+        assert settled.fell_back and "fell back after weight-only block" in settled.summary()
+
+
+def test_int4_is_for_the_llm_only() -> None:
+    with pytest.raises(SpecError, match=r"components\.vision\.precision: int4 is for the llm's weights"):
+        parse_spec({"components": {"vision": {"precision": "int4"}}})
+    assert parse_spec({"components": {"llm": {"precision": "int4"}}}).components.llm.precision == "int4"

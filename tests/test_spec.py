@@ -22,7 +22,7 @@ def test_default_spec_loads():
         ({"colour": "red"}, r"colour: unknown key"),
         ({"limits": {"max_images": "four"}}, r"limits\.max_images: expected a whole number, got 'four'"),
         ({"limits": {"max_images": True}}, r"limits\.max_images: expected a whole number"),
-        ({"components": {"llm": {"precision": "int4"}}}, r"components\.llm\.precision: 'int4' is not one of fp32, fp16, int8"),
+        ({"components": {"llm": {"precision": "int2"}}}, r"components\.llm\.precision: 'int2' is not one of fp32, fp16, int8, int4"),
         ({"target": "cuda"}, r"target: 'cuda' is not one of"),
         ({"components": {"audio": {"enabled": "yes"}}}, r"components\.audio\.enabled: expected true or false"),
         ({"limits": {"max_prompt_tokens": 600, "max_context": 512}}, r"max_prompt_tokens \(600\) must be smaller than limits\.max_context"),

@@ -3,8 +3,9 @@
 The ladder for an INT8 encoder: the spec's calibration method, then the other methods (MinMax,
 Entropy, Percentile), then the best of them with the most sensitive nodes kept in float, then FP16
 (target ``tensorrt`` only: ONNX Runtime on CPU runs FP16 slower than FP32), then FP32. For the INT8
-LLM (weight-only, no calibration): the spec's block size with int8 then float compute, then blocks of 16
-(target ``tensorrt``: int8 Q/DQ per output channel, then blocks of the spec's size, then 16), then FP16 / FP32.
+LLM (weight-only round to nearest, no calibration): the spec's block size with int8 then float compute, then
+blocks of 16 (target ``tensorrt``: int8 Q/DQ per output channel, then blocks of the spec's size, then 16), then
+FP16 / FP32. An INT4 LLM walks the same rungs in 4-bit first, then INT8's.
 An FP16 component: FP16, then FP32. FP32 is the reference, so it always passes.
 """
 
@@ -26,7 +27,7 @@ from builder.quantize.fp16 import convert_fp16
 from builder.quantize.qdq import CALIBRATION_METHODS, LAYOUTS, quantize_qdq, weight_nodes
 from builder.quantize.reader import SampleReader
 from builder.quantize.sensitivity import most_sensitive_nodes
-from builder.quantize.weight_only import quantize_weights_int8, quantize_weights_int8_qdq
+from builder.quantize.weight_only import quantize_weights_nbits, quantize_weights_qdq
 from builder.runtime.generation import LanguageModelRunner
 from builder.runtime.model_facts import ModelFacts
 from builder.spec import GateSpec, QuantizeSpec
@@ -35,7 +36,7 @@ from builder.targets import Target
 
 @dataclass(frozen=True)
 class Attempt:
-    precision: str  # int8 | fp16 | fp32
+    precision: str  # int4 | int8 | fp16 | fp32
     scheme: str  # "U8S8 minmax", "weight-only block 32", "fp16", "fp32 (reference)"
     excluded: tuple[str, ...] = ()  # nodes kept in float
     gate: GateResult | None = None  # None: the FP32 reference itself
@@ -194,23 +195,24 @@ def settle_llm(job: LlmJob, requested: str, target: Target, spec: QuantizeSpec, 
         gate = judge((agreement.logits,), agreement.prompts * agreement.positions, spec.llm_gate)
         return ladder.record(Attempt(precision, scheme, gate=gate, agreement=agreement))
 
-    if requested == "int8" and target.llm_int8_form == "qdq":
-        # TensorRT cannot parse MatMulNBits: int8 weights as Q/DQ, gated on CPU by ORT. Per output channel
-        # first (the granularity TensorRT documents for INT8 weights), then the finer blocks.
-        for block in dict.fromkeys((None, spec.llm_block_size, 16)):
-            path = ladder.candidate()
-            quantize_weights_int8_qdq(job.fp32, path, block)
-            if gated("int8", f"weight-only Q/DQ {f'block {block}' if block else 'per channel'}", path):
-                return _settled("llm", requested, ladder, 0, len(job.prompts))
-    if requested == "int8" and target.llm_int8_form == "matmulnbits":
-        # Fastest first: int8 compute, then float compute of the same weights, then smaller blocks.
+    # INT4 first when asked, then INT8, each fastest first: integer compute, then float compute of the same
+    # weights, then smaller blocks. TensorRT cannot parse MatMulNBits: its weights go as Q/DQ, per output
+    # channel first (the granularity TensorRT documents for INT8 weights), then the finer blocks.
+    for bits in (4, 8) if requested == "int4" else (8,) if requested == "int8" else ():
+        if target.llm_int8_form == "qdq":
+            for block in dict.fromkeys((None, spec.llm_block_size, 16)):
+                path = ladder.candidate()
+                quantize_weights_qdq(job.fp32, path, block, bits)
+                if gated(f"int{bits}", f"weight-only Q/DQ {f'block {block}' if block else 'per channel'}", path):
+                    return _settled("llm", requested, ladder, 0, len(job.prompts))
+            continue
         for block, level in dict.fromkeys(((spec.llm_block_size, 4), (spec.llm_block_size, 0), (16, 0))):
             path = ladder.candidate()
-            quantize_weights_int8(job.fp32, path, block, accuracy_level=level)
+            quantize_weights_nbits(job.fp32, path, block, accuracy_level=level, bits=bits)
             compute = "int8" if level == 4 else "float"
-            if gated("int8", f"weight-only block {block}, {compute} compute", path):
+            if gated(f"int{bits}", f"weight-only block {block}, {compute} compute", path):
                 return _settled("llm", requested, ladder, 0, len(job.prompts))
-    if target.fp16_before_fp32:  # INT8 failed: FP16 before FP32 (on a GPU)
+    if target.fp16_before_fp32:  # integer weights failed: FP16 before FP32 (on a GPU)
         path = ladder.candidate()
         convert_fp16(job.fp32, path)
         if gated("fp16", "fp16", path):

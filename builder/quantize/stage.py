@@ -31,8 +31,8 @@ from builder.targets import TARGETS
 
 
 def is_quantized(precision: str) -> bool:
-    """Only INT8 is made here: FP32 and FP16 graphs are served as exported (FP16: see builder.export.precision)."""
-    return precision == "int8"
+    """INT8 and INT4 are made here: FP32 and FP16 graphs are served as exported (FP16: see builder.export.precision)."""
+    return precision in ("int8", "int4")
 
 
 def quantize_key(spec: BuildSpec, export_key: str, precision: str, files: CalibrationFiles | None) -> str:
@@ -67,7 +67,7 @@ def quantize_components(
         settled, result = _gate(stage, spec, facts, files)
         with cache.writer("pipeline", "gate", gate_key) as tmp:
             (tmp / "pipeline.json").write_text(json.dumps(result.to_json(), indent=2))
-    chosen = ", ".join(f"{c} {s.precision}" + (f" ({s.final.label()})" if s.precision == "int8" else "") for c, s in settled.items())
+    chosen = ", ".join(f"{c} {s.precision}" + (f" ({s.final.label()})" if is_quantized(s.precision) else "") for c, s in settled.items())
     tqdm.write(f"pipeline gate ({result.cpu}): settled on {chosen}; {result.figures.summary()}")
     return settled, result
 

@@ -1,6 +1,6 @@
-"""The LLM in INT8, weight-only and block-wise: ONNX Runtime's ``MatMulNBits`` (bits=8), or for
-TensorRT, which cannot parse that contrib op, int8 ``DequantizeLinear`` weights (per output channel,
-or blocked with opset 21's ``block_size``) feeding each MatMul, gated here under ORT. Decode is
+"""The LLM in INT8 or INT4, weight-only and block-wise: ONNX Runtime's ``MatMulNBits`` (bits 8 or 4, round to
+nearest), or for TensorRT, which cannot parse that contrib op, int8 / int4 ``DequantizeLinear`` weights (per output
+channel, or blocked with opset 21's ``block_size``) feeding each MatMul, gated here under ORT. Decode is
 memory-bound, so weight bytes are what count; embeddings and attention math stay float.
 """
 
@@ -21,11 +21,10 @@ from builder.onnx_files import save_onnx
 logging.getLogger().setLevel(logging.WARNING)
 
 
-def quantize_weights_int8(fp32: Path, output: Path, block_size: int, accuracy_level: int = 4, bits: int = 8) -> None:
+def quantize_weights_nbits(fp32: Path, output: Path, block_size: int, accuracy_level: int = 4, bits: int = 8) -> None:
     """``accuracy_level`` 4 lets ONNX Runtime's CPU kernel multiply in int8 (activations quantized on
     the fly): measured here about 10x faster than level 0, which dequantizes to float and ran slower
-    than the FP32 MatMul; level 0 is the more accurate fallback rung. ``bits`` 4: the same in 4-bit
-    (the benchmark's row; the build's ladder stays at 8)."""
+    than the FP32 MatMul; level 0 is the more accurate fallback rung. ``bits``: 8 or 4."""
     config = DefaultWeightOnlyQuantConfig(
         block_size=block_size, is_symmetric=True, bits=bits, accuracy_level=accuracy_level, quant_format=QuantFormat.QOperator,
         op_types_to_quantize=("MatMul",),
@@ -37,8 +36,8 @@ def quantize_weights_int8(fp32: Path, output: Path, block_size: int, accuracy_le
     save_onnx(quantizer.model.model, output)
 
 
-def quantize_weights_int8_qdq(fp32: Path, output: Path, block_size: int | None) -> None:
-    """Each MatMul by a 2-D float weight [K, N] reads DequantizeLinear(int8 [K, N], scales): symmetric, one
+def quantize_weights_qdq(fp32: Path, output: Path, block_size: int | None, bits: int = 8) -> None:
+    """Each MatMul by a 2-D float weight [K, N] reads DequantizeLinear(int8 or int4 [K, N], scales): symmetric, one
     scale per output column (``block_size`` None: scales [N], axis 1) or per ``block_size`` weights along K
     (scales [K / block, N], axis 0, as ``MatMulNBits`` blocks them)."""
     model = onnx.version_converter.convert_version(onnx.load(str(fp32)), 21)  # blocked DequantizeLinear
@@ -49,12 +48,13 @@ def quantize_weights_int8_qdq(fp32: Path, output: Path, block_size: int | None) 
         if weight is None or len(weight.dims) != 2 or weight.data_type != onnx.TensorProto.FLOAT:
             continue
         array = numpy_helper.to_array(weight)
-        values, scales = _blockwise_int8(array, block_size or array.shape[0])
+        values, scales = _blockwise(array, block_size or array.shape[0], bits)
         layout = {"axis": 0, "block_size": block_size} if block_size else {"axis": 1}
         model.graph.initializer.remove(weight)
-        model.graph.initializer.extend([numpy_helper.from_array(values, f"{weight.name}_int8"),
+        quantized = f"{weight.name}_int{bits}"
+        model.graph.initializer.extend([_integer_tensor(quantized, values, bits),
                                         numpy_helper.from_array(scales if block_size else scales[0], f"{weight.name}_scale")])
-        dequantize.append(helper.make_node("DequantizeLinear", [f"{weight.name}_int8", f"{weight.name}_scale"],
+        dequantize.append(helper.make_node("DequantizeLinear", [quantized, f"{weight.name}_scale"],
                                            [f"{weight.name}_dequantized"], name=f"{weight.name}_DequantizeLinear", **layout))
         node.input[1] = f"{weight.name}_dequantized"
     nodes = [*dequantize, *model.graph.node]  # the weights' dequantization first: a topological order
@@ -63,13 +63,25 @@ def quantize_weights_int8_qdq(fp32: Path, output: Path, block_size: int | None) 
     save_onnx(model, output)
 
 
-def _blockwise_int8(weight: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+def _blockwise(weight: np.ndarray, block_size: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
     rows, cols = weight.shape
     blocks = -(-rows // block_size)
     padded = np.zeros((blocks * block_size, cols), np.float32)
     padded[:rows] = weight
     grouped = padded.reshape(blocks, block_size, cols)
-    scales = np.abs(grouped).max(axis=1) / 127.0
+    most = 2 ** (bits - 1) - 1  # symmetric: 127 or 7
+    scales = np.abs(grouped).max(axis=1) / most
     scales[scales == 0] = 1.0  # an all-zero block: any scale reproduces it
-    values = np.clip(np.round(grouped / scales[:, None, :]), -127, 127).astype(np.int8).reshape(-1, cols)[:rows]
+    values = np.clip(np.round(grouped / scales[:, None, :]), -most, most).astype(np.int8).reshape(-1, cols)[:rows]
     return np.ascontiguousarray(values), scales.astype(np.float32)
+
+
+def _integer_tensor(name: str, values: np.ndarray, bits: int) -> onnx.TensorProto:
+    """int8 values as an INT8 initializer, or as INT4 packed two to a byte (the first in the low nibble, as ONNX
+    stores int4), both as raw bytes."""
+    if bits == 8:
+        return numpy_helper.from_array(values, name)
+    flat = values.reshape(-1).astype(np.uint8) & 0x0F
+    flat = np.append(flat, np.uint8(0)) if flat.size % 2 else flat
+    packed = flat[0::2] | (flat[1::2] << 4)
+    return helper.make_tensor(name, onnx.TensorProto.INT4, values.shape, packed.tobytes(), raw=True)
