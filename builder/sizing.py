@@ -30,6 +30,7 @@ class Gpu:
 
 
 # Datasheet figures of GPUs small teams run; any other: --gpu-memory-gib and --gpu-bandwidth-gbs.
+GPU_SIZES_GIB = (16, 24, 48, 80)  # the cards small teams run, by memory alone: the fit table for every plan
 GPUS = {g.name.lower(): g for g in (
     Gpu("L4", 24, 300), Gpu("A10", 24, 600), Gpu("RTX4090", 24, 1008), Gpu("A100-40GB", 40, 1555),
     Gpu("L40S", 48, 864), Gpu("RTX6000Ada", 48, 960), Gpu("A100-80GB", 80, 2039), Gpu("H100", 80, 3350),
@@ -143,6 +144,11 @@ def report(size: ModelSize, gpu: Gpu, context: int, gpus: int = 1) -> str:
     fits = [fit(size, gpu, context, p, gpus) for p in BYTES_PER_WEIGHT]
     for f in fits:
         lines.append(f"| {f.precision} | {f.weights_gb:.1f} | {f.free_for_kv_gb:.1f} | {f.sequences} | {f.decode_tokens_per_s:.0f} |")
+    lines += [f"sequences of {context} tokens on one GPU of each size (0: the weights leave no room for one):",
+              "| GPU memory | " + " | ".join(BYTES_PER_WEIGHT) + " |", "|---|" + "---:|" * len(BYTES_PER_WEIGHT)]
+    for memory in GPU_SIZES_GIB:
+        sized = Gpu(f"{memory} GiB", memory, gpu.bandwidth_gbs)
+        lines.append(f"| {memory} GiB | " + " | ".join(str(fit(size, sized, context, p).sequences) for p in BYTES_PER_WEIGHT) + " |")
     chosen = next((f for f in fits if f.sequences >= 4), next((f for f in fits if f.sequences >= 1), None))
     if chosen is None:
         lines.append(f"does not fit: not one {context}-token sequence beside the weights on one GPU; a shorter context, "

@@ -90,6 +90,12 @@ def test_the_cli_prints_the_table_and_a_spec(magistral: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "KV cache: 160 KiB per position" in result.stdout and "recommended: int8" in result.stdout
     assert "kv_budget_tokens" in result.stdout
+    # Which card holds it, in each precision: 48 GB holds INT8, 80 GB BF16; 4-bit needs the fewest bytes
+    rows = {line.split("|")[1].strip(): [int(n) for n in line.split("|")[2:-1]] for line in result.stdout.splitlines()
+            if line.startswith("| ") and "GiB |" in line}
+    assert list(rows) == ["16 GiB", "24 GiB", "48 GiB", "80 GiB"]
+    assert all(fp16 <= int8 <= int4 for fp16, int8, int4 in rows.values())
+    assert rows["48 GiB"][0] == 0 < rows["48 GiB"][1] and rows["80 GiB"][0] > 0
     unknown = run_cli("plan", str(magistral), "--gpu", "Z9000")
     assert unknown.returncode == 2 and "give --gpu-memory-gib and --gpu-bandwidth-gbs" in unknown.stderr
 
