@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import json
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -95,7 +96,7 @@ async def read_chat_request(body: Any, images: ImageSource) -> ChatRequest:
     for name, value in body.items():
         if name in NOT_IMPLEMENTED:
             if NOT_IMPLEMENTED[name](value):
-                raise bad_request(f"not implemented by this server (value {value!r})", name)
+                raise bad_request(f"not implemented by this server (value {json.dumps(value)[:200]})", name)
         elif name not in IMPLEMENTED | NO_EFFECT:
             raise bad_request(f"unrecognized request argument {name!r}", name)
     model = body.get("model")

@@ -24,6 +24,7 @@ from builder.serve.openai.requests import ApiError
 _NAMED_INPUT = re.compile(r"^(?P<name>[a-z_]+(?:\[\d+\])?(?:\.[a-z_]+(?:\[\d+\])?)*): ")
 # How a decoupled model's errors reach a streaming client: text only, no status (tritonclient's stream API).
 _INTERNAL = ": internal error: "
+_ENSEMBLE_PREFIX = re.compile(r"^in ensemble '[^']*', ")  # Triton's, before a unary ensemble step's message
 
 
 class TritonChat:
@@ -93,7 +94,7 @@ class TritonChat:
         """INVALID_ARGUMENT -> 400 naming the parameter; UNAVAILABLE (the KV budget full, or Triton down) -> 503 with
         Retry-After; a deadline -> 504; anything else -> 500. A stream's errors carry no status: told by their text,
         as the server's own ``forwarded_error`` tells them."""
-        status, message = exc.status(), exc.message() or str(exc)
+        status, message = exc.status(), _ENSEMBLE_PREFIX.sub("", exc.message() or str(exc))
         if status == "StatusCode.UNAVAILABLE" or message.startswith(BUSY_PREFIX):
             return ApiError(503, message, code="server_busy", kind="server_error",
                             headers={"Retry-After": str(self.retry_after_s)})
