@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import openai
 import pytest
 import uvicorn
 
@@ -39,9 +40,7 @@ def running_front(triton_url: str, model_name: str = "tiny", **settings: Any) ->
         thread.join(timeout=30)
 
 
-def openai_client(base_url: str, api_key: str = "unused", **options: Any):  # noqa: ANN201 - openai.OpenAI
-    import openai
-
+def openai_client(base_url: str, api_key: str = "unused", **options: Any) -> openai.OpenAI:
     # No retries: a test sees each answer as the server gave it (503s included).
     return openai.OpenAI(base_url=f"{base_url}/v1", api_key=api_key, max_retries=0, timeout=300, **options)
 
@@ -66,7 +65,7 @@ def openai_messages(conversation: list[dict[str, Any]], images: list[bytes] = ()
             for m in conversation]
 
 
-def streamed(client: Any, **request: Any) -> tuple[str, list[Any]]:  # noqa: ANN401 - openai.OpenAI
+def streamed(client: openai.OpenAI, **request: Any) -> tuple[str, list[Any]]:
     """A streamed completion's concatenated content, and its chunks."""
     chunks = list(client.chat.completions.create(stream=True, **request))
     return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks

@@ -167,9 +167,9 @@ def small_budget(tmp_path_factory: pytest.TempPathFactory):
     spec = load_spec(ROOT / "specs" / "tiny.yaml", {"limits.max_context": 1024, "limits.max_tokens": 960,
                                                     "triton.kv_budget_tokens": 1024, "triton.kv_queue_timeout_s": 0.01})
     build(spec, directory / "repo", CACHE, progress=False)
-    with TritonServer(directory / "repo", log_path=directory / "tritonserver.log") as server:
-        with running_front(server.grpc_url) as url:
-            yield server, openai_client(url)
+    with (TritonServer(directory / "repo", log_path=directory / "tritonserver.log") as server,
+          running_front(server.grpc_url) as url):
+        yield server, openai_client(url)
 
 
 def test_a_full_kv_budget_is_503_with_retry_after_and_a_closed_stream_frees_it(small_budget) -> None:

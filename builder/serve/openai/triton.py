@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 import grpc
 import tritonclient.grpc.aio as grpcaio
@@ -20,6 +21,7 @@ from builder.runtime.errors import BUSY_PREFIX
 from builder.serve.client import Answer, Request, answer, is_final, request_inputs
 from builder.serve.openai.requests import ApiError
 
+T = TypeVar("T")
 # The input a server's message names first: "messages[2].content[0]: ...", "image[1]: ...", "max_tokens: ...".
 _NAMED_INPUT = re.compile(r"^(?P<name>[a-z_]+(?:\[\d+\])?(?:\.[a-z_]+(?:\[\d+\])?)*): ")
 # How a decoupled model's errors reach a streaming client: text only, no status (tritonclient's stream API).
@@ -61,7 +63,7 @@ class TritonChat:
         string matched), it cancels the call: the server stops generating."""
         sent_all = asyncio.Event()
 
-        async def requests() -> AsyncIterator[dict]:
+        async def requests() -> AsyncIterator[dict[str, Any]]:
             yield {"model_name": STREAMING_ENSEMBLE, "inputs": request_inputs(request, stream=True),
                    "parameters": {"triton_enable_empty_final_response": True}}
             await sent_all.wait()  # the stream stays open until the answer's last response
@@ -84,7 +86,7 @@ class TritonChat:
             if not finished:
                 responses.cancel()
 
-    async def _call(self, call, media_params: dict[str, str]):  # noqa: ANN001, ANN202 - any tritonclient coroutine
+    async def _call(self, call: Awaitable[T], media_params: dict[str, str]) -> T:
         try:
             return await call
         except InferenceServerException as exc:
