@@ -109,7 +109,7 @@ def cmd_openai(args: argparse.Namespace) -> int:
     import uvicorn
 
     from builder.serve.openai import FrontSettings, create_app, served_model_name
-    from builder.serve.openai.requests import ImageSource
+    from builder.serve.openai.chat_request import ImageSource
 
     if args.model_name is None and args.repository is None:
         raise BuildError("openai: give --model-name NAME or --repository DIR (the name it was built under)")

@@ -6,7 +6,7 @@ Chat UIs and agents speak OpenAI's API; Triton's own OpenAI frontend refuses non
 ``tritonclient.grpc.aio``: ``ensemble`` for a whole answer, ``ensemble_stream`` when the client streams or
 gives ``stop`` strings (cut here, and the stream cancelled so the server stops generating).
 
-- :mod:`.requests`: an OpenAI request body to the contract's inputs, every refusal naming the parameter.
+- :mod:`.chat_request`: an OpenAI request body to the contract's inputs, every refusal naming the parameter.
 - :mod:`.triton`: the async calls to Triton and its errors as OpenAI's (status, type, param).
 - :mod:`.app`: the HTTP routes, SSE, the API key, the body limit and the front's own metrics.
 """

@@ -19,8 +19,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, g
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from builder.errors import BuildError
 from builder.serve.client import Answer
-from builder.serve.openai.requests import ApiError, ChatRequest, ImageSource, bad_request, read_chat_request
+from builder.serve.openai.chat_request import ApiError, ChatRequest, ImageSource, bad_request, read_chat_request
 from builder.serve.openai.triton import TritonChat
 
 CHAT_ROUTE = "/v1/chat/completions"
@@ -39,7 +40,10 @@ class FrontSettings:
 
 def served_model_name(repository: Path) -> str:
     """The name a built repository was built under (its spec's ``name``, recorded in ``manifest.json``)."""
-    return str(json.loads((repository / "manifest.json").read_text())["spec"]["name"])
+    try:
+        return str(json.loads((repository / "manifest.json").read_text())["spec"]["name"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise BuildError(f"{repository} holds no built repository's manifest.json ({exc}): give --model-name") from None
 
 
 @dataclass

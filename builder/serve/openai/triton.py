@@ -19,7 +19,7 @@ from tritonclient.utils import InferenceServerException
 from builder.runtime.contract import DECODE_MODEL, OUTPUT_IDS, STREAMING_ENSEMBLE, UNARY_ENSEMBLE
 from builder.runtime.errors import BUSY_PREFIX
 from builder.serve.client import Answer, Request, answer, is_final, request_inputs
-from builder.serve.openai.requests import ApiError
+from builder.serve.openai.chat_request import ApiError
 
 T = TypeVar("T")
 # The input a server's message names first: "messages[2].content[0]: ...", "image[1]: ...", "max_tokens: ...".
