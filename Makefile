@@ -11,13 +11,14 @@ BUILD_ARGS ?=
 STAMP := $(VENV)/.installed
 
 QUICK ?=
+OPENAI_PORT ?= 9000
 
 .PHONY: help setup system-deps engines test serve bench gpu-smoke clean
 
 help:
 	@echo "make engines   build SPEC (default specs/tiny.yaml; with CHECKPOINT=dir, limits follow the checkpoint) into $(OUTPUT)/"
 	@echo "make test      run the test suite (builds first if needed)"
-	@echo "make serve     run tritonserver on $(OUTPUT)/ at 127.0.0.1:8001 (gRPC) / :8000 (HTTP)"
+	@echo "make serve     run tritonserver on $(OUTPUT)/ at 127.0.0.1:8001 (gRPC) / :8000 (HTTP), the OpenAI API at :9000 (OPENAI_PORT=0: none)"
 	@echo "make bench     perf_analyzer + baselines into benchmarks/results/ (QUICK=1: a smoke run under 3 minutes)"
 	@echo "variables: SPEC=specs/<name>.yaml CHECKPOINT=/path/to/hf/dir TARGET=python|onnxruntime|tensorrt BUILD_ARGS='--set key=value'"
 
@@ -46,7 +47,7 @@ test: engines system-deps
 	$(PY) -m pytest -q tests
 
 serve: engines
-	$(PY) -m builder serve --repository $(OUTPUT)
+	$(PY) -m builder serve --repository $(OUTPUT) --openai-port $(OPENAI_PORT)
 
 bench: engines system-deps
 	@$(if $(QUICK),,echo "make bench: the full run takes a few minutes for the tiny preset, about 15 for specs/small.yaml, on 2 cores (QUICK=1: under 3)")

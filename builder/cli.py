@@ -1,14 +1,17 @@
-"""Command line: ``python -m builder {build,serve,ask,bench}`` (also installed as ``mmtb``)."""
+"""Command line: ``python -m builder {build,serve,openai,ask,bench,plan,publish}`` (also installed as ``mmtb``)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -73,15 +76,50 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server = TritonServer(args.repository, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
                           metrics_port=args.metrics_port, log_path=args.log)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops the server like Ctrl-C does
-    with server:
+    with server, _openai_front(args, server.grpc_url) as front:
         print(f"tritonserver ready: gRPC {server.grpc_url}, HTTP {server.host}:{server.http_port} "
-              f"(log: {server.log_path}); Ctrl-C stops it", flush=True)
+              f"(log: {server.log_path})" + (f"; OpenAI API at http://{args.host}:{args.openai_port}/v1" if front else "")
+              + "; Ctrl-C stops it", flush=True)
         try:
-            while server.running:
+            while server.running and (front is None or front.poll() is None):
                 time.sleep(1)
         except KeyboardInterrupt:
             pass
     print("tritonserver stopped")
+    return 0
+
+
+@contextlib.contextmanager
+def _openai_front(args: argparse.Namespace, triton_url: str) -> Iterator[subprocess.Popen[bytes] | None]:
+    """``serve``'s OpenAI-compatible front (``openai``) beside tritonserver, unless ``--openai-port 0``."""
+    if not args.openai_port:
+        yield None
+        return
+    command = [sys.executable, "-m", "builder", "openai", "--triton", triton_url, "--host", args.host,
+               "--port", str(args.openai_port), "--repository", str(args.repository)]
+    front = subprocess.Popen(command)  # its API key, if any, from MMTB_OPENAI_API_KEY in the environment
+    try:
+        yield front
+    finally:
+        front.terminate()
+        front.wait(timeout=15)
+
+
+def cmd_openai(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from builder.serve.openai import FrontSettings, create_app, served_model_name
+    from builder.serve.openai.chat_request import ImageSource
+
+    if args.model_name is None and args.repository is None:
+        raise BuildError("openai: give --model-name NAME or --repository DIR (the name it was built under)")
+    settings = FrontSettings(
+        triton_url=args.triton, model_name=args.model_name or served_model_name(args.repository),
+        api_key=args.api_key or os.environ.get("MMTB_OPENAI_API_KEY") or None,
+        images=ImageSource(frozenset(args.allow_image_host), max_bytes=int(args.max_body_mb * (1 << 20))),
+        max_body_bytes=int(args.max_body_mb * (1 << 20)), timeout_s=args.timeout, retry_after_s=args.retry_after,
+    )
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
     return 0
 
 
@@ -223,7 +261,32 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--http-port", type=int, default=8000)
     s.add_argument("--metrics-port", type=int, default=8002)
     s.add_argument("--log", type=Path, default=Path("tritonserver.log"), help="server log file")
+    s.add_argument("--openai-port", type=int, default=9000, metavar="PORT",
+                   help="port of the OpenAI-compatible API started beside it (the `openai` command; default 9000, 0: none)")
     s.set_defaults(func=cmd_serve)
+
+    o = sub.add_parser("openai", help="an OpenAI-compatible HTTP API (chat completions with images and audio) in front "
+                       "of a running tritonserver",
+                       description="Serves POST /v1/chat/completions (messages with text, image_url and input_audio "
+                       "parts; streaming as server-sent events), GET /v1/models, GET /health (ready when Triton's "
+                       "ensembles are) and GET /metrics (Prometheus), calling the repository's ensembles over gRPC. "
+                       "Use it with any OpenAI client: base_url http://HOST:PORT/v1.")
+    o.add_argument("--triton", default="127.0.0.1:8001", metavar="HOST:PORT",
+                   help="gRPC address of the tritonserver (default: 127.0.0.1:8001, as `serve` starts it)")
+    o.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, localhost only)")
+    o.add_argument("--port", type=int, default=9000, help="HTTP port (default: 9000)")
+    o.add_argument("--model-name", metavar="NAME", help="the model's name in the API (default: the name --repository was built under)")
+    o.add_argument("--repository", type=Path, metavar="DIR", help="the built repository Triton serves, to read its name from")
+    o.add_argument("--api-key", metavar="KEY", help="require `Authorization: Bearer KEY` on /v1 (default: $MMTB_OPENAI_API_KEY; "
+                   "neither: no key, so bind to localhost or keep the port private)")
+    o.add_argument("--allow-image-host", action="append", default=[], metavar="HOST",
+                   help="also fetch image_url parts from http(s)://HOST/... (repeatable; default: data: URLs only)")
+    o.add_argument("--max-body-mb", type=float, default=20, metavar="MB", help="largest request body, images and audio included "
+                   "(default 20 MB; larger: 413)")
+    o.add_argument("--timeout", type=float, default=300, metavar="SECONDS", help="seconds an answer may take (default 300)")
+    o.add_argument("--retry-after", type=int, default=1, metavar="SECONDS",
+                   help="seconds a 503 (the server's KV budget is full) tells clients to wait (default 1)")
+    o.set_defaults(func=cmd_openai)
 
     a = sub.add_parser("ask", help="send a prompt (with images/audio) to a running server")
     a.add_argument("prompt", nargs="?", help="the user's message (or give --messages)")

@@ -75,14 +75,35 @@ def assert_refused(connection: grpcclient.InferenceServerClient, request: Reques
     assert ask(connection, Request("Still there?", max_tokens=4)).token_ids
 
 
+class Connection(grpcclient.InferenceServerClient):
+    """A gRPC client of a served repository that knows the server's address: an OpenAI front started beside it
+    (tests/openai_front.py) calls the same server."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.url = url
+
+
 @contextmanager
-def serving(repository: Path, log_directory: Path) -> Iterator[grpcclient.InferenceServerClient]:
+def serving(repository: Path, log_directory: Path) -> Iterator[Connection]:
     """A real tritonserver on ``repository`` and a gRPC client to it."""
     from builder.serve.tritonserver import TritonServer
 
     with TritonServer(repository, log_path=log_directory / "tritonserver.log") as server:
-        with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        with Connection(server.grpc_url) as client:
             yield client
+
+
+@contextmanager
+def openai_chat(connection: Connection, repository: Path) -> Iterator[tuple[Any, str]]:
+    """An ``openai.OpenAI`` client of the OpenAI front, started in front of ``connection``'s server, and the model
+    name it serves (the repository's)."""
+    from builder.serve.openai import served_model_name
+    from tests.openai_front import openai_client, running_front
+
+    name = served_model_name(repository)
+    with running_front(connection.url, name) as url:
+        yield openai_client(url), name
 
 
 def noisy_wav(seed: int, seconds: float, rate: int = 16000) -> bytes:

@@ -193,12 +193,17 @@ def hf_conversation(messages: list[dict], **media: list) -> list[dict]:
             for m in messages]
 
 
+def hf_conversation_inputs(processor, conversation: list[dict]) -> dict:
+    """The processor's ``apply_chat_template`` on a conversation whose parts hold their images (tokenized, with them)."""
+    return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                         return_tensors="pt")
+
+
 @torch.no_grad()
 def hf_conversation_generate(model, processor, conversation: list[dict], max_new_tokens: int) -> list[int]:
-    """HF's own pipeline on a conversation whose parts hold their images: the processor's ``apply_chat_template``
-    (tokenized, with the images) + greedy ``generate``."""
-    inputs = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                           return_tensors="pt")
+    """HF's own pipeline on a conversation whose parts hold their images: :func:`hf_conversation_inputs` + greedy
+    ``generate``."""
+    inputs = hf_conversation_inputs(processor, conversation)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return out[0, inputs["input_ids"].shape[1]:].tolist()
 
@@ -365,13 +370,18 @@ def qwen2_audio_pipeline_generate(model, processor, text: str, audio: list[bytes
     return qwen2_audio_conversation_generate(model, processor, conversation, audio, max_new_tokens)
 
 
-def qwen2_audio_conversation_generate(model, processor, conversation: list[dict], audio: list[bytes],
-                                      max_new_tokens: int) -> list[int]:
-    """As the model card runs a conversation: the template on it (audio parts as ``audio_url``), then the processor
-    on the clips (16 kHz), in the order the conversation names them."""
+def qwen2_audio_conversation_inputs(processor, conversation: list[dict], audio: list[bytes]) -> dict:
+    """The template on a conversation (audio parts as ``audio_url``), then the processor on the clips (16 kHz), in the
+    order the conversation names them."""
     prompt = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     arrays = {"audio": [load_16k(clip) for clip in audio], "sampling_rate": 16000} if audio else {}
-    inputs = processor(text=prompt, **arrays, return_tensors="pt")
+    return processor(text=prompt, **arrays, return_tensors="pt")
+
+
+def qwen2_audio_conversation_generate(model, processor, conversation: list[dict], audio: list[bytes],
+                                      max_new_tokens: int) -> list[int]:
+    """As the model card runs a conversation: :func:`qwen2_audio_conversation_inputs`, then greedy ``generate``."""
+    inputs = qwen2_audio_conversation_inputs(processor, conversation, audio)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return out[0, inputs["input_ids"].shape[1]:].tolist()

@@ -58,9 +58,20 @@ def test_manifests_render_and_validate(directory: str) -> None:
     startup = server["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 900  # a 24B model loads for minutes
 
+    # The OpenAI front: a sidecar of the same image calling Triton over the pod's localhost, ready when Triton's ensembles are.
+    front = next(c for c in pod["spec"]["containers"] if c["name"] == "openai")
+    assert front["image"] == server["image"] and front["command"] == ["python3", "-m", "builder", "openai"]
+    assert front["args"][:2] == ["--triton", f"127.0.0.1:{ports['grpc']}"] and "--repository" in front["args"]
+    front_ports = {p["name"]: p["containerPort"] for p in front["ports"]}
+    assert front_ports == {"openai": int(front["args"][front["args"].index("--port") + 1])}
+    assert front["readinessProbe"]["httpGet"] == {"path": "/health", "port": "openai"}
+    assert {m["mountPath"] for m in front["volumeMounts"]} == {"/cache"}
+
     service = next(o for k, o in objects.items() if k.startswith("Service/"))
     assert service["spec"]["selector"].items() <= labels.items()
-    assert {p["targetPort"] for p in service["spec"]["ports"]} == set(ports)
+    assert {p["targetPort"] for p in service["spec"]["ports"]} == set(ports) | set(front_ports)
+    policy = objects["NetworkPolicy/mmtb-triton"]["spec"]["ingress"]
+    assert all(any(p["port"] == front_ports["openai"] for p in rule["ports"]) for rule in policy)  # gateway, monitoring
     monitor = objects["ServiceMonitor/mmtb-triton"]
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert {e["port"] for e in monitor["spec"]["endpoints"]} <= {p["name"] for p in service["spec"]["ports"]}
@@ -92,6 +103,16 @@ def test_dockerfiles_lint_and_name_the_triton_release_of_the_build() -> None:
         assert f"ARG TRITON_IMAGE={NGC_IMAGE}\n" in text, dockerfile
         result = subprocess.run([str(hadolint), "--no-color", str(DEPLOY / dockerfile)], capture_output=True, text=True, check=False)
         assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_serving_image_installs_what_the_openai_front_needs() -> None:
+    """The sidecar runs `python3 -m builder openai` from the serving image: builder's code and the `openai` extra."""
+    import tomllib
+
+    text = (DEPLOY / "Dockerfile").read_text()
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["openai"]
+    assert "COPY builder /opt/mmtb/builder" in text and "ENV PYTHONPATH=/opt/mmtb" in text
+    assert all(f'"{requirement}"' in text for requirement in extra), extra
 
 
 def test_the_serving_image_and_every_server_started_here_ask_for_huge_pages() -> None:

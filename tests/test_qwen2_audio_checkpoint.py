@@ -18,8 +18,10 @@ import pytest
 from builder.serve.client import Request, ask
 from tests.conftest import png_bytes
 from tests.family_checks import (assert_int8_build_kept_its_promise, assert_refused, assert_served_as_reference,
-                                 assert_streaming_equals_unary, family_fixtures, noisy_wav)
-from tests.hf_checkpoints import qwen2_audio_pipeline_generate, write_qwen2_audio_checkpoint
+                                 assert_streaming_equals_unary, family_fixtures, noisy_wav, openai_chat)
+from tests.hf_checkpoints import (hf_conversation, qwen2_audio_conversation_generate, qwen2_audio_conversation_inputs,
+                                  qwen2_audio_pipeline_generate, write_qwen2_audio_checkpoint)
+from tests.openai_front import openai_messages, streamed
 
 NEW_TOKENS = 16
 INT8_LIMITS = {"max_prompt_tokens": 1600, "max_context": 1700, "max_audio_clips": 2}  # the INT8 build: two clips of up to 750
@@ -38,13 +40,27 @@ CASES = {
 }
 
 
+# Clips in two turns, an earlier answer and a system turn, as a contract client sends them in `messages`.
+CONVERSATION = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": [{"type": "audio", "index": 0}, {"type": "text", "text": "What do you hear?"}]},
+    {"role": "assistant", "content": "A tone under some noise."},
+    {"role": "user", "content": [{"type": "text", "text": "And in this one?"}, {"type": "audio", "index": 1}]},
+]
+
+
 @pytest.fixture(scope="module")
-def reference(checkpoint: Path):
+def hf_pipeline(checkpoint: Path):
     import torch
     from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
-    model = Qwen2AudioForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    processor = AutoProcessor.from_pretrained(checkpoint)
+    return (Qwen2AudioForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval(),
+            AutoProcessor.from_pretrained(checkpoint))
+
+
+@pytest.fixture(scope="module")
+def reference(hf_pipeline):
+    model, processor = hf_pipeline
     return lambda text, audio, system_prompt: qwen2_audio_pipeline_generate(model, processor, text, audio, NEW_TOKENS,
                                                                             system_prompt)
 
@@ -70,6 +86,24 @@ def test_what_a_clip_holds_reaches_the_model(connection) -> None:
     answers = [ask(connection, Request("What do you hear?", audio=(noisy_wav(seed, 2.0),), max_tokens=NEW_TOKENS)).token_ids
                for seed in (11, 12)]
     assert answers[0] != answers[1]
+
+
+@pytest.mark.serving
+def test_an_openai_client_conversation_equals_hugging_face_pipeline(connection, repository: Path, hf_pipeline) -> None:
+    """Through the OpenAI front with the ``openai`` client: ``input_audio`` parts in two turns, a system turn and an
+    earlier answer give HF's text (decoded from its tokens) and HF's prompt length."""
+    model, processor = hf_pipeline
+    clips = [noisy_wav(21, 2.0), noisy_wav(22, 3.5, 8000)]
+    conversation = hf_conversation(CONVERSATION, audio_url=[f"clip{i}.wav" for i in range(len(clips))])
+    expected = qwen2_audio_conversation_generate(model, processor, conversation, clips, NEW_TOKENS)
+    prompt_length = qwen2_audio_conversation_inputs(processor, conversation, clips)["input_ids"].shape[1]
+    text = processor.tokenizer.decode(expected, skip_special_tokens=True)
+    request = {"messages": openai_messages(CONVERSATION, audio=clips), "max_tokens": NEW_TOKENS}
+    with openai_chat(connection, repository) as (chat, name):
+        reply = chat.chat.completions.create(model=name, **request)
+        assert len(set(expected)) >= 8 and reply.choices[0].message.content == text
+        assert reply.usage.prompt_tokens == prompt_length and reply.usage.completion_tokens == len(expected)
+        assert streamed(chat, model=name, **request)[0] == text
 
 
 @pytest.mark.serving

@@ -13,16 +13,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from builder.build import build
 from builder.serve.client import Request, ask, ask_stream
 from builder.spec import load_spec
 from tests.conftest import CACHE, ROOT, run_cli, wav_bytes
+from tests.family_checks import openai_chat, serving
 from tests.hf_checkpoints import (
     hf_conversation,
     hf_conversation_generate,
+    hf_conversation_inputs,
     hf_pipeline_generate,
     image,
     load_reference_model,
@@ -30,6 +31,7 @@ from tests.hf_checkpoints import (
     png,
     write_mistral3_checkpoint,
 )
+from tests.openai_front import openai_messages, streamed
 
 NEW_TOKENS = 16
 
@@ -59,11 +61,8 @@ def repository(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 @pytest.fixture(scope="module")
 def connection(repository: Path, tmp_path_factory: pytest.TempPathFactory):
-    from builder.serve.tritonserver import TritonServer
-
-    with TritonServer(repository, log_path=tmp_path_factory.mktemp("triton") / "tritonserver.log") as server:
-        with grpcclient.InferenceServerClient(server.grpc_url) as client:
-            yield client
+    with serving(repository, tmp_path_factory.mktemp("triton")) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +161,24 @@ def test_a_conversation_with_images_in_two_turns_equals_hugging_face_pipeline(co
     earlier_turns_matter = Request(None, images=(png(pictures[1]),), max_tokens=NEW_TOKENS, messages=[
         {"role": "user", "content": [{"type": "text", "text": "Compare it with this one."}, {"type": "image", "index": 0}]}])
     assert ask(connection, earlier_turns_matter).token_ids != expected
+
+
+@pytest.mark.serving
+def test_an_openai_client_conversation_equals_hugging_face_pipeline(connection, repository: Path, hf_pipeline) -> None:
+    """The same conversation through the OpenAI front (``image_url`` data URLs in two turns, a system turn, an earlier
+    answer) with the ``openai`` client: HF's text, decoded from its tokens, and HF's prompt length."""
+    model, processor = hf_pipeline
+    pictures = [image(5, 40, 28), image(6, 24, 48)]
+    conversation = hf_conversation(CONVERSATION, image=pictures)
+    expected = hf_conversation_generate(model, processor, conversation, NEW_TOKENS)
+    prompt_length = hf_conversation_inputs(processor, conversation)["input_ids"].shape[1]
+    text = processor.tokenizer.decode(expected, skip_special_tokens=True)
+    request = {"messages": openai_messages(CONVERSATION, images=[png(p) for p in pictures]), "max_tokens": NEW_TOKENS}
+    with openai_chat(connection, repository) as (chat, name):
+        reply = chat.chat.completions.create(model=name, **request)
+        assert reply.choices[0].message.content == text and len(text) > 8
+        assert reply.usage.prompt_tokens == prompt_length and reply.usage.completion_tokens == len(expected)
+        assert streamed(chat, model=name, **request)[0] == text
 
 
 @pytest.mark.serving

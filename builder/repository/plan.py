@@ -15,8 +15,8 @@ from builder.compile.artifacts import CompiledModel
 from builder.errors import BuildError
 from builder.onnx_files import data_files
 from builder.runtime.contract import (
-    ANSWER_OUTPUTS, CLIENT_INPUTS, MEDIA_INPUTS, SAMPLING_INPUTS, STREAM_INPUT, STREAMING_ENSEMBLE, TEXT_INPUT,
-    UNARY_ENSEMBLE, Tensor,
+    ANSWER_OUTPUTS, CLIENT_INPUTS, CLIENT_OUTPUTS, DECODE_MODEL, MEDIA_INPUTS, PROMPT_TOKENS_OUTPUT, SAMPLING_INPUTS, STREAM_INPUT,
+    STREAMING_ENSEMBLE, TEXT_INPUT, UNARY_ENSEMBLE, Tensor,
 )
 from builder.runtime.media import audio_layout, image_layout
 from builder.runtime.model_facts import ModelFacts
@@ -99,7 +99,7 @@ def plan_repository(spec: BuildSpec, facts: ModelFacts, compiled: dict[str, Comp
         ModelPlan(
             "preprocess", "python_model.pbtxt.j2",
             inputs=(TEXT_INPUT, *MEDIA_INPUTS),
-            outputs=(Tensor("input_ids", "TYPE_INT64", (-1,)), *positions, *media_outputs),
+            outputs=(Tensor("input_ids", "TYPE_INT64", (-1,)), *positions, *media_outputs, PROMPT_TOKENS_OUTPUT),
             python_model="preprocess", files=dict(shared),
             parameters=RequestLimits.from_spec(lim).parameters(),  # read back by RequestLimits.from_parameters
             **per_model,
@@ -142,7 +142,7 @@ def plan_repository(spec: BuildSpec, facts: ModelFacts, compiled: dict[str, Comp
     # the unary ensemble with plain BLS calls, the last one as a session on `llm` that it polls
     # (mmtb_runtime.sessions). Its prompt inputs are optional on `llm` because a poll carries only the session.
     models.append(ModelPlan(
-        "llm", "python_model.pbtxt.j2",
+        DECODE_MODEL, "python_model.pbtxt.j2",
         inputs=(*(dataclasses.replace(t, optional=True) for t in llm_inputs[:3 + len(positions)]),
                 *llm_inputs[3 + len(positions):], SESSION_INPUT, CANCEL_INPUT),
         outputs=(*ANSWER_OUTPUTS, FINISHED_OUTPUT), python_model="llm",
@@ -158,7 +158,8 @@ def plan_repository(spec: BuildSpec, facts: ModelFacts, compiled: dict[str, Comp
         serves=compiled["llm"], adds_batch_axis=True, **per_model,
     ))
 
-    front_outputs = {"input_ids": "_input_ids", **{t.name: f"_{t.name}" for t in (*positions, *media_outputs)}}
+    front_outputs = {"input_ids": "_input_ids", **{t.name: f"_{t.name}" for t in (*positions, *media_outputs)},
+                     PROMPT_TOKENS_OUTPUT.name: PROMPT_TOKENS_OUTPUT.name}  # straight to the client
     front = [EnsembleStep("preprocess", {t.name: t.name for t in (TEXT_INPUT, *MEDIA_INPUTS)}, front_outputs)]
     for name, _, inputs, output in encoders:
         front.append(EnsembleStep(name, {t.name: f"_{t.name}" for t in inputs}, {output.name: f"_{output.name}"}))
@@ -170,16 +171,16 @@ def plan_repository(spec: BuildSpec, facts: ModelFacts, compiled: dict[str, Comp
     answer = {t.name: t.name for t in ANSWER_OUTPUTS}
     if triton.entry_points != "streaming":
         models.append(ModelPlan(
-            UNARY_ENSEMBLE, "ensemble.pbtxt.j2", inputs=CLIENT_INPUTS, outputs=ANSWER_OUTPUTS,
-            steps=(*front, EnsembleStep("llm", decode_inputs, answer)),
+            UNARY_ENSEMBLE, "ensemble.pbtxt.j2", inputs=CLIENT_INPUTS, outputs=CLIENT_OUTPUTS,
+            steps=(*front, EnsembleStep(DECODE_MODEL, decode_inputs, answer)),
         ))
     if triton.entry_points != "unary":
         # A Python model, not a Triton ensemble: Triton 2.51 does not pass a client's cancellation on to an
         # ensemble step already running, so only the model the client called can see it (request.is_cancelled()).
         # `execute` blocks for the stream it serves: one instance per sequence of a full decode batch.
         models.append(ModelPlan(
-            STREAMING_ENSEMBLE, "python_model.pbtxt.j2", inputs=(*CLIENT_INPUTS, STREAM_INPUT), outputs=ANSWER_OUTPUTS,
-            python_model=STREAMING_ENSEMBLE, steps=(*front, EnsembleStep("llm", decode_inputs, answer)), decoupled=True,
+            STREAMING_ENSEMBLE, "python_model.pbtxt.j2", inputs=(*CLIENT_INPUTS, STREAM_INPUT), outputs=CLIENT_OUTPUTS,
+            python_model=STREAMING_ENSEMBLE, steps=(*front, EnsembleStep(DECODE_MODEL, decode_inputs, answer)), decoupled=True,
             instances=triton.max_batch_size * triton.instances,
         ))
     return models

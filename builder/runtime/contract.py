@@ -59,6 +59,12 @@ CLIENT_INPUTS = (TEXT_INPUT, *MEDIA_INPUTS, *SAMPLING_INPUTS)
 TEXT_OUTPUT = Tensor("text_output", "TYPE_STRING", (-1,))
 OUTPUT_IDS = Tensor("output_ids", "TYPE_INT64", (-1,))
 ANSWER_OUTPUTS = (TEXT_OUTPUT, OUTPUT_IDS)
+# The prompt's length in tokens as the LLM reads it (chat template, images and audio expanded): a client's usage figure.
+PROMPT_TOKENS_OUTPUT = Tensor("prompt_tokens", "TYPE_INT32", (1,))
+CLIENT_OUTPUTS = (*ANSWER_OUTPUTS, PROMPT_TOKENS_OUTPUT)  # the ensembles' (on ensemble_stream: in every response with tokens)
 
 UNARY_ENSEMBLE = "ensemble"
 STREAMING_ENSEMBLE = "ensemble_stream"
+# The model holding the LLM: its config's parameters hold the build's limits (``default_max_tokens``, ``max_tokens``),
+# which a client reads to tell an answer cut at max_tokens from one that ended at a stop token.
+DECODE_MODEL = "llm"

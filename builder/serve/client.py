@@ -2,7 +2,8 @@
 
 ``ask`` sends a unary request to ``ensemble``; ``ask_stream`` streams tokens from
 ``ensemble_stream``. Both take the same inputs: a prompt (or a whole conversation), 0..N image files and 0..N
-WAV files.
+WAV files. ``request_inputs`` and ``answer_text`` serve the asynchronous client too (builder.serve.openai):
+tritonclient's ``grpc.aio`` takes the same ``InferInput`` objects and returns the same ``InferResult``.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from builder.runtime.contract import (
-    AUDIO_INPUT, IMAGE_INPUT, MESSAGES_INPUT, OUTPUT_IDS, SAMPLING_INPUTS, STREAM_INPUT, STREAMING_ENSEMBLE,
-    SYSTEM_PROMPT_INPUT, TEXT_INPUT, TEXT_OUTPUT, UNARY_ENSEMBLE, Tensor,
+    AUDIO_INPUT, IMAGE_INPUT, MESSAGES_INPUT, OUTPUT_IDS, PROMPT_TOKENS_OUTPUT, SAMPLING_INPUTS, STREAM_INPUT,
+    STREAMING_ENSEMBLE, SYSTEM_PROMPT_INPUT, TEXT_INPUT, TEXT_OUTPUT, UNARY_ENSEMBLE, Tensor,
 )
 
 
@@ -43,6 +44,7 @@ class Request:
 class Answer:
     text: str
     token_ids: list[int]
+    prompt_tokens: int  # the prompt's length as the LLM read it (template, images and audio expanded)
 
 
 def request_inputs(request: Request, stream: bool | None = None) -> list[grpcclient.InferInput]:
@@ -72,8 +74,13 @@ def _tensor(spec: Tensor, value: Any) -> np.ndarray:
 
 
 def ask(client: grpcclient.InferenceServerClient, request: Request, model: str = UNARY_ENSEMBLE, timeout: float = 300) -> Answer:
-    result = client.infer(model, request_inputs(request), client_timeout=timeout)
-    return Answer(_text(result.as_numpy(TEXT_OUTPUT.name)), result.as_numpy(OUTPUT_IDS.name).tolist())
+    return answer(client.infer(model, request_inputs(request), client_timeout=timeout))
+
+
+def answer(result: grpcclient.InferResult) -> Answer:
+    """A whole answer (or one streamed chunk of it) from the ensembles' outputs."""
+    return Answer(answer_text(result.as_numpy(TEXT_OUTPUT.name)), result.as_numpy(OUTPUT_IDS.name).tolist(),
+                  int(result.as_numpy(PROMPT_TOKENS_OUTPUT.name)[0]))
 
 
 def ask_stream(
@@ -88,17 +95,21 @@ def ask_stream(
             result, error = responses.get(timeout=timeout)
             if error is not None:
                 raise error if isinstance(error, InferenceServerException) else InferenceServerException(str(error))
-            response = result.get_response()
-            ids = result.as_numpy(OUTPUT_IDS.name)
-            if ids is not None:
-                yield _text(result.as_numpy(TEXT_OUTPUT.name)), ids.tolist()
-            if response.parameters["triton_final_response"].bool_param:
+            if result.as_numpy(OUTPUT_IDS.name) is not None:
+                chunk = answer(result)
+                yield chunk.text, chunk.token_ids
+            if is_final(result):
                 return
     finally:
         client.stop_stream()
 
 
-def _text(array: np.ndarray | None) -> str:
+def is_final(result: grpcclient.InferResult) -> bool:
+    """The stream's last response for its request (sent empty: ``enable_empty_final_response``)."""
+    return result.get_response().parameters["triton_final_response"].bool_param
+
+
+def answer_text(array: np.ndarray | None) -> str:
     if array is None or array.size == 0:
         return ""
     return b"".join(bytes(x) for x in array.reshape(-1)).decode("utf-8", errors="replace")

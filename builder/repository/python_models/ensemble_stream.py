@@ -17,7 +17,7 @@ import secrets
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from mmtb_runtime.contract import OUTPUT_IDS, STREAM_INPUT, TEXT_OUTPUT
+from mmtb_runtime.contract import OUTPUT_IDS, PROMPT_TOKENS_OUTPUT, STREAM_INPUT, TEXT_OUTPUT
 from mmtb_runtime.triton_io import ModelArgs, answer_outputs, error_response, forwarded_error, input_scalar, output_tensors
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -58,13 +58,15 @@ class TritonPythonModel:
         # The first call carries the prompt; later ones only the session.
         inputs = [*step_inputs(self.decode, tensors), session]
         text, tokens = [], []
+        prompt_tokens = tensors[PROMPT_TOKENS_OUTPUT.name]  # preprocess's, sent with every answer
         while True:
             response = call(self.decode["model"], inputs, CHUNK)
             delta = pb_utils.get_output_tensor_by_name(response, TEXT_OUTPUT.name).as_numpy()[0].decode("utf-8")
             ids = pb_utils.get_output_tensor_by_name(response, OUTPUT_IDS.name).as_numpy().copy()
             finished = bool(pb_utils.get_output_tensor_by_name(response, "finished").as_numpy()[0])
-            if stream and (delta or ids.size):
-                sender.send(answer(delta, ids))
+            # An answer ended before its first token (a stop token first) still sends one, empty: it carries prompt_tokens.
+            if stream and (delta or ids.size or (finished and not tokens)):
+                sender.send(answer(delta, ids, prompt_tokens))
             text.append(delta)
             tokens.append(ids)
             if finished:
@@ -78,7 +80,7 @@ class TritonPythonModel:
         if stream:
             sender.send(flags=FINAL)
         else:
-            sender.send(answer("".join(text), np.concatenate(tokens)), flags=FINAL)
+            sender.send(answer("".join(text), np.concatenate(tokens), prompt_tokens), flags=FINAL)
 
 
 def step_inputs(step, tensors):
@@ -93,5 +95,6 @@ def call(model, inputs, outputs):
     return response
 
 
-def answer(text, tokens):
-    return pb_utils.InferenceResponse(output_tensors=output_tensors(answer_outputs(text, tokens)))
+def answer(text, tokens, prompt_tokens):
+    outputs = output_tensors(answer_outputs(text, tokens))
+    return pb_utils.InferenceResponse(output_tensors=[*outputs, pb_utils.Tensor(PROMPT_TOKENS_OUTPUT.name, prompt_tokens.as_numpy())])

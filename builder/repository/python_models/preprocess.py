@@ -1,6 +1,8 @@
 """Triton model `preprocess`: chat template, prompt text, images and audio files to token ids and encoder inputs."""
 
-from mmtb_runtime.contract import AUDIO_INPUT, IMAGE_INPUT, MESSAGES_INPUT, SYSTEM_PROMPT_INPUT, TEXT_INPUT
+import numpy as np
+
+from mmtb_runtime.contract import AUDIO_INPUT, IMAGE_INPUT, MESSAGES_INPUT, PROMPT_TOKENS_OUTPUT, SYSTEM_PROMPT_INPUT, TEXT_INPUT
 from mmtb_runtime.errors import RequestError
 from mmtb_runtime.preprocess import Preprocessor, RequestLimits
 from mmtb_runtime.triton_io import ModelArgs, input_array, input_bytes_list, respond_each
@@ -18,7 +20,8 @@ class TritonPythonModel:
         # The encoders' inputs carry a leading axis of 1, the request (see the encoders' configs).
         outputs = {"input_ids": inputs.input_ids, "pixel_values": inputs.pixel_values[None],
                    "image_sizes": inputs.image_sizes[None], "input_features": inputs.input_features[None],
-                   "audio_frames": inputs.audio_frames[None], "prompt_positions": inputs.position_ids}
+                   "audio_frames": inputs.audio_frames[None], "prompt_positions": inputs.position_ids,
+                   PROMPT_TOKENS_OUTPUT.name: np.array([inputs.input_ids.size], dtype=PROMPT_TOKENS_OUTPUT.numpy_dtype)}
         # Only what this model's config declares: a build without an encoder has no output for it.
         return {name: outputs[name] for name in request.requested_output_names()}
 
