@@ -197,14 +197,17 @@ def write_qwen25_omni_checkpoint(directory: Path, seed: int = 0) -> Path:
 
 
 
-class NoVideoQwen2_5OmniProcessor(Qwen2_5OmniProcessor):
-    """Qwen2_5OmniProcessor with ``video_processor=None`` (no torchvision)."""
+class WithoutVideo:
+    """A Qwen processor (mixed in first) built with ``video_processor=None``: its video processor needs torchvision,
+    which is not installed; images and audio run HF's own code."""
 
     def check_argument_for_proper_class(self, argument_name, argument):
         if argument_name == "video_processor" and argument is None:
             return None
         return super().check_argument_for_proper_class(argument_name, argument)
 
+
+class NoVideoQwen2_5OmniProcessor(WithoutVideo, Qwen2_5OmniProcessor):
     @property
     def model_input_names(self):
         names = (self.tokenizer.model_input_names + self.feature_extractor.model_input_names

@@ -18,7 +18,7 @@ import torch
 from transformers import (AutoTokenizer, GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
                           Qwen2_5_VLProcessor, Qwen2VLImageProcessorPil)
 
-from tests.hf_qwen25_omni import _reinit, build_tokenizer
+from tests.hf_qwen25_omni import WithoutVideo, _reinit, build_tokenizer
 
 # Qwen2.5-VL's added tokens in their id order (151643 ... 151656 in the real tokenizer).
 SPECIALS = [
@@ -100,14 +100,7 @@ def write_qwen25_vl_checkpoint(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
-class NoVideoQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
-    """Qwen2_5_VLProcessor with ``video_processor=None`` (no torchvision)."""
-
-    def check_argument_for_proper_class(self, argument_name, argument):
-        if argument_name == "video_processor" and argument is None:
-            return None
-        return super().check_argument_for_proper_class(argument_name, argument)
-
+class NoVideoQwen2_5_VLProcessor(WithoutVideo, Qwen2_5_VLProcessor):
     @property
     def model_input_names(self):
         return list(dict.fromkeys(self.tokenizer.model_input_names + self.image_processor.model_input_names))

@@ -193,17 +193,23 @@ def test_tensorrt_integer_llm_graph_is_dequantize_feeding_matmul(built_repositor
     onnxruntime_session(output)  # ONNX Runtime runs this very graph (the gate's measurement)
 
 
-def test_tensorrt_int8_llm_settles_on_qdq_gated_with_onnxruntime(built_repository: Path, tmp_path: Path) -> None:
-    """With target tensorrt the INT8 LLM's ladder is Q/DQ only, gated on this CPU by ONNX Runtime against the
-    spec's LLM gate; nothing silently becomes FP16: a fall back is recorded with the rungs that failed."""
+@pytest.fixture(scope="module")
+def llm_job(built_repository: Path) -> LlmJob:
+    """The tiny LLM's FP32 graph and its held-out prompts, fused as the server fuses them: what the LLM gate judges."""
     spec = load_spec(INT8_SPEC)
     facts = ModelFacts.load(built_repository / "preprocess" / "1" / "model_facts.json")
     preprocess = server_preprocessor(spec, facts, built_repository / "preprocess" / "1" / "tokenizer.json")
     graphs = served_graphs(built_repository)
     encoders = {name: onnxruntime_session(graphs[name]) for name in ("vision_encoder", "audio_encoder")}
     held_out = load_samples(calibration_files(spec, with_images=True, with_audio=True), preprocess).prompts
-    prompts = tuple(fuse_prompt(p, encoders, facts) for p in held_out)
-    settled = settle_llm(LlmJob(graphs["llm"], facts, prompts), "int8", TARGETS["tensorrt"], spec.quantize, tmp_path)
+    return LlmJob(graphs["llm"], facts, tuple(fuse_prompt(p, encoders, facts) for p in held_out))
+
+
+def test_tensorrt_int8_llm_settles_on_qdq_gated_with_onnxruntime(llm_job: LlmJob, tmp_path: Path) -> None:
+    """With target tensorrt the INT8 LLM's ladder is Q/DQ only, gated on this CPU by ONNX Runtime against the
+    spec's LLM gate; nothing silently becomes FP16: a fall back is recorded with the rungs that failed."""
+    spec = load_spec(INT8_SPEC)
+    settled = settle_llm(llm_job, "int8", TARGETS["tensorrt"], spec.quantize, tmp_path)
     first = settled.attempts[0]
     assert first.scheme == "weight-only Q/DQ per channel" and first.agreement.positions == 32
     assert not any("compute" in a.scheme for a in settled.attempts), "MatMulNBits rungs are ORT-only"
@@ -215,18 +221,12 @@ def test_tensorrt_int8_llm_settles_on_qdq_gated_with_onnxruntime(built_repositor
         assert settled.fell_back and "fell back after weight-only Q/DQ per channel" in settled.summary()
 
 
-def test_int4_llm_walks_4_bit_rungs_then_int8_and_says_so(built_repository: Path, tmp_path: Path) -> None:
+def test_int4_llm_walks_4_bit_rungs_then_int8_and_says_so(llm_job: LlmJob, tmp_path: Path) -> None:
     """``precision: int4``: MatMulNBits bits 4 (int8 then float compute, then blocks of 16), then INT8's rungs, then
     FP32, each gated against FP32 on the held-out prompts; what it settled on passed the LLM gate, and a fall back
     names the rungs that failed."""
     spec = load_spec(INT8_SPEC)
-    facts = ModelFacts.load(built_repository / "preprocess" / "1" / "model_facts.json")
-    preprocess = server_preprocessor(spec, facts, built_repository / "preprocess" / "1" / "tokenizer.json")
-    graphs = served_graphs(built_repository)
-    encoders = {name: onnxruntime_session(graphs[name]) for name in ("vision_encoder", "audio_encoder")}
-    held_out = load_samples(calibration_files(spec, with_images=True, with_audio=True), preprocess).prompts
-    prompts = tuple(fuse_prompt(p, encoders, facts) for p in held_out)
-    settled = settle_llm(LlmJob(graphs["llm"], facts, prompts), "int4", TARGETS["python"], spec.quantize, tmp_path)
+    settled = settle_llm(llm_job, "int4", TARGETS["python"], spec.quantize, tmp_path)
     first = settled.attempts[0]
     assert first.precision == "int4" and first.scheme == f"weight-only block {spec.quantize.llm_block_size}, int8 compute"
     precisions = [a.precision for a in settled.attempts]
