@@ -63,8 +63,12 @@ def assert_served_as_reference(connection: grpcclient.InferenceServerClient, req
 
 
 def assert_streaming_equals_unary(connection: grpcclient.InferenceServerClient, request: Request) -> None:
+    """The same tokens, and text deltas that concatenate to the unary text exactly (a character spanning tokens is
+    held back until it is whole: no U+FFFD that the unary answer does not have)."""
     unary = ask(connection, request)
-    assert [t for _, ids in ask_stream(connection, request) for t in ids] == unary.token_ids
+    chunks = list(ask_stream(connection, request))
+    assert [t for _, ids in chunks for t in ids] == unary.token_ids
+    assert "".join(delta for delta, _ in chunks) == unary.text
 
 
 def assert_refused(connection: grpcclient.InferenceServerClient, request: Request, message: str) -> None:

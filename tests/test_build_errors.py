@@ -76,7 +76,7 @@ CASES: dict[str, BadBuild] = {
     "no_source": BadBuild("source: {preset: null}\n", "source: give exactly one of 'preset' or 'checkpoint'"),
     "word_for_a_number": BadBuild("limits: {max_images: four}\n", "limits.max_images: expected a whole number, got 'four'"),
     "string_for_a_bool": BadBuild("components: {vision: {enabled: 'yes'}}\n", "components.vision.enabled: expected true or false, got 'yes'"),
-    "unknown_precision": BadBuild("components: {llm: {precision: int4}}\n", "components.llm.precision: 'int4' is not one of fp32, fp16, int8"),
+    "unknown_precision": BadBuild("components: {llm: {precision: int2}}\n", "components.llm.precision: 'int2' is not one of fp32, fp16, int8, int4"),
     "section_not_a_mapping": BadBuild("limits: 5\n", "limits: expected a mapping, got int"),
     "invalid_yaml": BadBuild("limits: {max_images: 4\n", "line 2, column 1: not valid YAML: expected ',' or '}'"),
     "name_with_a_path": BadBuild("name: ../../etc/passwd\n", "name: '../../etc/passwd' must be 1-64 letters"),
