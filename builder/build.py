@@ -17,7 +17,7 @@ from tqdm import tqdm
 from builder.cache import StageCache, code_fingerprint, make_key, tool_versions
 from builder.compile.artifacts import CompiledModel
 from builder.compile.targets import prepare_target
-from builder.components import COMPONENTS
+from builder.components import COMPONENTS, LLM
 from builder.errors import BuildError
 from builder.export.graph import ExportedGraph, load_exported
 from builder.export.precision import ExportDtype, export_dtype
@@ -97,7 +97,7 @@ def build(spec: BuildSpec, output: Path, cache_dir: Path, progress: bool = True)
     if progress:
         tqdm.write(describe(spec.limits, facts))
     if any(cache.lookup("export", c, keys[c]) is None for c in components):  # the checkpoint will be loaded
-        preflight = estimate(weight_files, cache_dir, dtypes["llm"], extra_copy=quantized)
+        preflight = estimate(weight_files, cache_dir, dtypes[LLM.name], extra_copy=quantized)
         preflight.check()
         if progress:
             tqdm.write(f"pre-flight: {preflight.summary()}")
@@ -105,7 +105,7 @@ def build(spec: BuildSpec, output: Path, cache_dir: Path, progress: bool = True)
         entry = cache.lookup("export", component, keys[component])
         if entry is None:
             if loaded is None:  # in the LLM's dtype: it holds nearly all the weights
-                loaded = load_checkpoint(source.checkpoint, dtypes["llm"], tokenizer)
+                loaded = load_checkpoint(source.checkpoint, dtypes[LLM.name], tokenizer)
             entry = _export(loaded, spec, component, dtypes[component], cache, keys[component])
         exported[component] = load_exported(entry)
 

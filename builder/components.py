@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from builder.runtime.contract import INPUT_FEATURES, PIXEL_VALUES
+
 
 @dataclass(frozen=True)
 class Component:
@@ -18,7 +20,7 @@ class Component:
     export_limits: tuple[str, ...]  # limits keys the exported graph depends on
 
 
-VISION_ENCODER = Component("vision_encoder", "vision", "image", "pixel_values", "images", "max_images", ("max_images",))
-AUDIO_ENCODER = Component("audio_encoder", "audio", "audio", "input_features", "clips", "max_audio_clips", ("max_audio_clips",))
+VISION_ENCODER = Component("vision_encoder", "vision", "image", PIXEL_VALUES, "images", "max_images", ("max_images",))
+AUDIO_ENCODER = Component("audio_encoder", "audio", "audio", INPUT_FEATURES, "clips", "max_audio_clips", ("max_audio_clips",))
 LLM = Component("llm", "llm", None, None, None, None, ("max_context",))
 COMPONENTS = {c.name: c for c in (VISION_ENCODER, AUDIO_ENCODER, LLM)}  # the build's order

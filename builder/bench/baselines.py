@@ -15,6 +15,7 @@ from pathlib import Path
 
 from builder.bench.inputs import Case
 from builder.repository.render import parse_config
+from builder.runtime.contract import DECODE_MODEL
 from builder.runtime.encoders import embed_request, encoder_session
 from builder.runtime.generation import LanguageModelRunner, SamplingParams
 from builder.runtime.prefix_cache import PrefixCache
@@ -47,9 +48,9 @@ class InProcessPipeline:
             for name in ("vision_encoder", "audio_encoder")
             if (path := repository / name / "1" / "model.onnx").is_file()
         }
-        parameters = parse_config((repository / "llm" / "config.pbtxt").read_text(), "llm").parameters
+        parameters = parse_config((repository / DECODE_MODEL / "config.pbtxt").read_text(), DECODE_MODEL).parameters
         cache_bytes = int(parameters["prefix_cache_bytes"].string_value) if "prefix_cache_bytes" in parameters else 0
-        self.runner = LanguageModelRunner(str(repository / "llm" / "1" / "model.onnx"), self.facts,
+        self.runner = LanguageModelRunner(str(repository / DECODE_MODEL / "1" / "model.onnx"), self.facts,
                                           prefix_cache=PrefixCache(cache_bytes) if cache_bytes else None)
 
     def __call__(self, request: Request) -> Iterator[int]:

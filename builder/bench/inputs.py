@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from builder.runtime.contract import AUDIO_FRAMES, IMAGE_SIZES, INPUT_FEATURES, PIXEL_VALUES
 from builder.runtime.preprocess import Preprocessor
 from builder.serve.client import Request
 
@@ -105,12 +106,12 @@ def encoder_tensors(preprocessor: Preprocessor, cases: tuple[Case, ...]) -> dict
     image = next((c.request for c in cases if c.request.images), None)
     if image is not None:
         with_image = preprocessor(image.prompt, list(image.images), [])
-        tensors["vision_encoder"] = {"pixel_values": with_image.pixel_values[None], "image_sizes": with_image.image_sizes[None]}
+        tensors["vision_encoder"] = {PIXEL_VALUES: with_image.pixel_values[None], IMAGE_SIZES: with_image.image_sizes[None]}
     audio = next((c.request for c in cases if c.request.audio), None)
     if audio is not None:
         with_audio = preprocessor(audio.prompt, [], list(audio.audio))
-        tensors["audio_encoder"] = {"input_features": with_audio.input_features[None],
-                                    "audio_frames": with_audio.audio_frames[None]}
+        tensors["audio_encoder"] = {INPUT_FEATURES: with_audio.input_features[None],
+                                    AUDIO_FRAMES: with_audio.audio_frames[None]}
     return tensors
 
 

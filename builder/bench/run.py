@@ -17,10 +17,11 @@ from builder.bench.metrics import RequestCounts, decode_counters, request_counts
 from builder.bench.perf_analyzer import Measurement, Point
 from builder.bench.plots import plot
 from builder.bench.results import Row, perf_analyzer_row, sequential_row, stream_times, with_stream_times, write_rows
+from builder.components import LLM
 from builder.errors import BuildError
+from builder.runtime.contract import DECODE_MODEL
 from builder.sizing import read_size
 from builder.spec import BuildSpec
-
 
 POINT_FILES = ("*_c[0-9]*.csv", "*_c[0-9]*.log", "*_c[0-9]*.profile.json")  # perf_analyzer's files, one set per point
 WINDOW_S = 12.0  # one measurement window: about this long of one-at-a-time requests
@@ -84,12 +85,12 @@ def run_bench(spec: BuildSpec, repository: Path, cache: Path, output: Path, sett
     print(f"benchmark {output.name}: about {settings.estimate_minutes(request_s, _cores()):.0f} min "
           f"(concurrency {', '.join(map(str, settings.concurrency))}; in-process request {request_s * 1000:.0f} ms)", flush=True)
 
-    llm_precision = json.loads((repository / "manifest.json").read_text())["components"]["llm"]["precision"]
+    llm_precision = json.loads((repository / "manifest.json").read_text())["components"][LLM.name]["precision"]
     size = read_size(checkpoint)
     decode_bound = bounds.measure(size.decode_read_bytes(llm_precision), size.decode_parameters, size.hidden_size,
                                   size.intermediate_size, batches=tuple(c for c in settings.concurrency if c <= spec.triton.max_batch_size))
     text_prompts = [preprocessor(c.request.prompt, [], [], c.request.system_prompt).input_ids for c in mixes["text"]]
-    steps = [step_profile.profile_decode(repository / "llm" / "1" / "model.onnx", facts, text_prompts, batch)
+    steps = [step_profile.profile_decode(repository / DECODE_MODEL / "1" / "model.onnx", facts, text_prompts, batch)
              for batch in sorted({1, min(8, spec.triton.max_batch_size)})]
     hf = baselines.HuggingFaceEager(checkpoint, preprocessor)
     for mix, cases in mixes.items():

@@ -20,6 +20,7 @@ from builder.compare import Feeds, Gate, GateResult, Outputs, figures, judge
 from builder.compile.profiles import InputShapes
 from builder.errors import BuildError
 from builder.export.graph import TensorSig
+from builder.runtime.contract import ATTENTION_MASK, POSITION_IDS
 
 
 def sample_feeds(inputs: tuple[TensorSig, ...], shapes: Mapping[str, InputShapes], vocab: int, seed: int) -> Feeds:
@@ -29,10 +30,10 @@ def sample_feeds(inputs: tuple[TensorSig, ...], shapes: Mapping[str, InputShapes
     feeds: Feeds = {}
     for sig in inputs:
         shape = shapes[sig.name].opt
-        if sig.name == "attention_mask":
+        if sig.name == ATTENTION_MASK:
             feeds[sig.name] = np.ones(shape, dtype=np.int64)
-        elif sig.name == "position_ids":
-            start = shapes["attention_mask"].opt[-1] - shape[-1]
+        elif sig.name == POSITION_IDS:
+            start = shapes[ATTENTION_MASK].opt[-1] - shape[-1]
             feeds[sig.name] = np.broadcast_to(np.arange(start, start + shape[-1], dtype=np.int64), shape).copy()
         elif sig.data_type == "TYPE_INT64":
             feeds[sig.name] = rng.integers(0, vocab, shape, dtype=np.int64)

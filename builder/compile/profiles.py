@@ -17,7 +17,7 @@ from pathlib import Path
 
 import onnx
 
-from builder.components import COMPONENTS
+from builder.components import COMPONENTS, LLM
 from builder.errors import BuildError
 from builder.export.axes import vision_axis_names
 from builder.runtime.model_facts import ImageFacts
@@ -83,7 +83,7 @@ def profiles_for(component: str, spec: BuildSpec, image: ImageFacts | None = Non
             side = AxisRange(image.cell, min(largest, 32 * image.cell), largest)  # opt: a typical photo's side
             axes |= dict.fromkeys(vision_axis_names(image.cell), side)
         return (Profile("all", axis, axes),)
-    if component == "llm":
+    if component == LLM.name:
         one = AxisRange(1, 1, 1)
         prompt, context = lim.max_prompt_tokens, lim.max_context
         typical = min(128, prompt)

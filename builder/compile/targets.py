@@ -17,14 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from builder.cache import StageCache, code_fingerprint, make_key
-from builder.compile.artifacts import CompiledModel
 from builder.compare import Feeds, GateResult
+from builder.compile.artifacts import CompiledModel
 from builder.compile.compare import sample_feeds
 from builder.compile.plans import Device, carried_plans, plan_record, published_plans
 from builder.compile.profiles import Profile, check_profiles, check_request_fits, input_axes, profiles_for, request_ranges
+from builder.components import LLM
 from builder.errors import BuildError
 from builder.export.graph import ExportedGraph
 from builder.onnx_files import graph_sha256
+from builder.runtime.contract import LOGITS
 from builder.runtime.model_facts import ImageFacts
 from builder.spec import BuildSpec
 from builder.targets import TARGETS
@@ -60,7 +62,7 @@ class BuildTarget:
                        device.tensorrt, spec.section("tensorrt"), spec.section("quantize"), code_fingerprint("compile"))
         entry = self.cache.lookup("tensorrt", component, key)
         if entry is None:
-            gate = spec.quantize.llm_gate if component == "llm" else spec.quantize.gate  # the same figures
+            gate = spec.quantize.llm_gate if component == LLM.name else spec.quantize.gate  # the same figures
             with self.cache.writer("tensorrt", component, key) as tmp:
                 timing = self.cache.root / "tensorrt" / f"timing-{device.tensorrt}-{device.plan_file}.cache"
                 build_plan(graph.path, profiles, tmp / device.plan_file, timing)
@@ -92,7 +94,7 @@ def prepare_target(spec: BuildSpec, cache_dir: Path, output: Path) -> BuildTarge
 def comparison_feeds(graph: ExportedGraph, profiles: tuple[Profile, ...], samples: int) -> list[list[Feeds]]:
     """``samples`` inputs per profile, at the profile's opt shapes."""
     axes = input_axes(graph.path)
-    vocab = graph.output("logits").dims[-1] if graph.component == "llm" else 2
+    vocab = graph.output(LOGITS).dims[-1] if graph.component == LLM.name else 2
     return [
         [sample_feeds(graph.inputs, profile.shapes(axes), vocab, seed) for seed in range(samples)]
         for profile in profiles

@@ -17,6 +17,7 @@ from builder.export.parity import check_parity
 from builder.export.precision import ExportDtype, cast_weights
 from builder.export.recipes import ExportRecipe
 from builder.onnx_files import EXTERNAL_DATA_THRESHOLD
+from builder.runtime.contract import PAST_PREFIX
 from builder.spec import ExportSpec
 
 
@@ -49,7 +50,7 @@ def export_graph(recipe: ExportRecipe, directory: Path, spec: ExportSpec, dtype:
 
 def _dynamic_shapes_by_position(recipe: ExportRecipe) -> tuple:
     """torch.export wants dynamic shapes per forward() argument; ``past`` is the *args tuple."""
-    named = [recipe.dynamic_shapes.get(name) for name in recipe.input_names if not name.startswith("past_key_values")]
+    named = [recipe.dynamic_shapes.get(name) for name in recipe.input_names if not name.startswith(PAST_PREFIX)]
     return (*named, recipe.dynamic_shapes["past"]) if "past" in recipe.dynamic_shapes else tuple(named)
 
 

@@ -12,8 +12,19 @@ from typing import Any
 import torch
 from torch.export import Dim
 
+from builder.components import LLM
 from builder.export.wrappers import LanguageModel
 from builder.families.base import SourceModel
+from builder.runtime.contract import (
+    ATTENTION_MASK,
+    INPUT_IDS,
+    LOGITS,
+    MULTIMODAL_EMBEDS,
+    MULTIMODAL_MASK,
+    PAST_PREFIX,
+    POSITION_IDS,
+    PRESENT_PREFIX,
+)
 from builder.spec import LimitsSpec
 
 Sampler = Callable[[torch.Generator, int], tuple[torch.Tensor, ...]]
@@ -59,15 +70,15 @@ def llm_recipe(source: SourceModel, limits: LimitsSpec, wrapper: type[LanguageMo
     past = Dim("past", min=0, max=limits.max_context)
     total = Dim("total", min=1, max=2 * limits.max_context)
     dynamic = {
-        "input_ids": {0: batch, 1: seq},
-        "multimodal_embeds": {0: batch, 1: seq},
-        "multimodal_mask": {0: batch, 1: seq},
-        "attention_mask": {0: batch, 1: total},  # must be fully dynamic: past + sequence
-        "position_ids": {0: batch, 1: seq} if facts.position_rows == 1 else {1: batch, 2: seq},
+        INPUT_IDS: {0: batch, 1: seq},
+        MULTIMODAL_EMBEDS: {0: batch, 1: seq},
+        MULTIMODAL_MASK: {0: batch, 1: seq},
+        ATTENTION_MASK: {0: batch, 1: total},  # must be fully dynamic: past + sequence
+        POSITION_IDS: {0: batch, 1: seq} if facts.position_rows == 1 else {1: batch, 2: seq},
         "past": tuple({0: batch, 2: past} for _ in range(2 * layers)),
     }
-    inputs = ["input_ids", "multimodal_embeds", "multimodal_mask", "attention_mask", "position_ids"]
+    inputs = [INPUT_IDS, MULTIMODAL_EMBEDS, MULTIMODAL_MASK, ATTENTION_MASK, POSITION_IDS]
     return ExportRecipe(
-        "llm", module, inputs + kv_names("past_key_values", layers),
-        ["logits"] + kv_names("present", layers), dynamic, sample,
+        LLM.name, module, inputs + kv_names(PAST_PREFIX, layers),
+        [LOGITS] + kv_names(PRESENT_PREFIX, layers), dynamic, sample,
     )

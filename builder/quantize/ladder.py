@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from builder.compare import GateResult, OutputFigures, figures, judge, run_onnxruntime
+from builder.components import LLM
 from builder.errors import BuildError
 from builder.onnx_files import move_onnx, remove_onnx
 from builder.quantize.agreement import Agreement, FusedPrompt, teacher_forced
@@ -187,7 +188,7 @@ def settle_encoder(job: EncoderJob, requested: str, target: Target, spec: Quanti
 
 
 def settle_llm(job: LlmJob, requested: str, target: Target, spec: QuantizeSpec, directory: Path, rejected: int = 0) -> Settled:
-    ladder = _Ladder("llm", requested, spec, spec.llm_gate, directory, rejected)
+    ladder = _Ladder(LLM.name, requested, spec, spec.llm_gate, directory, rejected)
     reference = LanguageModelRunner(str(job.fp32), job.facts)
 
     def gated(precision: str, scheme: str, path: Path) -> bool:
@@ -204,21 +205,21 @@ def settle_llm(job: LlmJob, requested: str, target: Target, spec: QuantizeSpec, 
                 path = ladder.candidate()
                 quantize_weights_qdq(job.fp32, path, block, bits)
                 if gated(f"int{bits}", f"weight-only Q/DQ {f'block {block}' if block else 'per channel'}", path):
-                    return _settled("llm", requested, ladder, 0, len(job.prompts))
+                    return _settled(LLM.name, requested, ladder, 0, len(job.prompts))
             continue
         for block, level in dict.fromkeys(((spec.llm_block_size, 4), (spec.llm_block_size, 0), (16, 0))):
             path = ladder.candidate()
             quantize_weights_nbits(job.fp32, path, block, accuracy_level=level, bits=bits)
             compute = "int8" if level == 4 else "float"
             if gated(f"int{bits}", f"weight-only block {block}, {compute} compute", path):
-                return _settled("llm", requested, ladder, 0, len(job.prompts))
+                return _settled(LLM.name, requested, ladder, 0, len(job.prompts))
     if target.fp16_before_fp32:  # integer weights failed: FP16 before FP32 (on a GPU)
         path = ladder.candidate()
         convert_fp16(job.fp32, path)
         if gated("fp16", "fp16", path):
-            return _settled("llm", requested, ladder, 0, len(job.prompts))
+            return _settled(LLM.name, requested, ladder, 0, len(job.prompts))
     ladder.record(Attempt("fp32", "fp32 (reference)"))
-    return _settled("llm", requested, ladder, 0, len(job.prompts), fp32=job.fp32)
+    return _settled(LLM.name, requested, ladder, 0, len(job.prompts), fp32=job.fp32)
 
 
 def _settled(component: str, requested: str, ladder: _Ladder, calibration: int, holdout: int, fp32: Path | None = None) -> Settled:

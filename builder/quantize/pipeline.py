@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder.compare import OutputFigures, onnxruntime_session
+from builder.components import LLM
 from builder.quantize.agreement import Agreement, fuse_prompt, teacher_forced
 from builder.quantize.calibration_data import CalibrationFiles
 from builder.runtime.generation import LanguageModelRunner
@@ -93,8 +94,8 @@ def measure_pipeline(reference: Mapping[str, Path], candidate: Mapping[str, Path
                      facts: ModelFacts, gate: PipelineGateSpec) -> PipelineFigures:
     """``reference``/``candidate`` map component -> graph (vision_encoder, audio_encoder, llm)."""
     def pipeline(graphs: Mapping[str, Path]) -> tuple[dict, LanguageModelRunner]:
-        encoders = {name: onnxruntime_session(path) for name, path in graphs.items() if name != "llm"}
-        return encoders, LanguageModelRunner(str(graphs["llm"]), facts)
+        encoders = {name: onnxruntime_session(path) for name, path in graphs.items() if name != LLM.name}
+        return encoders, LanguageModelRunner(str(graphs[LLM.name]), facts)
 
     (ref_encoders, ref_llm), (cand_encoders, cand_llm) = pipeline(reference), pipeline(candidate)
     kinds = tuple(

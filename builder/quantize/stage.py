@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from builder.cache import StageCache, code_fingerprint, make_key, tool_versions
 from builder.compare import onnxruntime_session
-from builder.components import COMPONENTS
+from builder.components import COMPONENTS, LLM
 from builder.errors import BuildError
 from builder.export.graph import ExportedGraph
 from builder.quantize.agreement import fuse_prompt
@@ -149,8 +149,8 @@ def _settle(
     exported: dict[str, ExportedGraph], samples: CalibrationSamples, cache: StageCache, calibration_key: str,
     directory: Path, progress: bool, rejected: int,
 ) -> Settled:
-    if component == "llm":
-        encoders = {name: onnxruntime_session(g.path) for name, g in exported.items() if name != "llm"}
+    if component == LLM.name:
+        encoders = {name: onnxruntime_session(g.path) for name, g in exported.items() if name != LLM.name}
         prompts = tuple(fuse_prompt(p, encoders, facts) for p in samples.prompts)
         return settle_llm(LlmJob(graph.path, facts, prompts), precision, TARGETS[spec.target], spec.quantize, directory, rejected)
     input_name = COMPONENTS[component].graph_input

@@ -12,23 +12,41 @@ from pathlib import Path
 from typing import Any
 
 from builder.compile.artifacts import CompiledModel
+from builder.components import LLM
 from builder.errors import BuildError
 from builder.onnx_files import data_files
 from builder.runtime.contract import (
-    ANSWER_OUTPUTS, CLIENT_INPUTS, CLIENT_OUTPUTS, DECODE_MODEL, MEDIA_INPUTS, PROMPT_TOKENS_OUTPUT, SAMPLING_INPUTS, STREAM_INPUT,
-    STREAMING_ENSEMBLE, TEXT_INPUT, UNARY_ENSEMBLE, Tensor,
+    ANSWER_OUTPUTS,
+    AUDIO_EMBEDS,
+    AUDIO_FRAMES,
+    CANCEL_INPUT,
+    CLIENT_INPUTS,
+    CLIENT_OUTPUTS,
+    DECODE_MODEL,
+    FINISHED_OUTPUT,
+    IMAGE_EMBEDS,
+    IMAGE_SIZES,
+    INPUT_FEATURES,
+    INPUT_IDS,
+    MEDIA_INPUTS,
+    MULTIMODAL_EMBEDS,
+    MULTIMODAL_MASK,
+    PIXEL_VALUES,
+    PROMPT_POSITIONS,
+    PROMPT_TOKENS_OUTPUT,
+    SAMPLING_INPUTS,
+    SESSION_INPUT,
+    STREAM_INPUT,
+    STREAMING_ENSEMBLE,
+    TEXT_INPUT,
+    UNARY_ENSEMBLE,
+    Tensor,
 )
 from builder.runtime.media import audio_layout, image_layout
 from builder.runtime.model_facts import ModelFacts
 from builder.runtime.preprocess import RequestLimits
 from builder.spec import BuildSpec
 from builder.targets import TARGETS
-
-# Between `ensemble_stream` and `llm` only (mmtb_runtime.sessions): which session a call opens, polls
-# or cancels (its client went away), and whether a poll's chunk ends the answer.
-SESSION_INPUT = Tensor("session", "TYPE_UINT64", (1,), optional=True)
-CANCEL_INPUT = Tensor("cancel", "TYPE_BOOL", (1,), optional=True)
-FINISHED_OUTPUT = Tensor("finished", "TYPE_BOOL", (1,))
 
 
 @dataclass(frozen=True)
@@ -76,7 +94,7 @@ def plan_repository(spec: BuildSpec, facts: ModelFacts, compiled: dict[str, Comp
     if target.batches_encoders and one_call_graphs:
         raise BuildError(f"target {spec.target}: {', '.join(one_call_graphs)} of this model cannot run batched in "
                          f"Triton's own backend; build for target python")
-    if _llm_runner(compiled["llm"]) and facts.position_rows != 1:
+    if _llm_runner(compiled[LLM.name]) and facts.position_rows != 1:
         raise BuildError(f"target {spec.target}: the TensorRT decode loop feeds plain positions, this model's decoder "
                          f"takes M-RoPE positions; build for target python")
 
@@ -85,21 +103,21 @@ def plan_repository(spec: BuildSpec, facts: ModelFacts, compiled: dict[str, Comp
     # is a batch of 1 holding 0 of them, which Triton's batcher accepts (a batch of 0 it refuses).
     encoders: list[tuple[str, CompiledModel, tuple[Tensor, ...], Tensor]] = []
     if vision is not None:  # a request's images of several sizes: the model runs each size as a batch
-        encoders.append(("vision_encoder", vision, (Tensor("pixel_values", "TYPE_FP32", (-1, 3, -1, -1)),
-                         Tensor("image_sizes", "TYPE_INT64", (-1, 2))), Tensor("image_embeds", "TYPE_FP32", (-1, hidden))))
+        encoders.append(("vision_encoder", vision, (Tensor(PIXEL_VALUES, "TYPE_FP32", (-1, 3, -1, -1)),
+                         Tensor(IMAGE_SIZES, "TYPE_INT64", (-1, 2))), Tensor(IMAGE_EMBEDS, "TYPE_FP32", (-1, hidden))))
     if audio is not None:
         assert facts.audio is not None
         clip_width = audio_layout(facts.audio).clip_width or -1  # -1: the clips' own frames
-        encoders.append(("audio_encoder", audio, (Tensor("input_features", "TYPE_FP32", (-1, facts.audio.num_mel_bins, clip_width)),
-                         Tensor("audio_frames", "TYPE_INT64", (-1,))), Tensor("audio_embeds", "TYPE_FP32", (-1, hidden))))
+        encoders.append(("audio_encoder", audio, (Tensor(INPUT_FEATURES, "TYPE_FP32", (-1, facts.audio.num_mel_bins, clip_width)),
+                         Tensor(AUDIO_FRAMES, "TYPE_INT64", (-1,))), Tensor(AUDIO_EMBEDS, "TYPE_FP32", (-1, hidden))))
     media_outputs = [per_request(t) for _, _, inputs, _ in encoders for t in inputs]
     # A decoder with M-RoPE takes the prompt's [3, S] positions, which only preprocess can compute (image sizes).
-    positions = [Tensor("prompt_positions", "TYPE_INT64", (facts.position_rows, -1))] if facts.position_rows != 1 else []
+    positions = [Tensor(PROMPT_POSITIONS, "TYPE_INT64", (facts.position_rows, -1))] if facts.position_rows != 1 else []
     models: list[ModelPlan] = [
         ModelPlan(
             "preprocess", "python_model.pbtxt.j2",
             inputs=(TEXT_INPUT, *MEDIA_INPUTS),
-            outputs=(Tensor("input_ids", "TYPE_INT64", (-1,)), *positions, *media_outputs, PROMPT_TOKENS_OUTPUT),
+            outputs=(Tensor(INPUT_IDS, "TYPE_INT64", (-1,)), *positions, *media_outputs, PROMPT_TOKENS_OUTPUT),
             python_model="preprocess", files=dict(shared),
             parameters=RequestLimits.from_spec(lim).parameters(),  # read back by RequestLimits.from_parameters
             **per_model,
@@ -126,14 +144,14 @@ def plan_repository(spec: BuildSpec, facts: ModelFacts, compiled: dict[str, Comp
     embeds_inputs = [dataclasses.replace(per_request(out), optional=True) for _, _, _, out in encoders]
     models.append(ModelPlan(
         "fuse", "python_model.pbtxt.j2",
-        inputs=(Tensor("input_ids", "TYPE_INT64", (-1,)), *embeds_inputs),
-        outputs=(Tensor("multimodal_embeds", "TYPE_FP32", (-1, hidden)), Tensor("multimodal_mask", "TYPE_BOOL", (-1,))),
+        inputs=(Tensor(INPUT_IDS, "TYPE_INT64", (-1,)), *embeds_inputs),
+        outputs=(Tensor(MULTIMODAL_EMBEDS, "TYPE_FP32", (-1, hidden)), Tensor(MULTIMODAL_MASK, "TYPE_BOOL", (-1,))),
         python_model="fuse", files=facts_file, **per_model,
     ))
     llm_inputs = (
-        Tensor("input_ids", "TYPE_INT64", (-1,)),
-        Tensor("multimodal_embeds", "TYPE_FP32", (-1, hidden)),
-        Tensor("multimodal_mask", "TYPE_BOOL", (-1,)),
+        Tensor(INPUT_IDS, "TYPE_INT64", (-1,)),
+        Tensor(MULTIMODAL_EMBEDS, "TYPE_FP32", (-1, hidden)),
+        Tensor(MULTIMODAL_MASK, "TYPE_BOOL", (-1,)),
         *positions,
         *SAMPLING_INPUTS,
     )
@@ -145,28 +163,28 @@ def plan_repository(spec: BuildSpec, facts: ModelFacts, compiled: dict[str, Comp
         DECODE_MODEL, "python_model.pbtxt.j2",
         inputs=(*(dataclasses.replace(t, optional=True) for t in llm_inputs[:3 + len(positions)]),
                 *llm_inputs[3 + len(positions):], SESSION_INPUT, CANCEL_INPUT),
-        outputs=(*ANSWER_OUTPUTS, FINISHED_OUTPUT), python_model="llm",
-        files={**compiled["llm"].files, **facts_file, "tokenizer.json": shared["tokenizer.json"]},
+        outputs=(*ANSWER_OUTPUTS, FINISHED_OUTPUT), python_model=DECODE_MODEL,
+        files={**compiled[LLM.name].files, **facts_file, "tokenizer.json": shared["tokenizer.json"]},
         parameters={
             "max_tokens": str(lim.max_tokens), "default_max_tokens": str(lim.default_max_tokens),
             "max_context": str(lim.max_context), "max_decode_batch": str(triton.max_batch_size),
             "prefix_cache_bytes": str(triton.prefix_cache_mb << 20),
             "kv_budget_tokens": str(triton.kv_budget_tokens or triton.max_batch_size * lim.max_context),
             "kv_queue_timeout_s": str(triton.kv_queue_timeout_s), "stream_interval_ms": str(triton.stream_interval_ms),
-            **_llm_runner(compiled["llm"]),
+            **_llm_runner(compiled[LLM.name]),
         },
-        serves=compiled["llm"], adds_batch_axis=True, **per_model,
+        serves=compiled[LLM.name], adds_batch_axis=True, **per_model,
     ))
 
-    front_outputs = {"input_ids": "_input_ids", **{t.name: f"_{t.name}" for t in (*positions, *media_outputs)},
+    front_outputs = {INPUT_IDS: "_input_ids", **{t.name: f"_{t.name}" for t in (*positions, *media_outputs)},
                      PROMPT_TOKENS_OUTPUT.name: PROMPT_TOKENS_OUTPUT.name}  # straight to the client
     front = [EnsembleStep("preprocess", {t.name: t.name for t in (TEXT_INPUT, *MEDIA_INPUTS)}, front_outputs)]
     for name, _, inputs, output in encoders:
         front.append(EnsembleStep(name, {t.name: f"_{t.name}" for t in inputs}, {output.name: f"_{output.name}"}))
-    front.append(EnsembleStep("fuse", {"input_ids": "_input_ids", **{t.name: f"_{t.name}" for t in embeds_inputs}},
-                              {"multimodal_embeds": "_multimodal_embeds", "multimodal_mask": "_multimodal_mask"}))
-    decode_inputs = {"input_ids": "_input_ids", "multimodal_embeds": "_multimodal_embeds",
-                     "multimodal_mask": "_multimodal_mask", **{t.name: f"_{t.name}" for t in positions},
+    front.append(EnsembleStep("fuse", {INPUT_IDS: "_input_ids", **{t.name: f"_{t.name}" for t in embeds_inputs}},
+                              {MULTIMODAL_EMBEDS: "_multimodal_embeds", MULTIMODAL_MASK: "_multimodal_mask"}))
+    decode_inputs = {INPUT_IDS: "_input_ids", MULTIMODAL_EMBEDS: "_multimodal_embeds",
+                     MULTIMODAL_MASK: "_multimodal_mask", **{t.name: f"_{t.name}" for t in positions},
                      **{t.name: t.name for t in SAMPLING_INPUTS}}
     answer = {t.name: t.name for t in ANSWER_OUTPUTS}
     if triton.entry_points != "streaming":

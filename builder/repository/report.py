@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from builder.compile.artifacts import CompiledModel
+from builder.components import LLM
 from builder.quantize.pipeline import PipelineResult
 from builder.spec import BuildSpec
 
@@ -32,7 +33,7 @@ def write_report(path: Path, spec: BuildSpec, limits: str, compiled: Mapping[str
         final = settled.final
         gate = final.gate.summary() if final.gate else "reference (FP32)"
         precision = settled.precision if not settled.fell_back else f"{settled.precision} (asked {settled.requested})"
-        samples = str(settled.calibration_samples) if final.precision == "int8" and name != "llm" else "-"
+        samples = str(settled.calibration_samples) if final.precision == "int8" and name != LLM.name else "-"
         lines.append(f"| {name} | {precision} | {model.path.name} | {size} | {final.label()} | {samples} | "
                      f"{settled.holdout_samples} | {gate} |")
         details.append(f"### {name}")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import soxr
 
+from .contract import FEATURE_ATTENTION_MASK, INPUT_FEATURES
 from .errors import RequestError
 from .model_facts import AudioFacts
 
@@ -204,4 +205,4 @@ def valid_frames_log_mel(samples: np.ndarray, filters: np.ndarray, frames: int) 
 def audio_feeds(features: np.ndarray, frames: np.ndarray) -> dict[str, np.ndarray]:
     """A batch of clips as the audio graphs take them: features, and (HF's) mask of the frames each one attends to."""
     mask = np.arange(features.shape[-1])[None, :] < np.asarray(frames, dtype=np.int64)[:, None]
-    return {"input_features": features, "feature_attention_mask": mask.astype(np.int64)}
+    return {INPUT_FEATURES: features, FEATURE_ATTENTION_MASK: mask.astype(np.int64)}

@@ -68,3 +68,29 @@ STREAMING_ENSEMBLE = "ensemble_stream"
 # The model holding the LLM: its config's parameters hold the build's limits (``default_max_tokens``, ``max_tokens``),
 # which a client reads to tell an answer cut at max_tokens from one that ended at a stop token.
 DECODE_MODEL = "llm"
+
+# The pipeline's own tensors, between the repository's models and in the graphs' signatures, never a client's:
+# preprocess -> vision_encoder / audio_encoder -> fuse -> llm. Shapes that depend on the model are the plan's.
+INPUT_IDS = "input_ids"
+PROMPT_POSITIONS = "prompt_positions"  # [3, S] M-RoPE positions, for a decoder that takes them
+PIXEL_VALUES = "pixel_values"
+IMAGE_SIZES = "image_sizes"
+INPUT_FEATURES = "input_features"
+FEATURE_ATTENTION_MASK = "feature_attention_mask"  # an audio graph that masks each clip's padding
+AUDIO_FRAMES = "audio_frames"
+IMAGE_EMBEDS = "image_embeds"
+AUDIO_EMBEDS = "audio_embeds"
+MULTIMODAL_EMBEDS = "multimodal_embeds"
+MULTIMODAL_MASK = "multimodal_mask"
+# Between `ensemble_stream` and `llm` only (runtime.sessions): which session a call opens, polls or cancels (its
+# client went away), and whether a poll's chunk ends the answer.
+SESSION_INPUT = Tensor("session", "TYPE_UINT64", (1,), optional=True)
+CANCEL_INPUT = Tensor("cancel", "TYPE_BOOL", (1,), optional=True)
+FINISHED_OUTPUT = Tensor("finished", "TYPE_BOOL", (1,))
+# The LLM graph's own (builder.export.recipes.llm_recipe): one graph for prefill and decode, the KV cache as
+# ``past_key_values.{layer}.key/value`` in and ``present.{layer}.key/value`` out.
+ATTENTION_MASK = "attention_mask"
+POSITION_IDS = "position_ids"
+LOGITS = "logits"
+PAST_PREFIX = "past_key_values"
+PRESENT_PREFIX = "present"

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import onnxruntime as ort
 
+from .contract import AUDIO_FRAMES, IMAGE_SIZES, INPUT_FEATURES, PIXEL_VALUES
 from .media import audio_layout, image_layout
 from .model_facts import AudioFacts, ImageFacts, ModelFacts
 from .preprocess import ModelInputs, fuse_embeddings
@@ -69,11 +70,11 @@ def encode_clips(run: EncoderRun, requests: Sequence[tuple[np.ndarray, np.ndarra
 def encode_requests(run: EncoderRun, requests: Sequence[Mapping[str, np.ndarray]], facts: ModelFacts) -> list[np.ndarray]:
     """Each request's encoder inputs (``pixel_values`` + ``image_sizes``, or ``input_features`` + ``audio_frames``)
     -> its embeddings."""
-    if requests and "pixel_values" in requests[0]:
+    if requests and PIXEL_VALUES in requests[0]:
         assert facts.image is not None
-        return encode_images(run, [(r["pixel_values"], r["image_sizes"]) for r in requests], facts.image, facts.hidden_size)
+        return encode_images(run, [(r[PIXEL_VALUES], r[IMAGE_SIZES]) for r in requests], facts.image, facts.hidden_size)
     assert facts.audio is not None
-    return encode_clips(run, [(r["input_features"], r["audio_frames"]) for r in requests], facts.audio, facts.hidden_size)
+    return encode_clips(run, [(r[INPUT_FEATURES], r[AUDIO_FRAMES]) for r in requests], facts.audio, facts.hidden_size)
 
 
 def _joined(pieces: list[np.ndarray], hidden: int) -> np.ndarray:

@@ -14,6 +14,16 @@ from typing import Any, Protocol
 import numpy as np
 import onnxruntime as ort
 
+from .contract import (
+    ATTENTION_MASK,
+    INPUT_IDS,
+    LOGITS,
+    MULTIMODAL_EMBEDS,
+    MULTIMODAL_MASK,
+    PAST_PREFIX,
+    POSITION_IDS,
+    PRESENT_PREFIX,
+)
 from .errors import RequestError
 from .model_facts import ModelFacts
 from .prefix_cache import PrefixCache
@@ -145,12 +155,12 @@ class LanguageModelRunner(GenerateOne):
             options.enable_profiling, options.profile_file_prefix = True, profile_prefix
         self.session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
         self.facts = facts
-        kv = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+        kv = [i for i in self.session.get_inputs() if i.name.startswith(f"{PAST_PREFIX}.")]
         self.kv_inputs = [i.name for i in kv]
         # The cache is in the graph's weight dtype (FP16 for an FP16 build), every other tensor FP32.
         self.kv_dtype = np.float16 if kv and kv[0].type == "tensor(float16)" else np.float32
         self.prefix_cache = prefix_cache  # None: every prompt is prefilled whole
-        self.kv_outputs = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
+        self.kv_outputs = [o.name for o in self.session.get_outputs() if o.name.startswith(f"{PRESENT_PREFIX}.")]
         # The last decode step's sequences and its present KV: [B, kv_heads, longest, head_dim] each, left-padded
         # as the next step's past would be. Holds at most one batch's cache beyond its sequences' own.
         self._last_batch: tuple[list[Sequence], dict[str, np.ndarray]] | None = None
@@ -173,14 +183,14 @@ class LanguageModelRunner(GenerateOne):
         if position_ids is None:
             position_ids = np.broadcast_to(np.arange(length, dtype=np.int64), (facts.position_rows, length))
         feeds = {
-            "input_ids": input_ids[None, reused:].astype(np.int64),
-            "multimodal_embeds": multimodal_embeds[None, reused:].astype(np.float32),
-            "multimodal_mask": multimodal_mask[None, reused:].astype(bool),
-            "attention_mask": np.ones((1, length), dtype=np.int64),
-            "position_ids": self._positions(np.ascontiguousarray(position_ids[:, None, reused:], dtype=np.int64)),
+            INPUT_IDS: input_ids[None, reused:].astype(np.int64),
+            MULTIMODAL_EMBEDS: multimodal_embeds[None, reused:].astype(np.float32),
+            MULTIMODAL_MASK: multimodal_mask[None, reused:].astype(bool),
+            ATTENTION_MASK: np.ones((1, length), dtype=np.int64),
+            POSITION_IDS: self._positions(np.ascontiguousarray(position_ids[:, None, reused:], dtype=np.int64)),
             **dict(zip(self.kv_inputs, past)),
         }
-        logits, *present = self.session.run(["logits", *self.kv_outputs], feeds)
+        logits, *present = self.session.run([LOGITS, *self.kv_outputs], feeds)
         cache = [p[0] for p in present]
         if self.prefix_cache is not None:
             self.prefix_cache.store(input_ids, multimodal_mask, cache)
@@ -200,16 +210,16 @@ class LanguageModelRunner(GenerateOne):
         for row, seq in enumerate(sequences):
             attention[row, longest - seq.length:] = 1
         feeds = {
-            "input_ids": np.array([[s.tokens[-1]] for s in sequences], dtype=np.int64),
-            "multimodal_embeds": np.zeros((batch, 1, facts.hidden_size), dtype=np.float32),
-            "multimodal_mask": np.zeros((batch, 1), dtype=bool),
-            "attention_mask": attention,
-            "position_ids": self._positions(np.broadcast_to(
+            INPUT_IDS: np.array([[s.tokens[-1]] for s in sequences], dtype=np.int64),
+            MULTIMODAL_EMBEDS: np.zeros((batch, 1, facts.hidden_size), dtype=np.float32),
+            MULTIMODAL_MASK: np.zeros((batch, 1), dtype=bool),
+            ATTENTION_MASK: attention,
+            POSITION_IDS: self._positions(np.broadcast_to(
                 np.array([[s.length + s.position_offset] for s in sequences], dtype=np.int64),
                 (facts.position_rows, batch, 1)).copy()),
             **self._batched_past(sequences, longest),
         }
-        logits, *present = self.session.run(["logits", *self.kv_outputs], feeds)
+        logits, *present = self.session.run([LOGITS, *self.kv_outputs], feeds)
         self._last_batch = (list(sequences), dict(zip(self.kv_inputs, present)))
         for row, seq in enumerate(sequences):
             pad = longest - seq.length

@@ -17,6 +17,16 @@ import numpy as np
 import tensorrt as trt
 from polygraphy import cuda
 
+from .contract import (
+    ATTENTION_MASK,
+    INPUT_IDS,
+    LOGITS,
+    MULTIMODAL_EMBEDS,
+    MULTIMODAL_MASK,
+    PAST_PREFIX,
+    POSITION_IDS,
+    PRESENT_PREFIX,
+)
 from .generation import GenerateOne, SamplingParams, Sequence
 from .gpu import query_gpu
 from .model_facts import ModelFacts
@@ -44,8 +54,8 @@ class TensorRTLanguageModelRunner(GenerateOne):
         self.contexts[DECODE].set_optimization_profile_async(DECODE, self.stream.ptr)
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
-        self.kv_inputs = [n for n in names if n.startswith("past_key_values.")]
-        self.kv_outputs = [n.replace("past_key_values.", "present.", 1) for n in self.kv_inputs]
+        self.kv_inputs = [n for n in names if n.startswith(f"{PAST_PREFIX}.")]
+        self.kv_outputs = [n.replace(f"{PAST_PREFIX}.", f"{PRESENT_PREFIX}.", 1) for n in self.kv_inputs]
         kv_dtypes = {self.dtypes[n] for n in (*self.kv_inputs, *self.kv_outputs)}
         if len(kv_dtypes) != 1:
             raise RuntimeError(f"{plan_path}: KV tensors of several types {sorted(map(str, kv_dtypes))}; expected one")
@@ -78,11 +88,11 @@ class TensorRTLanguageModelRunner(GenerateOne):
     ) -> Sequence:
         length = int(input_ids.size)  # the llm model has checked length + max_tokens <= max_context
         logits = self._run(PREFILL, {
-            "input_ids": input_ids[None],
-            "multimodal_embeds": multimodal_embeds[None],
-            "multimodal_mask": multimodal_mask[None],
-            "attention_mask": np.ones((1, length), dtype=np.int64),
-            "position_ids": np.arange(length, dtype=np.int64)[None],
+            INPUT_IDS: input_ids[None],
+            MULTIMODAL_EMBEDS: multimodal_embeds[None],
+            MULTIMODAL_MASK: multimodal_mask[None],
+            ATTENTION_MASK: np.ones((1, length), dtype=np.int64),
+            POSITION_IDS: np.arange(length, dtype=np.int64)[None],
         }, past_length=0)
         capacity = length + params.max_tokens
         cache = DeviceCache(cuda.DeviceArray.raw((len(self.kv_inputs) * self._kv_bytes(1, capacity),)), capacity)
@@ -107,11 +117,11 @@ class TensorRTLanguageModelRunner(GenerateOne):
         for row, seq in enumerate(sequences):
             attention[row, longest - seq.length:] = 1
         logits = self._run(DECODE, {
-            "input_ids": np.array([[s.tokens[-1]] for s in sequences], dtype=np.int64),
-            "multimodal_embeds": np.zeros((batch, 1, self.facts.hidden_size), dtype=np.float32),
-            "multimodal_mask": np.zeros((batch, 1), dtype=bool),
-            "attention_mask": attention,
-            "position_ids": np.array([[s.length] for s in sequences], dtype=np.int64),
+            INPUT_IDS: np.array([[s.tokens[-1]] for s in sequences], dtype=np.int64),
+            MULTIMODAL_EMBEDS: np.zeros((batch, 1, self.facts.hidden_size), dtype=np.float32),
+            MULTIMODAL_MASK: np.zeros((batch, 1), dtype=bool),
+            ATTENTION_MASK: attention,
+            POSITION_IDS: np.array([[s.length] for s in sequences], dtype=np.int64),
         }, past_length=longest)
         present, heads = self._kv_bytes(batch, longest + 1), self.facts.num_kv_heads
         for row, seq in enumerate(sequences):  # append the new position (index `longest` of present) to each cache
@@ -142,7 +152,7 @@ class TensorRTLanguageModelRunner(GenerateOne):
         """One plan execution: past from ``self.past``, present into ``self.present``. Returns the host
         array the logits [batch, vocab] are being copied into: valid once the caller synchronizes."""
         context, facts = self.contexts[profile], self.facts
-        batch, new = host["input_ids"].shape
+        batch, new = host[INPUT_IDS].shape
         for name, array in host.items():
             buffer = self.small[name]
             array = np.ascontiguousarray(array, dtype=self.dtypes[name])
@@ -154,11 +164,11 @@ class TensorRTLanguageModelRunner(GenerateOne):
         for index, (name, out_name) in enumerate(zip(self.kv_inputs, self.kv_outputs)):
             self._bind(context, name, self.past.ptr + index * past, (batch, facts.num_kv_heads, past_length, facts.head_dim))
             context.set_tensor_address(out_name, self.present.ptr + index * present)
-        logits = self.small["logits"].resize((batch, facts.vocab_size))
-        context.set_tensor_address("logits", logits.ptr)
+        logits = self.small[LOGITS].resize((batch, facts.vocab_size))
+        context.set_tensor_address(LOGITS, logits.ptr)
         if not context.execute_async_v3(self.stream.ptr):
             raise RuntimeError("TensorRT execution failed")
-        host_logits = np.empty((batch, facts.vocab_size), dtype=self.dtypes["logits"])
+        host_logits = np.empty((batch, facts.vocab_size), dtype=self.dtypes[LOGITS])
         logits.copy_to(host_logits, self.stream)
         return host_logits
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from builder.components import LLM
+
 if TYPE_CHECKING:  # annotations only: targets sit below the stages that hand these in
     from builder.compile.artifacts import CompiledModel
     from builder.spec import TritonSpec
@@ -38,7 +40,7 @@ class Target:
     def engine_model_name(self, component: str) -> str:
         """The Triton model that loads a component's compiled file. The LLM's is always loaded by the
         ``llm`` decode model; with an engine backend each encoder is a model of its own."""
-        return component if component == "llm" or not self.batches_encoders else f"{component}_{self.name}"
+        return component if component == LLM.name or not self.batches_encoders else f"{component}_{self.name}"
 
     def engine_options(self, compiled: CompiledModel, triton: TritonSpec) -> dict[str, Any]:
         """What the engine template renders beyond the model's I/O and batching."""

@@ -11,6 +11,7 @@ from builder.export.attention import GROUPED_ATTENTION, attention_implementation
 from builder.export.recipes import ExportRecipe, llm_recipe
 from builder.export.wrappers import LanguageModel
 from builder.families.base import SourceModel
+from builder.runtime.contract import IMAGE_EMBEDS, PIXEL_VALUES
 from builder.spec import LimitsSpec
 
 
@@ -83,8 +84,8 @@ def fixed_size_vision_recipe(source: SourceModel, limits: LimitsSpec) -> ExportR
         return (torch.randn(1 + variant % 3, 3, side, side, generator=gen),)
 
     images = Dim("images", min=1, max=max(64, limits.max_images * 16))
-    return ExportRecipe("vision_encoder", FixedSizeVisionEncoder(source.model).eval(), ["pixel_values"], ["image_embeds"],
-                        {"pixel_values": {0: images}}, sample)
+    return ExportRecipe("vision_encoder", FixedSizeVisionEncoder(source.model).eval(), [PIXEL_VALUES], [IMAGE_EMBEDS],
+                        {PIXEL_VALUES: {0: images}}, sample)
 
 
 

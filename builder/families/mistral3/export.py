@@ -12,6 +12,7 @@ from builder.export.axes import COLS, ROWS
 from builder.export.recipes import ExportRecipe, llm_recipe
 from builder.families.base import SourceModel
 from builder.families.voxtral.export import audio_recipe
+from builder.runtime.contract import IMAGE_EMBEDS, PIXEL_VALUES
 from builder.spec import LimitsSpec
 
 
@@ -66,8 +67,8 @@ def vision_recipe(source: SourceModel, limits: LimitsSpec) -> ExportRecipe:
     images = Dim("images", min=1, max=max(64, limits.max_images * 16))
     rows, cols = Dim(ROWS, min=1, max=most), Dim(COLS, min=1, max=most)
     return ExportRecipe(
-        "vision_encoder", VisionEncoder(source.model).eval(), ["pixel_values"], ["image_embeds"],
-        {"pixel_values": {0: images, 2: cell * rows, 3: cell * cols}}, sample,
+        "vision_encoder", VisionEncoder(source.model).eval(), [PIXEL_VALUES], [IMAGE_EMBEDS],
+        {PIXEL_VALUES: {0: images, 2: cell * rows, 3: cell * cols}}, sample,
     )
 
 

@@ -10,6 +10,7 @@ from torch.export import Dim
 from builder.export.attention import SEGMENT_ATTENTION, attention_implementation
 from builder.export.recipes import ExportRecipe, llm_recipe
 from builder.families.base import SourceModel
+from builder.runtime.contract import AUDIO_EMBEDS, IMAGE_EMBEDS
 from builder.spec import LimitsSpec
 
 
@@ -78,7 +79,7 @@ def windowed_vision_recipe(source: SourceModel, limits: LimitsSpec) -> ExportRec
     dynamic = {"pixel_patches": {0: 4 * merged}, "rotary_pos_ids": {0: 4 * merged}, "window_index": {0: merged},
                "cu_seqlens": {0: images}, "cu_window_seqlens": {0: windows}}
     assert image.merge_size == 2, "the export's patch axis is 4 x merged tokens"
-    return ExportRecipe("vision_encoder", WindowedVisionEncoder(source.model).eval(), names, ["image_embeds"], dynamic, sample)
+    return ExportRecipe("vision_encoder", WindowedVisionEncoder(source.model).eval(), names, [IMAGE_EMBEDS], dynamic, sample)
 
 
 def chunked_audio_recipe(source: SourceModel, limits: LimitsSpec) -> ExportRecipe:
@@ -104,7 +105,7 @@ def chunked_audio_recipe(source: SourceModel, limits: LimitsSpec) -> ExportRecip
                "chunk_lengths": {0: chunks}, "valid_indices": {0: Dim("convolved", min=1, max=400000)},
                "pool_indices": {0: Dim("audio_tokens", min=1, max=200000)},
                "cu_seqlens": {0: Dim("chunks_plus_one", min=2, max=4097)}}
-    return ExportRecipe("audio_encoder", ChunkedAudioEncoder(source.model).eval(), names, ["audio_embeds"], dynamic, sample)
+    return ExportRecipe("audio_encoder", ChunkedAudioEncoder(source.model).eval(), names, [AUDIO_EMBEDS], dynamic, sample)
 
 
 RECIPES = {"vision_encoder": windowed_vision_recipe, "audio_encoder": chunked_audio_recipe, "llm": llm_recipe}

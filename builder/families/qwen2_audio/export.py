@@ -8,6 +8,7 @@ from torch.export import Dim
 
 from builder.export.recipes import ExportRecipe, llm_recipe
 from builder.families.base import SourceModel
+from builder.runtime.contract import AUDIO_EMBEDS, FEATURE_ATTENTION_MASK, INPUT_FEATURES
 from builder.spec import LimitsSpec
 
 
@@ -50,8 +51,8 @@ def masked_audio_recipe(source: SourceModel, limits: LimitsSpec) -> ExportRecipe
     clips = Dim("clips", min=1, max=max(64, limits.max_audio_clips * 16))
     module = MaskedAudioEncoder(source.parts["audio_tower"], source.parts["audio_projector"]).eval()
     return ExportRecipe(
-        "audio_encoder", module, ["input_features", "feature_attention_mask"], ["audio_embeds"],
-        {"input_features": {0: clips}, "feature_attention_mask": {0: clips}}, sample,
+        "audio_encoder", module, [INPUT_FEATURES, FEATURE_ATTENTION_MASK], [AUDIO_EMBEDS],
+        {INPUT_FEATURES: {0: clips}, FEATURE_ATTENTION_MASK: {0: clips}}, sample,
     )
 
 

@@ -9,6 +9,7 @@ from torch.export import Dim
 from builder.export.recipes import ExportRecipe, llm_recipe
 from builder.families.base import SourceModel
 from builder.families.voxtral import audio_embeddings
+from builder.runtime.contract import AUDIO_EMBEDS, INPUT_FEATURES
 from builder.spec import LimitsSpec
 
 
@@ -36,8 +37,8 @@ def audio_recipe(source: SourceModel, limits: LimitsSpec) -> ExportRecipe:
 
     clips = Dim("clips", min=1, max=max(64, limits.max_audio_clips * 16))
     return ExportRecipe(
-        "audio_encoder", AudioEncoder(source.parts["audio_tower"], source.parts["audio_projector"]).eval(), ["input_features"],
-        ["audio_embeds"], {"input_features": {0: clips}}, sample,
+        "audio_encoder", AudioEncoder(source.parts["audio_tower"], source.parts["audio_projector"]).eval(), [INPUT_FEATURES],
+        [AUDIO_EMBEDS], {INPUT_FEATURES: {0: clips}}, sample,
     )
 
 

@@ -16,12 +16,19 @@ import secrets
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-
-from mmtb_runtime.contract import OUTPUT_IDS, PROMPT_TOKENS_OUTPUT, STREAM_INPUT, TEXT_OUTPUT
+from mmtb_runtime.contract import (
+    CANCEL_INPUT,
+    FINISHED_OUTPUT,
+    OUTPUT_IDS,
+    PROMPT_TOKENS_OUTPUT,
+    SESSION_INPUT,
+    STREAM_INPUT,
+    TEXT_OUTPUT,
+)
 from mmtb_runtime.triton_io import ModelArgs, answer_outputs, error_response, forwarded_error, input_scalar, output_tensors
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-CHUNK = [TEXT_OUTPUT.name, OUTPUT_IDS.name, "finished"]
+CHUNK = [TEXT_OUTPUT.name, OUTPUT_IDS.name, FINISHED_OUTPUT.name]
 
 
 class StepFailed(Exception):
@@ -54,7 +61,7 @@ class TritonPythonModel:
             response = call(step["model"], step_inputs(step, tensors), list(step["outputs"]))
             for output, name in step["outputs"].items():
                 tensors[name] = pb_utils.get_output_tensor_by_name(response, output)
-        session = pb_utils.Tensor("session", np.array([secrets.randbits(63)], dtype=np.uint64))
+        session = pb_utils.Tensor(SESSION_INPUT.name, np.array([secrets.randbits(63)], dtype=np.uint64))
         # The first call carries the prompt; later ones only the session.
         inputs = [*step_inputs(self.decode, tensors), session]
         text, tokens = [], []
@@ -63,7 +70,7 @@ class TritonPythonModel:
             response = call(self.decode["model"], inputs, CHUNK)
             delta = pb_utils.get_output_tensor_by_name(response, TEXT_OUTPUT.name).as_numpy()[0].decode("utf-8")
             ids = pb_utils.get_output_tensor_by_name(response, OUTPUT_IDS.name).as_numpy().copy()
-            finished = bool(pb_utils.get_output_tensor_by_name(response, "finished").as_numpy()[0])
+            finished = bool(pb_utils.get_output_tensor_by_name(response, FINISHED_OUTPUT.name).as_numpy()[0])
             # An answer ended before its first token (a stop token first) still sends one, empty: it carries prompt_tokens.
             if stream and (delta or ids.size or (finished and not tokens)):
                 sender.send(answer(delta, ids, prompt_tokens))
@@ -73,7 +80,7 @@ class TritonPythonModel:
                 break
             # Asked before the final response only: asked after it, Triton 2.51 crashed (in ResponseFactoryIsCancelled).
             if request.is_cancelled():
-                call(self.decode["model"], [session, pb_utils.Tensor("cancel", np.array([True]))], CHUNK)
+                call(self.decode["model"], [session, pb_utils.Tensor(CANCEL_INPUT.name, np.array([True]))], CHUNK)
                 sender.send(flags=FINAL)  # nobody reads it; it completes the request
                 return
             inputs = [session]

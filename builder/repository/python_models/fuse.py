@@ -1,7 +1,7 @@
 """Triton model `fuse`: image/audio embeddings placed at their placeholder tokens."""
 
 import numpy as np
-
+from mmtb_runtime.contract import AUDIO_EMBEDS, IMAGE_EMBEDS, INPUT_IDS, MULTIMODAL_EMBEDS, MULTIMODAL_MASK
 from mmtb_runtime.model_facts import ModelFacts
 from mmtb_runtime.preprocess import fuse_embeddings
 from mmtb_runtime.triton_io import ModelArgs, input_array, respond_each
@@ -15,10 +15,10 @@ class TritonPythonModel:
 
     def handle(self, request):
         embeds, mask = fuse_embeddings(
-            input_array(request, "input_ids"), self.embeds(request, "image_embeds"), self.embeds(request, "audio_embeds"),
+            input_array(request, INPUT_IDS), self.embeds(request, IMAGE_EMBEDS), self.embeds(request, AUDIO_EMBEDS),
             self.facts,
         )
-        return {"multimodal_embeds": embeds, "multimodal_mask": mask}
+        return {MULTIMODAL_EMBEDS: embeds, MULTIMODAL_MASK: mask}
 
     def embeds(self, request, name):
         value = input_array(request, name)  # [1, tokens, hidden]: one request's embeddings

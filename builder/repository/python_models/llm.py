@@ -10,7 +10,15 @@ call with `cancel` set stops the session's sequence (its client went away).
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-
+from mmtb_runtime.contract import (
+    CANCEL_INPUT,
+    FINISHED_OUTPUT,
+    INPUT_IDS,
+    MULTIMODAL_EMBEDS,
+    MULTIMODAL_MASK,
+    PROMPT_POSITIONS,
+    SESSION_INPUT,
+)
 from mmtb_runtime.errors import RequestError
 from mmtb_runtime.generation import LanguageModelRunner
 from mmtb_runtime.model_facts import ModelFacts
@@ -18,10 +26,16 @@ from mmtb_runtime.prefix_cache import PrefixCache
 from mmtb_runtime.scheduler import DecodeJob, DecodeScheduler, KvBudget
 from mmtb_runtime.sessions import SessionTable
 from mmtb_runtime.text import TextStream, load_tokenizer
-from mmtb_runtime.triton_metrics import MetricsPublisher
 from mmtb_runtime.triton_io import (
-    ModelArgs, answer_outputs, error_response, input_array, input_scalar, output_tensors, read_sampling_params,
+    ModelArgs,
+    answer_outputs,
+    error_response,
+    input_array,
+    input_scalar,
+    output_tensors,
+    read_sampling_params,
 )
+from mmtb_runtime.triton_metrics import MetricsPublisher
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -58,15 +72,15 @@ class TritonPythonModel:
         return None
 
     def handle(self, request, sender):
-        session_id = input_scalar(request, "session", None, int)
+        session_id = input_scalar(request, SESSION_INPUT.name, None, int)
         if session_id is None:  # unary: the whole answer in one response
             self.start(self.prompt(request), WholeAnswer(sender, self.tokenizer, self.args.name))
             return
-        if input_scalar(request, "cancel", False, bool):
+        if input_scalar(request, CANCEL_INPUT.name, False, bool):
             self.sessions.cancel(session_id)
             sender.send(answer("", [], finished=True), flags=FINAL)
             return
-        prompt = self.prompt(request) if input_array(request, "input_ids") is not None else None
+        prompt = self.prompt(request) if input_array(request, INPUT_IDS) is not None else None
         session = self.sessions.open(session_id) if prompt is not None else self.sessions.get(session_id)
         # Polled before it starts: the first token gets a response of its own.
         session.poll(lambda chunk: send_chunk(sender, chunk, self.args.name))
@@ -87,15 +101,15 @@ class TritonPythonModel:
         """The request's prompt and sampling parameters, validated: a bad request fails before it starts."""
         a = self.args
         params = read_sampling_params(request, a.int("default_max_tokens"), a.int("max_tokens"))
-        ids = input_array(request, "input_ids")
-        embeds, mask = input_array(request, "multimodal_embeds"), input_array(request, "multimodal_mask")
+        ids = input_array(request, INPUT_IDS)
+        embeds, mask = input_array(request, MULTIMODAL_EMBEDS), input_array(request, MULTIMODAL_MASK)
         if ids is None or embeds is None or mask is None:
             raise RequestError("input_ids, multimodal_embeds and multimodal_mask are required to start an answer")
         if ids.size + params.max_tokens > self.max_context:
             raise RequestError(
                 f"max_tokens: prompt ({ids.size} tokens) + max_tokens ({params.max_tokens}) exceeds the context of {self.max_context}"
             )
-        positions = input_array(request, "prompt_positions")  # M-RoPE models only: [3, S] from preprocess
+        positions = input_array(request, PROMPT_POSITIONS)  # M-RoPE models only: [3, S] from preprocess
         if self.facts.position_rows != 1 and (positions is None or positions.shape != (self.facts.position_rows, ids.size)):
             raise RequestError(f"prompt_positions: {self.facts.position_rows} rows of {ids.size} positions are required")
         return ids, embeds, mask, params, positions
@@ -132,4 +146,4 @@ def send_chunk(sender, chunk, model):
 
 
 def answer(text, tokens, finished):
-    return pb_utils.InferenceResponse(output_tensors=output_tensors({**answer_outputs(text, tokens), "finished": np.array([finished])}))
+    return pb_utils.InferenceResponse(output_tensors=output_tensors({**answer_outputs(text, tokens), FINISHED_OUTPUT.name: np.array([finished])}))

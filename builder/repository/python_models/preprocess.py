@@ -1,8 +1,20 @@
 """Triton model `preprocess`: chat template, prompt text, images and audio files to token ids and encoder inputs."""
 
 import numpy as np
-
-from mmtb_runtime.contract import AUDIO_INPUT, IMAGE_INPUT, MESSAGES_INPUT, PROMPT_TOKENS_OUTPUT, SYSTEM_PROMPT_INPUT, TEXT_INPUT
+from mmtb_runtime.contract import (
+    AUDIO_FRAMES,
+    AUDIO_INPUT,
+    IMAGE_INPUT,
+    IMAGE_SIZES,
+    INPUT_FEATURES,
+    INPUT_IDS,
+    MESSAGES_INPUT,
+    PIXEL_VALUES,
+    PROMPT_POSITIONS,
+    PROMPT_TOKENS_OUTPUT,
+    SYSTEM_PROMPT_INPUT,
+    TEXT_INPUT,
+)
 from mmtb_runtime.errors import RequestError
 from mmtb_runtime.preprocess import Preprocessor, RequestLimits
 from mmtb_runtime.triton_io import ModelArgs, input_array, input_bytes_list, respond_each
@@ -18,9 +30,9 @@ class TritonPythonModel:
         inputs = self.preprocess(text, input_bytes_list(request, IMAGE_INPUT.name), input_bytes_list(request, AUDIO_INPUT.name),
                                  system, messages)
         # The encoders' inputs carry a leading axis of 1, the request (see the encoders' configs).
-        outputs = {"input_ids": inputs.input_ids, "pixel_values": inputs.pixel_values[None],
-                   "image_sizes": inputs.image_sizes[None], "input_features": inputs.input_features[None],
-                   "audio_frames": inputs.audio_frames[None], "prompt_positions": inputs.position_ids,
+        outputs = {INPUT_IDS: inputs.input_ids, PIXEL_VALUES: inputs.pixel_values[None],
+                   IMAGE_SIZES: inputs.image_sizes[None], INPUT_FEATURES: inputs.input_features[None],
+                   AUDIO_FRAMES: inputs.audio_frames[None], PROMPT_POSITIONS: inputs.position_ids,
                    PROMPT_TOKENS_OUTPUT.name: np.array([inputs.input_ids.size], dtype=PROMPT_TOKENS_OUTPUT.numpy_dtype)}
         # Only what this model's config declares: a build without an encoder has no output for it.
         return {name: outputs[name] for name in request.requested_output_names()}

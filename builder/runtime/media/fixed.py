@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..contract import PIXEL_VALUES
 from .base import ImageLayout
 
 
@@ -24,4 +25,4 @@ class FixedLayout(ImageLayout):
         return self.image.tokens_per_image
 
     def graph_feeds(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
-        return {"pixel_values": pixels}
+        return {PIXEL_VALUES: pixels}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..contract import PIXEL_VALUES
 from ..errors import RequestError
 from ..image import resized_size
 from .base import ImageLayout
@@ -37,4 +38,4 @@ class PixtralLayout(ImageLayout):
         return len(self.placeholders(*resized_size(longest, longest, longest, self.image.cell)))
 
     def graph_feeds(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
-        return {"pixel_values": pixels}
+        return {PIXEL_VALUES: pixels}
