@@ -106,7 +106,7 @@ def test_an_openai_client_conversation_equals_hugging_face_pipeline(connection, 
     part in another, a system turn and an earlier answer give HF's text (decoded from its tokens) and HF's prompt
     length."""
     model, processor = hf_pipeline
-    pictures, clips = [image(12, 97, 61)], [noisy_wav(13, 2.5, 44100)]
+    pictures, clips = [image(9, 130, 75)], [noisy_wav(10, 3.2)]
     conversation = hf_conversation(CONVERSATION, image=pictures, audio=[f"clip{i}.wav" for i in range(len(clips))])
     expected = template_then_processor_generate(model, processor, conversation, NEW_TOKENS, pictures, clips)
     prompt_length = template_then_processor_inputs(processor, conversation, pictures, clips)["input_ids"].shape[1]
