@@ -110,6 +110,22 @@ def openai_chat(connection: Connection, repository: Path) -> Iterator[tuple[Any,
         yield openai_client(url), name
 
 
+def assert_openai_chat_as_reference(connection: Connection, repository: Path, messages: list[dict[str, Any]],
+                                    expected: list[int], text: str, prompt_length: int) -> None:
+    """Through the OpenAI front with the ``openai`` client, ``messages`` (OpenAI's shape) get HF's reply ``text``
+    (its greedy tokens ``expected``, which must not be degenerate, decoded without special tokens) and HF's
+    ``prompt_length`` as ``usage.prompt_tokens``, unary and streamed."""
+    from tests.openai_front import streamed
+
+    assert len(set(expected)) >= 8 and len(text) > 8, f"degenerate reference output {expected}"
+    request = {"messages": messages, "max_tokens": len(expected)}
+    with openai_chat(connection, repository) as (chat, name):
+        reply = chat.chat.completions.create(model=name, **request)
+        assert reply.choices[0].message.content == text
+        assert reply.usage.prompt_tokens == prompt_length and reply.usage.completion_tokens == len(expected)
+        assert streamed(chat, model=name, **request)[0] == text
+
+
 def noisy_wav(seed: int, seconds: float, rate: int = 16000) -> bytes:
     """A tone under noise, 16-bit mono: features an audio tower can tell apart."""
     rng = np.random.default_rng(seed)

@@ -182,26 +182,28 @@ def hf_pipeline_generate(model, processor, text: str, images: list, system_promp
 def hf_conversation(messages: list[dict], **media: list) -> list[dict]:
     """A conversation as a client sends it in ``messages`` (media parts ``{"type", "index"}`` naming the request's
     files) as HF's examples write it for ``apply_chat_template``: each media part holding its item, e.g.
-    ``image=[PIL images]`` or ``audio_url=[names]`` (the key the family's template and processor read)."""
+    ``image=[PIL images]`` or ``audio_url=[names]`` (the key the family's template and processor read), or
+    ``audio=[{"base64": ...}]`` (items that are dicts give the part's keys themselves, e.g. mistral-common's)."""
     def part(item: dict) -> dict:
         if item["type"] == "text":
             return item
         key = next(k for k in media if k.startswith(item["type"]))
-        return {"type": item["type"], key: media[key][item["index"]]}
+        held = media[key][item["index"]]
+        return {"type": item["type"], **(held if isinstance(held, dict) else {key: held})}
 
     return [{**m, "content": m["content"] if isinstance(m["content"], str) else [part(p) for p in m["content"]]}
             for m in messages]
 
 
 def hf_conversation_inputs(processor, conversation: list[dict]) -> dict:
-    """The processor's ``apply_chat_template`` on a conversation whose parts hold their images (tokenized, with them)."""
+    """The processor's ``apply_chat_template`` on a conversation whose parts hold their media (tokenized, with them)."""
     return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True,
                                          return_tensors="pt")
 
 
 @torch.no_grad()
 def hf_conversation_generate(model, processor, conversation: list[dict], max_new_tokens: int) -> list[int]:
-    """HF's own pipeline on a conversation whose parts hold their images: :func:`hf_conversation_inputs` + greedy
+    """HF's own pipeline on a conversation whose parts hold their media: :func:`hf_conversation_inputs` + greedy
     ``generate``."""
     inputs = hf_conversation_inputs(processor, conversation)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
@@ -286,16 +288,19 @@ def write_voxtral_checkpoint(directory: Path, seed: int = 5) -> Path:
     return directory
 
 
+def base64_audio(clips: list[bytes]) -> list[dict[str, str]]:
+    """Audio parts' items as VoxtralProcessor (mistral-common) reads them: the files in base64."""
+    return [{"base64": base64.b64encode(clip).decode()} for clip in clips]
+
+
 def voxtral_pipeline_generate(model, processor, text: str, audio: list[bytes], max_new_tokens: int,
                               system_prompt: str | None = None) -> list[int]:
     """HF's own Voxtral pipeline: ``VoxtralProcessor.apply_chat_template`` (mistral-common decodes, resamples and
     tokenizes the audio) + ``generate``."""
-    content = [{"type": "audio", "base64": base64.b64encode(clip).decode()} for clip in audio]
+    content = [{"type": "audio", **item} for item in base64_audio(audio)]
     system = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
-    inputs = processor.apply_chat_template([*system, {"role": "user", "content": [*content, {"type": "text", "text": text}]}])
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return out[0, inputs["input_ids"].shape[1]:].tolist()
+    return hf_conversation_generate(model, processor, [*system, {"role": "user", "content": [*content, {"type": "text", "text": text}]}],
+                                    max_new_tokens)
 
 
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"]
@@ -367,21 +372,24 @@ def qwen2_audio_pipeline_generate(model, processor, text: str, audio: list[bytes
     content = [{"type": "audio", "audio_url": f"clip{i}.wav"} for i in range(len(audio))]
     system = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
     conversation = [*system, {"role": "user", "content": [*content, {"type": "text", "text": text}]}]
-    return qwen2_audio_conversation_generate(model, processor, conversation, audio, max_new_tokens)
+    return template_then_processor_generate(model, processor, conversation, max_new_tokens, audio=audio)
 
 
-def qwen2_audio_conversation_inputs(processor, conversation: list[dict], audio: list[bytes]) -> dict:
-    """The template on a conversation (audio parts as ``audio_url``), then the processor on the clips (16 kHz), in the
-    order the conversation names them."""
+def template_then_processor_inputs(processor, conversation: list[dict], images: list = (), audio: list[bytes] = ()) -> dict:
+    """As the Qwen model cards run a conversation (media parts naming their items, not holding them): the template's
+    text, then the processor on the PIL ``images`` and on the ``audio`` files loaded at 16 kHz, in the order the
+    conversation names them."""
     prompt = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-    arrays = {"audio": [load_16k(clip) for clip in audio], "sampling_rate": 16000} if audio else {}
-    return processor(text=prompt, **arrays, return_tensors="pt")
+    media = {"images": list(images)} if images else {}
+    if audio:
+        media |= {"audio": [load_16k(clip) for clip in audio], "sampling_rate": 16000}
+    return processor(text=prompt, **media, return_tensors="pt")
 
 
-def qwen2_audio_conversation_generate(model, processor, conversation: list[dict], audio: list[bytes],
-                                      max_new_tokens: int) -> list[int]:
-    """As the model card runs a conversation: :func:`qwen2_audio_conversation_inputs`, then greedy ``generate``."""
-    inputs = qwen2_audio_conversation_inputs(processor, conversation, audio)
+def template_then_processor_generate(model, processor, conversation: list[dict], max_new_tokens: int,
+                                     images: list = (), audio: list[bytes] = ()) -> list[int]:
+    """:func:`template_then_processor_inputs`, then greedy ``generate``."""
+    inputs = template_then_processor_inputs(processor, conversation, images, audio)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return out[0, inputs["input_ids"].shape[1]:].tolist()

@@ -17,6 +17,8 @@ from tokenizers import AddedToken, Tokenizer, models, normalizers, trainers
 from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil, Gemma3Processor,
                           GemmaTokenizer, GenerationConfig)
 
+from tests.hf_checkpoints import hf_conversation_generate
+
 # The published template, as quoted (JSON-escaped) in tokenizer_config.json.
 GEMMA3_CHAT_TEMPLATE = json.loads(
     r'''"{{ bos_token }}\n{%- if messages[0]['role'] == 'system' -%}\n    {%- if messages[0]['content'] is string -%}\n        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}\n    {%- else -%}\n        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}\n    {%- endif -%}\n    {%- set loop_messages = messages[1:] -%}\n{%- else -%}\n    {%- set first_user_prefix = \"\" -%}\n    {%- set loop_messages = messages -%}\n{%- endif -%}\n{%- for message in loop_messages -%}\n    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n    {%- endif -%}\n    {%- if (message['role'] == 'assistant') -%}\n        {%- set role = \"model\" -%}\n    {%- else -%}\n        {%- set role = message['role'] -%}\n    {%- endif -%}\n    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}\n    {%- if message['content'] is string -%}\n        {{ message['content'] | trim }}\n    {%- elif message['content'] is iterable -%}\n        {%- for item in message['content'] -%}\n            {%- if item['type'] == 'image' -%}\n                {{ '<start_of_image>' }}\n            {%- elif item['type'] == 'text' -%}\n                {{ item['text'] | trim }}\n            {%- endif -%}\n        {%- endfor -%}\n    {%- else -%}\n        {{ raise_exception(\"Invalid content type\") }}\n    {%- endif -%}\n    {{ '<end_of_turn>\n' }}\n{%- endfor -%}\n{%- if add_generation_prompt -%}\n    {{'<start_of_turn>model\n'}}\n{%- endif -%}\n"'''
@@ -166,13 +168,9 @@ def write_gemma3_checkpoint(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
-@torch.no_grad()
 def gemma3_pipeline_generate(model, processor, text: str, images: list, max_new_tokens: int,
                              system_prompt: str | None = None) -> list[int]:
     """HF's own Gemma 3 pipeline: the processor's ``apply_chat_template`` (images first, then the text) + ``generate``."""
     content = [*({"type": "image", "image": image} for image in images), {"type": "text", "text": text}]
     system = [{"role": "system", "content": [{"type": "text", "text": system_prompt}]}] if system_prompt else []
-    inputs = processor.apply_chat_template([*system, {"role": "user", "content": content}], add_generation_prompt=True,
-                                           tokenize=True, return_dict=True, return_tensors="pt")
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return out[0, inputs["input_ids"].shape[1]:].tolist()
+    return hf_conversation_generate(model, processor, [*system, {"role": "user", "content": content}], max_new_tokens)

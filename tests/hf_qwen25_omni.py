@@ -31,7 +31,7 @@ from transformers import (
 )
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-from tests.hf_checkpoints import load_16k
+from tests.hf_checkpoints import template_then_processor_generate
 
 # Qwen2.5-Omni's added tokens in their id order (151643 ... 151664 in the real tokenizer).
 SPECIALS = [
@@ -231,15 +231,10 @@ def load_processor(directory: str | Path) -> Qwen2_5OmniProcessor:
 
 def omni_pipeline_generate(model, processor, text: str, images: list, audio: list[bytes], max_new_tokens: int,
                            system_prompt: str | None = None) -> list[int]:
-    """HF's own pipeline: one user turn (images, then audio, then the text), the processor on PIL images and on
-    audio loaded at 16 kHz as HF's examples load it, then greedy ``generate``."""
+    """HF's own pipeline on one user turn (images, then audio, then the text) after an optional system turn: see
+    :func:`tests.hf_checkpoints.template_then_processor_generate`."""
     content = ([{"type": "image", "image": image} for image in images]
                + [{"type": "audio", "audio": f"clip{i}.wav"} for i in range(len(audio))] + [{"type": "text", "text": text}])
     system = [{"role": "system", "content": [{"type": "text", "text": system_prompt}]}] if system_prompt is not None else []
-    prompt = processor.apply_chat_template([*system, {"role": "user", "content": content}], add_generation_prompt=True,
-                                           tokenize=False)
-    inputs = processor(text=prompt, images=images or None, audio=[load_16k(clip) for clip in audio] or None,
-                       return_tensors="pt", padding=True)
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return out[0, inputs["input_ids"].shape[1]:].tolist()
+    return template_then_processor_generate(model, processor, [*system, {"role": "user", "content": content}],
+                                            max_new_tokens, images, audio)

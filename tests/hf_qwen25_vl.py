@@ -18,6 +18,7 @@ import torch
 from transformers import (AutoTokenizer, GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
                           Qwen2_5_VLProcessor, Qwen2VLImageProcessorPil)
 
+from tests.hf_checkpoints import template_then_processor_generate
 from tests.hf_qwen25_omni import WithoutVideo, _reinit, build_tokenizer
 
 # Qwen2.5-VL's added tokens in their id order (151643 ... 151656 in the real tokenizer).
@@ -117,13 +118,9 @@ def load_processor(directory: Path) -> Qwen2_5_VLProcessor:
 
 def qwen25_vl_pipeline_generate(model, processor, text: str, images: list, max_new_tokens: int,
                                 system_prompt: str | None = None) -> list[int]:
-    """HF's own pipeline: one user turn (images, then the text) after an optional system turn, the processor on PIL
-    images, then greedy ``generate``."""
+    """HF's own pipeline on one user turn (images, then the text) after an optional system turn: see
+    :func:`tests.hf_checkpoints.template_then_processor_generate`."""
     content = [{"type": "image", "image": image} for image in images] + [{"type": "text", "text": text}]
     system = [{"role": "system", "content": [{"type": "text", "text": system_prompt}]}] if system_prompt is not None else []
-    prompt = processor.apply_chat_template([*system, {"role": "user", "content": content}], add_generation_prompt=True,
-                                           tokenize=False)
-    inputs = processor(text=prompt, images=images or None, return_tensors="pt", padding=True)
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return out[0, inputs["input_ids"].shape[1]:].tolist()
+    return template_then_processor_generate(model, processor, [*system, {"role": "user", "content": content}],
+                                            max_new_tokens, images)

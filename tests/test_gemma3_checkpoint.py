@@ -4,7 +4,8 @@
 square, each ``<start_of_image>`` expanded in the text to 16 soft tokens between newlines, the soft tokens of an
 image attending to each other both ways in the prefill, sliding-window layers whose window the prompts cross. The
 reference is ``Gemma3Processor.apply_chat_template`` + ``generate``; served greedy ``output_ids`` must equal it for
-text, one image, two images of different sizes and a system prompt.
+text, one image, two images of different sizes and a system prompt; and an OpenAI client's conversation (images in
+two turns, a system turn) through the front gets HF's text and prompt length.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import pytest
 
 from builder.serve.client import Request, ask
 from tests.conftest import wav_bytes
-from tests.family_checks import (assert_int8_build_kept_its_promise, assert_refused, assert_served_as_reference,
-                                 assert_streaming_equals_unary, family_fixtures)
-from tests.hf_checkpoints import image, png
+from tests.family_checks import (assert_int8_build_kept_its_promise, assert_openai_chat_as_reference, assert_refused,
+                                 assert_served_as_reference, assert_streaming_equals_unary, family_fixtures)
+from tests.hf_checkpoints import hf_conversation, hf_conversation_generate, hf_conversation_inputs, image, png
 from tests.hf_gemma3 import gemma3_pipeline_generate, write_gemma3_checkpoint
+from tests.openai_front import openai_messages
 
 NEW_TOKENS = 16
 LIMITS = {"max_prompt_tokens": 256, "max_context": 320}
@@ -33,14 +35,27 @@ CASES = {
     "a system prompt": ("Describe the colours.", [(4, 30, 80)], "Answer in one word."),
 }
 
+# A conversation as a chat client sends it (OpenAI's shape): a system turn (its template puts it at the head of the first user turn), images in two user turns, an earlier answer
+CONVERSATION = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": [{"type": "image", "index": 0}, {"type": "text", "text": "What is in the picture?"}]},
+    {"role": "assistant", "content": "The quick brown fox near the river."},
+    {"role": "user", "content": [{"type": "text", "text": "Compare it with this one."}, {"type": "image", "index": 1}]},
+]
+
 
 @pytest.fixture(scope="module")
-def reference(checkpoint: Path):
+def hf_pipeline(checkpoint: Path):
     import torch
     from transformers import AutoProcessor, Gemma3ForConditionalGeneration
 
-    model = Gemma3ForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    processor = AutoProcessor.from_pretrained(checkpoint)
+    return (Gemma3ForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval(),
+            AutoProcessor.from_pretrained(checkpoint))
+
+
+@pytest.fixture(scope="module")
+def reference(hf_pipeline):
+    model, processor = hf_pipeline
     return lambda text, images, system_prompt: gemma3_pipeline_generate(model, processor, text, images, NEW_TOKENS,
                                                                         system_prompt)
 
@@ -65,6 +80,19 @@ def test_what_an_image_holds_reaches_the_model(connection) -> None:
     answers = [ask(connection, Request("Describe the colours.", images=(png(image(seed, 90, 50)),),
                                        max_tokens=NEW_TOKENS)).token_ids for seed in (11, 12)]
     assert answers[0] != answers[1]
+
+
+@pytest.mark.serving
+def test_an_openai_client_conversation_equals_hugging_face_pipeline(connection, repository: Path, hf_pipeline) -> None:
+    """Through the OpenAI front with the ``openai`` client: ``image_url`` parts in two turns, a system turn and an
+    earlier answer give HF's text (decoded from its tokens) and HF's prompt length."""
+    model, processor = hf_pipeline
+    pictures = [image(5, 40, 28), image(6, 24, 48)]
+    conversation = hf_conversation(CONVERSATION, image=pictures)
+    expected = hf_conversation_generate(model, processor, conversation, NEW_TOKENS)
+    prompt_length = hf_conversation_inputs(processor, conversation)["input_ids"].shape[1]
+    assert_openai_chat_as_reference(connection, repository, openai_messages(CONVERSATION, images=[png(p) for p in pictures]),
+                                    expected, processor.tokenizer.decode(expected, skip_special_tokens=True), prompt_length)
 
 
 @pytest.mark.serving

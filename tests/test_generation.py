@@ -125,3 +125,19 @@ def test_text_stream_holds_back_partial_characters(built_repository):
     deltas = [stream.push(t) for t in ids] + [stream.flush()]
     assert "".join(deltas) == "naïve café 東京 ok"
     assert all("\ufffd" not in d for d in deltas)
+
+
+def test_text_stream_holds_back_a_byte_fallback_run_until_it_ends():
+    """Gemma's decoder turns a run of byte tokens that is not valid UTF-8 into one U+FFFD per byte, so a later byte
+    changes bytes already valid alone (``<0x1B>`` is "\\x1b", ``<0x1B><0xFF>`` "��": the tiny Gemma 3 answered so),
+    across a special token too (skipped before decoding)."""
+    from tests.hf_gemma3 import gemma_tokenizer
+
+    tokenizer = gemma_tokenizer().backend_tokenizer
+    word = tokenizer.encode("Hello", add_special_tokens=False).ids
+    byte = {value: tokenizer.token_to_id(f"<0x{value:02X}>") for value in (0x1B, 0xFF, 0x41, 0xCB, 0xE6, 0x9D, 0xB1)}
+    ids = [*word, byte[0x1B], byte[0xFF], *word, byte[0x41], tokenizer.token_to_id("<end_of_turn>"), byte[0xCB], *word,
+           byte[0xE6], byte[0x9D], byte[0xB1]]
+    stream = TextStream(tokenizer)
+    deltas = [stream.push(t) for t in ids] + [stream.flush()]
+    assert "".join(deltas) == tokenizer.decode(ids, skip_special_tokens=True) == "Hello��Hello��Hello東"

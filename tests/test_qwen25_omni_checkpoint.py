@@ -3,7 +3,9 @@
 ``Qwen2_5OmniThinkerForConditionalGeneration`` written by transformers (odd sizes, BF16 shards, the on-disk key
 layout), a Qwen2 tokenizer, the published chat template and preprocessor_config.json (tests/hf_qwen25_omni.py). The
 reference is ``Qwen2_5OmniProcessor`` + ``generate``: served greedy ``output_ids`` must equal HF's for text, one
-image, one clip, and an image with a clip, where the decoder's M-RoPE positions follow the image's grid.
+image, one clip, and an image with a clip, where the decoder's M-RoPE positions follow the image's grid; and an
+OpenAI client's conversation (an image in one turn, a clip in another, a system turn) through the front gets HF's
+text and prompt length.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from pathlib import Path
 import pytest
 
 from builder.serve.client import Request, ask
-from tests.family_checks import (assert_int8_build_kept_its_promise, assert_refused, assert_served_as_reference,
-                                 assert_streaming_equals_unary, family_fixtures, noisy_wav)
-from tests.hf_checkpoints import image, png
+from tests.family_checks import (assert_int8_build_kept_its_promise, assert_openai_chat_as_reference, assert_refused,
+                                 assert_served_as_reference, assert_streaming_equals_unary, family_fixtures, noisy_wav)
+from tests.hf_checkpoints import (hf_conversation, image, png, template_then_processor_generate,
+                                  template_then_processor_inputs)
 from tests.hf_qwen25_omni import load_processor, omni_pipeline_generate, write_qwen25_omni_checkpoint
+from tests.openai_front import openai_messages
 
 NEW_TOKENS = 16
 LIMITS = {"max_prompt_tokens": 1200, "max_context": 1300}
@@ -34,14 +38,28 @@ CASES = {
                                                         [(7, 2.5, 44100)], "Answer in one word."),
 }
 
+# A conversation as a chat client sends it (OpenAI's shape): a system turn, an image in one user turn and a clip in
+# another, an earlier answer
+CONVERSATION = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": [{"type": "image", "index": 0}, {"type": "text", "text": "What is in the picture?"}]},
+    {"role": "assistant", "content": "The quick brown fox near the river."},
+    {"role": "user", "content": [{"type": "text", "text": "And what do you hear?"}, {"type": "audio", "index": 0}]},
+]
+
 
 @pytest.fixture(scope="module")
-def reference(checkpoint: Path):
+def hf_pipeline(checkpoint: Path):
     import torch
     from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
-    model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    processor = load_processor(checkpoint)
+    return (Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval(),
+            load_processor(checkpoint))
+
+
+@pytest.fixture(scope="module")
+def reference(hf_pipeline):
+    model, processor = hf_pipeline
     return lambda text, images, audio, system_prompt: omni_pipeline_generate(model, processor, text, images, audio,
                                                                              NEW_TOKENS, system_prompt)
 
@@ -80,6 +98,20 @@ def test_concurrent_requests_decode_together_and_keep_their_own_positions(connec
     alone = [ask(connection, r).token_ids for r in requests]
     with ThreadPoolExecutor(len(requests)) as pool:
         assert list(pool.map(lambda r: ask(connection, r).token_ids, requests)) == alone
+
+
+@pytest.mark.serving
+def test_an_openai_client_conversation_equals_hugging_face_pipeline(connection, repository: Path, hf_pipeline) -> None:
+    """Through the OpenAI front with the ``openai`` client: an ``image_url`` part in one turn and an ``input_audio``
+    part in another, a system turn and an earlier answer give HF's text (decoded from its tokens) and HF's prompt
+    length."""
+    model, processor = hf_pipeline
+    pictures, clips = [image(9, 130, 75)], [noisy_wav(10, 3.2)]
+    conversation = hf_conversation(CONVERSATION, image=pictures, audio=[f"clip{i}.wav" for i in range(len(clips))])
+    expected = template_then_processor_generate(model, processor, conversation, NEW_TOKENS, pictures, clips)
+    prompt_length = template_then_processor_inputs(processor, conversation, pictures, clips)["input_ids"].shape[1]
+    assert_openai_chat_as_reference(connection, repository, openai_messages(CONVERSATION, [png(p) for p in pictures], clips),
+                                    expected, processor.tokenizer.decode(expected, skip_special_tokens=True), prompt_length)
 
 
 @pytest.mark.serving

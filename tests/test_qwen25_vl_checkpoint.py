@@ -5,7 +5,8 @@ own pipeline.
 Qwen2 tokenizer with Qwen2.5-VL's added tokens, the published chat template and preprocessor_config.json
 (tests/hf_qwen25_vl.py). The reference is ``Qwen2_5_VLProcessor.apply_chat_template`` + the processor + ``generate``:
 served greedy ``output_ids`` must equal HF's for text, one image, two images of different sizes and a system prompt,
-where the decoder's M-RoPE positions follow each image's grid.
+where the decoder's M-RoPE positions follow each image's grid; and an OpenAI client's conversation (images in two
+turns, a system turn) through the front gets HF's text and prompt length.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from pathlib import Path
 import pytest
 
 from builder.serve.client import Request, ask
-from tests.family_checks import (assert_refused, assert_served_as_reference, assert_streaming_equals_unary,
-                                 family_fixtures, noisy_wav)
-from tests.hf_checkpoints import image, png
+from tests.family_checks import (assert_openai_chat_as_reference, assert_refused, assert_served_as_reference,
+                                 assert_streaming_equals_unary, family_fixtures, noisy_wav)
+from tests.hf_checkpoints import hf_conversation, hf_conversation_generate, hf_conversation_inputs, image, png
 from tests.hf_qwen25_vl import load_processor, qwen25_vl_pipeline_generate, write_qwen25_vl_checkpoint
+from tests.openai_front import openai_messages
 
 NEW_TOKENS = 16
 # Built as `make engines CHECKPOINT=dir` builds it: no spec file, the limits following the checkpoint
@@ -33,14 +35,26 @@ CASES = {
     "an image and a system prompt": ("What is in the picture?", [(4, 130, 75)], "Answer in one word."),
 }
 
+# A conversation as a chat client sends it (OpenAI's shape): a system turn, images in two user turns, an earlier answer
+CONVERSATION = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": [{"type": "image", "index": 0}, {"type": "text", "text": "What is in the picture?"}]},
+    {"role": "assistant", "content": "The quick brown fox near the river."},
+    {"role": "user", "content": [{"type": "text", "text": "Compare it with this one."}, {"type": "image", "index": 1}]},
+]
+
 
 @pytest.fixture(scope="module")
-def reference(checkpoint: Path):
+def hf_pipeline(checkpoint: Path):
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    processor = load_processor(checkpoint)
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval(), load_processor(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def reference(hf_pipeline):
+    model, processor = hf_pipeline
     return lambda text, images, system_prompt: qwen25_vl_pipeline_generate(model, processor, text, images, NEW_TOKENS,
                                                                            system_prompt)
 
@@ -67,6 +81,20 @@ def test_what_an_image_holds_reaches_the_model(connection) -> None:
     answers = [ask(connection, Request("What is in the picture?", images=(png(image(seed, 97, 61)),),
                                        max_tokens=NEW_TOKENS)).token_ids for seed in (11, 12)]
     assert answers[0] != answers[1]
+
+
+@pytest.mark.serving
+def test_an_openai_client_conversation_equals_hugging_face_pipeline(connection, repository: Path, hf_pipeline) -> None:
+    """Through the OpenAI front with the ``openai`` client: ``image_url`` parts in two turns (the second image's
+    M-RoPE positions after the first's and an answer), a system turn and an earlier answer give HF's text (decoded from
+    its tokens) and HF's prompt length."""
+    model, processor = hf_pipeline
+    pictures = [image(7, 97, 61), image(8, 40, 50)]
+    conversation = hf_conversation(CONVERSATION, image=pictures)
+    expected = hf_conversation_generate(model, processor, conversation, NEW_TOKENS)
+    prompt_length = hf_conversation_inputs(processor, conversation)["input_ids"].shape[1]
+    assert_openai_chat_as_reference(connection, repository, openai_messages(CONVERSATION, images=[png(p) for p in pictures]),
+                                    expected, processor.tokenizer.decode(expected, skip_special_tokens=True), prompt_length)
 
 
 @pytest.mark.serving

@@ -17,11 +17,11 @@ import pytest
 
 from builder.serve.client import Request, ask
 from tests.conftest import png_bytes
-from tests.family_checks import (assert_int8_build_kept_its_promise, assert_refused, assert_served_as_reference,
-                                 assert_streaming_equals_unary, family_fixtures, noisy_wav, openai_chat)
-from tests.hf_checkpoints import (hf_conversation, qwen2_audio_conversation_generate, qwen2_audio_conversation_inputs,
-                                  qwen2_audio_pipeline_generate, write_qwen2_audio_checkpoint)
-from tests.openai_front import openai_messages, streamed
+from tests.family_checks import (assert_int8_build_kept_its_promise, assert_openai_chat_as_reference, assert_refused,
+                                 assert_served_as_reference, assert_streaming_equals_unary, family_fixtures, noisy_wav)
+from tests.hf_checkpoints import (hf_conversation, qwen2_audio_pipeline_generate, template_then_processor_generate,
+                                  template_then_processor_inputs, write_qwen2_audio_checkpoint)
+from tests.openai_front import openai_messages
 
 NEW_TOKENS = 16
 INT8_LIMITS = {"max_prompt_tokens": 1600, "max_context": 1700, "max_audio_clips": 2}  # the INT8 build: two clips of up to 750
@@ -95,15 +95,10 @@ def test_an_openai_client_conversation_equals_hugging_face_pipeline(connection, 
     model, processor = hf_pipeline
     clips = [noisy_wav(21, 2.0), noisy_wav(22, 3.5, 8000)]
     conversation = hf_conversation(CONVERSATION, audio_url=[f"clip{i}.wav" for i in range(len(clips))])
-    expected = qwen2_audio_conversation_generate(model, processor, conversation, clips, NEW_TOKENS)
-    prompt_length = qwen2_audio_conversation_inputs(processor, conversation, clips)["input_ids"].shape[1]
-    text = processor.tokenizer.decode(expected, skip_special_tokens=True)
-    request = {"messages": openai_messages(CONVERSATION, audio=clips), "max_tokens": NEW_TOKENS}
-    with openai_chat(connection, repository) as (chat, name):
-        reply = chat.chat.completions.create(model=name, **request)
-        assert len(set(expected)) >= 8 and reply.choices[0].message.content == text
-        assert reply.usage.prompt_tokens == prompt_length and reply.usage.completion_tokens == len(expected)
-        assert streamed(chat, model=name, **request)[0] == text
+    expected = template_then_processor_generate(model, processor, conversation, NEW_TOKENS, audio=clips)
+    prompt_length = template_then_processor_inputs(processor, conversation, audio=clips)["input_ids"].shape[1]
+    assert_openai_chat_as_reference(connection, repository, openai_messages(CONVERSATION, audio=clips), expected,
+                                    processor.tokenizer.decode(expected, skip_special_tokens=True), prompt_length)
 
 
 @pytest.mark.serving

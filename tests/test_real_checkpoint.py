@@ -19,7 +19,7 @@ from builder.build import build
 from builder.serve.client import Request, ask, ask_stream
 from builder.spec import load_spec
 from tests.conftest import CACHE, ROOT, run_cli, wav_bytes
-from tests.family_checks import openai_chat, serving
+from tests.family_checks import assert_openai_chat_as_reference, serving
 from tests.hf_checkpoints import (
     hf_conversation,
     hf_conversation_generate,
@@ -31,7 +31,7 @@ from tests.hf_checkpoints import (
     png,
     write_mistral3_checkpoint,
 )
-from tests.openai_front import openai_messages, streamed
+from tests.openai_front import openai_messages
 
 NEW_TOKENS = 16
 
@@ -172,13 +172,8 @@ def test_an_openai_client_conversation_equals_hugging_face_pipeline(connection, 
     conversation = hf_conversation(CONVERSATION, image=pictures)
     expected = hf_conversation_generate(model, processor, conversation, NEW_TOKENS)
     prompt_length = hf_conversation_inputs(processor, conversation)["input_ids"].shape[1]
-    text = processor.tokenizer.decode(expected, skip_special_tokens=True)
-    request = {"messages": openai_messages(CONVERSATION, images=[png(p) for p in pictures]), "max_tokens": NEW_TOKENS}
-    with openai_chat(connection, repository) as (chat, name):
-        reply = chat.chat.completions.create(model=name, **request)
-        assert reply.choices[0].message.content == text and len(text) > 8
-        assert reply.usage.prompt_tokens == prompt_length and reply.usage.completion_tokens == len(expected)
-        assert streamed(chat, model=name, **request)[0] == text
+    assert_openai_chat_as_reference(connection, repository, openai_messages(CONVERSATION, images=[png(p) for p in pictures]),
+                                    expected, processor.tokenizer.decode(expected, skip_special_tokens=True), prompt_length)
 
 
 @pytest.mark.serving

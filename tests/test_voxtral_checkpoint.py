@@ -3,7 +3,9 @@
 ``VoxtralForConditionalGeneration`` written by transformers (odd sizes, BF16 shards), ``tekken.json`` as the only
 tokenizer, no chat template: the reference is ``VoxtralProcessor.apply_chat_template`` (mistral-common decodes,
 resamples and tokenizes the audio into 30 s windows) + ``generate``. Served greedy ``output_ids`` must equal it for
-text, text with a system prompt, one clip, two clips, a clip over one window, and clips at 8 kHz and 44.1 kHz.
+text, text with a system prompt, one clip, two clips, a clip over one window, and clips at 8 kHz and 44.1 kHz; and
+an OpenAI client's conversation (clips in two turns; no system turn, which mistral-common refuses beside audio, as
+the front does) through the front gets HF's text and prompt length.
 """
 
 from __future__ import annotations
@@ -11,14 +13,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import openai
 import pytest
 
 from builder.runtime.model_facts import ModelFacts
 from builder.serve.client import Request
 from tests.conftest import png_bytes
-from tests.family_checks import (assert_int8_build_kept_its_promise, assert_refused, assert_served_as_reference,
-                                 assert_streaming_equals_unary, family_fixtures, noisy_wav)
-from tests.hf_checkpoints import voxtral_pipeline_generate, write_voxtral_checkpoint
+from tests.family_checks import (assert_int8_build_kept_its_promise, assert_openai_chat_as_reference, assert_refused,
+                                 assert_served_as_reference, assert_streaming_equals_unary, family_fixtures, noisy_wav,
+                                 openai_chat)
+from tests.hf_checkpoints import (base64_audio, hf_conversation, hf_conversation_generate, hf_conversation_inputs,
+                                  voxtral_pipeline_generate, write_voxtral_checkpoint)
+from tests.openai_front import openai_messages
 
 NEW_TOKENS = 16
 INT8_LIMITS = {"max_prompt_tokens": 1200, "max_context": 1280, "max_audio_clips": 3}  # the INT8 build: 30 s windows of 375 tokens
@@ -36,15 +42,28 @@ CASES = {
     "a clip at 44.1 kHz": ("What do you hear?", [(6, 2.0, 44100)], None),
 }
 
+# Clips in two turns and an earlier answer, as a chat client sends them (OpenAI's shape); no system turn, which
+# mistral-common refuses beside audio (see the system prompt tests below)
+CONVERSATION = [
+    {"role": "user", "content": [{"type": "audio", "index": 0}, {"type": "text", "text": "What do you hear?"}]},
+    {"role": "assistant", "content": "A tone under some noise."},
+    {"role": "user", "content": [{"type": "text", "text": "And in this one?"}, {"type": "audio", "index": 1}]},
+]
+
 
 @pytest.fixture(scope="module")
-def reference(checkpoint: Path):
+def hf_pipeline(checkpoint: Path):
     pytest.importorskip("mistral_common")
     import torch
     from transformers import VoxtralForConditionalGeneration, VoxtralProcessor
 
-    model = VoxtralForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    processor = VoxtralProcessor.from_pretrained(checkpoint)
+    return (VoxtralForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval(),
+            VoxtralProcessor.from_pretrained(checkpoint))
+
+
+@pytest.fixture(scope="module")
+def reference(hf_pipeline):
+    model, processor = hf_pipeline
     return lambda text, audio, system_prompt: voxtral_pipeline_generate(model, processor, text, audio, NEW_TOKENS,
                                                                         system_prompt)
 
@@ -79,6 +98,34 @@ def test_a_system_prompt_with_audio_is_refused_as_mistral_common_refuses_it(conn
         reference("What do you hear?", [clip], "Answer in one word.")
     assert_refused(connection, Request("What do you hear?", audio=(clip,), system_prompt="Answer in one word."),
                    r"a system prompt cannot go with audio")
+
+
+@pytest.mark.serving
+def test_an_openai_client_conversation_equals_hugging_face_pipeline(connection, repository: Path, hf_pipeline) -> None:
+    """Through the OpenAI front with the ``openai`` client: ``input_audio`` parts in two turns and an earlier answer
+    give HF's text (decoded from its tokens) and HF's prompt length."""
+    model, processor = hf_pipeline
+    clips = [noisy_wav(21, 2.0), noisy_wav(22, 3.5, 8000)]
+    conversation = hf_conversation(CONVERSATION, audio=base64_audio(clips))
+    expected = hf_conversation_generate(model, processor, conversation, NEW_TOKENS)
+    prompt_length = hf_conversation_inputs(processor, conversation)["input_ids"].shape[1]
+    assert_openai_chat_as_reference(connection, repository, openai_messages(CONVERSATION, audio=clips), expected,
+                                    processor.tokenizer.decode(expected, skip_special_tokens=True), prompt_length)
+
+
+@pytest.mark.serving
+def test_an_openai_client_conversation_with_a_system_turn_and_audio_is_refused_as_mistral_common_refuses_it(
+    connection, repository: Path, hf_pipeline,
+) -> None:
+    processor = hf_pipeline[1]
+    clips = [noisy_wav(21, 2.0), noisy_wav(22, 3.5, 8000)]
+    with_system = [{"role": "system", "content": "Answer briefly."}, *CONVERSATION]
+    with pytest.raises(ValueError, match="system messages .* audio"):
+        hf_conversation_inputs(processor, hf_conversation(with_system, audio=base64_audio(clips)))
+    with openai_chat(connection, repository) as (chat, name):
+        with pytest.raises(openai.BadRequestError, match=r"a system prompt cannot go with audio") as raised:
+            chat.chat.completions.create(model=name, messages=openai_messages(with_system, audio=clips), max_tokens=4)
+        assert raised.value.status_code == 400
 
 
 @pytest.mark.serving
