@@ -139,8 +139,9 @@ def main() -> None:
         writer = csv.writer(out)
         writer.writerow(["path", "concurrency", "round", "seconds"])
         writer.writerows([s.path, s.concurrency, s.round, f"{s.seconds:.6f}"] for s in samples)
-    print(f"{machine()}; {args.repository.name} ({model}); {args.requests} requests per path x {args.rounds} rounds, "
-          f"{NEW_TOKENS} new tokens, text + one image")
+    host = machine()
+    print(f"{host['CPU']} (load {host['load average at start']}); {args.repository} ({model}); {args.requests} requests "
+          f"per path x {args.rounds} rounds, {NEW_TOKENS} new tokens, text + one image")
     print("| concurrency | gRPC p50 ms | front p50 ms | front / gRPC | target |")
     print("|---:|---:|---:|---:|---|")
     for concurrency in map(int, args.concurrency.split(",")):
