@@ -126,6 +126,21 @@ def assert_openai_chat_as_reference(connection: Connection, repository: Path, me
         assert streamed(chat, model=name, **request)[0] == text
 
 
+def assert_image_conversation_as_reference(connection: Connection, repository: Path, hf_pipeline: tuple[Any, Any],
+                                           conversation: list[dict[str, Any]], pictures: list, max_new_tokens: int) -> None:
+    """``conversation`` (the contract's ``messages`` shape, image parts naming ``pictures`` by index) through the OpenAI
+    front equals HF's own pipeline on it: the processor's ``apply_chat_template`` with the images + ``generate``."""
+    from tests.hf_checkpoints import hf_conversation, hf_conversation_generate, hf_conversation_inputs, png
+    from tests.openai_front import openai_messages
+
+    model, processor = hf_pipeline
+    hf = hf_conversation(conversation, image=pictures)
+    expected = hf_conversation_generate(model, processor, hf, max_new_tokens)
+    prompt_length = hf_conversation_inputs(processor, hf)["input_ids"].shape[1]
+    assert_openai_chat_as_reference(connection, repository, openai_messages(conversation, images=[png(p) for p in pictures]),
+                                    expected, processor.tokenizer.decode(expected, skip_special_tokens=True), prompt_length)
+
+
 def noisy_wav(seed: int, seconds: float, rate: int = 16000) -> bytes:
     """A tone under noise, 16-bit mono: features an audio tower can tell apart."""
     rng = np.random.default_rng(seed)

@@ -17,11 +17,10 @@ import pytest
 
 from builder.serve.client import Request, ask
 from tests.conftest import wav_bytes
-from tests.family_checks import (assert_int8_build_kept_its_promise, assert_openai_chat_as_reference, assert_refused,
+from tests.family_checks import (assert_int8_build_kept_its_promise, assert_image_conversation_as_reference, assert_refused,
                                  assert_served_as_reference, assert_streaming_equals_unary, family_fixtures)
-from tests.hf_checkpoints import hf_conversation, hf_conversation_generate, hf_conversation_inputs, image, png
+from tests.hf_checkpoints import image, png
 from tests.hf_gemma3 import gemma3_pipeline_generate, write_gemma3_checkpoint
-from tests.openai_front import openai_messages
 
 NEW_TOKENS = 16
 LIMITS = {"max_prompt_tokens": 256, "max_context": 320}
@@ -86,13 +85,8 @@ def test_what_an_image_holds_reaches_the_model(connection) -> None:
 def test_an_openai_client_conversation_equals_hugging_face_pipeline(connection, repository: Path, hf_pipeline) -> None:
     """Through the OpenAI front with the ``openai`` client: ``image_url`` parts in two turns, a system turn and an
     earlier answer give HF's text (decoded from its tokens) and HF's prompt length."""
-    model, processor = hf_pipeline
     pictures = [image(5, 40, 28), image(6, 24, 48)]
-    conversation = hf_conversation(CONVERSATION, image=pictures)
-    expected = hf_conversation_generate(model, processor, conversation, NEW_TOKENS)
-    prompt_length = hf_conversation_inputs(processor, conversation)["input_ids"].shape[1]
-    assert_openai_chat_as_reference(connection, repository, openai_messages(CONVERSATION, images=[png(p) for p in pictures]),
-                                    expected, processor.tokenizer.decode(expected, skip_special_tokens=True), prompt_length)
+    assert_image_conversation_as_reference(connection, repository, hf_pipeline, CONVERSATION, pictures, NEW_TOKENS)
 
 
 @pytest.mark.serving

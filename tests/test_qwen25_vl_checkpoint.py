@@ -17,11 +17,10 @@ from pathlib import Path
 import pytest
 
 from builder.serve.client import Request, ask
-from tests.family_checks import (assert_openai_chat_as_reference, assert_refused, assert_served_as_reference,
+from tests.family_checks import (assert_image_conversation_as_reference, assert_refused, assert_served_as_reference,
                                  assert_streaming_equals_unary, family_fixtures, noisy_wav)
-from tests.hf_checkpoints import hf_conversation, hf_conversation_generate, hf_conversation_inputs, image, png
+from tests.hf_checkpoints import image, png
 from tests.hf_qwen25_vl import load_processor, qwen25_vl_pipeline_generate, write_qwen25_vl_checkpoint
-from tests.openai_front import openai_messages
 
 NEW_TOKENS = 16
 # Built as `make engines CHECKPOINT=dir` builds it: no spec file, the limits following the checkpoint
@@ -88,13 +87,8 @@ def test_an_openai_client_conversation_equals_hugging_face_pipeline(connection, 
     """Through the OpenAI front with the ``openai`` client: ``image_url`` parts in two turns (the second image's
     M-RoPE positions after the first's and an answer), a system turn and an earlier answer give HF's text (decoded from
     its tokens) and HF's prompt length."""
-    model, processor = hf_pipeline
     pictures = [image(7, 97, 61), image(8, 40, 50)]
-    conversation = hf_conversation(CONVERSATION, image=pictures)
-    expected = hf_conversation_generate(model, processor, conversation, NEW_TOKENS)
-    prompt_length = hf_conversation_inputs(processor, conversation)["input_ids"].shape[1]
-    assert_openai_chat_as_reference(connection, repository, openai_messages(CONVERSATION, images=[png(p) for p in pictures]),
-                                    expected, processor.tokenizer.decode(expected, skip_special_tokens=True), prompt_length)
+    assert_image_conversation_as_reference(connection, repository, hf_pipeline, CONVERSATION, pictures, NEW_TOKENS)
 
 
 @pytest.mark.serving
@@ -105,4 +99,5 @@ def test_streaming_equals_unary(connection) -> None:
 
 @pytest.mark.serving
 def test_audio_to_a_vision_model_is_refused_by_name(connection) -> None:
-    assert_refused(connection, Request("What do you hear?", audio=(noisy_wav(1, 1.0),)), r"audio: this model has no audio encoder")
+    assert_refused(connection, Request("What do you hear?", audio=(noisy_wav(1, 1.0),)),
+                   r"audio: this model has no audio encoder")

@@ -19,11 +19,10 @@ from builder.build import build
 from builder.serve.client import Request, ask, ask_stream
 from builder.spec import load_spec
 from tests.conftest import CACHE, ROOT, run_cli, wav_bytes
-from tests.family_checks import assert_openai_chat_as_reference, serving
+from tests.family_checks import assert_image_conversation_as_reference, serving
 from tests.hf_checkpoints import (
     hf_conversation,
     hf_conversation_generate,
-    hf_conversation_inputs,
     hf_pipeline_generate,
     image,
     load_reference_model,
@@ -31,7 +30,6 @@ from tests.hf_checkpoints import (
     png,
     write_mistral3_checkpoint,
 )
-from tests.openai_front import openai_messages
 
 NEW_TOKENS = 16
 
@@ -167,13 +165,8 @@ def test_a_conversation_with_images_in_two_turns_equals_hugging_face_pipeline(co
 def test_an_openai_client_conversation_equals_hugging_face_pipeline(connection, repository: Path, hf_pipeline) -> None:
     """The same conversation through the OpenAI front (``image_url`` data URLs in two turns, a system turn, an earlier
     answer) with the ``openai`` client: HF's text, decoded from its tokens, and HF's prompt length."""
-    model, processor = hf_pipeline
     pictures = [image(5, 40, 28), image(6, 24, 48)]
-    conversation = hf_conversation(CONVERSATION, image=pictures)
-    expected = hf_conversation_generate(model, processor, conversation, NEW_TOKENS)
-    prompt_length = hf_conversation_inputs(processor, conversation)["input_ids"].shape[1]
-    assert_openai_chat_as_reference(connection, repository, openai_messages(CONVERSATION, images=[png(p) for p in pictures]),
-                                    expected, processor.tokenizer.decode(expected, skip_special_tokens=True), prompt_length)
+    assert_image_conversation_as_reference(connection, repository, hf_pipeline, CONVERSATION, pictures, NEW_TOKENS)
 
 
 @pytest.mark.serving
