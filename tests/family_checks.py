@@ -126,6 +126,16 @@ def assert_openai_chat_as_reference(connection: Connection, repository: Path, me
         assert streamed(chat, model=name, **request)[0] == text
 
 
+# A conversation as a chat client sends it (the contract's `messages`, OpenAI's shape): a system turn, images in two
+# user turns, an earlier answer.
+IMAGE_CONVERSATION = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": [{"type": "image", "index": 0}, {"type": "text", "text": "What is in the picture?"}]},
+    {"role": "assistant", "content": "The quick brown fox near the river."},
+    {"role": "user", "content": [{"type": "text", "text": "Compare it with this one."}, {"type": "image", "index": 1}]},
+]
+
+
 def assert_image_conversation_as_reference(connection: Connection, repository: Path, hf_pipeline: tuple[Any, Any],
                                            conversation: list[dict[str, Any]], pictures: list, max_new_tokens: int) -> None:
     """``conversation`` (the contract's ``messages`` shape, image parts naming ``pictures`` by index) through the OpenAI

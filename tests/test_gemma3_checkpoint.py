@@ -17,8 +17,8 @@ import pytest
 
 from builder.serve.client import Request, ask
 from tests.conftest import wav_bytes
-from tests.family_checks import (assert_int8_build_kept_its_promise, assert_image_conversation_as_reference, assert_refused,
-                                 assert_served_as_reference, assert_streaming_equals_unary, family_fixtures)
+from tests.family_checks import (IMAGE_CONVERSATION, assert_image_conversation_as_reference, assert_int8_build_kept_its_promise,
+                                 assert_refused, assert_served_as_reference, assert_streaming_equals_unary, family_fixtures)
 from tests.hf_checkpoints import image, png
 from tests.hf_gemma3 import gemma3_pipeline_generate, write_gemma3_checkpoint
 
@@ -33,15 +33,6 @@ CASES = {
     "two images of different sizes": ("Compare the two pictures.", [(2, 40, 64), (3, 100, 100)], None),
     "a system prompt": ("Describe the colours.", [(4, 30, 80)], "Answer in one word."),
 }
-
-# A conversation as a chat client sends it (OpenAI's shape): a system turn (its template puts it at the head of the first user turn), images in two user turns, an earlier answer
-CONVERSATION = [
-    {"role": "system", "content": "Answer briefly."},
-    {"role": "user", "content": [{"type": "image", "index": 0}, {"type": "text", "text": "What is in the picture?"}]},
-    {"role": "assistant", "content": "The quick brown fox near the river."},
-    {"role": "user", "content": [{"type": "text", "text": "Compare it with this one."}, {"type": "image", "index": 1}]},
-]
-
 
 @pytest.fixture(scope="module")
 def hf_pipeline(checkpoint: Path):
@@ -86,7 +77,7 @@ def test_an_openai_client_conversation_equals_hugging_face_pipeline(connection, 
     """Through the OpenAI front with the ``openai`` client: ``image_url`` parts in two turns, a system turn and an
     earlier answer give HF's text (decoded from its tokens) and HF's prompt length."""
     pictures = [image(5, 40, 28), image(6, 24, 48)]
-    assert_image_conversation_as_reference(connection, repository, hf_pipeline, CONVERSATION, pictures, NEW_TOKENS)
+    assert_image_conversation_as_reference(connection, repository, hf_pipeline, IMAGE_CONVERSATION, pictures, NEW_TOKENS)
 
 
 @pytest.mark.serving

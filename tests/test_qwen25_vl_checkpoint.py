@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from builder.serve.client import Request, ask
-from tests.family_checks import (assert_image_conversation_as_reference, assert_refused, assert_served_as_reference,
-                                 assert_streaming_equals_unary, family_fixtures, noisy_wav)
+from tests.family_checks import (IMAGE_CONVERSATION, assert_image_conversation_as_reference, assert_refused,
+                                 assert_served_as_reference, assert_streaming_equals_unary, family_fixtures, noisy_wav)
 from tests.hf_checkpoints import image, png
 from tests.hf_qwen25_vl import load_processor, qwen25_vl_pipeline_generate, write_qwen25_vl_checkpoint
 
@@ -33,15 +33,6 @@ CASES = {
     "two images of different sizes": ("Compare the two pictures.", [(2, 300, 200), (3, 40, 50)], None),
     "an image and a system prompt": ("What is in the picture?", [(4, 130, 75)], "Answer in one word."),
 }
-
-# A conversation as a chat client sends it (OpenAI's shape): a system turn, images in two user turns, an earlier answer
-CONVERSATION = [
-    {"role": "system", "content": "Answer briefly."},
-    {"role": "user", "content": [{"type": "image", "index": 0}, {"type": "text", "text": "What is in the picture?"}]},
-    {"role": "assistant", "content": "The quick brown fox near the river."},
-    {"role": "user", "content": [{"type": "text", "text": "Compare it with this one."}, {"type": "image", "index": 1}]},
-]
-
 
 @pytest.fixture(scope="module")
 def hf_pipeline(checkpoint: Path):
@@ -88,7 +79,7 @@ def test_an_openai_client_conversation_equals_hugging_face_pipeline(connection, 
     M-RoPE positions after the first's and an answer), a system turn and an earlier answer give HF's text (decoded from
     its tokens) and HF's prompt length."""
     pictures = [image(7, 97, 61), image(8, 40, 50)]
-    assert_image_conversation_as_reference(connection, repository, hf_pipeline, CONVERSATION, pictures, NEW_TOKENS)
+    assert_image_conversation_as_reference(connection, repository, hf_pipeline, IMAGE_CONVERSATION, pictures, NEW_TOKENS)
 
 
 @pytest.mark.serving

@@ -19,7 +19,7 @@ from builder.build import build
 from builder.serve.client import Request, ask, ask_stream
 from builder.spec import load_spec
 from tests.conftest import CACHE, ROOT, run_cli, wav_bytes
-from tests.family_checks import assert_image_conversation_as_reference, serving
+from tests.family_checks import IMAGE_CONVERSATION, assert_image_conversation_as_reference, serving
 from tests.hf_checkpoints import (
     hf_conversation,
     hf_conversation_generate,
@@ -138,22 +138,13 @@ def test_make_engines_checkpoint_builds_it_from_the_command_line(checkpoint: Pat
     assert json.loads((tmp_path / "repo" / "manifest.json").read_text())["spec"]["name"] == "checkpoint"
 
 
-# A conversation as a chat client sends it (OpenAI's shape): a system turn, images in two user turns, an earlier answer
-CONVERSATION = [
-    {"role": "system", "content": "Answer briefly."},
-    {"role": "user", "content": [{"type": "image", "index": 0}, {"type": "text", "text": "What is in the picture?"}]},
-    {"role": "assistant", "content": "The quick brown fox near the river."},
-    {"role": "user", "content": [{"type": "text", "text": "Compare it with this one."}, {"type": "image", "index": 1}]},
-]
-
-
 @pytest.mark.serving
 def test_a_conversation_with_images_in_two_turns_equals_hugging_face_pipeline(connection, hf_pipeline) -> None:
     """The ``messages`` input: the same tokens as HF's ``apply_chat_template(conversation)`` + ``generate``."""
     model, processor = hf_pipeline
     pictures = [image(5, 40, 28), image(6, 24, 48)]
-    expected = hf_conversation_generate(model, processor, hf_conversation(CONVERSATION, image=pictures), NEW_TOKENS)
-    request = Request(None, images=tuple(map(png, pictures)), messages=CONVERSATION, max_tokens=NEW_TOKENS)
+    expected = hf_conversation_generate(model, processor, hf_conversation(IMAGE_CONVERSATION, image=pictures), NEW_TOKENS)
+    request = Request(None, images=tuple(map(png, pictures)), messages=IMAGE_CONVERSATION, max_tokens=NEW_TOKENS)
     assert len(set(expected)) >= 8 and ask(connection, request).token_ids == expected
     assert [t for _, ids in ask_stream(connection, request) for t in ids] == expected
     earlier_turns_matter = Request(None, images=(png(pictures[1]),), max_tokens=NEW_TOKENS, messages=[
@@ -166,7 +157,7 @@ def test_an_openai_client_conversation_equals_hugging_face_pipeline(connection, 
     """The same conversation through the OpenAI front (``image_url`` data URLs in two turns, a system turn, an earlier
     answer) with the ``openai`` client: HF's text, decoded from its tokens, and HF's prompt length."""
     pictures = [image(5, 40, 28), image(6, 24, 48)]
-    assert_image_conversation_as_reference(connection, repository, hf_pipeline, CONVERSATION, pictures, NEW_TOKENS)
+    assert_image_conversation_as_reference(connection, repository, hf_pipeline, IMAGE_CONVERSATION, pictures, NEW_TOKENS)
 
 
 @pytest.mark.serving
