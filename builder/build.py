@@ -1,4 +1,9 @@
-"""The whole build: source -> export -> quantize -> compile -> repository, each stage cached, published atomically."""
+"""The whole build: source -> export -> quantize -> compile -> repository, each stage cached, published atomically.
+
+:func:`resolve` makes the one :class:`BuildContext` (target, source, family, facts, limits); each component then
+goes through the stages as a :class:`ComponentItem` carrying its cache keys, and the target's backends decide
+its quantized forms, what compiling makes of it and the Triton models that serve it.
+"""
 
 from __future__ import annotations
 
@@ -16,13 +21,12 @@ from tqdm import tqdm
 
 from builder.cache import StageCache, code_fingerprint, make_key, tool_versions
 from builder.compile.artifacts import CompiledModel
-from builder.compile.targets import prepare_target
-from builder.components import COMPONENTS, LLM
+from builder.compile.stage import CompileContext
+from builder.components import AUDIO_ENCODER, COMPONENTS, LLM, VISION_ENCODER, Component
 from builder.errors import BuildError
 from builder.export.graph import ExportedGraph, load_exported
 from builder.export.precision import ExportDtype, export_dtype
-from builder.families import family_for
-from builder.quantize.calibration_data import calibration_files
+from builder.quantize.calibration_data import CalibrationFiles, calibration_files
 from builder.quantize.pipeline import PipelineResult
 from builder.quantize.stage import is_quantized, quantize_components, quantize_key
 from builder.repository.assemble import assemble_repository
@@ -32,12 +36,13 @@ from builder.repository.report import write_report
 from builder.runtime.model_facts import ModelFacts
 from builder.serve.tritonserver import NGC_IMAGE, TRITON_VERSION
 from builder.source.chat_files import read_chat_prompt
-from builder.source.checkpoint import SourceModel, check_checkpoint_files, load_checkpoint, read_facts
+from builder.source.checkpoint import Checkpoint, SourceModel, check_checkpoint
 from builder.source.limits import checkpoint_limits, describe
 from builder.source.preflight import Preflight, estimate
-from builder.source.resolve import resolve_source
+from builder.source.resolve import ResolvedSource, resolve_source
 from builder.source.tokenizer_files import serving_tokenizer
 from builder.spec import BuildSpec
+from builder.targets import EncoderBackend, LlmBackend, Target, target_for, without_gpu
 
 
 @dataclass(frozen=True)
@@ -62,78 +67,135 @@ class BuildResult:
         return f"built {self.output} in {self.seconds:.1f} s: rebuilt {rebuilt}{reused}{memory}"
 
 
+@dataclass(frozen=True)
+class BuildContext:
+    """What a build resolves once, before any stage runs: the stages read it, none resolves it again."""
+
+    spec: BuildSpec  # every limit set (those the spec left unset follow the checkpoint)
+    target: Target
+    compiling: CompileContext
+    cache: StageCache
+    source: ResolvedSource
+    checkpoint: Checkpoint  # its family resolved once
+    tokenizer: Path
+    facts: ModelFacts  # less the encoders the spec turns off
+    components: tuple[Component, ...]  # those this model has and the spec keeps
+
+
+@dataclass(frozen=True)
+class ComponentItem:
+    """One component as it goes through the stages: what it asks for and the keys its cache entries have."""
+
+    component: Component
+    precision: str
+    dtype: ExportDtype
+    export_key: str
+    quantize_key: str
+
+    @property
+    def name(self) -> str:
+        return self.component.name
+
+
+def resolve(spec: BuildSpec, output: Path, cache_dir: Path) -> BuildContext:
+    """The target, the source and its facts; stops at the first thing this machine or checkpoint cannot do."""
+    target = target_for(spec)
+    cache = StageCache(cache_dir)
+    compiling = target.prepare(spec, cache, output, without_gpu())  # a GPU target on a machine without one stops here
+    source = resolve_source(spec.source, cache)
+    checkpoint = check_checkpoint(source.checkpoint)
+    tokenizer = serving_tokenizer(source.checkpoint, cache)  # the checkpoint's, or converted from tekken.json once
+    facts = served_facts(spec, _checkpoint_facts(checkpoint, source.fingerprint, tokenizer, cache))
+    components = tuple(c for c in COMPONENTS.values() if c.media is None or getattr(facts, c.media) is not None)
+    reasons = target.check_model([c.name for c in components], facts)
+    if reasons:
+        raise BuildError("; ".join(reasons))
+    spec = checkpoint_limits(spec, facts)
+    return BuildContext(spec, target, dataclasses.replace(compiling, spec=spec, image=facts.image), cache, source,
+                        checkpoint, tokenizer, facts, components)
+
+
 def build(spec: BuildSpec, output: Path, cache_dir: Path, progress: bool = True) -> BuildResult:
     started = time.perf_counter()
     _check_writable(output)
-    target = prepare_target(spec, cache_dir, output)  # stops at once if this machine cannot build spec.target
-    cache = StageCache(cache_dir)
-    source = resolve_source(spec.source, cache)
-    weight_files = check_checkpoint_files(source.checkpoint)
-    tokenizer = serving_tokenizer(source.checkpoint, cache)  # the checkpoint's, or converted from tekken.json once
-    facts = served_facts(spec, _checkpoint_facts(source.checkpoint, source.fingerprint, tokenizer, cache))
-    spec = checkpoint_limits(spec, facts)
-    target = dataclasses.replace(target, image=facts.image)
-    components = [c.name for c in COMPONENTS.values() if c.media is None or getattr(facts, c.media) is not None]
-    precisions = {c: getattr(spec.components, COMPONENTS[c].spec_key).precision for c in components}
-    dtypes = {c: export_dtype(p) for c, p in precisions.items()}
-    keys = {c: _export_key(spec, c, dtypes[c], source.fingerprint) for c in components}
-    quantized = any(map(is_quantized, precisions.values()))
-    files = calibration_files(spec, "vision_encoder" in components, "audio_encoder" in components) if quantized else None
-    quantize_keys = {c: quantize_key(spec, keys[c], precisions[c], files) for c in components}
-    repo_key = make_key(quantize_keys, spec.target, spec.section("limits"), spec.section("triton"),
-                        code_fingerprint("repository", "runtime", "compile", "families", "source"), _templates_fingerprint(),
-                        target.fingerprint)
+    ctx = resolve(spec, output, cache_dir)
+    spec, cache, facts = ctx.spec, ctx.cache, ctx.facts
+    quantized = any(is_quantized(getattr(spec.components, c.spec_key).precision) for c in ctx.components)
+    files = (calibration_files(spec, VISION_ENCODER in ctx.components, AUDIO_ENCODER in ctx.components)
+             if quantized else None)
+    items = [_item(ctx, c, files) for c in ctx.components]
+    repo_key = make_key([i.quantize_key for i in items], spec.target, spec.section("limits"), spec.section("triton"),
+                        code_fingerprint("repository", "runtime", "compile", "families", "source", "targets"),
+                        _templates_fingerprint(), ctx.compiling.fingerprint)
     if _published_key(output) == repo_key:
-        return BuildResult(output, (), tuple(components), False, time.perf_counter() - started, spec)
+        return BuildResult(output, (), tuple(i.name for i in items), False, time.perf_counter() - started, spec)
 
     rebuilt = [
-        c for c in components
-        if cache.lookup("export", c, keys[c]) is None
-        or (precisions[c] != "fp32" and cache.lookup("quantize", c, quantize_keys[c]) is None)
+        i.name for i in items
+        if cache.lookup("export", i.name, i.export_key) is None
+        or (i.precision != "fp32" and cache.lookup("quantize", i.name, i.quantize_key) is None)
     ]
     exported: dict[str, ExportedGraph] = {}
     loaded: SourceModel | None = None
     preflight = None
     if progress:
         tqdm.write(describe(spec.limits, facts))
-    if any(cache.lookup("export", c, keys[c]) is None for c in components):  # the checkpoint will be loaded
-        preflight = estimate(weight_files, cache_dir, dtypes[LLM.name], extra_copy=quantized)
+    if any(cache.lookup("export", i.name, i.export_key) is None for i in items):  # the checkpoint will be loaded
+        llm = next(i for i in items if i.component is LLM)
+        preflight = estimate(list(ctx.checkpoint.weight_files), cache_dir, llm.dtype, extra_copy=quantized)
         preflight.check()
         if progress:
             tqdm.write(f"pre-flight: {preflight.summary()}")
-    for component in tqdm(components, desc="export + parity", unit="graph", disable=not progress):
-        entry = cache.lookup("export", component, keys[component])
+    for item in tqdm(items, desc="export + parity", unit="graph", disable=not progress):
+        entry = cache.lookup("export", item.name, item.export_key)
         if entry is None:
             if loaded is None:  # in the LLM's dtype: it holds nearly all the weights
-                loaded = load_checkpoint(source.checkpoint, dtypes[LLM.name], tokenizer)
-            entry = _export(loaded, spec, component, dtypes[component], cache, keys[component])
-        exported[component] = load_exported(entry)
+                llm_dtype = next(i.dtype for i in items if i.component is LLM)
+                loaded = ctx.checkpoint.load(llm_dtype, ctx.tokenizer)
+            entry = _export(ctx, loaded, item)
+        exported[item.name] = load_exported(entry)
 
     with staging_directory(output) as staging, tempfile.TemporaryDirectory() as scratch:
         # The serving files first: calibration and the gates preprocess exactly as the server will.
-        shared = _shared_files(source.checkpoint, tokenizer, facts, Path(scratch))
-        settled, pipeline = quantize_components(spec, facts, shared["tokenizer.json"], exported, precisions, keys,
-                                                files, cache, progress)
+        shared = _shared_files(ctx, Path(scratch))
+        precisions = {i.name: i.precision for i in items}
+        settled, pipeline = quantize_components(
+            spec, facts, shared["tokenizer.json"], exported, precisions, {i.name: i.export_key for i in items}, files,
+            (ctx.target.encoders, ctx.target.llm), cache, progress)
         compiled = {
-            c: dataclasses.replace(target.compile(dataclasses.replace(g, path=settled[c].path), settled[c].precision),
-                                   quantization=settled[c])
-            for c, g in exported.items()
+            name: dataclasses.replace(_backend(ctx, name).compile(ctx.compiling, dataclasses.replace(graph, path=settled[name].path),
+                                                                  settled[name].precision), quantization=settled[name])
+            for name, graph in exported.items()
         }
-        plans = plan_repository(spec, facts, compiled, shared)
-        assemble_repository(plans, staging, _manifest(spec, repo_key, source.fingerprint, compiled, pipeline))
+        plans = plan_repository(spec, facts, compiled, shared, ctx.target.encoders, ctx.target.llm)
+        assemble_repository(plans, staging, _manifest(spec, repo_key, ctx.source.fingerprint, compiled, pipeline))
         write_report(staging / "build_report.md", spec, describe(spec.limits, facts), compiled, pipeline)
         publish(staging, output)
-    return BuildResult(output, tuple(rebuilt), tuple(c for c in components if c not in rebuilt), True,
+    return BuildResult(output, tuple(rebuilt), tuple(i.name for i in items if i.name not in rebuilt), True,
                        time.perf_counter() - started, spec, preflight)
 
 
-def _checkpoint_facts(checkpoint: Path, fingerprint: str, tokenizer: Path, cache: StageCache) -> ModelFacts:
+def _item(ctx: BuildContext, component: Component, files: CalibrationFiles | None) -> ComponentItem:
+    """The component's precision and the keys of its export and quantize entries."""
+    precision = getattr(ctx.spec.components, component.spec_key).precision
+    dtype = export_dtype(precision)
+    limits = {k: getattr(ctx.spec.limits, k) for k in component.export_limits}
+    export_key = make_key(component.name, dtype, ctx.source.fingerprint, ctx.spec.section("export"), limits,
+                          tool_versions(), code_fingerprint("export", "source", "families"))
+    return ComponentItem(component, precision, dtype, export_key, quantize_key(ctx.spec, export_key, precision, files))
+
+
+def _backend(ctx: BuildContext, component: str) -> EncoderBackend | LlmBackend:
+    return ctx.target.llm if component == LLM.name else ctx.target.encoders
+
+
+def _checkpoint_facts(checkpoint: Checkpoint, fingerprint: str, tokenizer: Path, cache: StageCache) -> ModelFacts:
     """read_facts, kept in the cache: reading them imports transformers, which a no-op build should not wait for."""
     key = make_key(fingerprint, str(tokenizer), code_fingerprint("families", "source"), tool_versions())
     entry = cache.lookup("source", "facts", key)
     if entry is None:
         with cache.writer("source", "facts", key) as tmp:
-            read_facts(checkpoint, tokenizer).save(tmp / "model_facts.json")
+            checkpoint.read_facts(tokenizer).save(tmp / "model_facts.json")
         entry = cache.entry("source", "facts", key)
     return ModelFacts.load(entry / "model_facts.json")
 
@@ -146,28 +208,20 @@ def served_facts(spec: BuildSpec, facts: ModelFacts) -> ModelFacts:
     )
 
 
-def _export_key(spec: BuildSpec, component: str, dtype: str, source_fingerprint: str) -> str:
-    limits = {k: getattr(spec.limits, k) for k in COMPONENTS[component].export_limits}
-    return make_key(
-        component, dtype, source_fingerprint, spec.section("export"), limits, tool_versions(),
-        code_fingerprint("export", "source", "families"),
-    )
-
-
-def _export(source: SourceModel, spec: BuildSpec, component: str, dtype: ExportDtype, cache: StageCache, key: str) -> Path:
+def _export(ctx: BuildContext, source: SourceModel, item: ComponentItem) -> Path:
     from builder.export.onnx_export import export_graph
 
-    (recipe,) = family_for(source.directory).recipes(source, spec.limits, [component])
-    with cache.writer("export", component, key) as tmp:
-        export_graph(recipe, tmp, spec.export, dtype)
-    return cache.entry("export", component, key)
+    (recipe,) = ctx.checkpoint.family.recipes(source, ctx.spec.limits, [item.name])
+    with ctx.cache.writer("export", item.name, item.export_key) as tmp:
+        export_graph(recipe, tmp, ctx.spec.export, item.dtype)
+    return ctx.cache.entry("export", item.name, item.export_key)
 
 
-def _shared_files(checkpoint: Path, tokenizer: Path, facts: ModelFacts, scratch: Path) -> dict[str, Path]:
+def _shared_files(ctx: BuildContext, scratch: Path) -> dict[str, Path]:
     """The files several models carry; copied, so the repository never shares an inode with the checkpoint."""
-    facts.save(scratch / "model_facts.json")
-    shutil.copyfile(tokenizer, scratch / "tokenizer.json")
-    chat = read_chat_prompt(checkpoint, tokenizer, family_for(checkpoint).DEFAULT_CHAT_TEMPLATE)
+    ctx.facts.save(scratch / "model_facts.json")
+    shutil.copyfile(ctx.tokenizer, scratch / "tokenizer.json")
+    chat = read_chat_prompt(ctx.checkpoint.directory, ctx.tokenizer, ctx.checkpoint.family.DEFAULT_CHAT_TEMPLATE)
     written = chat.save(scratch)
     return {"model_facts.json": scratch / "model_facts.json", "tokenizer.json": scratch / "tokenizer.json",
             **{path.name: path for path in written}}

@@ -19,7 +19,7 @@ import yaml
 
 from builder.errors import BuildError
 from builder.runtime.contract import MESSAGES_INPUT, SAMPLING_INPUTS, SYSTEM_PROMPT_INPUT
-from builder.targets import TARGETS
+from builder.targets import TARGETS, target_for
 
 if TYPE_CHECKING:
     from builder.spec import BuildSpec
@@ -53,7 +53,9 @@ def _load_spec(spec: Path | None, checkpoint: Path | None, overrides: dict[str, 
     from builder.spec import load_spec
 
     path = spec if spec is not None or checkpoint is not None else DEFAULT_SPEC
-    return load_spec(path, {**overrides, **_checkpoint_overrides(checkpoint)})
+    loaded = load_spec(path, {**overrides, **_checkpoint_overrides(checkpoint)})
+    target_for(loaded)  # the rules that depend on the target
+    return loaded
 
 
 def cmd_build(args: argparse.Namespace) -> int:

@@ -18,7 +18,6 @@ from typing import Any, Literal
 import yaml
 
 from builder.errors import SpecError
-from builder.targets import TARGETS
 
 Precision = Literal["fp32", "fp16", "int8", "int4"]  # int4: the LLM's weights only (builder/quantize/ladder.py)
 
@@ -89,8 +88,6 @@ class TritonSpec:
     # chosen); the tokens chosen meanwhile go together. Below a model's time per token every token
     # goes on its own; above it, fewer responses (each is a round trip). 0: every token at once.
     stream_interval_ms: int = 50
-    # target onnxruntime: run the encoders through ORT's TensorRT execution provider on a GPU
-    ort_tensorrt_accelerator: bool = False
 
 
 @dataclass(frozen=True)
@@ -100,6 +97,13 @@ class ExportSpec:
     atol: float = 1e-4  # FP32 graphs: every output allclose to PyTorch's
     rtol: float = 1e-3
     fp16_min_cosine: float = 0.999  # FP16 graphs (precision fp16): every output's cosine with PyTorch's in FP16
+
+
+@dataclass(frozen=True)
+class OnnxRuntimeSpec:
+    """target onnxruntime."""
+
+    tensorrt_accelerator: bool = False  # run the encoders through ORT's TensorRT execution provider on a GPU
 
 
 @dataclass(frozen=True)
@@ -161,7 +165,7 @@ class QuantizeSpec:
 @dataclass(frozen=True)
 class BuildSpec:
     name: str = "tiny"
-    target: str = "python"  # a name in builder.targets.TARGETS
+    target: str = "python"  # a name in builder.targets.TARGETS (checked there: builder.targets.target_for)
     source: SourceSpec = field(default_factory=SourceSpec)
     components: ComponentsSpec = field(default_factory=ComponentsSpec)
     limits: LimitsSpec = field(default_factory=LimitsSpec)
@@ -169,6 +173,7 @@ class BuildSpec:
     export: ExportSpec = field(default_factory=ExportSpec)
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     quantize: QuantizeSpec = field(default_factory=QuantizeSpec)
+    onnxruntime: OnnxRuntimeSpec = field(default_factory=OnnxRuntimeSpec)  # a target's own section: its name
     tensorrt: TensorRTSpec = field(default_factory=TensorRTSpec)
     path: Path | None = field(default=None, compare=False)  # the file it was loaded from
 
@@ -306,20 +311,6 @@ def _check(spec: BuildSpec) -> None:
         raise SpecError("export.parity_samples: must be at least 1")
     if spec.tensorrt.comparison_samples < 1:
         raise SpecError("tensorrt.comparison_samples: must be at least 1")
-    if spec.target not in TARGETS:
-        raise SpecError(f"target: {spec.target!r} is not one of {', '.join(TARGETS)}")
-    for other in TARGETS.values():
-        for key in other.own_settings if other.name != spec.target else ():
-            section, name = key.split(".")
-            if getattr(getattr(spec, section), name) != getattr(getattr(BuildSpec(), section), name):
-                raise SpecError(f"{key}: applies to target {other.name} only")
-    if TARGETS[spec.target].batches_encoders:  # Triton batches the encoders: one request's images must fit one batch
-        for key in ("max_images", "max_audio_clips"):
-            if getattr(lim, key) > spec.triton.max_batch_size:
-                raise SpecError(
-                    f"limits.{key} ({getattr(lim, key)}) exceeds triton.max_batch_size ({spec.triton.max_batch_size}): "
-                    f"target {spec.target} batches one request's inputs in one engine batch"
-                )
     cal = spec.calibration
     if cal.samples < 1 or cal.holdout < 1:
         raise SpecError("calibration.samples and calibration.holdout: must be at least 1")

@@ -26,6 +26,7 @@ from builder.compile.profiles import (
     request_ranges,
 )
 from builder.compile.tensorrt_build import detect_device
+from builder.targets import target_for, without_gpu
 from builder.errors import BuildError, SpecError
 from builder.export.graph import graph_signature
 from builder.runtime.gpu import query_gpu
@@ -95,8 +96,8 @@ def test_request_shape_ranges_must_lie_inside_the_profiles():
     with pytest.raises(BuildError, match="images = 9, but the profiles reach only 8"):
         check_request_fits("vision_encoder", profiles, {"images": 9})
     with pytest.raises(SpecError, match=r"limits.max_images \(9\) exceeds triton.max_batch_size \(8\)"):
-        parse_spec({"target": "onnxruntime", "limits": {"max_images": 9}, "triton": {"max_batch_size": 8}})
-    parse_spec({"target": "python", "limits": {"max_images": 9}, "triton": {"max_batch_size": 8}})  # no Triton batching
+        target_for(parse_spec({"target": "onnxruntime", "limits": {"max_images": 9}, "triton": {"max_batch_size": 8}}))
+    target_for(parse_spec({"target": "python", "limits": {"max_images": 9}, "triton": {"max_batch_size": 8}}))  # no Triton batching
 
 
 def test_axis_ranges_must_be_ordered():
@@ -177,7 +178,7 @@ def test_llm_comparison_inputs_are_ones_of_the_mask_and_positions_after_the_past
 @pytest.mark.skipif(query_gpu() is not None, reason="a GPU is present")
 def test_without_a_gpu_tensorrt_detection_stops_with_one_line():
     with pytest.raises(BuildError) as error:
-        detect_device()
+        detect_device("tensorrt", without_gpu())
     message = str(error.value)
     assert "\n" not in message and "NVIDIA GPU" in message
     assert message.endswith("targets that work on this machine: python, onnxruntime")

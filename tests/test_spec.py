@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from builder.errors import SpecError
+from builder.targets import target_for
 from builder.spec import load_spec, parse_spec
 from tests.conftest import ROOT
 
@@ -34,8 +35,9 @@ def test_default_spec_loads():
     ],
 )
 def test_invalid_specs_name_the_key(data, message):
+    """As the build reads a spec: its schema, then the rules of its target."""
     with pytest.raises(SpecError, match=message):
-        parse_spec(data)
+        target_for(parse_spec(data))
 
 
 def test_overrides_and_file_errors(tmp_path):

@@ -26,6 +26,7 @@ from builder.repository.plan import plan_repository
 from builder.repository.validate import check_graph_signature
 from builder.runtime.gpu import query_gpu
 from builder.runtime.model_facts import ModelFacts
+from builder.targets.tensorrt import TENSORRT
 from tests.conftest import CACHE, ROOT
 
 ENCODERS = ("vision_encoder", "audio_encoder")
@@ -54,7 +55,7 @@ def test_onnxruntime_target_renders_configs_for_tritons_ort_backend(tiny_spec, t
 
 def test_ort_tensorrt_accelerator_is_selectable(tiny_spec, tmp_path):
     spec = dataclasses.replace(tiny_spec, target="onnxruntime",
-                               triton=dataclasses.replace(tiny_spec.triton, ort_tensorrt_accelerator=True))
+                               onnxruntime=dataclasses.replace(tiny_spec.onnxruntime, tensorrt_accelerator=True))
     build(spec, tmp_path / "repo", CACHE, progress=False)
     engine = configs(tmp_path / "repo")["vision_encoder_onnxruntime"]
     (accelerator,) = engine.optimization.execution_accelerators.gpu_execution_accelerator
@@ -93,7 +94,7 @@ def test_tensorrt_target_configs_with_plans_for_two_architectures(tiny_spec, bui
     spec = dataclasses.replace(tiny_spec, target="tensorrt")
     shared = {name: built_repository / "llm" / "1" / name for name in ("model_facts.json", "tokenizer.json")}
     facts = ModelFacts.load(shared["model_facts.json"])
-    plans = plan_repository(spec, facts, _tensorrt_compiled(built_repository, tmp_path), shared)
+    plans = plan_repository(spec, facts, _tensorrt_compiled(built_repository, tmp_path), shared, TENSORRT.encoders, TENSORRT.llm)
     assemble_repository(plans, tmp_path / "repo", {})
     parsed = configs(tmp_path / "repo")
     for name in ENCODERS:
@@ -113,7 +114,7 @@ def test_native_configs_must_match_the_graph_exactly(tiny_spec, built_repository
     spec = dataclasses.replace(tiny_spec, target="tensorrt")
     shared = {name: built_repository / "llm" / "1" / name for name in ("model_facts.json", "tokenizer.json")}
     plans = plan_repository(spec, ModelFacts.load(shared["model_facts.json"]),
-                            _tensorrt_compiled(built_repository, tmp_path), shared)
+                            _tensorrt_compiled(built_repository, tmp_path), shared, TENSORRT.encoders, TENSORRT.llm)
     engine = next(p for p in plans if p.name == "vision_encoder_tensorrt")
     check_graph_signature(engine)
     wrong_dims = dataclasses.replace(engine, inputs=(dataclasses.replace(engine.inputs[0], dims=(4, -1, -1)),))
@@ -174,26 +175,28 @@ def test_tensorrt_runner_bookkeeping_on_a_fake_device(built_repository, monkeypa
 
 
 def test_the_registry_is_what_the_spec_and_cli_offer(tmp_path: Path) -> None:
-    """Every target names only things that exist: its template, its INT8 layout, its own spec keys;
-    the CLI's --target choices and the spec's error are read from the registry."""
+    """Every target names only things that exist: its engine template, its INT8 layout, its own spec section;
+    the CLI's --target choices and the spec's errors are read from the registry."""
     from builder.cli import parser
     from builder.quantize.qdq import LAYOUTS
+    from builder.repository.render import TEMPLATES
     from builder.spec import BuildSpec, load_spec
-    from builder.targets import TARGETS
+    from builder.targets import TARGETS, target_for
+    from builder.targets.engine_encoders import EngineEncoders
 
-    defaults = BuildSpec()
     for target in TARGETS.values():
-        assert target.engine_template is None or (ROOT / "templates" / target.engine_template).is_file(), target.name
-        assert target.encoder_qdq_layout in LAYOUTS
-        for key in target.own_settings:
-            section, name = key.split(".")
-            assert hasattr(getattr(defaults, section), name), key
+        encoders = target.encoders
+        assert not isinstance(encoders, EngineEncoders) or (TEMPLATES / encoders.template).is_file(), target.name
+        assert LAYOUTS[encoders.qdq_layout.name] is encoders.qdq_layout
+        assert target.settings is None or dataclasses.is_dataclass(getattr(BuildSpec(), target.settings)), target.name
     build_parser = parser()._subparsers._group_actions[0].choices["build"]  # noqa: SLF001 - argparse keeps them there
     (target_option,) = [a for a in build_parser._actions if a.dest == "target"]  # noqa: SLF001
     assert list(target_option.choices) == list(TARGETS)
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text("target: openvino\n")
     with pytest.raises(BuildError, match="target: 'openvino' is not one of " + ", ".join(TARGETS)):
-        load_spec(spec_file)
-    with pytest.raises(BuildError, match="triton.ort_tensorrt_accelerator: applies to target onnxruntime only"):
-        load_spec(spec_file, {"target": "python", "triton.ort_tensorrt_accelerator": True})
+        target_for(load_spec(spec_file))
+    with pytest.raises(BuildError, match="onnxruntime.tensorrt_accelerator: applies to target onnxruntime only"):
+        target_for(load_spec(spec_file, {"target": "python", "onnxruntime.tensorrt_accelerator": True}))
+    with pytest.raises(BuildError, match="tensorrt.comparison_samples: applies to target tensorrt only"):
+        target_for(load_spec(spec_file, {"target": "onnxruntime", "tensorrt.comparison_samples": 3}))

@@ -15,11 +15,11 @@ from builder.compile.plans import Device
 from builder.compile.profiles import Profile, input_axes
 from builder.errors import BuildError
 from builder.runtime.gpu import query_gpu
-from builder.targets import TARGETS
 
 
-def detect_device() -> Device:
-    """The GPU this build runs on and the TensorRT that builds for it; one clear line if either is missing."""
+def detect_device(target: str, alternatives: str) -> Device:
+    """The GPU this build runs on and the TensorRT that builds for it; one clear line if either is missing
+    (``alternatives``: the targets that build without a GPU)."""
     missing = []
     gpu = query_gpu()
     if gpu is None:
@@ -28,8 +28,7 @@ def detect_device() -> Device:
     if not has_tensorrt:
         missing.append("the tensorrt package (pip install -e '.[tensorrt]')")
     if missing:
-        without_gpu = ", ".join(t.name for t in TARGETS.values() if not t.needs_gpu)
-        raise BuildError(f"target tensorrt needs {' and '.join(missing)}; targets that work on this machine: {without_gpu}")
+        raise BuildError(f"target {target} needs {' and '.join(missing)}; targets that work on this machine: {alternatives}")
     import tensorrt
 
     assert gpu is not None

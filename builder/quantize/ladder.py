@@ -7,6 +7,9 @@ LLM (weight-only round to nearest, no calibration): the spec's block size with i
 blocks of 16 (target ``tensorrt``: int8 Q/DQ per output channel, then blocks of the spec's size, then 16), then
 FP16 / FP32. An INT4 LLM walks the same rungs in 4-bit first, then INT8's.
 An FP16 component: FP16, then FP32. FP32 is the reference, so it always passes.
+
+Which rungs a component walks is its backend's choice (``builder/targets``): the functions here make
+the forms (``matmulnbits_rungs``, ``qdq_weight_rungs``, ``FP16_RUNG``) and walk what they are given.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -25,14 +29,13 @@ from builder.errors import BuildError
 from builder.onnx_files import move_onnx, remove_onnx
 from builder.quantize.agreement import Agreement, FusedPrompt, teacher_forced
 from builder.quantize.fp16 import convert_fp16
-from builder.quantize.qdq import CALIBRATION_METHODS, LAYOUTS, quantize_qdq, weight_nodes
+from builder.quantize.qdq import CALIBRATION_METHODS, QdqLayout, quantize_qdq, weight_nodes
 from builder.quantize.reader import SampleReader
 from builder.quantize.sensitivity import most_sensitive_nodes
 from builder.quantize.weight_only import quantize_weights_nbits, quantize_weights_qdq
 from builder.runtime.generation import LanguageModelRunner
 from builder.runtime.model_facts import ModelFacts
 from builder.spec import GateSpec, QuantizeSpec
-from builder.targets import Target
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,58 @@ class LlmJob:
     prompts: tuple[FusedPrompt, ...]  # held-out prompts, fused with the FP32 encoders
 
 
+@dataclass(frozen=True)
+class LlmRung:
+    """One candidate form of the LLM's weights, written from the FP32 graph."""
+
+    precision: str  # int4 | int8 | fp16
+    scheme: str
+    write: Callable[[Path, Path], None]  # (FP32 graph, candidate path)
+
+
+def _weight_bits(requested: str) -> tuple[int, ...]:
+    """INT4 walks its 4-bit rungs, then INT8's."""
+    return {"int4": (4, 8), "int8": (8,)}.get(requested, ())
+
+
+def matmulnbits_rungs(requested: str, spec: QuantizeSpec) -> list[LlmRung]:
+    """ONNX Runtime's ``MatMulNBits``, fastest first: integer compute, float compute of the same weights, smaller blocks."""
+    return [
+        LlmRung(f"int{bits}", f"weight-only block {block}, {'int8' if level == 4 else 'float'} compute",
+                lambda fp32, path, block=block, level=level, bits=bits: quantize_weights_nbits(
+                    fp32, path, block, accuracy_level=level, bits=bits))
+        for bits in _weight_bits(requested)
+        for block, level in dict.fromkeys(((spec.llm_block_size, 4), (spec.llm_block_size, 0), (16, 0)))
+    ]
+
+
+def qdq_weight_rungs(requested: str, spec: QuantizeSpec) -> list[LlmRung]:
+    """Weight-only Q/DQ (what TensorRT parses; it cannot parse MatMulNBits): per output channel first, the
+    granularity TensorRT documents for INT8 weights, then the finer blocks."""
+    return [
+        LlmRung(f"int{bits}", f"weight-only Q/DQ {f'block {block}' if block else 'per channel'}",
+                lambda fp32, path, block=block, bits=bits: quantize_weights_qdq(fp32, path, block, bits))
+        for bits in _weight_bits(requested)
+        for block in dict.fromkeys((None, spec.llm_block_size, 16))
+    ]
+
+
+FP16_RUNG = LlmRung("fp16", "fp16", convert_fp16)  # integer weights failed: FP16 before FP32 (on a GPU)
+
+
+class EncoderForms(Protocol):
+    """What an encoder backend runs: its INT8 layout, and whether FP16 is worth a rung before FP32."""
+
+    qdq_layout: QdqLayout
+    fp16_before_fp32: bool
+
+
+class LlmForms(Protocol):
+    """What an LLM backend runs: the rungs it walks for a requested precision."""
+
+    def rungs(self, requested: str, spec: QuantizeSpec) -> list[LlmRung]: ...
+
+
 class _Ladder:
     def __init__(self, component: str, requested: str, spec: QuantizeSpec, gate: GateSpec, directory: Path,
                  rejected: int) -> None:
@@ -149,9 +204,11 @@ class _Ladder:
         return attempt.passed
 
 
-def settle_encoder(job: EncoderJob, requested: str, target: Target, spec: QuantizeSpec, directory: Path, progress: bool,
-                   rejected: int = 0) -> Settled:
-    """``rejected``: how many passing rungs the pipeline gate turned down (walk past them)."""
+def settle_encoder(job: EncoderJob, requested: str, forms: EncoderForms, spec: QuantizeSpec, directory: Path,
+                   progress: bool, rejected: int = 0) -> Settled:
+    """``forms``: the backend's INT8 layout and FP16 rung; ``rejected``: how many passing rungs the pipeline gate
+    turned down (walk past them)."""
+    layout = forms.qdq_layout
     ladder = _Ladder(job.component, requested, spec, spec.gate, directory, rejected)
     feeds = list(job.holdout)
     reference = run_onnxruntime(job.fp32, feeds, job.output_names)
@@ -159,8 +216,6 @@ def settle_encoder(job: EncoderJob, requested: str, target: Target, spec: Quanti
     def gated(path: Path) -> GateResult:
         found = figures(run_onnxruntime(path, feeds, job.output_names), reference, job.output_names)
         return judge(found, len(feeds), spec.gate)
-
-    layout = LAYOUTS[target.encoder_qdq_layout]
 
     def int8(method: str, excluded: Sequence[str] = ()) -> bool:
         path = ladder.candidate()
@@ -178,7 +233,7 @@ def settle_encoder(job: EncoderJob, requested: str, target: Target, spec: Quanti
         nodes = most_sensitive_nodes(best_path, weight_nodes(job.fp32, layout.op_types), reader, spec.exclude_nodes)
         if int8(method, nodes):
             return _settled(job.component, requested, ladder, len(job.calibration), len(job.holdout))
-    if target.fp16_before_fp32:  # INT8 failed: FP16 before FP32 (on a GPU)
+    if forms.fp16_before_fp32:
         path = ladder.candidate()
         convert_fp16(job.fp32, path)
         if ladder.record(Attempt("fp16", "fp16", gate=gated(path))):
@@ -187,36 +242,17 @@ def settle_encoder(job: EncoderJob, requested: str, target: Target, spec: Quanti
     return _settled(job.component, requested, ladder, len(job.calibration), len(job.holdout), fp32=job.fp32)
 
 
-def settle_llm(job: LlmJob, requested: str, target: Target, spec: QuantizeSpec, directory: Path, rejected: int = 0) -> Settled:
+def settle_llm(job: LlmJob, requested: str, rungs: Sequence[LlmRung], spec: QuantizeSpec, directory: Path,
+               rejected: int = 0) -> Settled:
+    """Walks ``rungs`` (the backend's, in order) until one passes the LLM gate; FP32 otherwise."""
     ladder = _Ladder(LLM.name, requested, spec, spec.llm_gate, directory, rejected)
     reference = LanguageModelRunner(str(job.fp32), job.facts)
-
-    def gated(precision: str, scheme: str, path: Path) -> bool:
+    for rung in rungs:
+        path = ladder.candidate()
+        rung.write(job.fp32, path)
         agreement = teacher_forced(reference, LanguageModelRunner(str(path), job.facts), [(p, p) for p in job.prompts])
         gate = judge((agreement.logits,), agreement.prompts * agreement.positions, spec.llm_gate)
-        return ladder.record(Attempt(precision, scheme, gate=gate, agreement=agreement))
-
-    # INT4 first when asked, then INT8, each fastest first: integer compute, then float compute of the same
-    # weights, then smaller blocks. TensorRT cannot parse MatMulNBits: its weights go as Q/DQ, per output
-    # channel first (the granularity TensorRT documents for INT8 weights), then the finer blocks.
-    for bits in (4, 8) if requested == "int4" else (8,) if requested == "int8" else ():
-        if target.llm_int8_form == "qdq":
-            for block in dict.fromkeys((None, spec.llm_block_size, 16)):
-                path = ladder.candidate()
-                quantize_weights_qdq(job.fp32, path, block, bits)
-                if gated(f"int{bits}", f"weight-only Q/DQ {f'block {block}' if block else 'per channel'}", path):
-                    return _settled(LLM.name, requested, ladder, 0, len(job.prompts))
-            continue
-        for block, level in dict.fromkeys(((spec.llm_block_size, 4), (spec.llm_block_size, 0), (16, 0))):
-            path = ladder.candidate()
-            quantize_weights_nbits(job.fp32, path, block, accuracy_level=level, bits=bits)
-            compute = "int8" if level == 4 else "float"
-            if gated(f"int{bits}", f"weight-only block {block}, {compute} compute", path):
-                return _settled(LLM.name, requested, ladder, 0, len(job.prompts))
-    if target.fp16_before_fp32:  # integer weights failed: FP16 before FP32 (on a GPU)
-        path = ladder.candidate()
-        convert_fp16(job.fp32, path)
-        if gated("fp16", "fp16", path):
+        if ladder.record(Attempt(rung.precision, rung.scheme, gate=gate, agreement=agreement)):
             return _settled(LLM.name, requested, ladder, 0, len(job.prompts))
     ladder.record(Attempt("fp32", "fp32 (reference)"))
     return _settled(LLM.name, requested, ladder, 0, len(job.prompts), fp32=job.fp32)

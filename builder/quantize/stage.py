@@ -20,14 +20,13 @@ from builder.errors import BuildError
 from builder.export.graph import ExportedGraph
 from builder.quantize.agreement import fuse_prompt
 from builder.quantize.calibration_data import CalibrationFiles, CalibrationSamples, load_samples, server_preprocessor
-from builder.quantize.ladder import EncoderJob, LlmJob, Settled, settle_encoder, settle_llm
+from builder.quantize.ladder import EncoderForms, EncoderJob, LlmForms, LlmJob, Settled, settle_encoder, settle_llm
 from builder.quantize.pipeline import PipelineResult, cpu_description, held_out_requests, measure_pipeline
 from builder.quantize.qdq import calibrate
 from builder.quantize.reader import SampleReader
 from builder.runtime.model_facts import ModelFacts
 from builder.runtime.preprocess import Preprocessor
 from builder.spec import BuildSpec
-from builder.targets import TARGETS
 
 
 def is_quantized(precision: str) -> bool:
@@ -46,11 +45,13 @@ def quantize_key(spec: BuildSpec, export_key: str, precision: str, files: Calibr
 
 def quantize_components(
     spec: BuildSpec, facts: ModelFacts, tokenizer: Path, exported: dict[str, ExportedGraph], precisions: dict[str, str],
-    export_keys: dict[str, str], files: CalibrationFiles | None, cache: StageCache, progress: bool,
+    export_keys: dict[str, str], files: CalibrationFiles | None, forms: tuple[EncoderForms, LlmForms], cache: StageCache,
+    progress: bool,
 ) -> tuple[dict[str, Settled], PipelineResult | None]:
-    """Components in FP32 pass through; the others are quantized (or read from the cache), then the whole
-    pipeline is gated: while it fails, the component that costs most walks one rung down its ladder."""
-    stage = _Stage(spec, facts, tokenizer, exported, precisions, export_keys, files, cache, progress)
+    """Components in FP32 pass through; the others are quantized (or read from the cache) in the forms the target's
+    backends run (``forms``: encoders, LLM), then the whole pipeline is gated: while it fails, the component that
+    costs most walks one rung down its ladder."""
+    stage = _Stage(spec, facts, tokenizer, exported, precisions, export_keys, files, forms, cache, progress)
     if not any(map(is_quantized, precisions.values())):
         return {c: stage.settle(c, 0) for c in exported}, None
     assert files is not None
@@ -105,9 +106,9 @@ class _Stage:
     """Settles one component at a time, from the cache when it can; loads calibration samples once, when needed."""
 
     def __init__(self, spec: BuildSpec, facts: ModelFacts, tokenizer: Path, exported: dict[str, ExportedGraph],
-                 precisions: dict[str, str], export_keys: dict[str, str], files: CalibrationFiles | None, cache: StageCache,
-                 progress: bool) -> None:
-        self.spec, self.facts, self.tokenizer, self.exported = spec, facts, tokenizer, exported
+                 precisions: dict[str, str], export_keys: dict[str, str], files: CalibrationFiles | None,
+                 forms: tuple[EncoderForms, LlmForms], cache: StageCache, progress: bool) -> None:
+        self.spec, self.facts, self.tokenizer, self.exported, self.forms = spec, facts, tokenizer, exported, forms
         self.precisions, self.export_keys, self.files, self.cache, self.progress = precisions, export_keys, files, cache, progress
         self._samples: CalibrationSamples | None = None
 
@@ -134,8 +135,8 @@ class _Stage:
             calibration_key = make_key(export_key, files.digest, spec.section("calibration"),
                                        code_fingerprint("quantize"), tool_versions())
             with self.cache.writer("quantize", component, key) as tmp:
-                result = _settle(spec, self.facts, component, graph, precision, self.exported, self.samples(), self.cache,
-                                 calibration_key, tmp, self.progress, rejected)
+                result = _settle(spec, self.facts, component, graph, precision, self.exported, self.samples(), self.forms,
+                                 self.cache, calibration_key, tmp, self.progress, rejected)
             entry = self.cache.entry("quantize", component, key)
             settled = dataclasses.replace(result, path=entry / result.path.name if result.precision != "fp32" else graph.path)
         else:
@@ -146,13 +147,15 @@ class _Stage:
 
 def _settle(
     spec: BuildSpec, facts: ModelFacts, component: str, graph: ExportedGraph, precision: str,
-    exported: dict[str, ExportedGraph], samples: CalibrationSamples, cache: StageCache, calibration_key: str,
-    directory: Path, progress: bool, rejected: int,
+    exported: dict[str, ExportedGraph], samples: CalibrationSamples, forms: tuple[EncoderForms, LlmForms], cache: StageCache,
+    calibration_key: str, directory: Path, progress: bool, rejected: int,
 ) -> Settled:
+    encoder_forms, llm_forms = forms
     if component == LLM.name:
         encoders = {name: onnxruntime_session(g.path) for name, g in exported.items() if name != LLM.name}
         prompts = tuple(fuse_prompt(p, encoders, facts) for p in samples.prompts)
-        return settle_llm(LlmJob(graph.path, facts, prompts), precision, TARGETS[spec.target], spec.quantize, directory, rejected)
+        return settle_llm(LlmJob(graph.path, facts, prompts), precision, llm_forms.rungs(precision, spec.quantize),
+                          spec.quantize, directory, rejected)
     input_name = COMPONENTS[component].graph_input
     assert input_name is not None
     split = getattr(samples, input_name)
@@ -172,4 +175,4 @@ def _settle(
         return entry / "ranges.json"
 
     job = EncoderJob(component, graph.path, tuple(o.name for o in graph.outputs), calibration, holdout, ranges)
-    return settle_encoder(job, precision, TARGETS[spec.target], spec.quantize, directory, progress, rejected)
+    return settle_encoder(job, precision, encoder_forms, spec.quantize, directory, progress, rejected)

@@ -7,33 +7,48 @@ loaded and no remote code is run. What differs between model types is in :mod:`b
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
 from builder.errors import BuildError
 from builder.families import family_for
-from builder.families.base import SourceModel
+from builder.families.base import Family, SourceModel
 from builder.runtime.model_facts import ModelFacts
 from builder.source.tokenizer_files import serving_tokenizer, tokenizer_source
 
-__all__ = ["SourceModel", "check_checkpoint_files", "load_checkpoint", "read_facts"]
+__all__ = ["Checkpoint", "SourceModel", "check_checkpoint", "load_checkpoint", "read_facts"]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint directory that passed the cheap checks, with its family resolved once."""
+
+    directory: Path
+    family: Family
+    weight_files: tuple[Path, ...]
+
+    def load(self, dtype: str = "float32", tokenizer: Path | None = None) -> SourceModel:
+        """``dtype``: what the weights are cast to as they load (a BF16 checkpoint never exists in FP32 for an FP16
+        build); ``tokenizer``: the ``tokenizer.json`` it serves with (default: :func:`serving_tokenizer`'s)."""
+        return self.family.load(self.directory, dtype, tokenizer or serving_tokenizer(self.directory))
+
+    def read_facts(self, tokenizer: Path | None = None) -> ModelFacts:
+        """What serving needs to know, from config, tokenizer and processor files alone (no weights loaded)."""
+        return self.family.read_facts(self.directory, tokenizer or serving_tokenizer(self.directory))
 
 
 def load_checkpoint(directory: Path, dtype: str = "float32", tokenizer: Path | None = None) -> SourceModel:
-    """``dtype``: what the weights are cast to as they load (a BF16 checkpoint never exists in FP32 for an FP16
-    build); ``tokenizer``: the ``tokenizer.json`` it serves with (default: :func:`serving_tokenizer`'s)."""
-    check_checkpoint_files(directory)
-    return family_for(directory).load(directory, dtype, tokenizer or serving_tokenizer(directory))
+    return check_checkpoint(directory).load(dtype, tokenizer)
 
 
 def read_facts(directory: Path, tokenizer: Path | None = None) -> ModelFacts:
-    """What serving needs to know, from config, tokenizer and processor files alone (no weights loaded)."""
-    return family_for(directory).read_facts(directory, tokenizer or serving_tokenizer(directory))
+    return check_checkpoint(directory).read_facts(tokenizer)
 
 
-def check_checkpoint_files(directory: Path) -> list[Path]:
-    """The cheap checks (layout, architecture, safetensors headers); returns the weight files."""
+def check_checkpoint(directory: Path) -> Checkpoint:
+    """The cheap checks (layout, architecture, safetensors headers), before any weight is read."""
     directory = Path(directory)
     if not directory.is_dir():
         raise BuildError(f"checkpoint directory not found: {directory}")
@@ -48,7 +63,7 @@ def check_checkpoint_files(directory: Path) -> list[Path]:
         raise BuildError(f"{config_path}: not valid JSON ({exc})") from None
     if not isinstance(raw, dict):
         raise BuildError(f"{config_path}: expected a JSON object")
-    family_for(directory)  # an unsupported model_type stops here, before any weight is read
+    family = family_for(directory)  # an unsupported model_type stops here
     weight_files = sorted(directory.glob("*.safetensors"))
     if not weight_files:
         pickles = [p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
@@ -57,7 +72,7 @@ def check_checkpoint_files(directory: Path) -> list[Path]:
     for path in weight_files:
         _check_safetensors(path)
     tokenizer_source(directory)  # tokenizer.json, or Mistral's tekken.json to convert
-    return weight_files
+    return Checkpoint(directory, family, tuple(weight_files))
 
 
 def _check_safetensors(path: Path) -> None:

@@ -1,47 +1,103 @@
-"""What a build target is: the facts every stage reads about it, stated once per target module.
+"""What a build target is: one encoder backend and one LLM backend, each an object that says what it builds
+from, the forms its ladder walks, what compiling makes of a graph, and the Triton models it contributes.
 
-A target decides how the compiled graphs are served (a Python model running ONNX Runtime, or one of
-Triton's own backends batching the encoders), the INT8 forms its runtime executes, and what it
-needs from the build machine. Data only: the stages that act on it import it, never the reverse.
+The stages provide the primitives (``quantize.ladder``'s rungs, ``compile.stage``, ``repository.plan``); a
+backend chooses among them. Targets sit above the stages: the build and the CLI import them, no stage does.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from pathlib import Path
+from typing import Any
 
+from builder.cache import StageCache
+from builder.compile.artifacts import CompiledModel
+from builder.compile.stage import CompileContext, as_exported
 from builder.components import LLM
+from builder.errors import SpecError
+from builder.export.graph import ExportedGraph
+from builder.quantize.ladder import LlmRung
+from builder.quantize.qdq import QdqLayout
+from builder.repository.plan import Contribution, EncoderSlot, Tensor
+from builder.runtime.model_facts import ModelFacts
+from builder.spec import BuildSpec, QuantizeSpec
 
-if TYPE_CHECKING:  # annotations only: targets sit below the stages that hand these in
-    from builder.compile.artifacts import CompiledModel
-    from builder.spec import TritonSpec
+
+class EncoderBackend(ABC):
+    """How a target serves each encoder graph."""
+
+    qdq_layout: QdqLayout  # the INT8 Q/DQ activation x weight types its runtime executes fast
+    fp16_before_fp32: bool = False  # a failed INT8 gate tries FP16 before FP32 (worth it on a GPU only)
+    one_batch_per_request: bool = False  # a request's images (clips) must fit one batch of the engine
+
+    def check(self, component: str, facts: ModelFacts) -> str | None:
+        """Why this backend cannot serve ``component`` of this model (None: it can); asked before any export."""
+        return None
+
+    def compile(self, context: CompileContext, graph: ExportedGraph, precision: str) -> CompiledModel:
+        return as_exported(graph, precision)
+
+    @abstractmethod
+    def models(self, slot: EncoderSlot, spec: BuildSpec, facts_file: dict[str, Path]) -> Contribution: ...
+
+
+class LlmBackend(ABC):
+    """How a target serves the LLM."""
+
+    def check(self, facts: ModelFacts) -> str | None:
+        """Why this backend cannot serve this model's decoder (None: it can); asked before any export."""
+        return None
+
+    @abstractmethod
+    def rungs(self, requested: str, spec: QuantizeSpec) -> list[LlmRung]:
+        """The forms an INT8 / INT4 request walks, in order, before FP32 (which always passes: it is the reference)."""
+
+    def compile(self, context: CompileContext, graph: ExportedGraph, precision: str) -> CompiledModel:
+        return as_exported(graph, precision)
+
+    @abstractmethod
+    def models(self, compiled: CompiledModel, inputs: tuple[Tensor, ...], spec: BuildSpec,
+               files: dict[str, Path]) -> Contribution: ...
 
 
 @dataclass(frozen=True)
 class Target:
     name: str
     summary: str  # one line for --help and the README
-    # The Triton backend config template of each encoder's engine model, batched across requests behind
-    # a Python gate; None: the encoder's Python model runs its ONNX graph with ONNX Runtime itself.
-    engine_template: str | None = None
-    compiles_to: Literal["onnx", "tensorrt_plan"] = "onnx"
+    encoders: EncoderBackend
+    llm: LlmBackend
     needs_gpu: bool = False
-    encoder_qdq_layout: Literal["U8S8", "S8S8"] = "U8S8"  # the encoders' INT8 Q/DQ activation x weight types
-    llm_int8_form: Literal["matmulnbits", "qdq"] = "matmulnbits"  # the LLM's weight-only INT8 graph
-    fp16_before_fp32: bool = False  # a failed INT8 gate tries FP16 before settling on FP32
-    onnx_as_directory: bool = False  # the backend finds external weights only in a model.onnx/ directory
-    own_settings: tuple[str, ...] = ()  # spec keys (section.key) that apply to this target only
+    settings: str | None = None  # its own spec section (applies to this target only)
 
-    @property
-    def batches_encoders(self) -> bool:
-        """Triton's own backend runs the encoders: a request's images must fit one engine batch."""
-        return self.engine_template is not None
+    def prepare(self, spec: BuildSpec, cache: StageCache, output: Path, alternatives: str) -> CompileContext:
+        """What compiling needs; a target that needs a GPU stops here, with one line, if this machine has none
+        (``alternatives``: the targets that build without one)."""
+        if not self.needs_gpu:
+            return CompileContext(spec, cache, output)
+        from builder.compile.tensorrt_build import detect_device
 
-    def engine_model_name(self, component: str) -> str:
-        """The Triton model that loads a component's compiled file. The LLM's is always loaded by the
-        ``llm`` decode model; with an engine backend each encoder is a model of its own."""
-        return component if component == LLM.name or not self.batches_encoders else f"{component}_{self.name}"
+        return CompileContext(spec, cache, output, detect_device(self.name, alternatives))
 
-    def engine_options(self, compiled: CompiledModel, triton: TritonSpec) -> dict[str, Any]:
-        """What the engine template renders beyond the model's I/O and batching."""
-        return {}
+    def check_spec(self, spec: BuildSpec) -> None:
+        """Spec rules that hold for this target only."""
+        if self.encoders.one_batch_per_request:
+            for key in ("max_images", "max_audio_clips"):
+                if getattr(spec.limits, key) > spec.triton.max_batch_size:
+                    raise SpecError(
+                        f"limits.{key} ({getattr(spec.limits, key)}) exceeds triton.max_batch_size "
+                        f"({spec.triton.max_batch_size}): target {self.name} batches one request's inputs in one engine batch"
+                    )
+
+    def check_model(self, components: list[str], facts: ModelFacts) -> list[str]:
+        """Why this target cannot serve this model, one line per reason (empty: it can)."""
+        reasons = [self.encoders.check(c, facts) for c in components if c != LLM.name] + [self.llm.check(facts)]
+        return [f"target {self.name}: {reason}" for reason in reasons if reason]
+
+
+def changed_keys(spec: BuildSpec, section: str) -> dict[str, Any]:
+    """The keys of a spec section set to other than their defaults."""
+    given, default = spec.section(section), dataclasses.asdict(getattr(BuildSpec(), section))
+    return {k: v for k, v in given.items() if v != default[k]}
