@@ -171,7 +171,8 @@ def test_a_decode_step_is_bounded_by_the_longer_of_reading_and_multiplying_the_w
     assert abs(bound.compute_s(8) - 0.08) < 1e-12 and bound.step_floor_s(8) == 0.1  # batch 8: reading still decides
     assert abs(bound.step_floor_s(16) - 0.16) < 1e-12  # batch 16: compute, at the rate measured nearest (batch 8)
     measured = measure(10**9, 10**6, 256, 512, batches=(4,))
-    assert measured.threads >= 1 and 0.5 < measured.one_thread_gbps <= measured.all_threads_gbps * 1.5
+    # Rates only: how they compare depends on what else the machine runs (a shared CI runner).
+    assert measured.threads >= 1 and measured.one_thread_gbps > 0.5 and measured.all_threads_gbps > 0.5
     assert set(measured.gflops) == {1, 4} and all(g > 0.1 for g in measured.gflops.values())
 
 
