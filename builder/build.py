@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from builder.cache import StageCache, code_fingerprint, make_key, tool_versions
+from builder.cache import Stage, StageCache, tool_versions
 from builder.compile.artifacts import CompiledModel
 from builder.compile.stage import CompileContext
 from builder.components import AUDIO_ENCODER, COMPONENTS, LLM, VISION_ENCODER, Component
@@ -28,7 +28,7 @@ from builder.export.graph import ExportedGraph, load_exported
 from builder.export.precision import ExportDtype, export_dtype
 from builder.quantize.calibration_data import CalibrationFiles, calibration_files
 from builder.quantize.pipeline import PipelineResult
-from builder.quantize.stage import is_quantized, quantize_components, quantize_key
+from builder.quantize.stage import QUANTIZE, is_quantized, quantize_components, quantize_key
 from builder.repository.assemble import assemble_repository
 from builder.repository.plan import plan_repository
 from builder.repository.publish import publish, staging_directory
@@ -43,6 +43,12 @@ from builder.source.resolve import ResolvedSource, resolve_source
 from builder.source.tokenizer_files import serving_tokenizer
 from builder.spec import BuildSpec
 from builder.targets import EncoderBackend, LlmBackend, Target, target_for, without_gpu
+
+
+FACTS = Stage("source", ("families", "source"))  # what serving needs to know of the checkpoint
+EXPORT = Stage("export", ("export", "source", "families"))  # a component's ONNX graph, checked against PyTorch
+# The published repository's key (manifest.json): an unchanged build rebuilds nothing.
+REPOSITORY = Stage("repository", ("repository", "runtime", "compile", "families", "source", "targets", "templates"))
 
 
 @dataclass(frozen=True)
@@ -124,36 +130,33 @@ def build(spec: BuildSpec, output: Path, cache_dir: Path, progress: bool = True)
     files = (calibration_files(spec, VISION_ENCODER in ctx.components, AUDIO_ENCODER in ctx.components)
              if quantized else None)
     items = [_item(ctx, c, files) for c in ctx.components]
-    repo_key = make_key([i.quantize_key for i in items], spec.target, spec.section("limits"), spec.section("triton"),
-                        code_fingerprint("repository", "runtime", "compile", "families", "source", "targets"),
-                        _templates_fingerprint(), ctx.compiling.fingerprint)
+    repo_key = REPOSITORY.key([i.quantize_key for i in items], spec.target, spec.section("limits"), spec.section("triton"),
+                              ctx.compiling.fingerprint)
     if _published_key(output) == repo_key:
         return BuildResult(output, (), tuple(i.name for i in items), False, time.perf_counter() - started, spec)
 
     rebuilt = [
         i.name for i in items
-        if cache.lookup("export", i.name, i.export_key) is None
-        or (i.precision != "fp32" and cache.lookup("quantize", i.name, i.quantize_key) is None)
+        if EXPORT.lookup(cache, i.name, i.export_key) is None
+        or (i.precision != "fp32" and QUANTIZE.lookup(cache, i.name, i.quantize_key) is None)
     ]
     exported: dict[str, ExportedGraph] = {}
     loaded: SourceModel | None = None
     preflight = None
     if progress:
         tqdm.write(describe(spec.limits, facts))
-    if any(cache.lookup("export", i.name, i.export_key) is None for i in items):  # the checkpoint will be loaded
+    if any(EXPORT.lookup(cache, i.name, i.export_key) is None for i in items):  # the checkpoint will be loaded
         llm = next(i for i in items if i.component is LLM)
         preflight = estimate(list(ctx.checkpoint.weight_files), cache_dir, llm.dtype, extra_copy=quantized)
         preflight.check()
         if progress:
             tqdm.write(f"pre-flight: {preflight.summary()}")
     for item in tqdm(items, desc="export + parity", unit="graph", disable=not progress):
-        entry = cache.lookup("export", item.name, item.export_key)
-        if entry is None:
-            if loaded is None:  # in the LLM's dtype: it holds nearly all the weights
-                llm_dtype = next(i.dtype for i in items if i.component is LLM)
-                loaded = ctx.checkpoint.load(llm_dtype, ctx.tokenizer)
-            entry = _export(ctx, loaded, item)
-        exported[item.name] = load_exported(entry)
+        if EXPORT.lookup(cache, item.name, item.export_key) is None and loaded is None:
+            llm_dtype = next(i.dtype for i in items if i.component is LLM)  # it holds nearly all the weights
+            loaded = ctx.checkpoint.load(llm_dtype, ctx.tokenizer)
+        exported[item.name] = load_exported(EXPORT.run(cache, item.name, item.export_key,
+                                                       lambda tmp, item=item: _export(ctx, loaded, item, tmp)))
 
     with staging_directory(output) as staging, tempfile.TemporaryDirectory() as scratch:
         # The serving files first: calibration and the gates preprocess exactly as the server will.
@@ -180,8 +183,7 @@ def _item(ctx: BuildContext, component: Component, files: CalibrationFiles | Non
     precision = getattr(ctx.spec.components, component.spec_key).precision
     dtype = export_dtype(precision)
     limits = {k: getattr(ctx.spec.limits, k) for k in component.export_limits}
-    export_key = make_key(component.name, dtype, ctx.source.fingerprint, ctx.spec.section("export"), limits,
-                          tool_versions(), code_fingerprint("export", "source", "families"))
+    export_key = EXPORT.key(ctx.source.fingerprint, component.name, dtype, ctx.spec.section("export"), limits)
     return ComponentItem(component, precision, dtype, export_key, quantize_key(ctx.spec, export_key, precision, files))
 
 
@@ -191,12 +193,8 @@ def _backend(ctx: BuildContext, component: str) -> EncoderBackend | LlmBackend:
 
 def _checkpoint_facts(checkpoint: Checkpoint, fingerprint: str, tokenizer: Path, cache: StageCache) -> ModelFacts:
     """read_facts, kept in the cache: reading them imports transformers, which a no-op build should not wait for."""
-    key = make_key(fingerprint, str(tokenizer), code_fingerprint("families", "source"), tool_versions())
-    entry = cache.lookup("source", "facts", key)
-    if entry is None:
-        with cache.writer("source", "facts", key) as tmp:
-            checkpoint.read_facts(tokenizer).save(tmp / "model_facts.json")
-        entry = cache.entry("source", "facts", key)
+    key = FACTS.key(fingerprint, str(tokenizer))
+    entry = FACTS.run(cache, "facts", key, lambda tmp: checkpoint.read_facts(tokenizer).save(tmp / "model_facts.json"))
     return ModelFacts.load(entry / "model_facts.json")
 
 
@@ -208,13 +206,12 @@ def served_facts(spec: BuildSpec, facts: ModelFacts) -> ModelFacts:
     )
 
 
-def _export(ctx: BuildContext, source: SourceModel, item: ComponentItem) -> Path:
+def _export(ctx: BuildContext, source: SourceModel | None, item: ComponentItem, directory: Path) -> None:
     from builder.export.onnx_export import export_graph
 
+    assert source is not None, "the checkpoint is loaded before any export runs"
     (recipe,) = ctx.checkpoint.family.recipes(source, ctx.spec.limits, [item.name])
-    with ctx.cache.writer("export", item.name, item.export_key) as tmp:
-        export_graph(recipe, tmp, ctx.spec.export, item.dtype)
-    return ctx.cache.entry("export", item.name, item.export_key)
+    export_graph(recipe, directory, ctx.spec.export, item.dtype)
 
 
 def _shared_files(ctx: BuildContext, scratch: Path) -> dict[str, Path]:
@@ -256,12 +253,6 @@ def _published_key(output: Path) -> str | None:
         return json.loads((output / "manifest.json").read_text()).get("repository_key")
     except (OSError, ValueError):
         return None
-
-
-def _templates_fingerprint() -> str:
-    from builder.repository.render import TEMPLATES
-
-    return make_key([(p.name, p.read_text()) for p in sorted(TEMPLATES.glob("*.j2"))])
 
 
 def _check_writable(output: Path) -> None:

@@ -1,9 +1,9 @@
 """Stage outputs cached under a key of their inputs, so an unchanged build does nothing.
 
-A key hashes the stage's own inputs (spec section, upstream keys), the versions of the tools that
-shape its output, and the source of the code that produces it. An entry is written into a
-temporary directory and renamed into place when complete, so a build killed mid-stage never
-leaves an entry that looks finished.
+Every cached step is a :class:`Stage`: its ``key`` hashes what it was fed (the upstream stage's key, or the
+content it reads), its own settings, the versions of the tools that shape its output and the source of the
+code that produces it, so no step builds a key by hand; its ``run`` writes an entry into a temporary directory
+renamed into place when complete, so a build killed mid-stage never leaves an entry that looks finished.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from importlib import metadata
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,30 @@ def code_fingerprint(*subpackages: str) -> str:
 def make_key(*parts: Any) -> str:
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:20]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One cached step of the build, keyed and written the same way as every other."""
+
+    name: str  # its directory in the cache
+    code: tuple[str, ...]  # the builder subpackages (or modules) whose source decides its output
+
+    def key(self, upstream: Any, *settings: Any) -> str:
+        """``upstream``: the key (or content hash) of what it is fed; ``settings``: what else decides its output."""
+        return make_key(self.name, upstream, settings, code_fingerprint(*self.code), tool_versions())
+
+    def run(self, cache: StageCache, item: str, key: str, write: Callable[[Path], None]) -> Path:
+        """The entry of ``item`` under ``key``: the cached one, or the one ``write`` fills now."""
+        entry = cache.lookup(self.name, item, key)
+        if entry is None:
+            with cache.writer(self.name, item, key) as tmp:
+                write(tmp)
+            entry = cache.entry(self.name, item, key)
+        return entry
+
+    def lookup(self, cache: StageCache, item: str, key: str) -> Path | None:
+        return cache.lookup(self.name, item, key)
 
 
 @dataclass(frozen=True)

@@ -102,3 +102,11 @@ def _module_name(path: Path) -> str:
     parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
+
+
+def test_every_cache_entry_is_a_stage_entry() -> None:
+    """Keys and entries come from ``builder.cache.Stage`` (its name, upstream key, settings, code and tool versions):
+    a key built by hand elsewhere would miss one of them and serve a stale entry."""
+    by_hand = [str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py")
+               if path.name != "cache.py" and any(call in path.read_text() for call in ("make_key(", ".writer(", "code_fingerprint("))]
+    assert not by_hand, f"cache keys or entries made outside builder.cache.Stage: {by_hand}"

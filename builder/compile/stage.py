@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from builder.cache import StageCache, code_fingerprint, make_key
+from builder.cache import Stage, StageCache
 from builder.compare import Feeds, GateResult
 from builder.compile.artifacts import CompiledModel
 from builder.compile.compare import sample_feeds
@@ -29,6 +29,9 @@ from builder.onnx_files import graph_sha256
 from builder.runtime.contract import LOGITS
 from builder.runtime.model_facts import ImageFacts
 from builder.spec import BuildSpec
+
+
+TENSORRT = Stage("tensorrt", ("compile",))  # a plan for one GPU architecture
 
 
 @dataclass(frozen=True)
@@ -63,23 +66,23 @@ def compile_plan(context: CompileContext, graph: ExportedGraph, precision: str, 
     check_profiles(component, profiles, spec.triton.max_batch_size)  # llm: max_decode_batch
     check_request_fits(component, profiles, request_ranges(component, spec))
     onnx_sha256 = graph_sha256(graph.path)  # its weights too
-    key = make_key(onnx_sha256, [dataclasses.asdict(p) for p in profiles], device.compute_capability,
-                   device.tensorrt, spec.section("tensorrt"), spec.section("quantize"), code_fingerprint("compile"))
-    entry = context.cache.lookup("tensorrt", component, key)
-    if entry is None:
+    key = TENSORRT.key(onnx_sha256, [dataclasses.asdict(p) for p in profiles], device.compute_capability,
+                       device.tensorrt, spec.section("tensorrt"), spec.section("quantize"))
+
+    def build_into(tmp: Path) -> None:
         gate = spec.quantize.llm_gate if component == LLM.name else spec.quantize.gate  # the same figures
-        with context.cache.writer("tensorrt", component, key) as tmp:
-            timing = context.cache.root / "tensorrt" / f"timing-{device.tensorrt}-{device.plan_file}.cache"
-            build_plan(graph.path, profiles, tmp / device.plan_file, timing)
-            # The reference is the graph the plan was built from, run by ONNX Runtime; a quantized
-            # graph was itself gated against the FP32 export by the quantize stage.
-            comparison = compare_plan(tmp / device.plan_file, graph.path,
-                                      comparison_feeds(graph, profiles, spec.tensorrt.comparison_samples), gate)
-            if not comparison.passed:
-                raise BuildError(f"{component}: the TensorRT engine disagrees with its ONNX graph under ONNX Runtime: "
-                                 f"{comparison.summary()}")
-            (tmp / "comparison.json").write_text(json.dumps(comparison.to_json()))
-        entry = context.cache.entry("tensorrt", component, key)
+        timing = context.cache.root / TENSORRT.name / f"timing-{device.tensorrt}-{device.plan_file}.cache"
+        build_plan(graph.path, profiles, tmp / device.plan_file, timing)
+        # The reference is the graph the plan was built from, run by ONNX Runtime; a quantized
+        # graph was itself gated against the FP32 export by the quantize stage.
+        comparison = compare_plan(tmp / device.plan_file, graph.path,
+                                  comparison_feeds(graph, profiles, spec.tensorrt.comparison_samples), gate)
+        if not comparison.passed:
+            raise BuildError(f"{component}: the TensorRT engine disagrees with its ONNX graph under ONNX Runtime: "
+                             f"{comparison.summary()}")
+        (tmp / "comparison.json").write_text(json.dumps(comparison.to_json()))
+
+    entry = TENSORRT.run(context.cache, component, key, build_into)
     comparison = GateResult.from_json(json.loads((entry / "comparison.json").read_text()))
     record = plan_record(device, onnx_sha256, comparison, entry / device.plan_file)
     previous = published_plans(context.output, component, served_by)

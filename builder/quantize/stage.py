@@ -7,13 +7,12 @@ target or gate re-quantizes from the same ranges without calibrating again.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 from tqdm import tqdm
 
-from builder.cache import StageCache, code_fingerprint, make_key, tool_versions
+from builder.cache import Stage, StageCache
 from builder.compare import onnxruntime_session
 from builder.components import COMPONENTS, LLM
 from builder.errors import BuildError
@@ -29,6 +28,11 @@ from builder.runtime.preprocess import Preprocessor
 from builder.spec import BuildSpec
 
 
+QUANTIZE = Stage("quantize", ("quantize",))  # a component settled on its ladder
+CALIBRATION = Stage("calibration", ("quantize",))  # an encoder's ranges, one entry per method
+PIPELINE_GATE = Stage("pipeline", ("quantize",))  # the pipeline gate's walk over the components
+
+
 def is_quantized(precision: str) -> bool:
     """INT8 and INT4 are made here: FP32 and FP16 graphs are served as exported (FP16: see builder.export.precision)."""
     return precision in ("int8", "int4")
@@ -39,8 +43,7 @@ def quantize_key(spec: BuildSpec, export_key: str, precision: str, files: Calibr
         return export_key
     assert files is not None
     quantize = {k: v for k, v in spec.section("quantize").items() if k != "pipeline_gate"}  # the gate decides rungs, later
-    return make_key(export_key, precision, spec.target, files.digest, quantize, spec.section("calibration"),
-                    code_fingerprint("quantize"), tool_versions())
+    return QUANTIZE.key(export_key, precision, spec.target, files.digest, quantize, spec.section("calibration"))
 
 
 def quantize_components(
@@ -56,9 +59,9 @@ def quantize_components(
         return {c: stage.settle(c, 0) for c in exported}, None
     assert files is not None
     # The CPU too: another machine's INT8 kernels round differently and may walk the ladders elsewhere.
-    gate_key = make_key([quantize_key(spec, export_keys[c], precisions[c], files) for c in exported],
-                        spec.section("quantize"), code_fingerprint("quantize"), tool_versions(), cpu_description())
-    entry = cache.lookup("pipeline", "gate", gate_key)
+    gate_key = PIPELINE_GATE.key([quantize_key(spec, export_keys[c], precisions[c], files) for c in exported],
+                                 spec.section("quantize"), cpu_description())
+    entry = PIPELINE_GATE.lookup(cache, "gate", gate_key)
     if entry is not None:  # the gate's walk is deterministic on this machine: replay its outcome
         result = PipelineResult.from_json(json.loads((entry / "pipeline.json").read_text()))
         settled = {c: stage.settle(c, result.rejected.get(c, 0)) for c in exported}
@@ -66,8 +69,8 @@ def quantize_components(
             tqdm.write(f"pipeline gate: {step}")
     else:
         settled, result = _gate(stage, spec, facts, files)
-        with cache.writer("pipeline", "gate", gate_key) as tmp:
-            (tmp / "pipeline.json").write_text(json.dumps(result.to_json(), indent=2))
+        walked = json.dumps(result.to_json(), indent=2)
+        PIPELINE_GATE.run(cache, "gate", gate_key, lambda tmp: (tmp / "pipeline.json").write_text(walked))
     chosen = ", ".join(f"{c} {s.precision}" + (f" ({s.final.label()})" if is_quantized(s.precision) else "") for c, s in settled.items())
     tqdm.write(f"pipeline gate ({result.cpu}): settled on {chosen}; {result.figures.summary()}")
     return settled, result
@@ -129,18 +132,15 @@ class _Stage:
         files, export_key = self.files, self.export_keys[component]
         assert files is not None
         key = quantize_key(spec, export_key, precision, files)
-        key = make_key(key, "pipeline-rejected", rejected) if rejected else key
-        entry = self.cache.lookup("quantize", component, key)
-        if entry is None:
-            calibration_key = make_key(export_key, files.digest, spec.section("calibration"),
-                                       code_fingerprint("quantize"), tool_versions())
-            with self.cache.writer("quantize", component, key) as tmp:
-                result = _settle(spec, self.facts, component, graph, precision, self.exported, self.samples(), self.forms,
-                                 self.cache, calibration_key, tmp, self.progress, rejected)
-            entry = self.cache.entry("quantize", component, key)
-            settled = dataclasses.replace(result, path=entry / result.path.name if result.precision != "fp32" else graph.path)
-        else:
-            settled = Settled.from_json(json.loads((entry / "quantize.json").read_text()), entry, graph.path)
+        key = QUANTIZE.key(key, "pipeline-rejected", rejected) if rejected else key
+        calibration_key = CALIBRATION.key(export_key, files.digest, spec.section("calibration"))
+
+        def settle_into(tmp: Path) -> None:  # writes quantize.json beside the graph it settled on
+            _settle(spec, self.facts, component, graph, precision, self.exported, self.samples(), self.forms,
+                    self.cache, calibration_key, tmp, self.progress, rejected)
+
+        entry = QUANTIZE.run(self.cache, component, key, settle_into)
+        settled = Settled.from_json(json.loads((entry / "quantize.json").read_text()), entry, graph.path)
         tqdm.write(f"quantize: {settled.summary()}")
         return settled
 
@@ -165,14 +165,11 @@ def _settle(
                             for samples_of in (split.calibration, split.holdout))
 
     def ranges(method: str) -> Path:
-        key = make_key(calibration_key, method)
-        entry = cache.lookup("calibration", component, key)
-        if entry is None:
-            with cache.writer("calibration", component, key) as tmp:
-                reader = SampleReader(calibration, f"{component}: calibrate ({method})", progress)
-                calibrate(graph.path, reader, method, tmp / "ranges.json")
-            entry = cache.entry("calibration", component, key)
-        return entry / "ranges.json"
+        def calibrate_into(tmp: Path) -> None:
+            calibrate(graph.path, SampleReader(calibration, f"{component}: calibrate ({method})", progress), method,
+                      tmp / "ranges.json")
+
+        return CALIBRATION.run(cache, component, CALIBRATION.key(calibration_key, method), calibrate_into) / "ranges.json"
 
     job = EncoderJob(component, graph.path, tuple(o.name for o in graph.outputs), calibration, holdout, ranges)
     return settle_encoder(job, precision, encoder_forms, spec.quantize, directory, progress, rejected)

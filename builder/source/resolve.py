@@ -6,7 +6,7 @@ import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from builder.cache import StageCache, code_fingerprint, make_key, tool_versions
+from builder.cache import Stage, StageCache
 from builder.errors import BuildError
 from builder.spec import SourceSpec
 
@@ -18,6 +18,9 @@ class ResolvedSource:
     cached: bool
 
 
+PRESET = Stage("source", ("source",))  # a preset's checkpoint, written from its seed
+
+
 def resolve_source(source: SourceSpec, cache: StageCache) -> ResolvedSource:
     if source.checkpoint is not None:
         directory = Path(source.checkpoint).expanduser()
@@ -26,14 +29,14 @@ def resolve_source(source: SourceSpec, cache: StageCache) -> ResolvedSource:
         return ResolvedSource(directory, checkpoint_fingerprint(directory), cached=True)
 
     assert source.preset is not None
-    key = make_key(asdict(source), tool_versions(), code_fingerprint("source"))
-    found = cache.lookup("source", source.preset, key)
+    key = PRESET.key(asdict(source))
+    found = PRESET.lookup(cache, source.preset, key)
     if found is not None:
         return ResolvedSource(found, key, cached=True)
     from builder.source.tiny import write_preset_checkpoint  # torch/transformers only when it is written
-    with cache.writer("source", source.preset, key) as tmp:
-        write_preset_checkpoint(tmp, source.preset, seed=source.seed)
-    return ResolvedSource(cache.entry("source", source.preset, key), key, cached=False)
+
+    written = PRESET.run(cache, source.preset, key, lambda tmp: write_preset_checkpoint(tmp, source.preset, seed=source.seed))
+    return ResolvedSource(written, key, cached=False)
 
 
 def checkpoint_fingerprint(directory: Path) -> str:

@@ -18,7 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from builder.cache import StageCache, code_fingerprint, make_key, tool_versions
+from builder.cache import Stage, StageCache
 from builder.errors import BuildError
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -36,6 +36,7 @@ PROBE_STRINGS = (
     "<s>text</s><unk> [AUDIO][BEGIN_AUDIO] [THINK]x[/THINK]",
     "symbols ~!@#$%^&*()_+{}|:\"<>? // path/to/file.py",
 )
+CONVERSION = Stage("source", ("source/tokenizer_files",))  # tekken.json -> tokenizer.json
 _CONVERTED: dict[str, Path] = {}  # tekken conversions this process made or found, by cache key
 
 
@@ -64,19 +65,14 @@ def serving_tokenizer(checkpoint: Path, cache: StageCache | None = None) -> Path
     source = tokenizer_source(checkpoint)
     if source.name == TOKENIZER_FILE:
         return source
-    key = make_key(hashlib.sha256(source.read_bytes()).hexdigest(), tool_versions(), metadata.version("tokenizers"),
-                   code_fingerprint("source/tokenizer_files"))
+    key = CONVERSION.key(hashlib.sha256(source.read_bytes()).hexdigest(), metadata.version("tokenizers"))
     if cache is None:
         if key not in _CONVERTED or not _CONVERTED[key].is_file():
             work_dir = Path(tempfile.mkdtemp(prefix="tekken-tokenizer-"))
             atexit.register(shutil.rmtree, work_dir, True)
             _CONVERTED[key] = convert_tekken(source, work_dir)
         return _CONVERTED[key]
-    entry = cache.lookup("source", "tokenizer", key)
-    if entry is None:
-        with cache.writer("source", "tokenizer", key) as tmp:
-            convert_tekken(source, tmp)
-        entry = cache.entry("source", "tokenizer", key)
+    entry = CONVERSION.run(cache, "tokenizer", key, lambda tmp: convert_tekken(source, tmp))
     _CONVERTED[key] = entry / TOKENIZER_FILE
     return _CONVERTED[key]
 
