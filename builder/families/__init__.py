@@ -3,7 +3,7 @@
 A family package (``builder/families/<model_type>/``) reads a checkpoint's facts (token ids, processor parameters,
 which encoders it has), loads its PyTorch modules and runs Hugging Face's own pipeline as the reference (its
 ``__init__``), and says how each component exports (its ``export`` module: wrappers and a ``RECIPES`` table).
-Adding a family is one package here, its line in ``FAMILIES`` and its tests (``tests/test_family_registry.py``
+Adding a family is one package here, its line in ``PACKAGES`` and its tests (``tests/test_family_registry.py``
 fails while a registered family has no served-parity test).
 """
 
