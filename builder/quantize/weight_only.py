@@ -12,19 +12,20 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
-from onnxruntime.quantization import QuantFormat
-from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
 from builder.onnx_files import save_onnx
-
-# Importing that module calls logging.basicConfig(level=INFO): every library's INFO lines would print.
-logging.getLogger().setLevel(logging.WARNING)
 
 
 def quantize_weights_nbits(fp32: Path, output: Path, block_size: int, accuracy_level: int = 4, bits: int = 8) -> None:
     """``accuracy_level`` 4 lets ONNX Runtime's CPU kernel multiply in int8 (activations quantized on
     the fly): measured here about 10x faster than level 0, which dequantizes to float and ran slower
     than the FP32 MatMul; level 0 is the more accurate fallback rung. ``bits``: 8 or 4."""
+    # Imported here: it pulls in sympy (about a second), which the CLI's --help and a no-op build should not wait for.
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    # Importing that module calls logging.basicConfig(level=INFO): every library's INFO lines would print.
+    logging.getLogger().setLevel(logging.WARNING)
     config = DefaultWeightOnlyQuantConfig(
         block_size=block_size, is_symmetric=True, bits=bits, accuracy_level=accuracy_level, quant_format=QuantFormat.QOperator,
         op_types_to_quantize=("MatMul",),
