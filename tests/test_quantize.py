@@ -41,7 +41,8 @@ def pipeline_figures(reference: Path, candidate: Path) -> PipelineFigures:
     facts = ModelFacts.load(reference / "preprocess" / "1" / "model_facts.json")
     preprocess = server_preprocessor(spec, facts, reference / "preprocess" / "1" / "tokenizer.json")
     requests = held_out_requests(calibration_files(spec, with_images=True, with_audio=True), preprocess, facts)
-    return measure_pipeline(served_graphs(reference), served_graphs(candidate), requests, facts, spec.quantize.pipeline_gate)
+    return measure_pipeline(served_graphs(reference), served_graphs(candidate), requests, facts, spec.quantize.pipeline_gate,
+                            TARGETS[spec.target].llm.gate_runner)
 
 
 def build_int8(output: Path, **overrides: object) -> Path:
@@ -209,7 +210,7 @@ def test_tensorrt_int8_llm_settles_on_qdq_gated_with_onnxruntime(llm_job: LlmJob
     """With target tensorrt the INT8 LLM's ladder is Q/DQ only, gated on this CPU by ONNX Runtime against the
     spec's LLM gate; nothing silently becomes FP16: a fall back is recorded with the rungs that failed."""
     spec = load_spec(INT8_SPEC)
-    settled = settle_llm(llm_job, "int8", TARGETS["tensorrt"].llm.rungs("int8", spec.quantize), spec.quantize, tmp_path)
+    settled = settle_llm(llm_job, "int8", TARGETS["tensorrt"].llm, spec.quantize, tmp_path)
     first = settled.attempts[0]
     assert first.scheme == "weight-only Q/DQ per channel" and first.agreement.positions == 32
     assert not any("compute" in a.scheme for a in settled.attempts), "MatMulNBits rungs are ORT-only"
@@ -226,7 +227,7 @@ def test_int4_llm_walks_4_bit_rungs_then_int8_and_says_so(llm_job: LlmJob, tmp_p
     FP32, each gated against FP32 on the held-out prompts; what it settled on passed the LLM gate, and a fall back
     names the rungs that failed."""
     spec = load_spec(INT8_SPEC)
-    settled = settle_llm(llm_job, "int4", TARGETS["python"].llm.rungs("int4", spec.quantize), spec.quantize, tmp_path)
+    settled = settle_llm(llm_job, "int4", TARGETS["python"].llm, spec.quantize, tmp_path)
     first = settled.attempts[0]
     assert first.precision == "int4" and first.scheme == f"weight-only block {spec.quantize.llm_block_size}, int8 compute"
     precisions = [a.precision for a in settled.attempts]

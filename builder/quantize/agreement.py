@@ -14,7 +14,7 @@ import onnxruntime as ort
 
 from builder.compare import OutputFigures, figures
 from builder.runtime.encoders import embed_request
-from builder.runtime.generation import LanguageModelRunner, SamplingParams
+from builder.runtime.generation import SamplingParams, SequenceRunner
 from builder.runtime.model_facts import ModelFacts
 from builder.runtime.preprocess import ModelInputs
 
@@ -49,7 +49,7 @@ def fuse_prompt(inputs: ModelInputs, encoders: Mapping[str, ort.InferenceSession
 
 
 def teacher_forced(
-    reference: LanguageModelRunner, candidate: LanguageModelRunner,
+    reference: SequenceRunner, candidate: SequenceRunner,
     prompts: Sequence[tuple[FusedPrompt, FusedPrompt]], positions: int = POSITIONS,
 ) -> Agreement:
     """``prompts`` pairs each prompt as the reference pipeline fused it with the candidate's fusion

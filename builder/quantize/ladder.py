@@ -33,7 +33,7 @@ from builder.quantize.qdq import CALIBRATION_METHODS, QdqLayout, quantize_qdq, w
 from builder.quantize.reader import SampleReader
 from builder.quantize.sensitivity import most_sensitive_nodes
 from builder.quantize.weight_only import quantize_weights_nbits, quantize_weights_qdq
-from builder.runtime.generation import LanguageModelRunner
+from builder.runtime.generation import SequenceRunner
 from builder.runtime.model_facts import ModelFacts
 from builder.spec import GateSpec, QuantizeSpec
 
@@ -175,9 +175,12 @@ class EncoderForms(Protocol):
 
 
 class LlmForms(Protocol):
-    """What an LLM backend runs: the rungs it walks for a requested precision."""
+    """What an LLM backend runs: the rungs it walks for a requested precision, and the runner its gates compare
+    a candidate graph through (on this machine)."""
 
     def rungs(self, requested: str, spec: QuantizeSpec) -> list[LlmRung]: ...
+
+    def gate_runner(self, graph: Path, facts: ModelFacts) -> SequenceRunner: ...
 
 
 class _Ladder:
@@ -242,15 +245,15 @@ def settle_encoder(job: EncoderJob, requested: str, forms: EncoderForms, spec: Q
     return _settled(job.component, requested, ladder, len(job.calibration), len(job.holdout), fp32=job.fp32)
 
 
-def settle_llm(job: LlmJob, requested: str, rungs: Sequence[LlmRung], spec: QuantizeSpec, directory: Path,
+def settle_llm(job: LlmJob, requested: str, forms: LlmForms, spec: QuantizeSpec, directory: Path,
                rejected: int = 0) -> Settled:
-    """Walks ``rungs`` (the backend's, in order) until one passes the LLM gate; FP32 otherwise."""
+    """Walks the backend's rungs in order until one passes the LLM gate; FP32 otherwise."""
     ladder = _Ladder(LLM.name, requested, spec, spec.llm_gate, directory, rejected)
-    reference = LanguageModelRunner(str(job.fp32), job.facts)
-    for rung in rungs:
+    reference = forms.gate_runner(job.fp32, job.facts)
+    for rung in forms.rungs(requested, spec):
         path = ladder.candidate()
         rung.write(job.fp32, path)
-        agreement = teacher_forced(reference, LanguageModelRunner(str(path), job.facts), [(p, p) for p in job.prompts])
+        agreement = teacher_forced(reference, forms.gate_runner(path, job.facts), [(p, p) for p in job.prompts])
         gate = judge((agreement.logits,), agreement.prompts * agreement.positions, spec.llm_gate)
         if ladder.record(Attempt(rung.precision, rung.scheme, gate=gate, agreement=agreement)):
             return _settled(LLM.name, requested, ladder, 0, len(job.prompts))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from builder.compare import OutputFigures, onnxruntime_session
 from builder.components import LLM
 from builder.quantize.agreement import Agreement, fuse_prompt, teacher_forced
 from builder.quantize.calibration_data import CalibrationFiles
-from builder.runtime.generation import LanguageModelRunner
+from builder.runtime.generation import SequenceRunner
 from builder.runtime.model_facts import ModelFacts
 from builder.runtime.preprocess import ModelInputs, Preprocessor
 from builder.spec import PipelineGateSpec
@@ -91,11 +91,13 @@ def held_out_requests(files: CalibrationFiles, preprocess: Preprocessor, facts: 
 
 
 def measure_pipeline(reference: Mapping[str, Path], candidate: Mapping[str, Path], requests: Mapping[str, ModelInputs],
-                     facts: ModelFacts, gate: PipelineGateSpec) -> PipelineFigures:
-    """``reference``/``candidate`` map component -> graph (vision_encoder, audio_encoder, llm)."""
-    def pipeline(graphs: Mapping[str, Path]) -> tuple[dict, LanguageModelRunner]:
+                     facts: ModelFacts, gate: PipelineGateSpec,
+                     llm_runner: Callable[[Path, ModelFacts], SequenceRunner]) -> PipelineFigures:
+    """``reference``/``candidate`` map component -> graph (vision_encoder, audio_encoder, llm); ``llm_runner``: the
+    LLM backend's gate runner."""
+    def pipeline(graphs: Mapping[str, Path]) -> tuple[dict, SequenceRunner]:
         encoders = {name: onnxruntime_session(path) for name, path in graphs.items() if name != LLM.name}
-        return encoders, LanguageModelRunner(str(graphs[LLM.name]), facts)
+        return encoders, llm_runner(graphs[LLM.name], facts)
 
     (ref_encoders, ref_llm), (cand_encoders, cand_llm) = pipeline(reference), pipeline(candidate)
     kinds = tuple(

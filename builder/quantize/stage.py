@@ -85,14 +85,15 @@ def _gate(stage: "_Stage", spec: BuildSpec, facts: ModelFacts, files: Calibratio
     steps: list[str] = []
     while True:
         current = {c: s.path for c, s in settled.items()}
-        figures = measure_pipeline(reference, current, requests, facts, gate)
+        figures = measure_pipeline(reference, current, requests, facts, gate, stage.forms[1].gate_runner)
         quantized = [c for c, s in settled.items() if s.path != reference[c]]
         if figures.passed or not quantized:
             break
         if not spec.quantize.fallback:
             raise BuildError(f"the quantized pipeline failed the pipeline gate ({figures.summary()}) and quantize.fallback is false")
         # Swap each quantized component back to FP32 in turn: the one whose swap helps most costs most.
-        swapped = {c: measure_pipeline(reference, {**current, c: reference[c]}, requests, facts, gate).worst_agreement
+        swapped = {c: measure_pipeline(reference, {**current, c: reference[c]}, requests, facts, gate,
+                                       stage.forms[1].gate_runner).worst_agreement
                    for c in quantized}
         costliest = max(swapped, key=swapped.__getitem__)
         rejected[costliest] += 1
@@ -154,8 +155,7 @@ def _settle(
     if component == LLM.name:
         encoders = {name: onnxruntime_session(g.path) for name, g in exported.items() if name != LLM.name}
         prompts = tuple(fuse_prompt(p, encoders, facts) for p in samples.prompts)
-        return settle_llm(LlmJob(graph.path, facts, prompts), precision, llm_forms.rungs(precision, spec.quantize),
-                          spec.quantize, directory, rejected)
+        return settle_llm(LlmJob(graph.path, facts, prompts), precision, llm_forms, spec.quantize, directory, rejected)
     input_name = COMPONENTS[component].graph_input
     assert input_name is not None
     split = getattr(samples, input_name)

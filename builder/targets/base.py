@@ -22,6 +22,7 @@ from builder.export.graph import ExportedGraph
 from builder.quantize.ladder import LlmRung
 from builder.quantize.qdq import QdqLayout
 from builder.repository.plan import Contribution, EncoderSlot, Tensor
+from builder.runtime.generation import LanguageModelRunner, SequenceRunner
 from builder.runtime.model_facts import ModelFacts
 from builder.spec import BuildSpec, QuantizeSpec
 
@@ -54,6 +55,11 @@ class LlmBackend(ABC):
     @abstractmethod
     def rungs(self, requested: str, spec: QuantizeSpec) -> list[LlmRung]:
         """The forms an INT8 / INT4 request walks, in order, before FP32 (which always passes: it is the reference)."""
+
+    def gate_runner(self, graph: Path, facts: ModelFacts) -> SequenceRunner:
+        """What the LLM and pipeline gates run a candidate graph with on the build machine: ONNX Runtime (a TensorRT
+        plan is then checked against the graph it was built from, on the GPU, by ``compile_plan``)."""
+        return LanguageModelRunner(str(graph), facts)
 
     def compile(self, context: CompileContext, graph: ExportedGraph, precision: str) -> CompiledModel:
         return as_exported(graph, precision)
