@@ -16,7 +16,7 @@ from typing import Any
 from builder.cache import StageCache
 from builder.compile.artifacts import CompiledModel
 from builder.compile.stage import CompileContext, as_exported
-from builder.components import LLM
+from builder.components import COMPONENTS, LLM
 from builder.errors import SpecError
 from builder.export.graph import ExportedGraph
 from builder.quantize.ladder import LlmRung
@@ -90,7 +90,7 @@ class Target:
     def check_spec(self, spec: BuildSpec) -> None:
         """Spec rules that hold for this target only."""
         if self.encoders.one_batch_per_request:
-            for key in ("max_images", "max_audio_clips"):
+            for key in (c.request_limit for c in COMPONENTS.values() if c.request_limit):
                 if getattr(spec.limits, key) > spec.triton.max_batch_size:
                     raise SpecError(
                         f"limits.{key} ({getattr(spec.limits, key)}) exceeds triton.max_batch_size "
