@@ -25,15 +25,22 @@ def quantize_weights_nbits(fp32: Path, output: Path, block_size: int, accuracy_l
     """``accuracy_level`` 4 lets ONNX Runtime's CPU kernel multiply in int8 (activations quantized on
     the fly): measured here about 10x faster than level 0, which dequantizes to float and ran slower
     than the FP32 MatMul; level 0 is the more accurate fallback rung. ``bits``: 8 or 4."""
-    config = DefaultWeightOnlyQuantConfig(
-        block_size=block_size, is_symmetric=True, bits=bits, accuracy_level=accuracy_level, quant_format=QuantFormat.QOperator,
-        op_types_to_quantize=("MatMul",),
-    )
-    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+    config = nbits_config(block_size, accuracy_level, bits)
     quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32)), bits=bits, block_size=block_size, is_symmetric=True,
                                      accuracy_level=accuracy_level, algo_config=config)
     quantizer.process()
     save_onnx(quantizer.model.model, output)
+
+
+def nbits_config(block_size: int, accuracy_level: int = 4, bits: int = 8) -> DefaultWeightOnlyQuantConfig:
+    """The ``MatMulNBits`` form every INT8/INT4 ONNX Runtime LLM here has: symmetric, round to nearest, MatMul only
+    (a whole graph through ``quantize_weights_nbits``, or one weight at a time through ORT's
+    ``DefaultWeightOnlyQuantizer(config).quantize``)."""
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+    return DefaultWeightOnlyQuantConfig(
+        block_size=block_size, is_symmetric=True, bits=bits, accuracy_level=accuracy_level, quant_format=QuantFormat.QOperator,
+        op_types_to_quantize=("MatMul",),
+    )
 
 
 def quantize_weights_qdq(fp32: Path, output: Path, block_size: int | None, bits: int = 8) -> None:
@@ -47,20 +54,28 @@ def quantize_weights_qdq(fp32: Path, output: Path, block_size: int | None, bits:
         weight = weights.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
         if weight is None or len(weight.dims) != 2 or weight.data_type != onnx.TensorProto.FLOAT:
             continue
-        array = numpy_helper.to_array(weight)
-        values, scales = _blockwise(array, block_size or array.shape[0], bits)
-        layout = {"axis": 0, "block_size": block_size} if block_size else {"axis": 1}
         model.graph.initializer.remove(weight)
-        quantized = f"{weight.name}_int{bits}"
-        model.graph.initializer.extend([_integer_tensor(quantized, values, bits),
-                                        numpy_helper.from_array(scales if block_size else scales[0], f"{weight.name}_scale")])
-        dequantize.append(helper.make_node("DequantizeLinear", [quantized, f"{weight.name}_scale"],
-                                           [f"{weight.name}_dequantized"], name=f"{weight.name}_DequantizeLinear", **layout))
-        node.input[1] = f"{weight.name}_dequantized"
+        tensors, node_dq = dequantized_weight(weight.name, numpy_helper.to_array(weight), block_size, bits)
+        model.graph.initializer.extend(tensors)
+        dequantize.append(node_dq)
+        node.input[1] = node_dq.output[0]
     nodes = [*dequantize, *model.graph.node]  # the weights' dequantization first: a topological order
     model.graph.ClearField("node")
     model.graph.node.extend(nodes)
     save_onnx(model, output)
+
+
+def dequantized_weight(name: str, weight: np.ndarray, block_size: int | None, bits: int
+                       ) -> tuple[list[onnx.TensorProto], onnx.NodeProto]:
+    """One float weight [K, N] as int8 / int4 values + scales and the DequantizeLinear node giving it back
+    (output ``<name>_dequantized``), in the layout :func:`quantize_weights_qdq` documents."""
+    values, scales = _blockwise(weight, block_size or weight.shape[0], bits)
+    layout = {"axis": 0, "block_size": block_size} if block_size else {"axis": 1}
+    quantized = f"{name}_int{bits}"
+    tensors = [_integer_tensor(quantized, values, bits), numpy_helper.from_array(scales if block_size else scales[0], f"{name}_scale")]
+    node = helper.make_node("DequantizeLinear", [quantized, f"{name}_scale"], [f"{name}_dequantized"],
+                            name=f"{name}_DequantizeLinear", **layout)
+    return tensors, node
 
 
 def _blockwise(weight: np.ndarray, block_size: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
