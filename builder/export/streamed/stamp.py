@@ -55,43 +55,54 @@ def _layer_of(node: onnx.NodeProto, layer_class: str) -> int | None:
 
 
 def split_template(template: Template, hidden_size: int) -> tuple[list[onnx.NodeProto], list[LayerNodes], list[onnx.NodeProto]]:
-    """(prologue, layers, epilogue) of the template graph."""
+    """(prologue, layers, epilogue) of the template graph.
+
+    A node is a layer's when the exporter tagged it with that layer's scope and it depends on the hidden state,
+    the weights or the past; a tagged node that depends on none of them (a shape or a cast of the shared RoPE
+    tables, which the optimizer may leave in the first layer that computed it) is shared and goes to the prologue.
+    """
     graph = template.model.graph
     count = len(template.kinds.kinds)
-    by_layer: list[list[onnx.NodeProto]] = [[] for _ in range(count)]
-    shared: list[onnx.NodeProto] = []
-    producer_layer: dict[str, int | None] = {}
     for node in graph.node:
         if any(attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for attr in node.attribute):
             raise BuildError(f"llm: template node {node.name} ({node.op_type}) holds a subgraph; it cannot be stamped")
-        layer = _layer_of(node, template.layer_class)
-        (shared if layer is None else by_layer[layer]).append(node)
-        producer_layer.update({out: layer for out in node.output})
-    # A shared node after the layers (it reads a layer's output, directly or not) is the epilogue.
-    after: set[str] = set()
-    prologue, epilogue = [], []
-    for node in shared:
-        late = any(producer_layer.get(name) is not None or name in after for name in node.input)
-        (epilogue if late else prologue).append(node)
-        if late:
-            after.update(node.output)
+    tagged = [(node, _layer_of(node, template.layer_class)) for node in graph.node]
+    first = [node for node, layer in tagged if layer == 0]
+    first_produced = {out for node in first for out in node.output}
     shapes = {v.name: v.type for v in [*graph.value_info, *graph.input, *graph.output]}
+    entering = [name for name in dict.fromkeys(name for node in first for name in node.input)
+                if name and name not in first_produced and name not in template.weights and _is_hidden(shapes.get(name), hidden_size)]
+    if len(entering) != 1:
+        raise BuildError(f"llm: template layer 0 reads {entering}; expected one hidden state [batch, sequence, {hidden_size}]")
+    dependent = {entering[0], *template.weights}  # not the past: a shape read off it is the same for every layer
+    prologue: list[onnx.NodeProto] = []
+    epilogue: list[onnx.NodeProto] = []
+    by_layer: list[list[onnx.NodeProto]] = [[] for _ in range(count)]
+    producer_layer: dict[str, int | None] = {}
+    for node, layer in tagged:
+        if not any(name in dependent for name in node.input):
+            prologue.append(node)
+            continue
+        dependent.update(node.output)
+        (epilogue if layer is None else by_layer[layer]).append(node)
+        producer_layer.update({out: layer for out in node.output})
+    for node in prologue:  # shared nodes may read a past's shape (the same for every layer), never its values
+        if node.op_type != "Shape" and any(name.startswith(PAST_PREFIX + ".") for name in node.input):
+            raise BuildError(f"llm: shared template node {node.name} ({node.op_type}) reads a layer's past")
     layers = []
     for index, nodes in enumerate(by_layer):
         produced = {out for node in nodes for out in node.output}
-        consumed = [name for node in nodes for name in node.input if name and name not in produced]
-        hidden = [name for name in dict.fromkeys(consumed)
-                  if (index and producer_layer.get(name) == index - 1) or (not index and _is_hidden(shapes.get(name), hidden_size)
-                                                                            and name not in template.weights)]
+        consumed = list(dict.fromkeys(name for node in nodes for name in node.input if name and name not in produced))
+        hidden = entering if not index else [name for name in consumed if producer_layer.get(name) == index - 1]
         crossing = [name for name in consumed if producer_layer.get(name) not in (None, index) and name not in hidden]
         if len(hidden) != 1 or crossing:
-            raise BuildError(f"llm: template layer {index} reads {hidden + crossing} from outside itself; expected one "
-                             f"hidden state [batch, sequence, {hidden_size}]")
+            raise BuildError(f"llm: template layer {index} reads {hidden + crossing} from other layers; expected one "
+                             f"hidden state")
         used_later = {name for other in [*by_layer[index + 1:], epilogue] for node in other for name in node.input}
         outputs = [name for name in produced if name in used_later]
         if len(outputs) != 1:
             raise BuildError(f"llm: template layer {index} hands {outputs} on; expected one hidden state")
-        weights = [name for name in dict.fromkeys(consumed) if name in template.weights]
+        weights = [name for name in consumed if name in template.weights]
         layers.append(LayerNodes(nodes, hidden[0], outputs[0], weights))
     return prologue, layers, epilogue
 

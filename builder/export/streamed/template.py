@@ -24,6 +24,7 @@ import onnx_ir as ir
 import onnxscript.optimizer
 import torch
 import transformers
+from transformers.initialization import no_init_weights
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
@@ -113,7 +114,8 @@ def fake_parameters(mode: FakeTensorMode | None, dtype: torch.dtype | None) -> I
 
 def empty_model(directory: Path, config: Any, mode: FakeTensorMode | None, dtype: torch.dtype | None) -> nn.Module:
     """The checkpoint's model class on ``config`` with parameters that hold no bytes (see :func:`fake_parameters`)."""
-    with fake_parameters(mode, dtype), warnings.catch_warnings():
+    # no_init_weights: initializers (SigLIP's truncated normal) would read the empty parameters
+    with fake_parameters(mode, dtype), no_init_weights(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return model_class(directory)(config).eval()
 
