@@ -74,13 +74,16 @@ def split_template(template: Template, hidden_size: int) -> tuple[list[onnx.Node
                 if name and name not in first_produced and name not in template.weights and _is_hidden(shapes.get(name), hidden_size)]
     if len(entering) != 1:
         raise BuildError(f"llm: template layer 0 reads {entering}; expected one hidden state [batch, sequence, {hidden_size}]")
-    dependent = {entering[0], *template.weights}  # not the past: a shape read off it is the same for every layer
+    dependent = {entering[0], *template.weights}
+    pasts = {v.name for v in graph.input if v.name.startswith(PAST_PREFIX + ".")}
     prologue: list[onnx.NodeProto] = []
     epilogue: list[onnx.NodeProto] = []
     by_layer: list[list[onnx.NodeProto]] = [[] for _ in range(count)]
     producer_layer: dict[str, int | None] = {}
     for node, layer in tagged:
-        if not any(name in dependent for name in node.input):
+        # A past's values are the layer's own; its shape (the past length) is the same for every layer: shared.
+        reads_past = node.op_type != "Shape" and any(name in pasts for name in node.input)
+        if not reads_past and not any(name in dependent for name in node.input):
             prologue.append(node)
             continue
         dependent.update(node.output)
