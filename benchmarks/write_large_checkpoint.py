@@ -55,7 +55,7 @@ def saved_shapes(config: object) -> dict[str, tuple[int, ...]]:
 
 
 def random_bf16(key: str, shape: tuple[int, ...], seed: int) -> bytes:
-    if key.endswith("norm.weight") or key.endswith("layernorm.weight") or key.endswith("ln_pre.weight"):
+    if key.endswith(("norm.weight", "ln_pre.weight")):
         tensor = torch.ones(shape, dtype=torch.bfloat16)
     else:
         tensor = (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 0.02).to(torch.bfloat16)

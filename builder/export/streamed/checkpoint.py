@@ -7,8 +7,6 @@ transformers renames as it loads (``model.language_model.layers.N...``); its own
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -58,12 +56,3 @@ class CheckpointTensors:
         key = self.key(names)
         with safe_open(str(self._shard_of[key]), framework="pt") as handle:
             return handle.get_tensor(key)
-
-    @contextlib.contextmanager
-    def layer_state(self, names: dict[str, tuple[str, ...]], dtype: torch.dtype) -> Iterator[dict[str, torch.Tensor]]:
-        """``{local name: tensor in dtype}`` for one module's parameters; dropped on exit."""
-        state = {local: self.read(model_names).to(dtype) for local, model_names in names.items()}
-        try:
-            yield state
-        finally:
-            state.clear()

@@ -24,9 +24,9 @@ import onnx_ir as ir
 import onnxscript.optimizer
 import torch
 import transformers
-from transformers.initialization import no_init_weights
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from transformers.initialization import no_init_weights
 
 from builder.errors import BuildError
 from builder.export.onnx_export import _dynamic_shapes_by_position

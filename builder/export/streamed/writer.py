@@ -21,7 +21,7 @@ from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQua
 from builder.errors import BuildError
 from builder.export.streamed.checkpoint import CheckpointTensors
 from builder.export.streamed.stamp import StampedGraph, stamp
-from builder.export.streamed.template import Template, empty_model, export_template, model_class
+from builder.export.streamed.template import empty_model, export_template, model_class
 from builder.quantize.weight_only import dequantized_weight, nbits_config
 from builder.spec import LimitsSpec
 
