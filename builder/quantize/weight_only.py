@@ -7,7 +7,9 @@ memory-bound, so weight bytes are what count; embeddings and attention math stay
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -15,26 +17,38 @@ from onnx import helper, numpy_helper
 
 from builder.onnx_files import save_onnx
 
+if TYPE_CHECKING:
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig
+
 
 def quantize_weights_nbits(fp32: Path, output: Path, block_size: int, accuracy_level: int = 4, bits: int = 8) -> None:
     """``accuracy_level`` 4 lets ONNX Runtime's CPU kernel multiply in int8 (activations quantized on
     the fly): measured here about 10x faster than level 0, which dequantizes to float and ran slower
     than the FP32 MatMul; level 0 is the more accurate fallback rung. ``bits``: 8 or 4."""
-    # Imported here: it pulls in sympy (about a second), which the CLI's --help and a no-op build should not wait for.
-    from onnxruntime.quantization import QuantFormat
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    # Importing that module calls logging.basicConfig(level=INFO): every library's INFO lines would print.
-    logging.getLogger().setLevel(logging.WARNING)
-    config = DefaultWeightOnlyQuantConfig(
-        block_size=block_size, is_symmetric=True, bits=bits, accuracy_level=accuracy_level, quant_format=QuantFormat.QOperator,
-        op_types_to_quantize=("MatMul",),
-    )
-    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+    config = nbits_config(block_size, accuracy_level, bits)
     quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32)), bits=bits, block_size=block_size, is_symmetric=True,
                                      accuracy_level=accuracy_level, algo_config=config)
     quantizer.process()
     save_onnx(quantizer.model.model, output)
+
+
+def nbits_config(block_size: int, accuracy_level: int = 4, bits: int = 8) -> DefaultWeightOnlyQuantConfig:
+    """The ``MatMulNBits`` form every INT8/INT4 ONNX Runtime LLM here has: symmetric, round to nearest, MatMul only
+    (a whole graph through ``quantize_weights_nbits``, or one weight at a time through ORT's
+    ``DefaultWeightOnlyQuantizer(config).quantize``)."""
+    # Imported here: it pulls in sympy (about a second), which the CLI's --help and a no-op build should not wait for.
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig
+
+    # Importing that module calls logging.basicConfig(level=INFO): every library's INFO lines would print.
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+    return DefaultWeightOnlyQuantConfig(
+        block_size=block_size, is_symmetric=True, bits=bits, accuracy_level=accuracy_level, quant_format=QuantFormat.QOperator,
+        op_types_to_quantize=("MatMul",),
+    )
 
 
 def quantize_weights_qdq(fp32: Path, output: Path, block_size: int | None, bits: int = 8) -> None:
@@ -48,20 +62,28 @@ def quantize_weights_qdq(fp32: Path, output: Path, block_size: int | None, bits:
         weight = weights.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
         if weight is None or len(weight.dims) != 2 or weight.data_type != onnx.TensorProto.FLOAT:
             continue
-        array = numpy_helper.to_array(weight)
-        values, scales = _blockwise(array, block_size or array.shape[0], bits)
-        layout = {"axis": 0, "block_size": block_size} if block_size else {"axis": 1}
         model.graph.initializer.remove(weight)
-        quantized = f"{weight.name}_int{bits}"
-        model.graph.initializer.extend([_integer_tensor(quantized, values, bits),
-                                        numpy_helper.from_array(scales if block_size else scales[0], f"{weight.name}_scale")])
-        dequantize.append(helper.make_node("DequantizeLinear", [quantized, f"{weight.name}_scale"],
-                                           [f"{weight.name}_dequantized"], name=f"{weight.name}_DequantizeLinear", **layout))
-        node.input[1] = f"{weight.name}_dequantized"
+        tensors, node_dq = dequantized_weight(weight.name, numpy_helper.to_array(weight), block_size, bits)
+        model.graph.initializer.extend(tensors)
+        dequantize.append(node_dq)
+        node.input[1] = node_dq.output[0]
     nodes = [*dequantize, *model.graph.node]  # the weights' dequantization first: a topological order
     model.graph.ClearField("node")
     model.graph.node.extend(nodes)
     save_onnx(model, output)
+
+
+def dequantized_weight(name: str, weight: np.ndarray, block_size: int | None, bits: int
+                       ) -> tuple[list[onnx.TensorProto], onnx.NodeProto]:
+    """One float weight [K, N] as int8 / int4 values + scales and the DequantizeLinear node giving it back
+    (output ``<name>_dequantized``), in the layout :func:`quantize_weights_qdq` documents."""
+    values, scales = _blockwise(weight, block_size or weight.shape[0], bits)
+    layout = {"axis": 0, "block_size": block_size} if block_size else {"axis": 1}
+    quantized = f"{name}_int{bits}"
+    tensors = [_integer_tensor(quantized, values, bits), numpy_helper.from_array(scales if block_size else scales[0], f"{name}_scale")]
+    node = helper.make_node("DequantizeLinear", [quantized, f"{name}_scale"], [f"{name}_dequantized"],
+                            name=f"{name}_DequantizeLinear", **layout)
+    return tensors, node
 
 
 def _blockwise(weight: np.ndarray, block_size: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -86,3 +108,47 @@ def _integer_tensor(name: str, values: np.ndarray, bits: int) -> onnx.TensorProt
     flat = np.append(flat, np.uint8(0)) if flat.size % 2 else flat
     packed = flat[0::2] | (flat[1::2] << 4)
     return helper.make_tensor(name, onnx.TensorProto.INT4, values.shape, packed.tobytes(), raw=True)
+
+
+@dataclass(frozen=True)
+class NbitsWeights:
+    """``MatMulNBits`` weights one MatMul at a time (the streamed LLM writer's ``weights``), as
+    :func:`quantize_weights_nbits` writes them for a whole graph."""
+
+    bits: int
+    block_size: int
+    accuracy_level: int = 4
+    opset: int = 0
+    domains: tuple[str, ...] = ("com.microsoft",)
+
+    @property
+    def precision(self) -> str:
+        return f"int{self.bits}"
+
+    def matmul(self, node: onnx.NodeProto, weight: np.ndarray) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+        from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantizer
+
+        scratch = onnx.GraphProto(initializer=[numpy_helper.from_array(weight, node.input[1])])
+        del weight  # the scratch graph holds the one copy ORT's quantizer reads
+        nodes = DefaultWeightOnlyQuantizer(nbits_config(self.block_size, self.accuracy_level, self.bits)).quantize(node, [scratch])
+        return nodes, [t for t in scratch.initializer if t.name != node.input[1]]
+
+
+@dataclass(frozen=True)
+class QdqWeights:
+    """``DequantizeLinear`` weights one MatMul at a time (for TensorRT), as :func:`quantize_weights_qdq` writes them;
+    ``block_size`` None: per output channel."""
+
+    bits: int
+    block_size: int | None
+    opset: int = 21  # blocked and int4 DequantizeLinear
+    domains: tuple[str, ...] = ()
+
+    @property
+    def precision(self) -> str:
+        return f"int{self.bits}"
+
+    def matmul(self, node: onnx.NodeProto, weight: np.ndarray) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+        produced, dequantize = dequantized_weight(node.input[1], weight, self.block_size, self.bits)
+        node.input[1] = dequantize.output[0]
+        return [dequantize, node], produced

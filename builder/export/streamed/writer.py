@@ -1,0 +1,151 @@
+"""Writes the stamped LLM graph: each weight read from the shards, converted or quantized, appended to the
+external data file and dropped, in graph order (layer after layer).
+
+The largest transient is one tensor: its stored bytes, their FP32 (or FP16) copy, the transposed copy a MatMul
+reads, and (INT8/INT4) its quantized bytes. Nothing holds a second weight.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+
+from builder.errors import BuildError
+from builder.export.streamed.checkpoint import CheckpointTensors
+from builder.export.streamed.stamp import StampedGraph, stamp
+from builder.export.streamed.template import empty_model, export_template, model_class
+from builder.export.precision import ExportDtype
+from builder.spec import LimitsSpec
+_ALIGN, _ALIGN_FROM = 65536, 1 << 20  # large tensors start on a page multiple, so ONNX Runtime can map them
+
+
+class MatMulWeights(Protocol):
+    """How each MatMul by a weight is written in an integer form (``builder.quantize.weight_only``'s): the nodes
+    that replace it and the tensors they read, from the weight [K, N] as float."""
+
+    precision: str  # int8 | int4
+    opset: int  # the least ONNX opset its nodes need
+    domains: tuple[str, ...]  # the operator sets beyond ONNX's its nodes use
+
+    def matmul(self, node: onnx.NodeProto, weight: np.ndarray) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]: ...
+
+
+@dataclass(frozen=True)
+class StreamedLlm:
+    path: Path  # model.onnx; its weights in ``model.onnx.data`` beside it
+    precision: str  # fp32 | fp16, or the MatMul weights' int8 | int4
+    num_layers: int
+    data_bytes: int
+    seconds: float
+
+    @property
+    def data_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".data")
+
+
+class ExternalData:
+    """The graph's weight file, appended to tensor by tensor."""
+
+    def __init__(self, handle: BinaryIO, location: str) -> None:
+        self.handle, self.location, self.offset = handle, location, 0
+
+    def tensor(self, name: str, data_type: int, dims: tuple[int, ...] | list[int], data: bytes | memoryview) -> onnx.TensorProto:
+        if len(data) >= _ALIGN_FROM and self.offset % _ALIGN:
+            padding = _ALIGN - self.offset % _ALIGN
+            self.handle.write(b"\0" * padding)
+            self.offset += padding
+        self.handle.write(data)
+        tensor = onnx.TensorProto(name=name, data_type=data_type, dims=list(dims))
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", self.location), ("offset", str(self.offset)), ("length", str(len(data)))):
+            tensor.external_data.add(key=key, value=value)
+        self.offset += len(data)
+        return tensor
+
+    def array(self, name: str, array: np.ndarray) -> onnx.TensorProto:
+        array = np.ascontiguousarray(array)
+        return self.tensor(name, helper.np_dtype_to_tensor_dtype(array.dtype), array.shape, memoryview(array).cast("B"))
+
+    def moved(self, tensor: onnx.TensorProto) -> onnx.TensorProto:
+        """``tensor`` (raw bytes inside) with its bytes moved to the file."""
+        if not tensor.HasField("raw_data"):
+            tensor = numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name)
+        return self.tensor(tensor.name, tensor.data_type, tensor.dims, tensor.raw_data)
+
+
+def write_streamed_llm(checkpoint: Path, output: Path, dtype: ExportDtype = "float32", *, limits: LimitsSpec,
+                       opset: int = 20, weights: MatMulWeights | None = None) -> StreamedLlm:
+    """The checkpoint's LLM graph in ``output/model.onnx`` (+ ``model.onnx.data``), with the inputs and outputs of
+    the whole-model export (:func:`builder.export.recipes.llm_recipe`), written one weight at a time.
+
+    ``dtype``: of the weights and the KV cache (logits are FP32); ``weights``: the MatMuls' weights in an integer
+    form instead (an FP32 graph otherwise), e.g. ``builder.quantize.weight_only.NbitsWeights``.
+    """
+    started = time.perf_counter()
+    if weights is not None:
+        if dtype != "float32":
+            raise BuildError("llm: integer weights go into an FP32 graph")
+        opset = max(opset, weights.opset)
+    template = export_template(checkpoint, dtype, limits, opset)
+    graph = stamp(template)
+    output.mkdir(parents=True, exist_ok=True)
+    path = output / "model.onnx"
+    data = path.with_name(path.name + ".data")
+    config = model_class(checkpoint).config_class.from_pretrained(checkpoint)
+    tensors = CheckpointTensors(checkpoint, empty_model(checkpoint, config, None, None))
+    with data.open("wb") as handle:
+        external = ExternalData(handle, data.name)
+        nodes, initializers = _write_weights(graph, tensors, external, dtype, weights)
+        data_bytes = external.offset
+    opsets = [*template.model.opset_import, *(helper.make_opsetid(d, 1) for d in (weights.domains if weights else ()))]
+    body = helper.make_graph(nodes, "llm", graph.inputs, graph.outputs, [*graph.constants, *initializers])
+    model = helper.make_model(body, opset_imports=opsets, ir_version=template.model.ir_version,
+                              producer_name="builder.export.streamed")
+    onnx.save_model(model, str(path))
+    precision = weights.precision if weights else {"float32": "fp32", "float16": "fp16"}[dtype]
+    return StreamedLlm(path, precision, template.facts.num_layers, data_bytes, time.perf_counter() - started)
+
+
+def _write_weights(graph: StampedGraph, tensors: CheckpointTensors, external: ExternalData, dtype: ExportDtype,
+                   weights: MatMulWeights | None) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """The graph's nodes with each weight's Transpose folded and its MatMuls' weights in ``weights``' form, and the
+    initializers (external) in the order the nodes first read them."""
+    float_type = getattr(torch, dtype)
+    transposed: dict[str, str] = {}  # Transpose output -> the weight it transposes
+    for node in graph.nodes:
+        if node.op_type == "Transpose" and node.input[0] in graph.weights:
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), [1, 0])
+            if perm != [1, 0]:
+                raise BuildError(f"llm: weight {node.input[0]} is transposed by {perm}, not [1, 0]")
+            transposed[node.output[0]] = node.input[0]
+    written: set[str] = set()
+    nodes: list[onnx.NodeProto] = []
+    initializers: list[onnx.TensorProto] = []
+
+    def weight(name: str) -> np.ndarray:
+        """The weight (or, for a Transpose output, the weight transposed) as a float array."""
+        source = transposed.get(name, name)
+        array = tensors.read(graph.weights[source]).to(float_type).numpy()
+        return np.ascontiguousarray(array.T) if name in transposed else array
+
+    for node in graph.nodes:
+        if node.op_type == "Transpose" and node.output[0] in transposed:
+            continue  # folded: its output is written transposed
+        if weights is not None and node.op_type == "MatMul" and node.input[1] in transposed:
+            replaced, produced = weights.matmul(node, weight(node.input[1]))
+            nodes += replaced
+            initializers += [external.moved(t) for t in produced]
+            continue
+        for name in node.input:
+            if name and name not in written and (name in graph.weights or name in transposed):
+                initializers.append(external.array(name, weight(name)))
+                written.add(name)
+        nodes.append(node)
+    return nodes, initializers

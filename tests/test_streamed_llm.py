@@ -1,0 +1,113 @@
+"""The streamed LLM writer (builder.export.streamed) against PyTorch and against today's whole-graph quantizers, on
+checkpoints written by transformers' own classes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from builder.compare import run_onnxruntime
+from builder.export.graph import graph_signature
+from builder.export.parity import check_parity
+from builder.export.recipes import ExportRecipe
+from builder.export.streamed.writer import StreamedLlm, write_streamed_llm
+from builder.families import FAMILIES, family_for
+from builder.quantize.weight_only import NbitsWeights, QdqWeights, quantize_weights_nbits, quantize_weights_qdq
+from builder.source.checkpoint import load_checkpoint
+from builder.spec import LimitsSpec
+from tests.hf_checkpoints import write_mistral3_checkpoint, write_qwen2_audio_checkpoint, write_voxtral_checkpoint
+from tests.hf_gemma3 import write_gemma3_checkpoint
+from tests.hf_qwen25_omni import write_qwen25_omni_checkpoint
+from tests.hf_qwen25_vl import write_qwen25_vl_checkpoint
+
+LIMITS = LimitsSpec(max_context=256)
+ATOL, RTOL = 1e-4, 1e-3  # ExportSpec's FP32 tolerances
+
+
+def llm_recipe_of(checkpoint: Path, dtype: str) -> ExportRecipe:
+    (recipe,) = family_for(checkpoint).recipes(load_checkpoint(checkpoint, dtype), LIMITS, ["llm"])
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def mistral3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_mistral3_checkpoint(tmp_path_factory.mktemp("streamed") / "checkpoint")
+
+
+@pytest.fixture(scope="module")
+def mistral3_fp32(mistral3: Path, tmp_path_factory: pytest.TempPathFactory) -> StreamedLlm:
+    return write_streamed_llm(mistral3, tmp_path_factory.mktemp("fp32"), "float32", limits=LIMITS)
+
+
+def test_fp32_equals_pytorch_with_the_whole_exports_signature(mistral3: Path, mistral3_fp32: StreamedLlm) -> None:
+    recipe = llm_recipe_of(mistral3, "float32")
+    parity = check_parity(recipe, mistral3_fp32.path, 3, ATOL, RTOL)  # raises outside the tolerances
+    assert parity.max_abs_error < ATOL
+    inputs, outputs = graph_signature(mistral3_fp32.path)
+    assert [s.name for s in inputs] == recipe.input_names and [s.name for s in outputs] == recipe.output_names
+    assert {s.name: s.data_type for s in inputs}["past_key_values.2.value"] == "TYPE_FP32"
+    assert mistral3_fp32.data_path.stat().st_size == mistral3_fp32.data_bytes > 0
+
+
+def test_fp16_matches_pytorch_fp16_by_cosine(mistral3: Path, tmp_path: Path) -> None:
+    written = write_streamed_llm(mistral3, tmp_path, "float16", limits=LIMITS)
+    check_parity(llm_recipe_of(mistral3, "float16"), written.path, 2, ATOL, RTOL, cosine_gate=0.999)
+    inputs, outputs = graph_signature(written.path)
+    assert {s.name: s.data_type for s in inputs}["past_key_values.0.key"] == "TYPE_FP16"
+    assert {s.name: s.data_type for s in outputs}["logits"] == "TYPE_FP32"
+
+
+def _feeds(recipe: ExportRecipe) -> list[dict[str, np.ndarray]]:
+    gen = torch.Generator().manual_seed(7)
+    return [{name: tensor.numpy() for name, tensor in zip(recipe.input_names, recipe.sample_inputs(gen, variant), strict=True)}
+            for variant in (1, 2)]
+
+
+@pytest.mark.parametrize("weights", [NbitsWeights(4, 32), QdqWeights(8, None)], ids=["int4-matmulnbits", "int8-qdq"])
+def test_quantized_equals_the_whole_graph_quantizer(mistral3: Path, mistral3_fp32: StreamedLlm, tmp_path: Path,
+                                                    weights: NbitsWeights | QdqWeights) -> None:
+    """Streamed INT4 / INT8 weights are what builder.quantize.weight_only makes of the FP32 graph, weight for weight."""
+    written = write_streamed_llm(mistral3, tmp_path / "streamed", limits=LIMITS, weights=weights)
+    assert written.precision == weights.precision
+    whole = tmp_path / "whole.onnx"
+    if isinstance(weights, QdqWeights):
+        quantize_weights_qdq(mistral3_fp32.path, whole, weights.block_size, weights.bits)
+    else:
+        quantize_weights_nbits(mistral3_fp32.path, whole, weights.block_size, bits=weights.bits)
+    recipe = llm_recipe_of(mistral3, "float32")
+    feeds = _feeds(recipe)
+    streamed = run_onnxruntime(written.path, feeds, recipe.output_names)
+    reference = run_onnxruntime(whole, feeds, recipe.output_names)
+    fp32 = run_onnxruntime(mistral3_fp32.path, feeds, recipe.output_names)
+    for got, want, full in zip(streamed, reference, fp32, strict=True):
+        np.testing.assert_allclose(got["logits"], want["logits"], atol=1e-4, rtol=1e-4)
+        assert not np.allclose(got["logits"], full["logits"], atol=1e-4)  # the weights were quantized
+
+
+WRITERS = {  # every registered family's checkpoint, as its transformers classes write it
+    "mistral3": write_mistral3_checkpoint, "voxtral": write_voxtral_checkpoint, "qwen2_audio": write_qwen2_audio_checkpoint,
+    "gemma3": write_gemma3_checkpoint, "qwen2_5_omni_thinker": write_qwen25_omni_checkpoint,
+    "qwen2_5_vl": write_qwen25_vl_checkpoint,
+}
+
+
+def test_every_family_has_a_streamed_parity_test() -> None:
+    assert sorted(WRITERS) == sorted(FAMILIES)
+
+
+@pytest.mark.parametrize("family", ["voxtral", "qwen2_audio", "qwen2_5_omni_thinker", "qwen2_5_vl"])
+def test_every_family_streams_to_pytorchs_logits(family: str, tmp_path: Path) -> None:
+    """Key names as each family's transformers classes save them; Qwen2.5's M-RoPE positions [3, B, S]."""
+    checkpoint = WRITERS[family](tmp_path / "checkpoint")
+    written = write_streamed_llm(checkpoint, tmp_path / "graph", "float32", limits=LIMITS)
+    check_parity(llm_recipe_of(checkpoint, "float32"), written.path, 2, ATOL, RTOL)
+
+
+def test_gemma3_sliding_and_global_layers(tmp_path: Path) -> None:
+    """Two layer kinds stamped by the checkpoint's layer_types; image tokens attend both ways (the family's wrapper)."""
+    checkpoint = write_gemma3_checkpoint(tmp_path / "checkpoint")
+    written = write_streamed_llm(checkpoint, tmp_path / "graph", "float32", limits=LIMITS)
+    check_parity(llm_recipe_of(checkpoint, "float32"), written.path, 3, ATOL, RTOL)
