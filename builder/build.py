@@ -207,11 +207,16 @@ def served_facts(spec: BuildSpec, facts: ModelFacts) -> ModelFacts:
 
 
 def _export(ctx: BuildContext, source: SourceModel | None, item: ComponentItem, directory: Path) -> None:
+    """An encoder by torch.onnx from its module; the LLM written from the checkpoint's shards, layer by layer."""
     from builder.export.onnx_export import export_graph
+    from builder.export.streamed import export_streamed_llm
 
     assert source is not None, "the checkpoint is loaded before any export runs"
     (recipe,) = ctx.checkpoint.family.recipes(source, ctx.spec.limits, [item.name])
-    export_graph(recipe, directory, ctx.spec.export, item.dtype)
+    if item.component is LLM:
+        export_streamed_llm(recipe, ctx.checkpoint.directory, directory, ctx.spec.export, ctx.spec.limits, item.dtype)
+    else:
+        export_graph(recipe, directory, ctx.spec.export, item.dtype)
 
 
 def _shared_files(ctx: BuildContext, scratch: Path) -> dict[str, Path]:

@@ -35,6 +35,24 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> None:
         onnx.save_model(model, str(path))
 
 
+def load_onnx(path: Path) -> onnx.ModelProto:
+    """The graph with its weights in memory. Its data file may be hard-linked (a published repository shares it
+    with the build cache), which ``onnx.load`` refuses as a possible link attack: the bytes are read here instead,
+    each tensor from its own file, offset and length as the graph records them."""
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in _external_tensors(model):
+        info = ExternalDataInfo(tensor)
+        location = Path(path).parent / info.location
+        if Path(info.location).is_absolute() or ".." in Path(info.location).parts:
+            raise ValueError(f"{path}: tensor {tensor.name} points outside the graph's directory ({info.location})")
+        with location.open("rb") as handle:
+            handle.seek(info.offset or 0)
+            tensor.raw_data = handle.read() if info.length is None else handle.read(info.length)
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
+    return model
+
+
 def data_files(path: Path) -> list[Path]:
     """The external data files ``path`` refers to (none for a self-contained graph)."""
     path = Path(path)

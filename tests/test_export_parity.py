@@ -10,6 +10,7 @@ from onnx import numpy_helper
 from builder.errors import BuildError
 from builder.export.parity import check_parity
 from builder.families import FAMILIES
+from builder.onnx_files import load_onnx
 
 COMPONENTS = ["vision_encoder", "audio_encoder", "llm"]
 
@@ -31,7 +32,7 @@ def test_exported_graph_matches_pytorch(component, recipes, built_repository, ti
 
 @pytest.mark.parametrize("component", ["vision_encoder", "llm"])
 def test_a_perturbed_graph_fails_the_check(component, recipes, built_repository, tmp_path):
-    model = onnx.load(str(built_repository / component / "1" / "model.onnx"))
+    model = load_onnx(built_repository / component / "1" / "model.onnx")
     largest = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
     weights = numpy_helper.to_array(largest).copy()
     weights.flat[: weights.size // 10] *= 1.05  # a 5% error in a tenth of one weight matrix

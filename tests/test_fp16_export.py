@@ -13,6 +13,7 @@ import pytest
 from builder.build import build
 from builder.serve.client import Request, ask, ask_stream
 from builder.spec import load_spec
+from builder.onnx_files import load_onnx
 from tests.conftest import CACHE, ROOT, png_bytes
 from tests.test_quantize import pipeline_figures, served_graphs
 
@@ -35,7 +36,7 @@ def test_every_graph_is_fp16_inside_and_fp32_at_its_edges(fp16_repository: Path)
         assert entry["precision"] == "fp16" and entry["quantization"]["attempts"] == []  # served as exported
         parity = entry["parity"]
         assert parity["dtype"] == "float16" and parity["min_cosine"] >= parity["cosine_gate"] == spec.export.fp16_min_cosine
-        graph = onnx.load(str(path))
+        graph = load_onnx(path)
         weights = [w for w in graph.graph.initializer if w.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)]
         fp16_bytes = sum(len(w.raw_data) for w in weights if w.data_type == onnx.TensorProto.FLOAT16)
         assert fp16_bytes > 0.9 * sum(len(w.raw_data) for w in weights), name  # not an FP32 graph behind casts

@@ -20,6 +20,7 @@ from builder.quantize.weight_only import quantize_weights_qdq
 from builder.runtime.model_facts import ModelFacts
 from builder.spec import load_spec, parse_spec
 from builder.targets import TARGETS
+from builder.onnx_files import load_onnx
 from tests.conftest import CACHE, ROOT
 
 INT8_SPEC = ROOT / "specs" / "tiny-int8.yaml"
@@ -176,12 +177,12 @@ def test_tensorrt_integer_llm_graph_is_dequantize_feeding_matmul(built_repositor
     fp32 = served_graphs(built_repository)["llm"]
     output = tmp_path / "llm-qdq.onnx"
     quantize_weights_qdq(fp32, output, block, bits)
-    model = onnx.load(str(output))
+    model = load_onnx(output)
     onnx.checker.check_model(model)
     assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"} and next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 21
     ops = {node.op_type for node in model.graph.node}
     assert "MatMulNBits" not in ops and all(node.domain in ("", "ai.onnx") for node in model.graph.node)
-    reference = onnx.load(str(fp32)).graph
+    reference = load_onnx(fp32).graph
     matrices = {i.name for i in reference.initializer if len(i.dims) == 2}
     float_weights = [n for n in reference.node if n.op_type == "MatMul" and n.input[1] in matrices]
     dequantize = dequantized_matmuls(model.graph, bits)
@@ -217,7 +218,7 @@ def test_tensorrt_int8_llm_settles_on_qdq_gated_with_onnxruntime(llm_job: LlmJob
     final = settled.final
     assert final.gate is None or (final.gate.passed and final.agreement.logits.cosine >= spec.quantize.llm_gate.min_cosine)
     if settled.precision == "int8":  # the graph TensorRT builds is the one that passed
-        assert dequantized_matmuls(onnx.load(str(settled.path)).graph)
+        assert dequantized_matmuls(load_onnx(settled.path).graph)
     else:
         assert settled.fell_back and "fell back after weight-only Q/DQ per channel" in settled.summary()
 
@@ -235,7 +236,7 @@ def test_int4_llm_walks_4_bit_rungs_then_int8_and_says_so(llm_job: LlmJob, tmp_p
     final = settled.final
     assert final.gate is None or (final.gate.passed and final.agreement.logits.cosine >= spec.quantize.llm_gate.min_cosine)
     if settled.precision == "int4":
-        nodes = [n for n in onnx.load(str(settled.path)).graph.node if n.op_type == "MatMulNBits"]
+        nodes = [n for n in load_onnx(settled.path).graph.node if n.op_type == "MatMulNBits"]
         assert nodes and all({a.name: a.i for a in n.attribute}["bits"] == 4 for n in nodes)
     else:
         assert settled.fell_back and "fell back after weight-only block" in settled.summary()

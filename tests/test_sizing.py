@@ -14,6 +14,7 @@ import pytest
 from builder.runtime.generation import LanguageModelRunner, SamplingParams
 from builder.runtime.model_facts import ModelFacts
 from builder.sizing import GIB, GPUS, fit, read_size
+from builder.onnx_files import load_onnx
 from tests.conftest import run_cli
 
 # Magistral Small 1.2 / Mistral Small 3.2 (config.json as published): Pixtral vision + Mistral decoder.
@@ -107,7 +108,7 @@ def test_the_figures_equal_the_bytes_in_the_tiny_graph_and_its_cache(built_repos
 
     size = read_size(resolve_source(tiny_spec.source, StageCache(CACHE)).checkpoint)
     llm = built_repository / "llm" / "1"
-    graph = onnx.load(str(llm / "model.onnx"))
+    graph = load_onnx(llm / "model.onnx")
     weights = sum(int(np.prod(w.dims)) for w in graph.graph.initializer if w.data_type == onnx.TensorProto.FLOAT)
     assert abs(weights - size.llm_parameters) <= 0.01 * size.llm_parameters  # the graph's FP32 weights, +- constants
     runner = LanguageModelRunner(str(llm / "model.onnx"), ModelFacts.load(llm / "model_facts.json"))

@@ -40,11 +40,17 @@ def export_graph(recipe: ExportRecipe, directory: Path, spec: ExportSpec, dtype:
             )
     except Exception as exc:  # the exporter raises many types; all mean the same to the user
         raise BuildError(f"{recipe.component}: ONNX export failed: {str(exc).splitlines()[0]}") from exc
+    return checked_graph(recipe, path, spec, dtype)
+
+
+def checked_graph(recipe: ExportRecipe, path: Path, spec: ExportSpec, dtype: ExportDtype) -> ExportedGraph:
+    """``path`` against ``recipe``'s module on fresh inputs (FP32: the tolerances, FP16: the cosine), recorded in
+    ``export.json`` beside it."""
     cosine_gate = spec.fp16_min_cosine if dtype == "float16" else None
     parity = check_parity(recipe, path, spec.parity_samples, spec.atol, spec.rtol, cosine_gate=cosine_gate)
     inputs, outputs = graph_signature(path)
     exported = ExportedGraph(recipe.component, path, inputs, outputs, parity)
-    (directory / "export.json").write_text(json.dumps(to_json(exported), indent=2))
+    (path.parent / "export.json").write_text(json.dumps(to_json(exported), indent=2))
     return exported
 
 

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import onnx
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
-from builder.onnx_files import save_onnx
+from builder.onnx_files import load_onnx, save_onnx
 
 
 def convert_fp16(fp32: Path, output: Path) -> None:
-    save_onnx(convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True, disable_shape_infer=True), output)
+    save_onnx(convert_float_to_float16(load_onnx(fp32), keep_io_types=True, disable_shape_infer=True), output)

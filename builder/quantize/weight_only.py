@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from builder.onnx_files import save_onnx
+from builder.onnx_files import load_onnx, save_onnx
 
 if TYPE_CHECKING:
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig
@@ -28,7 +28,7 @@ def quantize_weights_nbits(fp32: Path, output: Path, block_size: int, accuracy_l
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     config = nbits_config(block_size, accuracy_level, bits)
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32)), bits=bits, block_size=block_size, is_symmetric=True,
+    quantizer = MatMulNBitsQuantizer(load_onnx(fp32), bits=bits, block_size=block_size, is_symmetric=True,
                                      accuracy_level=accuracy_level, algo_config=config)
     quantizer.process()
     save_onnx(quantizer.model.model, output)
@@ -55,7 +55,7 @@ def quantize_weights_qdq(fp32: Path, output: Path, block_size: int | None, bits:
     """Each MatMul by a 2-D float weight [K, N] reads DequantizeLinear(int8 or int4 [K, N], scales): symmetric, one
     scale per output column (``block_size`` None: scales [N], axis 1) or per ``block_size`` weights along K
     (scales [K / block, N], axis 0, as ``MatMulNBits`` blocks them)."""
-    model = onnx.version_converter.convert_version(onnx.load(str(fp32)), 21)  # blocked DequantizeLinear
+    model = onnx.version_converter.convert_version(load_onnx(fp32), 21)  # blocked DequantizeLinear
     weights = {init.name: init for init in model.graph.initializer}
     dequantize = []
     for node in model.graph.node:
