@@ -155,9 +155,8 @@ def plan_repository(spec: BuildSpec, facts: ModelFacts, compiled: dict[str, Comp
         *positions,
         *SAMPLING_INPUTS,
     )
-    # One model holds the LLM's weights: `llm`. A unary infer on a decoupled ensemble is refused, so the
-    # streaming entry point is a decoupled Python model holding no weights: it runs the same steps as
-    # the unary ensemble with plain BLS calls, the last one as a session on `llm` that it polls
+    # One model holds the LLM's weights: `llm`. The entry points are Python models holding no weights that run
+    # the steps below with plain BLS calls, the last one as a session on `llm` that they poll
     # (mmtb_runtime.sessions). Its prompt inputs are optional on `llm` because a poll carries only the session.
     models.append(ModelPlan(
         DECODE_MODEL, "python_model.pbtxt.j2",
@@ -187,20 +186,17 @@ def plan_repository(spec: BuildSpec, facts: ModelFacts, compiled: dict[str, Comp
                      MULTIMODAL_MASK: "_multimodal_mask", **{t.name: f"_{t.name}" for t in positions},
                      **{t.name: t.name for t in SAMPLING_INPUTS}}
     answer = {t.name: t.name for t in ANSWER_OUTPUTS}
+    # Python models, not Triton ensembles: Triton 2.51 does not pass a client's cancellation (or a gRPC deadline) on to an
+    # ensemble step already running, so only the model the client called can see it (request.is_cancelled()). A unary
+    # infer on a decoupled model is refused: two entry points. `execute` blocks for the request it serves: one instance
+    # per sequence of a full decode batch.
+    entry = {"python_model": "entry_point", "steps": (*front, EnsembleStep(DECODE_MODEL, decode_inputs, answer)),
+             "instances": triton.max_batch_size * triton.instances}
     if triton.entry_points != "streaming":
-        models.append(ModelPlan(
-            UNARY_ENSEMBLE, "ensemble.pbtxt.j2", inputs=CLIENT_INPUTS, outputs=CLIENT_OUTPUTS,
-            steps=(*front, EnsembleStep(DECODE_MODEL, decode_inputs, answer)),
-        ))
+        models.append(ModelPlan(UNARY_ENSEMBLE, "python_model.pbtxt.j2", inputs=CLIENT_INPUTS, outputs=CLIENT_OUTPUTS, **entry))
     if triton.entry_points != "unary":
-        # A Python model, not a Triton ensemble: Triton 2.51 does not pass a client's cancellation on to an
-        # ensemble step already running, so only the model the client called can see it (request.is_cancelled()).
-        # `execute` blocks for the stream it serves: one instance per sequence of a full decode batch.
-        models.append(ModelPlan(
-            STREAMING_ENSEMBLE, "python_model.pbtxt.j2", inputs=(*CLIENT_INPUTS, STREAM_INPUT), outputs=CLIENT_OUTPUTS,
-            python_model=STREAMING_ENSEMBLE, steps=(*front, EnsembleStep(DECODE_MODEL, decode_inputs, answer)), decoupled=True,
-            instances=triton.max_batch_size * triton.instances,
-        ))
+        models.append(ModelPlan(STREAMING_ENSEMBLE, "python_model.pbtxt.j2", inputs=(*CLIENT_INPUTS, STREAM_INPUT),
+                                outputs=CLIENT_OUTPUTS, decoupled=True, **entry))
     return models
 
 
