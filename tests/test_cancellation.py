@@ -19,7 +19,7 @@ import pytest
 from builder.serve.client import Request, ask, ask_stream, request_inputs
 from tests.conftest import CACHE, ROOT
 from tests.openai_front import running_front
-from tests.test_metrics import scrape, settled
+from tests.test_metrics import idle, scrape, settled
 
 pytestmark = pytest.mark.serving
 
@@ -39,13 +39,6 @@ def slow_server(tmp_path_factory: pytest.TempPathFactory):
     build(spec, directory / "repo", CACHE, progress=False)
     with TritonServer(directory / "repo", log_path=directory / "tritonserver.log") as server:
         yield server
-
-
-def idle(server) -> dict[str, float]:
-    """The counters once nothing decodes and the last answers are counted (they are published once a second)."""
-    settled(server, {"mmtb_active_sequences": 0})
-    time.sleep(1.5)
-    return scrape(server)
 
 
 def assert_stopped(server, before: dict[str, float], answers: int) -> None:
