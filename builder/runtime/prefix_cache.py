@@ -107,10 +107,11 @@ class PrefixCache:
                 if kept.length >= length and kept.shared(key) == length:  # already covered
                     self._entries.move_to_end(entry_id)
                     return
-            kv = [np.ascontiguousarray(p[:, :length]) for p in present]
+            kv = [p[:, :length] for p in present]
             size = _size(key, kv)
-            if size > self.capacity_bytes:
+            if size > self.capacity_bytes:  # before copying: a long sequence may hold hundreds of MB
                 return
+            kv = [np.ascontiguousarray(k) for k in kv]
             for entry_id in [i for i, (kept, _) in self._entries.items() if kept.shared(key) == kept.length]:  # extended
                 self._bytes -= _size(*self._entries.pop(entry_id))
             while self._bytes + size > self.capacity_bytes:
