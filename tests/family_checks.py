@@ -80,12 +80,12 @@ def assert_refused(connection: grpcclient.InferenceServerClient, request: Reques
 
 
 class Connection(grpcclient.InferenceServerClient):
-    """A gRPC client of a served repository that knows the server's address: an OpenAI front started beside it
-    (tests/openai_front.py) calls the same server."""
+    """A gRPC client of a served repository that knows its server: an OpenAI front started beside it
+    (tests/openai_front.py) calls the same server, and a test reads the server's metrics."""
 
-    def __init__(self, url: str) -> None:
-        super().__init__(url)
-        self.url = url
+    def __init__(self, server: Any) -> None:
+        super().__init__(server.grpc_url)
+        self.url, self.server = server.grpc_url, server
 
 
 @contextmanager
@@ -94,7 +94,7 @@ def serving(repository: Path, log_directory: Path) -> Iterator[Connection]:
     from builder.serve.tritonserver import TritonServer
 
     with TritonServer(repository, log_path=log_directory / "tritonserver.log") as server:
-        with Connection(server.grpc_url) as client:
+        with Connection(server) as client:
             yield client
 
 
@@ -149,6 +149,31 @@ def assert_image_conversation_as_reference(connection: Connection, repository: P
     prompt_length = hf_conversation_inputs(processor, hf)["input_ids"].shape[1]
     assert_openai_chat_as_reference(connection, repository, openai_messages(conversation, images=[png(p) for p in pictures]),
                                     expected, processor.tokenizer.decode(expected, skip_special_tokens=True), prompt_length)
+
+
+def assert_next_turn_reuses_the_earlier_one(connection: Connection, hf_pipeline: tuple[Any, Any], first_turn: list[dict[str, Any]],
+                                            pictures: list, next_turn: str, max_new_tokens: int) -> tuple[int, int, int]:
+    """A chat client's second turn: ``first_turn`` (the contract's ``messages``, image parts naming ``pictures``), the
+    served answer as the assistant's turn, then the user's ``next_turn``. Both answers equal HF's pipeline on the same
+    conversation, and the second prefill reused more than the first turn's prompt from the prefix cache (the server's
+    own ``mmtb_prefix_cache_reused_tokens_total``): the image and the answer too. Returns the positions reused and
+    both prompts' lengths."""
+    from tests.hf_checkpoints import hf_conversation, hf_conversation_generate, png
+    from tests.test_metrics import idle, settled
+
+    model, processor = hf_pipeline
+    images = tuple(png(p) for p in pictures)
+    first = ask(connection, Request(None, images=images, messages=first_turn, max_tokens=max_new_tokens))
+    assert first.token_ids == hf_conversation_generate(model, processor, hf_conversation(first_turn, image=pictures), max_new_tokens)
+    conversation = [*first_turn, {"role": "assistant", "content": first.text}, {"role": "user", "content": next_turn}]
+    before = idle(connection.server)
+    second = ask(connection, Request(None, images=images, messages=conversation, max_tokens=max_new_tokens))
+    after = settled(connection.server, {"mmtb_first_tokens_total": before["mmtb_first_tokens_total"] + 1})
+    expected = hf_conversation_generate(model, processor, hf_conversation(conversation, image=pictures), max_new_tokens)
+    assert len(set(expected)) >= 8 and second.token_ids == expected
+    reused = int(after["mmtb_prefix_cache_reused_tokens_total"] - before["mmtb_prefix_cache_reused_tokens_total"])
+    assert first.prompt_tokens < reused < second.prompt_tokens, (reused, first.prompt_tokens, second.prompt_tokens)
+    return reused, first.prompt_tokens, second.prompt_tokens
 
 
 def noisy_wav(seed: int, seconds: float, rate: int = 16000) -> bytes:

@@ -17,7 +17,8 @@ import pytest
 
 from builder.serve.client import Request, ask
 from tests.conftest import wav_bytes
-from tests.family_checks import (IMAGE_CONVERSATION, assert_image_conversation_as_reference, assert_int8_build_kept_its_promise,
+from tests.family_checks import (IMAGE_CONVERSATION, assert_image_conversation_as_reference, assert_next_turn_reuses_the_earlier_one,
+                                 assert_int8_build_kept_its_promise,
                                  assert_refused, assert_served_as_reference, assert_streaming_equals_unary, family_fixtures)
 from tests.hf_checkpoints import image, png
 from tests.hf_gemma3 import gemma3_pipeline_generate, write_gemma3_checkpoint
@@ -78,6 +79,16 @@ def test_an_openai_client_conversation_equals_hugging_face_pipeline(connection, 
     earlier answer give HF's text (decoded from its tokens) and HF's prompt length."""
     pictures = [image(5, 40, 28), image(6, 24, 48)]
     assert_image_conversation_as_reference(connection, repository, hf_pipeline, IMAGE_CONVERSATION, pictures, NEW_TOKENS)
+
+
+@pytest.mark.serving
+def test_a_next_turn_reuses_the_earlier_turns_kv_and_equals_hugging_face_pipeline(connection, hf_pipeline) -> None:
+    """Turn 2 (turn 1 with its image, the served answer, a new question) prefills from the prefix cache past turn 1's
+    prompt (the image reused whole: its tokens attend to each other both ways), and still gives HF's tokens. An answer
+    whose random tokens begin with a space (the template trims it) or a byte token would be written back differently
+    from its first token: this one begins with text."""
+    first_turn = [{"role": "user", "content": [{"type": "image", "index": 0}, {"type": "text", "text": "Describe the colours."}]}]
+    assert_next_turn_reuses_the_earlier_one(connection, hf_pipeline, first_turn, [image(6, 40, 28)], "And what colour is it?", NEW_TOKENS)
 
 
 @pytest.mark.serving

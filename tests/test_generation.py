@@ -71,6 +71,7 @@ def test_scheduler_batches_concurrent_jobs(runner):
     class CountingRunner:  # the real runner, recording how many sequences each step carried
         facts = runner.facts
         start = runner.start
+        retire = runner.retire
 
         def decode(self, sequences):
             batch_sizes.append(len(sequences))

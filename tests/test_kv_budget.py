@@ -27,6 +27,9 @@ class CountingRunner:
     def start(self, *args):
         return self.runner.start(*args)
 
+    def retire(self, sequence):
+        self.runner.retire(sequence)
+
     def decode(self, sequences):
         self.reserved.append(self.scheduler.reserved)
         time.sleep(self.step_delay_s)

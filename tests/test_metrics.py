@@ -43,6 +43,13 @@ def settled(server, want: dict[str, float], timeout: float = 10) -> dict[str, fl
         time.sleep(0.25)
 
 
+def idle(server) -> dict[str, float]:
+    """The metrics once nothing decodes and the last answers are counted (they are published once a second)."""
+    settled(server, {"mmtb_active_sequences": 0})
+    time.sleep(1.5)
+    return scrape(server)
+
+
 def test_tokens_requests_and_the_kv_gauges_are_reported(server, client, built_repository: Path) -> None:
     before = scrape(server)
     unary = [ask(client, Request(f"Count to {n}.", max_tokens=n)) for n in (3, 5)]

@@ -21,4 +21,4 @@ def test_the_wheel_carries_templates_calibration_data_and_runtime_requirements(t
                    for p in (ROOT / "data" / "calibration").rglob("*") if p.is_file()}
     assert templates and templates <= names
     assert len(calibration) > 20 and calibration <= names
-    assert {"builder/runtime/requirements.txt", "builder/repository/python_models/ensemble_stream.py"} <= names
+    assert {"builder/runtime/requirements.txt", "builder/repository/python_models/entry_point.py"} <= names

@@ -1,4 +1,5 @@
-"""The shared-prefix KV cache: the same tokens with it and without it, the prefix computed once, bounded."""
+"""The prefix KV cache: the same tokens with it and without it, a prefix computed once, a conversation's earlier turn
+(its image and answer included) reused by the next, different media never, bounded."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from builder.compare import onnxruntime_session
 from builder.quantize.agreement import fuse_prompt
 from builder.runtime.generation import LanguageModelRunner, SamplingParams
 from builder.runtime.model_facts import ModelFacts
-from builder.runtime.prefix_cache import PrefixCache
+from builder.runtime.prefix_cache import PrefixCache, PrefixKey
 from builder.runtime.preprocess import Preprocessor
 from tests.conftest import png_bytes, wav_bytes
 
@@ -44,20 +45,81 @@ def test_the_same_tokens_with_and_without_the_cache(graphs: dict[str, Path], pre
     assert answers(cached, prompts, facts) == answers(plain, prompts, facts)
     assert cache.lookups == len(REQUESTS) and cache.hits == len(REQUESTS) - 1  # all but the first reuse a prefix
     system_tokens = len(preprocessor.tokenizer.encode(SYSTEM, add_special_tokens=False).ids)
-    hit = cache.lookup(prompts[2].input_ids, prompts[2].mask)
+    hit = cache.lookup(key(prompts[2]))
     assert hit is not None and hit.length > system_tokens  # "Tell me a story about a" too, from the fox
 
 
-def test_the_cache_stops_at_the_first_placeholder_and_keeps_its_bound() -> None:
-    kv = lambda n: [np.ones((2, n, 4), np.float32)] * 4  # noqa: E731 - 4 KV tensors of n positions
-    cache = PrefixCache(capacity_bytes=3 * (4 * 2 * 10 * 4 * 4 + 10 * 8) - 1)  # room for two prompts of 10 text tokens
+def key(prompt) -> PrefixKey:
+    positions = prompt.position_ids if prompt.position_ids is not None else np.arange(prompt.input_ids.size)[None]
+    return PrefixKey.of_prompt(prompt.input_ids, prompt.embeds, prompt.mask, positions)
+
+
+def test_a_next_turn_reuses_the_earlier_turn_its_image_and_answer_included(graphs: dict[str, Path], preprocessor: Preprocessor) -> None:
+    """Turn 2 = turn 1's prompt + its answer's ids + more: reused up to the last answer token fed, and the same tokens
+    as without the cache. (Whether a chat template writes an answer back as the same ids is the served test's: the
+    tiny model's random answers are bytes that do not decode to text.)"""
+    facts = preprocessor.facts
+    encoders = {name: onnxruntime_session(path) for name, path in graphs.items() if name != "llm"}
+    cache = PrefixCache(64 << 20)
+    cached = LanguageModelRunner(str(graphs["llm"]), facts, prefix_cache=cache)
+    plain = LanguageModelRunner(str(graphs["llm"]), facts)
+    more = np.array(preprocessor.tokenizer.encode("[INST]And what colour is it?[/INST]", add_special_tokens=False).ids)
+
+    def turns(picture: bytes, answer: list[int] | None = None) -> tuple[list[int], int, np.ndarray]:
+        """The answer to turn 1 (``answer`` None) or to turn 1 + ``answer`` + more, the same without the cache; the
+        positions reused; the prompt's placeholder mask."""
+        prompt = fuse_prompt(preprocessor("What is in the picture?", [picture], [], SYSTEM), encoders, facts)
+        ids, embeds, mask = prompt.input_ids, prompt.embeds, prompt.mask
+        if answer is not None:
+            added = np.concatenate([answer, more]).astype(np.int64)
+            ids, mask = np.concatenate([ids, added]), np.concatenate([mask, np.zeros(added.size, bool)])
+            embeds = np.concatenate([embeds, np.zeros((added.size, embeds.shape[1]), embeds.dtype)])
+        reused = cache.reused_tokens
+        tokens = list(cached.generate(ids, embeds, mask, SamplingParams(16), frozenset(facts.stop_ids)))
+        assert tokens == list(plain.generate(ids, embeds, mask, SamplingParams(16), frozenset(facts.stop_ids)))
+        return tokens, cache.reused_tokens - reused, prompt.mask
+
+    answer, _, first = turns(png_bytes(1, (80, 56)))
+    assert len(answer) == 16  # cut at max_tokens: the cache holds all of it but the last token, which no step fed
+    _, reused, _ = turns(png_bytes(1, (80, 56)), answer)
+    assert reused == first.size + len(answer) - 1, (reused, first.size)
+    _, reused, _ = turns(png_bytes(2, (80, 56)), answer)  # another picture in turn 1
+    assert reused == np.flatnonzero(first)[0]  # only the text before it
+
+
+def test_media_runs_match_by_their_embeddings_and_whole_positions_too() -> None:
+    kv = lambda n: [np.arange(2 * n * 4, dtype=np.float32).reshape(2, n, 4)] * 4  # noqa: E731 - 4 KV tensors
     ids = np.arange(20, dtype=np.int64)
     mask = np.zeros(20, bool)
-    mask[10:] = True  # an image from position 10
-    cache.store(ids, mask, kv(20))
-    assert cache.lookup(ids, mask).length == 10  # text only: the image's embeddings are not in the ids
-    for first in (100, 200):  # two more prompts: the oldest is evicted
-        cache.store(np.arange(first, first + 10), np.zeros(10, bool), kv(10))
-    assert cache.lookup(ids, mask) is None and cache.size_bytes <= cache.capacity_bytes
-    assert cache.lookup(np.arange(200, 230), np.zeros(30, bool)).length == 10
-    assert cache.lookup(np.arange(200, 210), np.zeros(10, bool)).length == 9  # one position left to run
+    mask[5:15] = True  # an image at positions 5..14
+    picture = np.random.default_rng(0).standard_normal((20, 8)).astype(np.float32)
+    other = picture.copy()
+    other[9] += 1  # another picture: one of its tokens differs
+    plain = np.arange(20)[None]
+
+    cache = PrefixCache(1 << 20)
+    cache.store(PrefixKey.of_prompt(ids, picture, mask, plain), kv(20))
+    assert cache.lookup(PrefixKey.of_prompt(ids, picture, mask, plain)).length == 19  # one position left to run
+    assert cache.lookup(PrefixKey.of_prompt(ids, other, mask, plain)).length == 5  # the text before the image
+    assert cache.lookup(PrefixKey.of_prompt(ids, picture, mask, plain + 1)) is None  # other positions, other KV
+    assert cache.lookup(PrefixKey.of_prompt(ids[:12], picture[:12], mask[:12], plain[:, :12])).length == 5  # never part of an image
+
+    longer = PrefixKey.of_prompt(ids, picture, mask, plain).extended([7, 8, 9], 20)  # the answer after it
+    assert longer.length == 23 and list(longer.positions[0, -3:]) == [20, 21, 22]
+    cache.store(longer, kv(23))
+    assert cache.size_bytes < 2 * 23 * 4 * 4 * 4 * 2  # the prompt alone is dropped: the answer extends it
+    follow_up = PrefixKey.of_prompt(np.concatenate([ids, [7, 8, 9, 1, 2]]), np.concatenate([picture, picture[:5]]),
+                                    np.concatenate([mask, np.zeros(5, bool)]), np.arange(25)[None])
+    assert cache.lookup(follow_up).length == 23
+
+
+def test_the_cache_keeps_its_bound() -> None:
+    kv = lambda n: [np.ones((2, n, 4), np.float32)] * 4  # noqa: E731 - 4 KV tensors of n positions
+    text = lambda first: PrefixKey.of_prompt(np.arange(first, first + 10), np.zeros((10, 8), np.float32),  # noqa: E731
+                                             np.zeros(10, bool), np.arange(10)[None])
+    one = 4 * 2 * 10 * 4 * 4 + 10 * (8 + 8 + 1)  # KV + tokens, positions and media flags of 10 positions
+    cache = PrefixCache(capacity_bytes=3 * one - 1)  # room for two
+    for first in (0, 100, 200):  # three prompts: the oldest is evicted
+        cache.store(text(first), kv(10))
+    assert cache.lookup(text(0)) is None and cache.size_bytes <= cache.capacity_bytes
+    assert cache.lookup(text(200)).length == 9 and cache.lookup(text(100)).length == 9

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from builder.serve.client import Request, ask
-from tests.family_checks import (IMAGE_CONVERSATION, assert_image_conversation_as_reference, assert_refused,
+from tests.family_checks import (IMAGE_CONVERSATION, assert_image_conversation_as_reference, assert_next_turn_reuses_the_earlier_one,
+                                 assert_refused,
                                  assert_served_as_reference, assert_streaming_equals_unary, family_fixtures, noisy_wav)
 from tests.hf_checkpoints import image, png
 from tests.hf_qwen25_vl import load_processor, qwen25_vl_pipeline_generate, write_qwen25_vl_checkpoint
@@ -80,6 +81,14 @@ def test_an_openai_client_conversation_equals_hugging_face_pipeline(connection, 
     its tokens) and HF's prompt length."""
     pictures = [image(7, 97, 61), image(8, 40, 50)]
     assert_image_conversation_as_reference(connection, repository, hf_pipeline, IMAGE_CONVERSATION, pictures, NEW_TOKENS)
+
+
+@pytest.mark.serving
+def test_a_next_turn_reuses_the_earlier_turns_kv_and_equals_hugging_face_pipeline(connection, hf_pipeline) -> None:
+    """Turn 2 (turn 1 with its image, the served answer, a new question) prefills from the prefix cache past turn 1's
+    prompt (the answer's M-RoPE positions follow the image's), and still gives HF's tokens."""
+    first_turn = [{"role": "user", "content": [{"type": "image", "index": 0}, {"type": "text", "text": "What is in the picture?"}]}]
+    assert_next_turn_reuses_the_earlier_one(connection, hf_pipeline, first_turn, [image(5, 40, 28)], "And what colour is it?", NEW_TOKENS)
 
 
 @pytest.mark.serving

@@ -19,7 +19,8 @@ from builder.build import build
 from builder.serve.client import Request, ask, ask_stream
 from builder.spec import load_spec
 from tests.conftest import CACHE, ROOT, run_cli, wav_bytes
-from tests.family_checks import IMAGE_CONVERSATION, assert_image_conversation_as_reference, serving
+from tests.family_checks import (IMAGE_CONVERSATION, assert_image_conversation_as_reference, assert_next_turn_reuses_the_earlier_one,
+                                 serving)
 from tests.hf_checkpoints import (
     hf_conversation,
     hf_conversation_generate,
@@ -81,8 +82,8 @@ def reference(hf_pipeline):
 def test_only_the_components_the_checkpoint_has(repository: Path) -> None:
     models = {p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file()}
     assert models == {"preprocess", "vision_encoder", "fuse", "llm", "ensemble", "ensemble_stream"}
-    ensemble = (repository / "ensemble" / "config.pbtxt").read_text()
-    assert "audio_encoder" not in ensemble and "vision_encoder" in ensemble
+    steps = (repository / "ensemble" / "1" / "steps.json").read_text()
+    assert "audio_encoder" not in steps and "vision_encoder" in steps
     manifest = json.loads((repository / "manifest.json").read_text())
     assert set(manifest["components"]) == {"vision_encoder", "llm"}
 
@@ -158,6 +159,14 @@ def test_an_openai_client_conversation_equals_hugging_face_pipeline(connection, 
     answer) with the ``openai`` client: HF's text, decoded from its tokens, and HF's prompt length."""
     pictures = [image(5, 40, 28), image(6, 24, 48)]
     assert_image_conversation_as_reference(connection, repository, hf_pipeline, IMAGE_CONVERSATION, pictures, NEW_TOKENS)
+
+
+@pytest.mark.serving
+def test_a_next_turn_reuses_the_earlier_turns_kv_and_equals_hugging_face_pipeline(connection, hf_pipeline) -> None:
+    """Turn 2 (turn 1 with its image, the served answer, a new question) prefills from the prefix cache past turn 1's
+    prompt, and still gives HF's tokens."""
+    first_turn = [{"role": "user", "content": [{"type": "image", "index": 0}, {"type": "text", "text": "What is in the picture?"}]}]
+    assert_next_turn_reuses_the_earlier_one(connection, hf_pipeline, first_turn, [image(5, 40, 28)], "And what colour is it?", NEW_TOKENS)
 
 
 @pytest.mark.serving

@@ -57,22 +57,21 @@ def test_encoder_configs_match_their_onnx_signature(built_repository):
 
 
 def test_entry_points_wire_every_step(built_repository):
-    """The unary ensemble's steps, and the same steps in the streaming entry point's steps.json (it runs them itself)."""
+    """Both entry points run the same steps from their steps.json; only the streaming one is decoupled."""
     configs = {d.name: c for d, c in _configs(built_repository)}
-    unary = [(s.model_name, dict(s.input_map), dict(s.output_map)) for s in configs["ensemble"].ensemble_scheduling.step]
-    steps_file = built_repository / "ensemble_stream" / "1" / "steps.json"
-    streaming = [(s["model"], s["inputs"], s["outputs"]) for s in json.loads(steps_file.read_text())]
-    for name, steps in (("ensemble", unary), ("ensemble_stream", streaming)):
+    steps = {}
+    for name in ("ensemble", "ensemble_stream"):
+        steps[name] = [(s["model"], s["inputs"], s["outputs"]) for s in json.loads((built_repository / name / "1" / "steps.json").read_text())]
         produced = {t.name for t in configs[name].input}
-        for model_name, inputs, outputs in steps:
+        for model_name, inputs, outputs in steps[name]:
             model = configs[model_name]
             assert set(inputs) <= {t.name for t in model.input}
             assert set(inputs.values()) <= produced
             produced |= set(outputs.values())
         assert {t.name for t in configs[name].output} <= produced
-    assert streaming == unary
+    assert steps["ensemble"] == steps["ensemble_stream"]
     assert configs["ensemble_stream"].model_transaction_policy.decoupled
-    assert not configs["llm"].model_transaction_policy.decoupled
+    assert not configs["ensemble"].model_transaction_policy.decoupled and not configs["llm"].model_transaction_policy.decoupled
 
 
 def test_undefined_template_variable_fails_the_build():
@@ -91,8 +90,7 @@ def _plan(name, inputs, outputs, **kwargs):
 
 def test_ensemble_checks_catch_miswiring():
     a = _plan("a", (Tensor("x", "TYPE_FP32", (-1,)),), (Tensor("y", "TYPE_FP32", (-1,)),))
-    ok = ModelPlan("e", "ensemble.pbtxt.j2", inputs=(Tensor("in", "TYPE_FP32", (-1,)),),
-                   outputs=(Tensor("out", "TYPE_FP32", (-1,)),), steps=(EnsembleStep("a", {"x": "in"}, {"y": "out"}),))
+    ok = _plan("e", (Tensor("in", "TYPE_FP32", (-1,)),), (Tensor("out", "TYPE_FP32", (-1,)),), steps=(EnsembleStep("a", {"x": "in"}, {"y": "out"}),))
     check_ensembles([a, ok])
     bad_tensor = dataclasses.replace(ok, steps=(EnsembleStep("a", {"x": "nowhere"}, {"y": "out"}),))
     with pytest.raises(BuildError, match="reads 'nowhere', which no earlier step produces"):

@@ -76,7 +76,7 @@ def test_publish_serve_from_s3_and_republish_nothing(built_repository: Path, buc
         expected = ask(client, request).token_ids
     with TritonServer(pointer["model_repository"], log_path=tmp_path / "s3.log") as remote, \
             grpcclient.InferenceServerClient(remote.grpc_url) as client:
-        assert ask(client, request).token_ids == expected  # ensembles included: no empty version directory
+        assert ask(client, request).token_ids == expected
 
 
 def test_an_upload_killed_halfway_leaves_the_previous_version_pointed_at(

@@ -20,9 +20,6 @@ RUNTIME = Path(__file__).resolve().parents[1] / "runtime"
 RUNTIME_PACKAGE = "mmtb_runtime"
 # What a Python model that runs steps itself reads them from: [{"model", "inputs", "outputs"}, ...] in order.
 STEPS_FILE = "steps.json"
-# Triton reads an ensemble's version directory but no file in it; copied to S3, an empty directory
-# would vanish and tritonserver would find no version ("No model version was found").
-EMPTY_VERSION_NOTE = ("README.txt", "An ensemble has no model file; this file keeps its version directory in object storage.\n")
 
 
 def render_model_config(plan: ModelPlan) -> str:
@@ -55,8 +52,6 @@ def assemble_repository(plans: list[ModelPlan], staging: Path, manifest: dict[st
                 copy_onnx(source, version / name)
             else:
                 link_or_copy(source, version / name)
-        if not any(version.iterdir()):  # an ensemble: object storage has no empty directories
-            (version / EMPTY_VERSION_NOTE[0]).write_text(EMPTY_VERSION_NOTE[1])
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
 
 

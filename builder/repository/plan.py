@@ -147,19 +147,17 @@ def plan_repository(spec: BuildSpec, facts: ModelFacts, compiled: dict[str, Comp
     decode = llm.models(compiled[LLM.name], llm_inputs, spec, {**facts_file, "tokenizer.json": shared["tokenizer.json"]})
     steps = wire([preprocess, *(c.step for c in served), fuse, decode.step], CLIENT_INPUTS, CLIENT_OUTPUTS)
     models = [preprocess, *(m for c in served for m in (c.step, *c.helpers)), fuse, decode.step, *decode.helpers]
+    # Python models, not Triton ensembles: Triton 2.51 does not pass a client's cancellation (or a gRPC deadline) on to
+    # an ensemble step already running, so only the model the client called can see it (request.is_cancelled()). They
+    # run the steps with plain BLS calls, the last one as a session on the decode model that they poll
+    # (mmtb_runtime.sessions). A unary infer on a decoupled model is refused: two entry points. `execute` blocks for
+    # the request it serves: one instance per sequence of a full decode batch.
+    entry = {"python_model": "entry_point", "steps": steps, "instances": spec.triton.max_batch_size * spec.triton.instances}
     if spec.triton.entry_points != "streaming":
-        models.append(ModelPlan(UNARY_ENSEMBLE, "ensemble.pbtxt.j2", inputs=CLIENT_INPUTS, outputs=CLIENT_OUTPUTS, steps=steps))
+        models.append(ModelPlan(UNARY_ENSEMBLE, "python_model.pbtxt.j2", inputs=CLIENT_INPUTS, outputs=CLIENT_OUTPUTS, **entry))
     if spec.triton.entry_points != "unary":
-        # A Python model, not a Triton ensemble: Triton 2.51 does not pass a client's cancellation on to an
-        # ensemble step already running, so only the model the client called can see it (request.is_cancelled()).
-        # It runs the same steps with plain BLS calls, the last one as a session on the decode model that it polls
-        # (mmtb_runtime.sessions). `execute` blocks for the stream it serves: one instance per sequence of a full
-        # decode batch.
-        models.append(ModelPlan(
-            STREAMING_ENSEMBLE, "python_model.pbtxt.j2", inputs=(*CLIENT_INPUTS, STREAM_INPUT), outputs=CLIENT_OUTPUTS,
-            python_model=STREAMING_ENSEMBLE, steps=steps, decoupled=True,
-            instances=spec.triton.max_batch_size * spec.triton.instances,
-        ))
+        models.append(ModelPlan(STREAMING_ENSEMBLE, "python_model.pbtxt.j2", inputs=(*CLIENT_INPUTS, STREAM_INPUT),
+                                outputs=CLIENT_OUTPUTS, decoupled=True, **entry))
     return models
 
 

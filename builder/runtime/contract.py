@@ -82,7 +82,7 @@ IMAGE_EMBEDS = "image_embeds"
 AUDIO_EMBEDS = "audio_embeds"
 MULTIMODAL_EMBEDS = "multimodal_embeds"
 MULTIMODAL_MASK = "multimodal_mask"
-# Between `ensemble_stream` and `llm` only (runtime.sessions): which session a call opens, polls or cancels (its
+# Between the entry points and `llm` only (runtime.sessions): which session a call opens, polls or cancels (its
 # client went away), and whether a poll's chunk ends the answer.
 SESSION_INPUT = Tensor("session", "TYPE_UINT64", (1,), optional=True)
 CANCEL_INPUT = Tensor("cancel", "TYPE_BOOL", (1,), optional=True)

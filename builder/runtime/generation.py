@@ -26,7 +26,7 @@ from .contract import (
 )
 from .errors import RequestError
 from .model_facts import ModelFacts
-from .prefix_cache import PrefixCache
+from .prefix_cache import PrefixCache, PrefixKey
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,7 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)
     finished: bool = False
     position_offset: int = 0  # a decode step's position is length + this (M-RoPE: the prompt's images shift it)
+    prompt_key: PrefixKey | None = None  # the prompt as the prefix cache keys it (None without one)
 
     def next_token(self) -> int | None:
         """Chooses the next token; None (and finished) on a stop id. Finished after max_tokens."""
@@ -115,6 +116,9 @@ class SequenceRunner(Protocol):
 
     def decode(self, sequences: list[Sequence]) -> None: ...
 
+    def retire(self, sequence: Sequence) -> None:
+        """The sequence finished: the runner may keep its cache for later prompts that start with it."""
+
 
 class GenerateOne:
     """``generate`` for any :class:`SequenceRunner`: one request on its own, without the scheduler."""
@@ -132,10 +136,10 @@ class GenerateOne:
         seq = self.start(input_ids, multimodal_embeds, multimodal_mask, params, stop_ids, position_ids)
         while True:
             token = seq.next_token()
-            if token is None:
-                return
-            yield token
+            if token is not None:
+                yield token
             if seq.finished:
+                self.retire(seq)
                 return
             self.decode([seq])
 
@@ -175,13 +179,16 @@ class LanguageModelRunner(GenerateOne):
         position_ids: np.ndarray | None = None,  # [3, S] M-RoPE positions (position_rows 3); None: 0, 1, 2...
     ) -> Sequence:
         facts = self.facts
-        hit = self.prefix_cache.lookup(input_ids, multimodal_mask) if self.prefix_cache is not None else None
-        reused = hit.length if hit else 0  # positions whose KV comes from an earlier prompt
-        empty_kv = np.zeros((1, facts.num_kv_heads, 0, facts.head_dim), dtype=self.kv_dtype)
-        past = [kv[None] for kv in hit.past] if hit else [empty_kv] * len(self.kv_inputs)
         length = int(input_ids.size)
         if position_ids is None:
             position_ids = np.broadcast_to(np.arange(length, dtype=np.int64), (facts.position_rows, length))
+        key, hit = None, None
+        if self.prefix_cache is not None:
+            key = PrefixKey.of_prompt(input_ids, multimodal_embeds, multimodal_mask, position_ids)
+            hit = self.prefix_cache.lookup(key)
+        reused = hit.length if hit else 0  # positions whose KV comes from an earlier sequence
+        empty_kv = np.zeros((1, facts.num_kv_heads, 0, facts.head_dim), dtype=self.kv_dtype)
+        past = [kv[None] for kv in hit.past] if hit else [empty_kv] * len(self.kv_inputs)
         feeds = {
             INPUT_IDS: input_ids[None, reused:].astype(np.int64),
             MULTIMODAL_EMBEDS: multimodal_embeds[None, reused:].astype(np.float32),
@@ -192,11 +199,21 @@ class LanguageModelRunner(GenerateOne):
         }
         logits, *present = self.session.run([LOGITS, *self.kv_outputs], feeds)
         cache = [p[0] for p in present]
-        if self.prefix_cache is not None:
-            self.prefix_cache.store(input_ids, multimodal_mask, cache)
+        if key is not None:
+            self.prefix_cache.store(key, cache)
         # The next position follows the prompt's largest (M-RoPE: an image spans fewer positions than tokens).
         offset = int(position_ids.max()) + 1 - length if length else 0
-        return Sequence(params, stop_ids, np.random.default_rng(params.seed), cache, length, logits[0], position_offset=offset)
+        return Sequence(params, stop_ids, np.random.default_rng(params.seed), cache, length, logits[0], position_offset=offset,
+                        prompt_key=key)
+
+    def retire(self, sequence: Sequence) -> None:
+        """Keeps the finished sequence's prompt + answer: a conversation's next turn starts with them. The cache holds
+        every token fed so far (all of the answer but a last one that no step has fed: one that hit max_tokens)."""
+        key = sequence.prompt_key
+        if key is None:
+            return
+        fed = sequence.tokens[:sequence.length - key.length]
+        self.prefix_cache.store(key.extended(fed, key.length + sequence.position_offset), sequence.past)
 
     def _positions(self, rows: np.ndarray) -> np.ndarray:
         """[rows, B, S] positions as the graph takes them: [B, S] for plain positions, [3, B, S] for M-RoPE."""

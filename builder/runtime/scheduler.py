@@ -182,5 +182,6 @@ class DecodeScheduler:
             return
         if seq.finished:
             self._end(job)
+            self.runner.retire(seq)  # after the answer went out: keeping its cache is a copy
         else:
             self.active.append((seq, job))

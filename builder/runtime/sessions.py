@@ -1,6 +1,6 @@
 """Token streams that one model polls from another, so the LLM's weights live in one process.
 
-The decode model `llm` holds the weights. The decoupled `ensemble_stream` holds none: it opens a session
+The decode model `llm` holds the weights. The entry points (`ensemble`, `ensemble_stream`) hold none: each opens a session
 on `llm` with the prompt (a plain, non-decoupled BLS call), then polls it until the answer ends. The
 sequence decodes in `llm`'s running batch at full speed; the first poll is answered with the first
 token, each later one with every token chosen since, once ``interval_s`` has passed since the last

@@ -104,6 +104,9 @@ class TensorRTLanguageModelRunner(GenerateOne):
         weakref.finalize(seq, cache.buffer.free).atexit = False  # DeviceArray has no __del__
         return seq
 
+    def retire(self, sequence: Sequence) -> None:
+        """Nothing kept: this runner has no prefix cache yet (its device memory goes with the sequence)."""
+
     def decode(self, sequences: list[Sequence]) -> None:
         """Feeds each sequence its last token in one batched step; see the module docstring for the cache."""
         batch, longest = len(sequences), max(s.length for s in sequences)

@@ -3,9 +3,10 @@
 `execute` validates each request and hands it to the decode scheduler, then returns at once (the
 answer goes through the request's response sender), so requests arriving while others decode join
 the running batch at the next step. A request without `session` gets one response with the whole
-answer (the unary ensemble). The streaming entry point `ensemble_stream` opens a session with the
-prompt and polls it (see mmtb_runtime.sessions): each response carries the tokens since the last; a
-call with `cancel` set stops the session's sequence (its client went away).
+answer (a client of `llm` alone, e.g. perf_analyzer on the decode model). The entry points `ensemble`
+and `ensemble_stream` open a session with the prompt and poll it (see mmtb_runtime.sessions): each
+response carries the tokens since the last; a call with `cancel` set stops the session's sequence
+(its client went away).
 """
 
 import numpy as np

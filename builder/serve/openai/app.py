@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi import Request as HttpRequest
@@ -25,6 +27,8 @@ from builder.serve.openai.chat_request import ApiError, ChatRequest, ImageSource
 from builder.serve.openai.triton import TritonChat
 
 CHAT_ROUTE = "/v1/chat/completions"
+CLIENT_CLOSED = 499  # nginx's status for a request whose client closed the connection first (in the request counts)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -176,8 +180,8 @@ async def read_json(request: HttpRequest, limit: int) -> Any:
 def create_app(settings: FrontSettings) -> FastAPI:
     registry = CollectorRegistry()  # per app: several fronts (tests) in one process
     requests = Counter("mmtb_openai_requests", "HTTP requests by route and status", ["route", "status"], registry=registry)
-    closed = Counter("mmtb_openai_streams_closed_by_client", "Streams whose client went away before their end "
-                     "(the Triton stream was cancelled)", registry=registry)
+    closed = Counter("mmtb_openai_streams_closed_by_client", "Answers (streamed or whole) whose client went away "
+                     "before their end (the Triton stream was cancelled)", registry=registry)
     triton: TritonChat
 
     @asynccontextmanager
@@ -238,13 +242,14 @@ def create_app(settings: FrontSettings) -> FastAPI:
         known_model(chat.model)
         max_tokens = chat.max_tokens or await triton.default_max_tokens()
         completion, outcome = Completion(chat.model), Outcome()
-        if not chat.stream and not chat.stop:  # the unary ensemble: nothing to cut, nobody to stop early
-            answer = await triton.complete(chat.request, chat.media_params)
-            outcome.prompt_tokens, outcome.completion_tokens = answer.prompt_tokens, len(answer.token_ids)
-            return JSONResponse(completion.whole(answer.text, outcome, max_tokens))
+        # A whole answer too is streamed from Triton and joined here: a client that hangs up cancels the stream.
         deltas = cut_at_stops(triton.stream(chat.request, chat.media_params), chat.stop, outcome)
         if not chat.stream:
-            return JSONResponse(completion.whole("".join([d async for d in deltas]), outcome, max_tokens))
+            text = await unless_disconnected(request, joined(deltas))
+            if text is None:
+                closed.inc()
+                return Response(status_code=CLIENT_CLOSED)  # nobody reads it; the request counter does
+            return JSONResponse(completion.whole(text, outcome, max_tokens))
         # The first piece before the response starts: a refusal (400, 503) still gets its status.
         first = await anext(deltas, None)
         return StreamingResponse(events(chat, completion, outcome, max_tokens, first, deltas, closed),
@@ -252,6 +257,32 @@ def create_app(settings: FrontSettings) -> FastAPI:
 
     app.include_router(v1)
     return app
+
+
+async def joined(deltas: AsyncIterator[str]) -> str:
+    return "".join([d async for d in deltas])
+
+
+async def unless_disconnected(request: HttpRequest, answer: Awaitable[T]) -> T | None:
+    """``answer``'s result, or None when the HTTP client hung up first: ``answer`` is then cancelled (with it, its
+    Triton stream: the server stops generating)."""
+    work, gone = asyncio.ensure_future(answer), asyncio.ensure_future(disconnected(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+    return None if work.cancelled() else work.result()
+
+
+async def disconnected(request: HttpRequest) -> None:
+    """Returns when the client closes the connection. Its body has been read: the server's next message is the
+    disconnect (uvicorn waits for it)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def events(chat: ChatRequest, completion: Completion, outcome: Outcome, max_tokens: int, first: str | None,

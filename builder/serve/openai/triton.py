@@ -1,8 +1,8 @@
 """The front's calls to Triton (``tritonclient.grpc.aio``), and Triton's errors as OpenAI's.
 
-A whole answer is one ``infer`` on ``ensemble``. A stream is one request on ``ensemble_stream`` (``stream``
-set) over gRPC's bidirectional stream; closing it early cancels the call, which ``ensemble_stream`` sees
-(``request.is_cancelled()``) and stops the sequence on ``llm`` (README, "When a client goes away").
+Every answer, whole or streamed to the client, is one request on ``ensemble_stream`` (``stream`` set) over gRPC's
+bidirectional stream; closing it early cancels the call, which ``ensemble_stream`` sees (``request.is_cancelled()``)
+and stops the sequence on ``llm`` (README, "When a client goes away").
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import grpc
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
-from builder.runtime.contract import DECODE_MODEL, OUTPUT_IDS, STREAMING_ENSEMBLE, UNARY_ENSEMBLE
+from builder.runtime.contract import DECODE_MODEL, OUTPUT_IDS, STREAMING_ENSEMBLE
 from builder.runtime.errors import BUSY_PREFIX
 from builder.serve.client import Answer, Request, answer, is_final, request_inputs
 from builder.serve.openai.chat_request import ApiError
@@ -26,7 +26,6 @@ T = TypeVar("T")
 _NAMED_INPUT = re.compile(r"^(?P<name>[a-z_]+(?:\[\d+\])?(?:\.[a-z_]+(?:\[\d+\])?)*): ")
 # How a decoupled model's errors reach a streaming client: text only, no status (tritonclient's stream API).
 _INTERNAL = ": internal error: "
-_ENSEMBLE_PREFIX = re.compile(r"^in ensemble '[^']*', ")  # Triton's, before a unary ensemble step's message
 
 
 class TritonChat:
@@ -42,7 +41,7 @@ class TritonChat:
 
     async def ready(self) -> bool:
         try:
-            return all([await self.client.is_model_ready(model) for model in (UNARY_ENSEMBLE, STREAMING_ENSEMBLE)])
+            return await self.client.is_model_ready(STREAMING_ENSEMBLE)
         except InferenceServerException:
             return False
 
@@ -52,11 +51,6 @@ class TritonChat:
             config = await self._call(self.client.get_model_config(DECODE_MODEL, as_json=True), {})
             self._default_max_tokens = int(config["config"]["parameters"]["default_max_tokens"]["string_value"])
         return self._default_max_tokens
-
-    async def complete(self, request: Request, media_params: dict[str, str]) -> Answer:
-        result = await self._call(self.client.infer(UNARY_ENSEMBLE, request_inputs(request), client_timeout=self.timeout_s),
-                                  media_params)
-        return answer(result)
 
     async def stream(self, request: Request, media_params: dict[str, str]) -> AsyncIterator[Answer]:
         """The answer's chunks as the server sends them. Closed before its end (the client went away, a stop
@@ -96,7 +90,7 @@ class TritonChat:
         """INVALID_ARGUMENT -> 400 naming the parameter; UNAVAILABLE (the KV budget full, or Triton down) -> 503 with
         Retry-After; a deadline -> 504; anything else -> 500. A stream's errors carry no status: told by their text,
         as the server's own ``forwarded_error`` tells them."""
-        status, message = exc.status(), _ENSEMBLE_PREFIX.sub("", exc.message() or str(exc))
+        status, message = exc.status(), exc.message() or str(exc)
         if status == "StatusCode.UNAVAILABLE" or message.startswith(BUSY_PREFIX):
             return ApiError(503, message, code="server_busy", kind="server_error",
                             headers={"Retry-After": str(self.retry_after_s)})

@@ -1,13 +1,13 @@
-"""Triton model `ensemble_stream` (decoupled): the streaming entry point, holding no weights.
+"""Triton models `ensemble` (unary) and `ensemble_stream` (decoupled): the entry points, holding no weights.
 
-It runs the unary ensemble's steps itself, with plain BLS calls (`steps.json`, written by the build
-and checked like an ensemble's wiring): preprocess, the encoders, fuse, then the last step as a
-session on `llm` (the model with the weights) that it polls until the answer ends, sending a
-response per chunk of tokens when `stream` is set, else one with the whole answer (see
-mmtb_runtime.sessions for why not decoupled BLS). A Python model rather than a Triton ensemble
-because Triton 2.51 does not pass a client's cancellation on to an ensemble step that is already
-running: here `request.is_cancelled()` is this model's own request, asked between polls, and a
-client that went away has its sequence cancelled on `llm`. `execute` blocks for the request it
+Both run the pipeline's steps themselves, with plain BLS calls (`steps.json`, written by the build and
+checked like an ensemble's wiring): preprocess, the encoders, fuse, then the last step as a session on
+`llm` (the model with the weights) that they poll until the answer ends, sending a response per chunk of
+tokens when `stream` is set (only `ensemble_stream` takes it), else one with the whole answer (see
+mmtb_runtime.sessions for why not decoupled BLS). Python models rather than Triton ensembles because
+Triton 2.51 does not pass a client's cancellation (nor a gRPC client's deadline) on to an ensemble step
+that is already running: here `request.is_cancelled()` is this model's own request, asked between polls,
+and a client that went away has its sequence cancelled on `llm`. `execute` blocks for the request it
 serves: instances, not threads, give concurrency (`count` in config.pbtxt).
 """
 
