@@ -16,6 +16,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from tqdm import tqdm
 
@@ -28,6 +29,7 @@ from builder.export.graph import ExportedGraph, load_exported
 from builder.export.precision import ExportDtype, export_dtype
 from builder.quantize.calibration_data import CalibrationFiles, calibration_files
 from builder.quantize.pipeline import PipelineResult
+from builder.quantize.ladder import Settled
 from builder.quantize.stage import QUANTIZE, is_quantized, quantize_components, quantize_key
 from builder.repository.assemble import assemble_repository
 from builder.repository.plan import plan_repository
@@ -45,6 +47,7 @@ from builder.spec import BuildSpec
 from builder.targets import EncoderBackend, LlmBackend, Target, target_for, without_gpu
 
 
+T = TypeVar("T")
 FACTS = Stage("source", ("families", "source"))  # what serving needs to know of the checkpoint
 EXPORT = Stage("export", ("export", "source", "families"))  # a component's ONNX graph, checked against PyTorch
 # The published repository's key (manifest.json): an unchanged build rebuilds nothing.
@@ -90,13 +93,17 @@ class BuildContext:
 
 @dataclass(frozen=True)
 class ComponentItem:
-    """One component as it goes through the stages: what it asks for and the keys its cache entries have."""
+    """One component as it goes through the stages: what it asks for, the keys its cache entries have, and what
+    each stage made of it."""
 
     component: Component
     precision: str
     dtype: ExportDtype
     export_key: str
     quantize_key: str
+    graph: ExportedGraph | None = None  # exported (or read from the cache), checked against PyTorch
+    settled: Settled | None = None  # what the quantize stage settled on (FP32 and FP16 pass through)
+    compiled: CompiledModel | None = None  # what the target's backend loads
 
     @property
     def name(self) -> str:
@@ -140,7 +147,6 @@ def build(spec: BuildSpec, output: Path, cache_dir: Path, progress: bool = True)
         if EXPORT.lookup(cache, i.name, i.export_key) is None
         or (i.precision != "fp32" and QUANTIZE.lookup(cache, i.name, i.quantize_key) is None)
     ]
-    exported: dict[str, ExportedGraph] = {}
     loaded: SourceModel | None = None
     preflight = None
     if progress:
@@ -151,25 +157,22 @@ def build(spec: BuildSpec, output: Path, cache_dir: Path, progress: bool = True)
         preflight.check()
         if progress:
             tqdm.write(f"pre-flight: {preflight.summary()}")
-    for item in tqdm(items, desc="export + parity", unit="graph", disable=not progress):
+    for index, item in enumerate(tqdm(items, desc="export + parity", unit="graph", disable=not progress)):
         if EXPORT.lookup(cache, item.name, item.export_key) is None and loaded is None:
             llm_dtype = next(i.dtype for i in items if i.component is LLM)  # it holds nearly all the weights
             loaded = ctx.checkpoint.load(llm_dtype, ctx.tokenizer)
-        exported[item.name] = load_exported(EXPORT.run(cache, item.name, item.export_key,
-                                                       lambda tmp, item=item: _export(ctx, loaded, item, tmp)))
+        entry = EXPORT.run(cache, item.name, item.export_key, lambda tmp, item=item: _export(ctx, loaded, item, tmp))
+        items[index] = dataclasses.replace(item, graph=load_exported(entry))
 
     with staging_directory(output) as staging, tempfile.TemporaryDirectory() as scratch:
         # The serving files first: calibration and the gates preprocess exactly as the server will.
         shared = _shared_files(ctx, Path(scratch))
-        precisions = {i.name: i.precision for i in items}
         settled, pipeline = quantize_components(
-            spec, facts, shared["tokenizer.json"], exported, precisions, {i.name: i.export_key for i in items}, files,
+            spec, facts, shared["tokenizer.json"], {i.name: _done(i.graph) for i in items},
+            {i.name: i.precision for i in items}, {i.name: i.export_key for i in items}, files,
             (ctx.target.encoders, ctx.target.llm), cache, progress)
-        compiled = {
-            name: dataclasses.replace(_backend(ctx, name).compile(ctx.compiling, dataclasses.replace(graph, path=settled[name].path),
-                                                                  settled[name].precision), quantization=settled[name])
-            for name, graph in exported.items()
-        }
+        items = [_compiled(ctx, dataclasses.replace(i, settled=settled[i.name])) for i in items]
+        compiled = {i.name: _done(i.compiled) for i in items}
         plans = plan_repository(spec, facts, compiled, shared, ctx.target.encoders, ctx.target.llm)
         assemble_repository(plans, staging, _manifest(spec, repo_key, ctx.source.fingerprint, compiled, pipeline))
         write_report(staging / "build_report.md", spec, describe(spec.limits, facts), compiled, pipeline)
@@ -187,8 +190,18 @@ def _item(ctx: BuildContext, component: Component, files: CalibrationFiles | Non
     return ComponentItem(component, precision, dtype, export_key, quantize_key(ctx.spec, export_key, precision, files))
 
 
-def _backend(ctx: BuildContext, component: str) -> EncoderBackend | LlmBackend:
-    return ctx.target.llm if component == LLM.name else ctx.target.encoders
+def _compiled(ctx: BuildContext, item: ComponentItem) -> ComponentItem:
+    """The settled graph as the target's backend for this component compiles it."""
+    graph, settled = _done(item.graph), _done(item.settled)
+    backend: EncoderBackend | LlmBackend = ctx.target.llm if item.component is LLM else ctx.target.encoders
+    compiled = backend.compile(ctx.compiling, dataclasses.replace(graph, path=settled.path), settled.precision)
+    return dataclasses.replace(item, compiled=dataclasses.replace(compiled, quantization=settled))
+
+
+def _done(made: T | None) -> T:
+    """What an earlier stage made of an item (every stage runs in order, so it is there)."""
+    assert made is not None, "a stage ran before the one it follows"
+    return made
 
 
 def _checkpoint_facts(checkpoint: Checkpoint, fingerprint: str, tokenizer: Path, cache: StageCache) -> ModelFacts:
