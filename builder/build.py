@@ -168,7 +168,7 @@ def build(spec: BuildSpec, output: Path, cache_dir: Path, progress: bool = True)
         # The serving files first: calibration and the gates preprocess exactly as the server will.
         shared = _shared_files(ctx, Path(scratch))
         settled, pipeline = quantize_components(
-            spec, facts, shared["tokenizer.json"], {i.name: _done(i.graph) for i in items},
+            spec, ctx.checkpoint.directory, facts, shared["tokenizer.json"], {i.name: _done(i.graph) for i in items},
             {i.name: i.precision for i in items}, {i.name: i.export_key for i in items}, files,
             (ctx.target.encoders, ctx.target.llm), cache, progress)
         items = [_compiled(ctx, dataclasses.replace(i, settled=settled[i.name])) for i in items]

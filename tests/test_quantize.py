@@ -14,11 +14,12 @@ from builder.compare import onnxruntime_session
 from builder.errors import BuildError, SpecError
 from builder.quantize.agreement import fuse_prompt
 from builder.quantize.calibration_data import calibration_files, load_samples, server_preprocessor
-from builder.quantize.ladder import LlmJob, settle_llm
+from builder.cache import StageCache
+from builder.quantize.ladder import LlmJob, LlmSource, qdq_weight_rungs, settle_llm
 from builder.quantize.pipeline import PipelineFigures, held_out_requests, measure_pipeline
-from builder.quantize.weight_only import quantize_weights_qdq
 from builder.runtime.model_facts import ModelFacts
-from builder.spec import load_spec, parse_spec
+from builder.source.resolve import resolve_source
+from builder.spec import BuildSpec, load_spec, parse_spec
 from builder.targets import TARGETS
 from builder.onnx_files import load_onnx
 from tests.conftest import CACHE, ROOT
@@ -173,10 +174,12 @@ def dequantized_matmuls(graph: onnx.GraphProto, bits: int = 8) -> list[onnx.Node
 def test_tensorrt_integer_llm_graph_is_dequantize_feeding_matmul(built_repository: Path, tmp_path: Path, block: int | None,
                                                                 bits: int) -> None:
     """TensorRT cannot parse MatMulNBits: its INT8 / INT4 LLM is standard ONNX, int8 / int4 weights -> DequantizeLinear
-    (opset 21, blocked) -> MatMul."""
+    (opset 21, blocked) -> MatMul, written from the checkpoint's shards as the ladder writes it."""
     fp32 = served_graphs(built_repository)["llm"]
     output = tmp_path / "llm-qdq.onnx"
-    quantize_weights_qdq(fp32, output, block, bits)
+    (rung,) = [r for r in qdq_weight_rungs(f"int{bits}", load_spec(INT8_SPEC).quantize)
+               if r.weights.bits == bits and r.weights.block_size == block]
+    rung.write(tiny_llm_source(load_spec(INT8_SPEC)), output)
     model = load_onnx(output)
     onnx.checker.check_model(model)
     assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"} and next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 21
@@ -204,7 +207,12 @@ def llm_job(built_repository: Path) -> LlmJob:
     graphs = served_graphs(built_repository)
     encoders = {name: onnxruntime_session(graphs[name]) for name in ("vision_encoder", "audio_encoder")}
     held_out = load_samples(calibration_files(spec, with_images=True, with_audio=True), preprocess).prompts
-    return LlmJob(graphs["llm"], facts, tuple(fuse_prompt(p, encoders, facts) for p in held_out))
+    return LlmJob(graphs["llm"], facts, tuple(fuse_prompt(p, encoders, facts) for p in held_out), tiny_llm_source(spec))
+
+
+def tiny_llm_source(spec: BuildSpec) -> LlmSource:
+    """What the ladder writes the tiny LLM's candidates from: the preset's checkpoint shards."""
+    return LlmSource(resolve_source(spec.source, StageCache(CACHE)).checkpoint, spec.limits, spec.export.opset)
 
 
 def test_tensorrt_int8_llm_settles_on_qdq_gated_with_onnxruntime(llm_job: LlmJob, tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,16 +27,17 @@ import numpy as np
 from builder.compare import GateResult, OutputFigures, figures, judge, run_onnxruntime
 from builder.components import LLM
 from builder.errors import BuildError
+from builder.export.streamed.writer import MatMulWeights, write_streamed_llm
 from builder.onnx_files import move_onnx, remove_onnx
 from builder.quantize.agreement import Agreement, FusedPrompt, teacher_forced
 from builder.quantize.fp16 import convert_fp16
 from builder.quantize.qdq import CALIBRATION_METHODS, QdqLayout, quantize_qdq, weight_nodes
 from builder.quantize.reader import SampleReader
 from builder.quantize.sensitivity import most_sensitive_nodes
-from builder.quantize.weight_only import quantize_weights_nbits, quantize_weights_qdq
+from builder.quantize.weight_only import NbitsWeights, QdqWeights
 from builder.runtime.generation import SequenceRunner
 from builder.runtime.model_facts import ModelFacts
-from builder.spec import GateSpec, QuantizeSpec
+from builder.spec import GateSpec, LimitsSpec, QuantizeSpec
 
 
 @dataclass(frozen=True)
@@ -122,19 +124,37 @@ class EncoderJob:
 
 
 @dataclass(frozen=True)
+class LlmSource:
+    """What the LLM's candidates are written from: the checkpoint's shards, one weight at a time (never the FP32
+    graph, which a 24B model's build cannot hold), with the graph's limits and opset."""
+
+    checkpoint: Path
+    limits: LimitsSpec
+    opset: int
+
+
+@dataclass(frozen=True)
 class LlmJob:
-    fp32: Path
+    fp32: Path  # the gates' reference
     facts: ModelFacts
     prompts: tuple[FusedPrompt, ...]  # held-out prompts, fused with the FP32 encoders
+    source: LlmSource
 
 
 @dataclass(frozen=True)
 class LlmRung:
-    """One candidate form of the LLM's weights, written from the FP32 graph."""
+    """One candidate form of the LLM's weights: integer MatMul weights (``weights``) in an FP32 graph, or the whole
+    graph in FP16 (``weights`` None)."""
 
     precision: str  # int4 | int8 | fp16
     scheme: str
-    write: Callable[[Path, Path], None]  # (FP32 graph, candidate path)
+    weights: MatMulWeights | None
+
+    def write(self, source: LlmSource, path: Path) -> None:
+        with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+            written = write_streamed_llm(source.checkpoint, Path(scratch), "float32" if self.weights else "float16",
+                                         limits=source.limits, opset=source.opset, weights=self.weights)
+            move_onnx(written.path, path)
 
 
 def _weight_bits(requested: str) -> tuple[int, ...]:
@@ -146,8 +166,7 @@ def matmulnbits_rungs(requested: str, spec: QuantizeSpec) -> list[LlmRung]:
     """ONNX Runtime's ``MatMulNBits``, fastest first: integer compute, float compute of the same weights, smaller blocks."""
     return [
         LlmRung(f"int{bits}", f"weight-only block {block}, {'int8' if level == 4 else 'float'} compute",
-                lambda fp32, path, block=block, level=level, bits=bits: quantize_weights_nbits(
-                    fp32, path, block, accuracy_level=level, bits=bits))
+                NbitsWeights(bits, block, level))
         for bits in _weight_bits(requested)
         for block, level in dict.fromkeys(((spec.llm_block_size, 4), (spec.llm_block_size, 0), (16, 0)))
     ]
@@ -157,14 +176,13 @@ def qdq_weight_rungs(requested: str, spec: QuantizeSpec) -> list[LlmRung]:
     """Weight-only Q/DQ (what TensorRT parses; it cannot parse MatMulNBits): per output channel first, the
     granularity TensorRT documents for INT8 weights, then the finer blocks."""
     return [
-        LlmRung(f"int{bits}", f"weight-only Q/DQ {f'block {block}' if block else 'per channel'}",
-                lambda fp32, path, block=block, bits=bits: quantize_weights_qdq(fp32, path, block, bits))
+        LlmRung(f"int{bits}", f"weight-only Q/DQ {f'block {block}' if block else 'per channel'}", QdqWeights(bits, block))
         for bits in _weight_bits(requested)
         for block in dict.fromkeys((None, spec.llm_block_size, 16))
     ]
 
 
-FP16_RUNG = LlmRung("fp16", "fp16", convert_fp16)  # integer weights failed: FP16 before FP32 (on a GPU)
+FP16_RUNG = LlmRung("fp16", "fp16", None)  # integer weights failed: FP16 before FP32 (on a GPU)
 
 
 class EncoderForms(Protocol):
@@ -252,7 +270,7 @@ def settle_llm(job: LlmJob, requested: str, forms: LlmForms, spec: QuantizeSpec,
     reference = forms.gate_runner(job.fp32, job.facts)
     for rung in forms.rungs(requested, spec):
         path = ladder.candidate()
-        rung.write(job.fp32, path)
+        rung.write(job.source, path)
         agreement = teacher_forced(reference, forms.gate_runner(path, job.facts), [(p, p) for p in job.prompts])
         gate = judge((agreement.logits,), agreement.prompts * agreement.positions, spec.llm_gate)
         if ladder.record(Attempt(rung.precision, rung.scheme, gate=gate, agreement=agreement)):

@@ -19,7 +19,16 @@ from builder.errors import BuildError
 from builder.export.graph import ExportedGraph
 from builder.quantize.agreement import fuse_prompt
 from builder.quantize.calibration_data import CalibrationFiles, CalibrationSamples, load_samples, server_preprocessor
-from builder.quantize.ladder import EncoderForms, EncoderJob, LlmForms, LlmJob, Settled, settle_encoder, settle_llm
+from builder.quantize.ladder import (
+    EncoderForms,
+    EncoderJob,
+    LlmForms,
+    LlmJob,
+    LlmSource,
+    Settled,
+    settle_encoder,
+    settle_llm,
+)
 from builder.quantize.pipeline import PipelineResult, cpu_description, held_out_requests, measure_pipeline
 from builder.quantize.qdq import calibrate
 from builder.quantize.reader import SampleReader
@@ -47,14 +56,16 @@ def quantize_key(spec: BuildSpec, export_key: str, precision: str, files: Calibr
 
 
 def quantize_components(
-    spec: BuildSpec, facts: ModelFacts, tokenizer: Path, exported: dict[str, ExportedGraph], precisions: dict[str, str],
+    spec: BuildSpec, checkpoint: Path, facts: ModelFacts, tokenizer: Path, exported: dict[str, ExportedGraph],
+    precisions: dict[str, str],
     export_keys: dict[str, str], files: CalibrationFiles | None, forms: tuple[EncoderForms, LlmForms], cache: StageCache,
     progress: bool,
 ) -> tuple[dict[str, Settled], PipelineResult | None]:
     """Components in FP32 pass through; the others are quantized (or read from the cache) in the forms the target's
     backends run (``forms``: encoders, LLM), then the whole pipeline is gated: while it fails, the component that
-    costs most walks one rung down its ladder."""
-    stage = _Stage(spec, facts, tokenizer, exported, precisions, export_keys, files, forms, cache, progress)
+    costs most walks one rung down its ladder. The LLM's candidates are written from ``checkpoint``'s shards."""
+    stage = _Stage(spec, LlmSource(checkpoint, spec.limits, spec.export.opset), facts, tokenizer, exported, precisions,
+                   export_keys, files, forms, cache, progress)
     if not any(map(is_quantized, precisions.values())):
         return {c: stage.settle(c, 0) for c in exported}, None
     assert files is not None
@@ -109,10 +120,11 @@ def _gate(stage: "_Stage", spec: BuildSpec, facts: ModelFacts, files: Calibratio
 class _Stage:
     """Settles one component at a time, from the cache when it can; loads calibration samples once, when needed."""
 
-    def __init__(self, spec: BuildSpec, facts: ModelFacts, tokenizer: Path, exported: dict[str, ExportedGraph],
+    def __init__(self, spec: BuildSpec, source: LlmSource, facts: ModelFacts, tokenizer: Path, exported: dict[str, ExportedGraph],
                  precisions: dict[str, str], export_keys: dict[str, str], files: CalibrationFiles | None,
                  forms: tuple[EncoderForms, LlmForms], cache: StageCache, progress: bool) -> None:
-        self.spec, self.facts, self.tokenizer, self.exported, self.forms = spec, facts, tokenizer, exported, forms
+        self.spec, self.source, self.facts, self.tokenizer, self.exported = spec, source, facts, tokenizer, exported
+        self.forms = forms
         self.precisions, self.export_keys, self.files, self.cache, self.progress = precisions, export_keys, files, cache, progress
         self._samples: CalibrationSamples | None = None
 
@@ -137,7 +149,7 @@ class _Stage:
         calibration_key = CALIBRATION.key(export_key, files.digest, spec.section("calibration"))
 
         def settle_into(tmp: Path) -> None:  # writes quantize.json beside the graph it settled on
-            _settle(spec, self.facts, component, graph, precision, self.exported, self.samples(), self.forms,
+            _settle(spec, self.source, self.facts, component, graph, precision, self.exported, self.samples(), self.forms,
                     self.cache, calibration_key, tmp, self.progress, rejected)
 
         entry = QUANTIZE.run(self.cache, component, key, settle_into)
@@ -147,7 +159,7 @@ class _Stage:
 
 
 def _settle(
-    spec: BuildSpec, facts: ModelFacts, component: str, graph: ExportedGraph, precision: str,
+    spec: BuildSpec, source: LlmSource, facts: ModelFacts, component: str, graph: ExportedGraph, precision: str,
     exported: dict[str, ExportedGraph], samples: CalibrationSamples, forms: tuple[EncoderForms, LlmForms], cache: StageCache,
     calibration_key: str, directory: Path, progress: bool, rejected: int,
 ) -> Settled:
@@ -155,7 +167,7 @@ def _settle(
     if component == LLM.name:
         encoders = {name: onnxruntime_session(g.path) for name, g in exported.items() if name != LLM.name}
         prompts = tuple(fuse_prompt(p, encoders, facts) for p in samples.prompts)
-        return settle_llm(LlmJob(graph.path, facts, prompts), precision, llm_forms, spec.quantize, directory, rejected)
+        return settle_llm(LlmJob(graph.path, facts, prompts, source), precision, llm_forms, spec.quantize, directory, rejected)
     input_name = COMPONENTS[component].graph_input
     assert input_name is not None
     split = getattr(samples, input_name)

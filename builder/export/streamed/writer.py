@@ -105,7 +105,9 @@ def write_streamed_llm(checkpoint: Path, output: Path, dtype: ExportDtype = "flo
         nodes, initializers = _write_weights(graph, tensors, external, dtype, weights)
         data_bytes = external.offset
     opsets = [*template.model.opset_import, *(helper.make_opsetid(d, 1) for d in (weights.domains if weights else ()))]
-    body = helper.make_graph(nodes, "llm", graph.inputs, graph.outputs, [*graph.constants, *initializers])
+    constants = [*graph.constants, *initializers]
+    nodes = _topological(nodes, {v.name for v in graph.inputs} | {t.name for t in constants})
+    body = helper.make_graph(nodes, "llm", graph.inputs, graph.outputs, constants)
     model = helper.make_model(body, opset_imports=opsets, ir_version=template.model.ir_version,
                               producer_name="builder.export.streamed")
     onnx.save_model(model, str(path))
@@ -149,3 +151,24 @@ def _write_weights(graph: StampedGraph, tensors: CheckpointTensors, external: Ex
                 written.add(name)
         nodes.append(node)
     return nodes, initializers
+
+
+def _topological(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
+    """``nodes`` each after the nodes making its inputs (ONNX requires it; TensorRT's parser relies on it), otherwise
+    in their order: stamping hoists a layer's shared nodes ahead of the setup that feeds them."""
+    available = set(available) | {""}  # an omitted optional input
+    ordered: list[onnx.NodeProto] = []
+    pending = list(nodes)
+    while pending:
+        waiting = []
+        for node in pending:
+            if all(name in available for name in node.input):
+                ordered.append(node)
+                available.update(node.output)
+            else:
+                waiting.append(node)
+        if len(waiting) == len(pending):
+            raise BuildError(f"llm: the stamped graph reads {sorted(set(waiting[0].input) - available)[:3]}, "
+                             "which no node makes")
+        pending = waiting
+    return ordered
