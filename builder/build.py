@@ -254,7 +254,7 @@ def _manifest(spec: BuildSpec, repo_key: str, source_fingerprint: str, compiled:
             name: {
                 "precision": model.precision,
                 "file": model.path.name,
-                "bytes": model.path.stat().st_size,
+                "bytes": model.bytes,
                 "parity": dataclasses.asdict(model.graph.parity),
                 "quantization": model.quantization.to_json() if model.quantization else None,
                 **model.manifest_extra(),

@@ -53,7 +53,10 @@ def assert_stopped(server, before: dict[str, float], answers: int) -> None:
     assert stopped["mmtb_active_sequences"] == 0 and stopped["mmtb_kv_reserved_tokens"] == 0, stopped
     assert stopped["mmtb_requests_finished_total"] == before["mmtb_requests_finished_total"]  # none ran to its end
     spent = stopped["mmtb_generated_tokens_total"] - before["mmtb_generated_tokens_total"]
-    assert answers <= spent < answers * MAX_TOKENS / 4, spent  # each stopped long before its answer's end
+    # Each stopped long before its answer's end. The bound is loose on purpose: what decodes before the cancellation
+    # reaches `llm` (a 0.2 s deadline, then Triton's gRPC frontend noticing it) scales with the machine's speed and load
+    # (2,122 of 7,680 on a busy 2-core CI runner); the exact claims are the counters above and below.
+    assert answers <= spent < answers * MAX_TOKENS / 2, spent
     assert later["mmtb_generated_tokens_total"] == stopped["mmtb_generated_tokens_total"]
     assert later["mmtb_requests_cancelled_total"] == cancelled
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import onnx
 import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
@@ -20,6 +21,7 @@ from builder.compile.artifacts import CompiledModel
 from builder.compare import GateResult, OutputFigures
 from builder.compile.plans import Device, plan_record
 from builder.errors import BuildError
+from builder.onnx_files import load_onnx
 from builder.export.graph import ExportedGraph, ParityResult, graph_signature
 from builder.repository.assemble import assemble_repository
 from builder.repository.plan import plan_repository
@@ -128,7 +130,7 @@ def test_native_configs_must_match_the_graph_exactly(tiny_spec, built_repository
         check_graph_signature(dataclasses.replace(engine, serves=dataclasses.replace(engine.serves, graph=fixed_batch)))
 
 
-def test_tensorrt_runner_bookkeeping_on_a_fake_device(built_repository, monkeypatch):
+def test_tensorrt_runner_bookkeeping_on_a_fake_device(built_repository, monkeypatch, tmp_path):
     """The TensorRT runner's cache copies, padding and buffer swaps, with numpy standing in for the GPU
     and ONNX Runtime for the plan (tests/fake_tensorrt.py): the same tokens as LanguageModelRunner, alone
     and continuously batched. Not a GPU test: TensorRT itself and real CUDA calls run only in make gpu-smoke."""
@@ -150,7 +152,9 @@ def test_tensorrt_runner_bookkeeping_on_a_fake_device(built_repository, monkeypa
     directory = built_repository / "llm" / "1"
     facts = ModelFacts.load(directory / "model_facts.json")
     reference = LanguageModelRunner(str(directory / "model.onnx"), facts)
-    runner = trt_generation.TensorRTLanguageModelRunner(directory / "model.onnx", facts, max_context=256)
+    plan = tmp_path / "model.onnx"  # the fake plan is the graph's bytes: its weights inside, not beside it
+    onnx.save(load_onnx(directory / "model.onnx"), str(plan))
+    runner = trt_generation.TensorRTLanguageModelRunner(plan, facts, max_context=256)
     rng = np.random.default_rng(5)
     prompts = [rng.integers(16, 272, n).astype(np.int64) for n in (5, 31, 12, 60, 2, 19)]
 

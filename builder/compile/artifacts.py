@@ -8,6 +8,7 @@ from typing import Any
 
 from builder.compile.plans import PlanRecord, cc_model_filenames
 from builder.export.graph import ExportedGraph
+from builder.onnx_files import graph_files
 from builder.quantize.ladder import Settled
 
 
@@ -24,6 +25,11 @@ class CompiledModel:
     def files(self) -> dict[str, Path]:
         """Version-directory file name -> source."""
         return {p.file: p.path for p in self.plans} if self.plans else {"model.onnx": self.path}
+
+    @property
+    def bytes(self) -> int:
+        """What the model weighs on disk: this build's plan, or the graph with its external data."""
+        return self.path.stat().st_size if self.plans else sum(f.stat().st_size for f in graph_files(self.path))
 
     @property
     def cc_model_filenames(self) -> dict[str, str]:

@@ -25,7 +25,7 @@ def write_report(path: Path, spec: BuildSpec, limits: str, compiled: Mapping[str
     details: list[str] = []
     for name, model in compiled.items():
         settled = model.quantization
-        size = f"{model.path.stat().st_size / 1e6:.2f} MB"
+        size = f"{model.bytes / 1e6:.2f} MB"
         if settled is None or not settled.attempts:
             lines.append(f"| {name} | {model.precision} | {model.path.name} | {size} | fp32 (exported) | - | - | export parity: "
                          f"{model.graph.parity.summary()} |")

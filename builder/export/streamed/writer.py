@@ -127,7 +127,7 @@ def _write_weights(graph: StampedGraph, tensors: CheckpointTensors, external: Ex
             if perm != [1, 0]:
                 raise BuildError(f"llm: weight {node.input[0]} is transposed by {perm}, not [1, 0]")
             transposed[node.output[0]] = node.input[0]
-    written: set[str] = set()
+    written: dict[tuple[str, bool], str] = {}  # (checkpoint key, transposed) -> its initializer: tied weights once
     nodes: list[onnx.NodeProto] = []
     initializers: list[onnx.TensorProto] = []
 
@@ -145,10 +145,13 @@ def _write_weights(graph: StampedGraph, tensors: CheckpointTensors, external: Ex
             nodes += replaced
             initializers += [external.moved(t) for t in produced]
             continue
-        for name in node.input:
-            if name and name not in written and (name in graph.weights or name in transposed):
-                initializers.append(external.array(name, weight(name)))
-                written.add(name)
+        for index, name in enumerate(node.input):
+            if name and (name in graph.weights or name in transposed):
+                stored = (tensors.key(graph.weights[transposed.get(name, name)]), name in transposed)
+                if stored not in written:
+                    initializers.append(external.array(name, weight(name)))
+                    written[stored] = name
+                node.input[index] = written[stored]
         nodes.append(node)
     return nodes, initializers
 
