@@ -187,9 +187,12 @@ def test_tensorrt_integer_llm_graph_is_dequantize_feeding_matmul(built_repositor
     assert "MatMulNBits" not in ops and all(node.domain in ("", "ai.onnx") for node in model.graph.node)
     reference = load_onnx(fp32).graph
     matrices = {i.name for i in reference.initializer if len(i.dims) == 2}
-    float_weights = [n for n in reference.node if n.op_type == "MatMul" and n.input[1] in matrices]
+    float_weights = [n for n in reference.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in matrices]
     dequantize = dequantized_matmuls(model.graph, bits)
-    assert float_weights and len(dequantize) == len(float_weights)  # every weight-carrying MatMul
+    assert float_weights and len(dequantize) == len(float_weights)  # every weight-carrying MatMul, the lm_head too
+    lookups = [n for n in model.graph.node if n.op_type == "Gather" and n.input[0].endswith("_fp16")]
+    assert lookups and all(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer
+                           if i.name in {n.input[0] for n in lookups})  # the embedding table in FP16
     attributes = [{a.name: a.i for a in dq.attribute} for dq in dequantize]
     assert all(a == ({"axis": 0, "block_size": block} if block else {"axis": 1}) for a in attributes)
     weights = sum(numpy_helper.to_array(i).size for i in reference.initializer if i.name in {n.input[1] for n in float_weights})

@@ -1,7 +1,8 @@
 """The LLM in INT8 or INT4, weight-only and block-wise: ONNX Runtime's ``MatMulNBits`` (bits 8 or 4, round to
 nearest), or for TensorRT, which cannot parse that contrib op, int8 / int4 ``DequantizeLinear`` weights (per output
 channel, or blocked with opset 21's ``block_size``) feeding each MatMul, gated here under ORT. Decode is
-memory-bound, so weight bytes are what count; embeddings and attention math stay float.
+memory-bound, so weight bytes are what count; the lm_head is quantized like every MatMul, the embedding table is
+FP16 (a lookup), attention math stays float.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from builder.export.streamed.writer import half_lookup, matmul_of_gemm
 from builder.onnx_files import load_onnx, save_onnx
 
 if TYPE_CHECKING:
@@ -28,10 +30,36 @@ def quantize_weights_nbits(fp32: Path, output: Path, block_size: int, accuracy_l
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     config = nbits_config(block_size, accuracy_level, bits)
-    quantizer = MatMulNBitsQuantizer(load_onnx(fp32), bits=bits, block_size=block_size, is_symmetric=True,
+    quantizer = MatMulNBitsQuantizer(integer_layout(load_onnx(fp32)), bits=bits, block_size=block_size, is_symmetric=True,
                                      accuracy_level=accuracy_level, algo_config=config)
     quantizer.process()
     save_onnx(quantizer.model.model, output)
+
+
+def integer_layout(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A whole FP32 graph laid out as the streamed writer lays out an integer-weight one: the lm_head's Gemm as a
+    MatMul by its transposed weight (so it is quantized too), the embedding table in FP16."""
+    weights = {t.name: t for t in model.graph.initializer}
+    added, nodes = [], []
+    for node in model.graph.node:
+        matmul = matmul_of_gemm(node) if node.op_type == "Gemm" and node.input[1] in weights else None
+        if matmul is not None:
+            added.append(numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(weights[node.input[1]]).T),
+                                                 matmul.input[1]))
+            nodes.append(matmul)
+        elif node.op_type == "Gather" and node.input[0] in weights and weights[node.input[0]].data_type == onnx.TensorProto.FLOAT:
+            added.append(numpy_helper.from_array(numpy_helper.to_array(weights[node.input[0]]).astype(np.float16),
+                                                 f"{node.input[0]}_fp16"))
+            nodes += half_lookup(node)
+        else:
+            nodes.append(node)
+    read = {name for node in nodes for name in node.input}
+    kept = [t for t in [*model.graph.initializer, *added] if t.name in read]
+    model.graph.ClearField("initializer")
+    model.graph.initializer.extend(kept)
+    model.graph.ClearField("node")
+    model.graph.node.extend(nodes)
+    return model
 
 
 def nbits_config(block_size: int, accuracy_level: int = 4, bits: int = 8) -> DefaultWeightOnlyQuantConfig:
@@ -55,7 +83,7 @@ def quantize_weights_qdq(fp32: Path, output: Path, block_size: int | None, bits:
     """Each MatMul by a 2-D float weight [K, N] reads DequantizeLinear(int8 or int4 [K, N], scales): symmetric, one
     scale per output column (``block_size`` None: scales [N], axis 1) or per ``block_size`` weights along K
     (scales [K / block, N], axis 0, as ``MatMulNBits`` blocks them)."""
-    model = onnx.version_converter.convert_version(load_onnx(fp32), 21)  # blocked DequantizeLinear
+    model = onnx.version_converter.convert_version(integer_layout(load_onnx(fp32)), 21)  # blocked DequantizeLinear
     weights = {init.name: init for init in model.graph.initializer}
     dequantize = []
     for node in model.graph.node:

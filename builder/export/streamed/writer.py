@@ -37,6 +37,28 @@ class MatMulWeights(Protocol):
     def matmul(self, node: onnx.NodeProto, weight: np.ndarray) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]: ...
 
 
+def matmul_of_gemm(node: onnx.NodeProto) -> onnx.NodeProto | None:
+    """The lm_head's ``Gemm(x, W [N, K], transB=1)`` (how torch.onnx writes a 2-D Linear) as ``MatMul(x, W^T)``, the
+    form the integer weights replace, reading ``<W>_transposed``; None for any other Gemm (a bias, a scale)."""
+    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if (node.op_type != "Gemm" or len([i for i in node.input if i]) != 2 or attributes.get("transA", 0)
+            or attributes.get("transB", 0) != 1 or attributes.get("alpha", 1.0) != 1.0):
+        return None
+    return helper.make_node("MatMul", [node.input[0], f"{node.input[1]}_transposed"], list(node.output), name=node.name)
+
+
+def half_lookup(node: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """An integer-weight graph's embedding lookup: the table in FP16 (``<table>_fp16``, half the bytes of FP32; a lookup
+    reads one row per token, so its precision costs memory, not speed), the rows cast back to FP32."""
+    table = node.input[0]
+    gather = onnx.NodeProto()
+    gather.CopyFrom(node)
+    gather.input[0], gather.output[0] = f"{table}_fp16", f"{node.output[0]}_fp16"
+    cast = helper.make_node("Cast", [gather.output[0]], [node.output[0]], name=f"{node.name}_to_float",
+                            to=onnx.TensorProto.FLOAT)
+    return [gather, cast]
+
+
 @dataclass(frozen=True)
 class StreamedLlm:
     path: Path  # model.onnx; its weights in ``model.onnx.data`` beside it
@@ -117,8 +139,9 @@ def write_streamed_llm(checkpoint: Path, output: Path, dtype: ExportDtype = "flo
 
 def _write_weights(graph: StampedGraph, tensors: CheckpointTensors, external: ExternalData, dtype: ExportDtype,
                    weights: MatMulWeights | None) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """The graph's nodes with each weight's Transpose folded and its MatMuls' weights in ``weights``' form, and the
-    initializers (external) in the order the nodes first read them."""
+    """The graph's nodes with each weight's Transpose folded and, given ``weights``, every MatMul's weights in their
+    form (the lm_head's too) and the embedding table in FP16; and the initializers (external) in the order the nodes
+    first read them."""
     float_type = getattr(torch, dtype)
     transposed: dict[str, str] = {}  # Transpose output -> the weight it transposes
     for node in graph.nodes:
@@ -140,10 +163,21 @@ def _write_weights(graph: StampedGraph, tensors: CheckpointTensors, external: Ex
     for node in graph.nodes:
         if node.op_type == "Transpose" and node.output[0] in transposed:
             continue  # folded: its output is written transposed
+        if weights is not None and node.op_type == "Gemm" and node.input[1] in graph.weights:
+            matmul = matmul_of_gemm(node)
+            if matmul is not None:
+                transposed[matmul.input[1]] = node.input[1]
+                node = matmul
         if weights is not None and node.op_type == "MatMul" and node.input[1] in transposed:
             replaced, produced = weights.matmul(node, weight(node.input[1]))
             nodes += replaced
             initializers += [external.moved(t) for t in produced]
+            continue
+        if weights is not None and node.op_type == "Gather" and node.input[0] in graph.weights:
+            table = tensors.read(graph.weights[node.input[0]]).to(torch.float16).numpy()
+            nodes += half_lookup(node)
+            initializers.append(external.array(f"{node.input[0]}_fp16", table))
+            del table
             continue
         for index, name in enumerate(node.input):
             if name and (name in graph.weights or name in transposed):
