@@ -160,7 +160,7 @@ def build(spec: BuildSpec, output: Path, cache_dir: Path, progress: bool = True)
     for index, item in enumerate(tqdm(items, desc="export + parity", unit="graph", disable=not progress)):
         if EXPORT.lookup(cache, item.name, item.export_key) is None and loaded is None:
             llm_dtype = next(i.dtype for i in items if i.component is LLM)  # it holds nearly all the weights
-            loaded = ctx.checkpoint.load(llm_dtype, ctx.tokenizer)
+            loaded = ctx.checkpoint.load(llm_dtype, ctx.tokenizer, layers_on_demand=True)
         entry = EXPORT.run(cache, item.name, item.export_key, lambda tmp, item=item: _export(ctx, loaded, item, tmp))
         items[index] = dataclasses.replace(item, graph=load_exported(entry))
 

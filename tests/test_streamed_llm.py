@@ -16,7 +16,8 @@ from builder.export.recipes import ExportRecipe
 from builder.export.streamed.writer import StreamedLlm, write_streamed_llm
 from builder.families import FAMILIES, family_for
 from builder.quantize.weight_only import NbitsWeights, QdqWeights, quantize_weights_nbits, quantize_weights_qdq
-from builder.source.checkpoint import load_checkpoint
+from builder.families.base import SourceModel
+from builder.source.checkpoint import check_checkpoint, load_checkpoint
 from builder.spec import LimitsSpec
 from tests.hf_checkpoints import write_mistral3_checkpoint, write_qwen2_audio_checkpoint, write_voxtral_checkpoint
 from tests.hf_gemma3 import write_gemma3_checkpoint
@@ -111,3 +112,30 @@ def test_gemma3_sliding_and_global_layers(tmp_path: Path) -> None:
     checkpoint = write_gemma3_checkpoint(tmp_path / "checkpoint")
     written = write_streamed_llm(checkpoint, tmp_path / "graph", "float32", limits=LIMITS)
     check_parity(llm_recipe_of(checkpoint, "float32"), written.path, 3, ATOL, RTOL)
+
+
+@pytest.mark.parametrize("family", sorted(WRITERS))
+def test_layers_on_demand_compute_what_the_whole_model_computes(family: str, tmp_path: Path) -> None:
+    """The build's load (the decoder's layers read from the shards while each runs): every component's recipe gives
+    the whole load's outputs, and after a forward no decoder layer holds its weights."""
+    checkpoint = WRITERS[family](tmp_path / "checkpoint")
+    whole, streamed = (check_checkpoint(checkpoint).load("float32", layers_on_demand=lazy) for lazy in (False, True))
+    components = [c for c in ("vision_encoder", "audio_encoder", "llm")
+                  if c == "llm" or getattr(whole.facts, {"vision_encoder": "image", "audio_encoder": "audio"}[c])]
+    for expected, actual in zip(*(family_for(checkpoint).recipes(s, LIMITS, components) for s in (whole, streamed)),
+                                strict=True):
+        for variant in (1, 2):
+            inputs = expected.sample_inputs(torch.Generator().manual_seed(variant), variant)
+            with torch.no_grad():
+                want, got = expected.module(*inputs), actual.module(*inputs)
+            for w, g in zip(want if isinstance(want, tuple) else (want,), got if isinstance(got, tuple) else (got,),
+                            strict=True):
+                torch.testing.assert_close(g, w, atol=0, rtol=0)
+    layers = streamed.model.get_decoder().layers
+    assert all(p.is_meta for p in layers.parameters())
+    assert not any(p.is_meta for n, p in streamed.model.named_parameters() if not n.startswith(_layer_prefix(streamed)))
+
+
+def _layer_prefix(source: SourceModel) -> str:
+    layers = source.model.get_decoder().layers
+    return next(name for name, module in source.model.named_modules() if module is layers) + "."

@@ -43,8 +43,9 @@ class Family(ABC):
         """From config.json, the ``tokenizer`` file it serves with and processor files alone (no weights loaded)."""
 
     @abstractmethod
-    def load(self, directory: Path, dtype: str, tokenizer: Path) -> SourceModel:
-        """The checkpoint's modules in ``dtype`` (a torch dtype's name), weights checked against its config."""
+    def load(self, directory: Path, dtype: str, tokenizer: Path, layers_on_demand: bool = False) -> SourceModel:
+        """The checkpoint's modules in ``dtype`` (a torch dtype's name), weights checked against its config;
+        ``layers_on_demand``: the text decoder's layers read from the shards only while each runs (the build's)."""
 
     def recipes(self, source: SourceModel, limits: "LimitsSpec", components: list[str]) -> list["ExportRecipe"]:
         """How each of ``components`` (vision_encoder, audio_encoder, llm) exports: the ``RECIPES`` table of the

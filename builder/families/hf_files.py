@@ -48,12 +48,18 @@ def stop_ids(directory: Path, config: Any) -> tuple[int, ...]:
 
 
 def load_pretrained(model_class: Any, directory: Path, config: Any, dtype: str,
-                    may_be_missing: tuple[str, ...] = ()) -> "torch.nn.Module":
+                    may_be_missing: tuple[str, ...] = (), layers_on_demand: bool = False) -> "torch.nn.Module":
     """``model_class.from_pretrained`` in ``dtype`` (safetensors only, no remote code), in eval mode; a weight the
     config wants but the checkpoint lacks (unless its name starts with one of ``may_be_missing``), or one of
-    another shape, is a ``BuildError`` where transformers would only warn."""
+    another shape, is a ``BuildError`` where transformers would only warn. ``layers_on_demand``: the text decoder's
+    layers are read from the shards only while each runs (:func:`builder.families.shards.load_layers_on_demand`)."""
     import torch
     from transformers.utils import logging as hf_logging
+
+    if layers_on_demand:
+        from builder.families.shards import load_layers_on_demand
+
+        return load_layers_on_demand(model_class, directory, config, dtype, may_be_missing)
 
     # transformers logs unexpected keys as warnings; missing and mismatched ones are checked here.
     hf_logging.set_verbosity_error()

@@ -29,10 +29,12 @@ class Checkpoint:
     family: Family
     weight_files: tuple[Path, ...]
 
-    def load(self, dtype: str = "float32", tokenizer: Path | None = None) -> SourceModel:
+    def load(self, dtype: str = "float32", tokenizer: Path | None = None, layers_on_demand: bool = False) -> SourceModel:
         """``dtype``: what the weights are cast to as they load (a BF16 checkpoint never exists in FP32 for an FP16
-        build); ``tokenizer``: the ``tokenizer.json`` it serves with (default: :func:`serving_tokenizer`'s)."""
-        return self.family.load(self.directory, dtype, tokenizer or serving_tokenizer(self.directory))
+        build); ``tokenizer``: the ``tokenizer.json`` it serves with (default: :func:`serving_tokenizer`'s);
+        ``layers_on_demand``: each decoder layer read from the shards only while it runs, so the model is never
+        whole in memory (the build: the LLM graph is written from the shards, its parity check runs layer by layer)."""
+        return self.family.load(self.directory, dtype, tokenizer or serving_tokenizer(self.directory), layers_on_demand)
 
     def read_facts(self, tokenizer: Path | None = None) -> ModelFacts:
         """What serving needs to know, from config, tokenizer and processor files alone (no weights loaded)."""

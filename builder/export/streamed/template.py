@@ -14,7 +14,6 @@ import dataclasses
 import io
 import logging
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,10 +22,8 @@ import onnx
 import onnx_ir as ir
 import onnxscript.optimizer
 import torch
-import transformers
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-from transformers.initialization import no_init_weights
 
 from builder.errors import BuildError
 from builder.export.onnx_export import _dynamic_shapes_by_position
@@ -34,7 +31,7 @@ from builder.export.precision import ExportDtype
 from builder.export.recipes import ExportRecipe
 from builder.families import family_for
 from builder.families.base import SourceModel
-from builder.families.hf_files import read_json
+from builder.families.shards import empty_model, model_class
 from builder.runtime.model_facts import ModelFacts
 from builder.source.tokenizer_files import serving_tokenizer
 from builder.spec import LimitsSpec
@@ -67,15 +64,6 @@ class Template:
     layer_class: str  # the decoder layer's class as the exporter's node metadata names it
 
 
-def model_class(directory: Path) -> type[transformers.PreTrainedModel]:
-    """The checkpoint's own transformers class, from ``config.json``'s ``architectures``."""
-    names = read_json(directory / "config.json").get("architectures") or []
-    found = [getattr(transformers, name) for name in names if hasattr(transformers, name)]
-    if not found:
-        raise BuildError(f"{directory / 'config.json'}: architectures {names} names no transformers class")
-    return found[0]
-
-
 def text_config_of(config: Any) -> Any:
     return getattr(config, "text_config", None) or config
 
@@ -86,38 +74,6 @@ def layer_kinds(config: Any) -> LayerKinds:
     types = list(getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers)
     kinds = tuple(dict.fromkeys(types))
     return LayerKinds(kinds, tuple(kinds.index(kind) for kind in types))
-
-
-@contextlib.contextmanager
-def fake_parameters(mode: FakeTensorMode | None, dtype: torch.dtype | None) -> Iterator[None]:
-    """Modules built inside get parameters without storage: fake tensors of ``mode`` in ``dtype`` (floating ones), or
-    meta tensors when ``mode`` is None. Buffers stay real: RoPE's ``inv_freq`` and Gemma's embedding scale are
-    computed from the config, and the graph needs their values."""
-    register = nn.Module.register_parameter
-
-    def register_empty(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        register(module, name, param)
-        if param is None:
-            return
-        target = dtype if dtype is not None and param.is_floating_point() else param.dtype
-        empty = param.to("meta", target)
-        if mode is not None:
-            empty = FakeTensor(mode, empty, torch.device("cpu"))
-        module._parameters[name] = nn.Parameter(empty, requires_grad=False)
-
-    nn.Module.register_parameter = register_empty  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register  # type: ignore[method-assign]
-
-
-def empty_model(directory: Path, config: Any, mode: FakeTensorMode | None, dtype: torch.dtype | None) -> nn.Module:
-    """The checkpoint's model class on ``config`` with parameters that hold no bytes (see :func:`fake_parameters`)."""
-    # no_init_weights: initializers (SigLIP's truncated normal) would read the empty parameters
-    with fake_parameters(mode, dtype), no_init_weights(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return model_class(directory)(config).eval()
 
 
 def reduced_config(directory: Path, kinds: LayerKinds) -> Any:
@@ -139,7 +95,7 @@ def export_template(directory: Path, dtype: ExportDtype, limits: LimitsSpec, ops
     if facts.num_layers != kinds.num_layers:
         raise BuildError(f"{directory}: layer_types lists {kinds.num_layers} layers, num_hidden_layers {facts.num_layers}")
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    model = empty_model(directory, reduced_config(directory, kinds), mode, getattr(torch, dtype))
+    model = empty_model(model_class(directory), reduced_config(directory, kinds), mode, getattr(torch, dtype))
     source = SourceModel(directory, model, dataclasses.replace(facts, num_layers=len(kinds.kinds)))
     (recipe,) = family.recipes(source, limits, ["llm"])
     program = _export(recipe, opset)

@@ -18,11 +18,12 @@ import torch
 from onnx import helper, numpy_helper
 
 from builder.errors import BuildError
-from builder.export.streamed.checkpoint import CheckpointTensors
-from builder.export.streamed.stamp import StampedGraph, stamp
-from builder.export.streamed.template import empty_model, export_template, model_class
 from builder.export.precision import ExportDtype
+from builder.export.streamed.stamp import StampedGraph, stamp
+from builder.export.streamed.template import export_template
+from builder.families.shards import CheckpointTensors, empty_model, model_class
 from builder.spec import LimitsSpec
+
 _ALIGN, _ALIGN_FROM = 65536, 1 << 20  # large tensors start on a page multiple, so ONNX Runtime can map them
 
 
@@ -121,7 +122,7 @@ def write_streamed_llm(checkpoint: Path, output: Path, dtype: ExportDtype = "flo
     path = output / "model.onnx"
     data = path.with_name(path.name + ".data")
     config = model_class(checkpoint).config_class.from_pretrained(checkpoint)
-    tensors = CheckpointTensors(checkpoint, empty_model(checkpoint, config, None, None))
+    tensors = CheckpointTensors(checkpoint, empty_model(model_class(checkpoint), config, None, None))
     with data.open("wb") as handle:
         external = ExternalData(handle, data.name)
         nodes, initializers = _write_weights(graph, tensors, external, dtype, weights)

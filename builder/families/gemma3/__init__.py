@@ -91,11 +91,11 @@ class Gemma3(Family):
         config = Gemma3Config.from_pretrained(directory)
         return model_facts(self.MODEL_TYPE, directory, config, _image_facts(directory, tokenizer, config), None)
 
-    def load(self, directory: Path, dtype: str, tokenizer: Path) -> SourceModel:
+    def load(self, directory: Path, dtype: str, tokenizer: Path, layers_on_demand: bool = False) -> SourceModel:
         from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
         config = Gemma3Config.from_pretrained(directory)
-        model = load_pretrained(Gemma3ForConditionalGeneration, directory, config, dtype)
+        model = load_pretrained(Gemma3ForConditionalGeneration, directory, config, dtype, layers_on_demand=layers_on_demand)
         return SourceModel(directory, model, self.read_facts(directory, tokenizer))
 
     def reference_generate(self, source: SourceModel, inputs: ModelInputs, max_new_tokens: int) -> list[int]:

@@ -90,11 +90,11 @@ class Mistral3(Family):
             audio = voxtral_audio_facts(config.audio_config, token("[AUDIO]"), token("[BEGIN_AUDIO]"))
         return model_facts(self.MODEL_TYPE, directory, config, image, audio)
 
-    def load(self, directory: Path, dtype: str, tokenizer: Path) -> SourceModel:
+    def load(self, directory: Path, dtype: str, tokenizer: Path, layers_on_demand: bool = False) -> SourceModel:
         from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 
         config = Mistral3Config.from_pretrained(directory)
-        model = load_pretrained(Mistral3ForConditionalGeneration, directory, config, dtype, may_be_missing=_AUDIO_PREFIXES)
+        model = load_pretrained(Mistral3ForConditionalGeneration, directory, config, dtype, may_be_missing=_AUDIO_PREFIXES, layers_on_demand=layers_on_demand)
         parts: dict[str, torch.nn.Module] = {}
         if getattr(config, "audio_config", None):
             tower, projector = build_audio_modules(config)

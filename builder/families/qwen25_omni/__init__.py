@@ -114,10 +114,10 @@ class Qwen25OmniThinker(Family):
         facts = model_facts(self.MODEL_TYPE, directory, config, image, _audio_facts(directory, tokenizer, config, pre))
         return dataclasses.replace(facts, position_rows=3)
 
-    def load(self, directory: Path, dtype: str, tokenizer: Path) -> SourceModel:
+    def load(self, directory: Path, dtype: str, tokenizer: Path, layers_on_demand: bool = False) -> SourceModel:
         from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
-        model = load_pretrained(Qwen2_5OmniThinkerForConditionalGeneration, directory, _config(directory), dtype)
+        model = load_pretrained(Qwen2_5OmniThinkerForConditionalGeneration, directory, _config(directory), dtype, layers_on_demand=layers_on_demand)
         return SourceModel(directory, model, self.read_facts(directory, tokenizer))
 
     def reference_generate(self, source: SourceModel, inputs: ModelInputs, max_new_tokens: int) -> list[int]:

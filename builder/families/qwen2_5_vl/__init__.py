@@ -54,10 +54,10 @@ class Qwen25VL(Family):
                                     IMAGE_TOKEN, config.image_token_id)
         return dataclasses.replace(model_facts(self.MODEL_TYPE, directory, config, image, None), position_rows=3)
 
-    def load(self, directory: Path, dtype: str, tokenizer: Path) -> SourceModel:
+    def load(self, directory: Path, dtype: str, tokenizer: Path, layers_on_demand: bool = False) -> SourceModel:
         from transformers import Qwen2_5_VLForConditionalGeneration
 
-        model = load_pretrained(Qwen2_5_VLForConditionalGeneration, directory, _config(directory), dtype)
+        model = load_pretrained(Qwen2_5_VLForConditionalGeneration, directory, _config(directory), dtype, layers_on_demand=layers_on_demand)
         return SourceModel(directory, model, self.read_facts(directory, tokenizer))
 
     def reference_generate(self, source: SourceModel, inputs: ModelInputs, max_new_tokens: int) -> list[int]:

@@ -71,11 +71,11 @@ class Qwen2Audio(Family):
         check_feature_extractor(directory, audio)
         return model_facts(self.MODEL_TYPE, directory, config, None, audio)
 
-    def load(self, directory: Path, dtype: str, tokenizer: Path) -> SourceModel:
+    def load(self, directory: Path, dtype: str, tokenizer: Path, layers_on_demand: bool = False) -> SourceModel:
         from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
 
         config = Qwen2AudioConfig.from_pretrained(directory)
-        model = load_pretrained(Qwen2AudioForConditionalGeneration, directory, config, dtype)
+        model = load_pretrained(Qwen2AudioForConditionalGeneration, directory, config, dtype, layers_on_demand=layers_on_demand)
         parts = {"audio_tower": model.model.audio_tower, "audio_projector": model.model.multi_modal_projector}
         return SourceModel(directory, model, self.read_facts(directory, tokenizer), parts)
 

@@ -88,11 +88,11 @@ class Voxtral(Family):
         _check_processor(directory, audio)
         return model_facts(self.MODEL_TYPE, directory, config, None, audio)
 
-    def load(self, directory: Path, dtype: str, tokenizer: Path) -> SourceModel:
+    def load(self, directory: Path, dtype: str, tokenizer: Path, layers_on_demand: bool = False) -> SourceModel:
         from transformers import VoxtralConfig, VoxtralForConditionalGeneration
 
         config = VoxtralConfig.from_pretrained(directory)
-        model = load_pretrained(VoxtralForConditionalGeneration, directory, config, dtype)
+        model = load_pretrained(VoxtralForConditionalGeneration, directory, config, dtype, layers_on_demand=layers_on_demand)
         parts = {"audio_tower": model.model.audio_tower, "audio_projector": model.model.multi_modal_projector}
         return SourceModel(directory, model, self.read_facts(directory, tokenizer), parts)
 
