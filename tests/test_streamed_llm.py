@@ -6,8 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
+from onnx import numpy_helper
 
 from builder.compare import run_onnxruntime
 from builder.export.graph import graph_signature
@@ -139,3 +141,16 @@ def test_layers_on_demand_compute_what_the_whole_model_computes(family: str, tmp
 def _layer_prefix(source: SourceModel) -> str:
     layers = source.model.get_decoder().layers
     return next(name for name, module in source.model.named_modules() if module is layers) + "."
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_weight_over_protobufs_limit_is_quantized_in_column_chunks(bits: int) -> None:
+    """A 131k-token lm_head in FP32 is over 2 GB, more than ORT's quantizer can read from one graph: quantized a few
+    columns at a time, it gives the bytes of the whole weight quantized at once."""
+    weight = np.random.default_rng(0).standard_normal((64, 40)).astype(np.float32)
+    node = onnx.helper.make_node("MatMul", ["x", "w"], ["y"], name="lm_head")
+    whole_nodes, whole = NbitsWeights(bits, 32).matmul(node, weight)
+    chunked_nodes, chunked = NbitsWeights(bits, 32, chunk_bytes=64 * 4 * 7).matmul(node, weight)  # 7 columns a chunk
+    assert [str(n) for n in chunked_nodes] == [str(n) for n in whole_nodes]
+    assert [(t.name, t.dims, numpy_helper.to_array(t).tobytes()) for t in chunked] == \
+           [(t.name, t.dims, numpy_helper.to_array(t).tobytes()) for t in whole]

@@ -148,6 +148,9 @@ class NbitsWeights:
     accuracy_level: int = 4
     opset: int = 0
     domains: tuple[str, ...] = ("com.microsoft",)
+    # ORT's quantizer reads a weight from a protobuf graph, which holds under 2 GB: a larger one (a 131k-token
+    # lm_head in FP32) is quantized this many bytes of columns at a time, the columns' blocks being independent.
+    chunk_bytes: int = 1 << 30
 
     @property
     def precision(self) -> str:
@@ -156,10 +159,26 @@ class NbitsWeights:
     def matmul(self, node: onnx.NodeProto, weight: np.ndarray) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
         from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantizer
 
-        scratch = onnx.GraphProto(initializer=[numpy_helper.from_array(weight, node.input[1])])
-        del weight  # the scratch graph holds the one copy ORT's quantizer reads
-        nodes = DefaultWeightOnlyQuantizer(nbits_config(self.block_size, self.accuracy_level, self.bits)).quantize(node, [scratch])
-        return nodes, [t for t in scratch.initializer if t.name != node.input[1]]
+        quantizer = DefaultWeightOnlyQuantizer(nbits_config(self.block_size, self.accuracy_level, self.bits))
+        rows, columns = weight.shape
+        step = max(1, self.chunk_bytes // (rows * weight.itemsize))
+        chunks: list[list[onnx.TensorProto]] = []
+        for start in range(0, columns, step):
+            part = np.ascontiguousarray(weight[:, start:start + step])
+            scratch = onnx.GraphProto(initializer=[numpy_helper.from_array(part, node.input[1])])
+            del part  # the scratch graph holds the copy ORT's quantizer reads
+            nodes = quantizer.quantize(node, [scratch])
+            chunks.append([t for t in scratch.initializer if t.name != node.input[1]])
+        if len(chunks) == 1:
+            return nodes, chunks[0]
+        # MatMulNBits' weights [N, blocks, bytes] and scales [N * blocks] are laid out column by column.
+        merged = [numpy_helper.from_array(np.concatenate([numpy_helper.to_array(chunk[i]) for chunk in chunks]),
+                                          first.name) for i, first in enumerate(chunks[0])]
+        for made in nodes:
+            for attribute in made.attribute:
+                if made.op_type == "MatMulNBits" and attribute.name == "N":
+                    attribute.i = columns
+        return nodes, merged
 
 
 @dataclass(frozen=True)
