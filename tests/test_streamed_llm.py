@@ -17,8 +17,8 @@ from builder.export.parity import check_parity
 from builder.export.recipes import ExportRecipe
 from builder.export.streamed.writer import StreamedLlm, write_streamed_llm
 from builder.families import FAMILIES, family_for
-from builder.quantize.weight_only import NbitsWeights, QdqWeights, quantize_weights_nbits, quantize_weights_qdq
 from builder.families.base import SourceModel
+from builder.quantize.weight_only import NbitsWeights, QdqWeights, quantize_weights_nbits, quantize_weights_qdq
 from builder.source.checkpoint import check_checkpoint, load_checkpoint
 from builder.spec import LimitsSpec
 from tests.hf_checkpoints import write_mistral3_checkpoint, write_qwen2_audio_checkpoint, write_voxtral_checkpoint
