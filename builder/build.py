@@ -163,6 +163,7 @@ def build(spec: BuildSpec, output: Path, cache_dir: Path, progress: bool = True)
             loaded = ctx.checkpoint.load(llm_dtype, ctx.tokenizer, layers_on_demand=True)
         entry = EXPORT.run(cache, item.name, item.export_key, lambda tmp, item=item: _export(ctx, loaded, item, tmp))
         items[index] = dataclasses.replace(item, graph=load_exported(entry))
+    del loaded  # the encoders and embeddings: the later stages read the graphs alone
 
     with staging_directory(output) as staging, tempfile.TemporaryDirectory() as scratch:
         # The serving files first: calibration and the gates preprocess exactly as the server will.

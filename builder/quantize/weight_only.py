@@ -148,9 +148,10 @@ class NbitsWeights:
     accuracy_level: int = 4
     opset: int = 0
     domains: tuple[str, ...] = ("com.microsoft",)
-    # ORT's quantizer reads a weight from a protobuf graph, which holds under 2 GB: a larger one (a 131k-token
-    # lm_head in FP32) is quantized this many bytes of columns at a time, the columns' blocks being independent.
-    chunk_bytes: int = 1 << 30
+    # ORT's quantizer reads a weight from a protobuf graph, which holds under 2 GB, and copies it a few times: a
+    # large one (a 131k-token lm_head is 2 GB in FP32) is quantized this many bytes of columns at a time, the
+    # columns' blocks being independent (a decoder layer's matrices, under it, in one piece).
+    chunk_bytes: int = 1 << 28
 
     @property
     def precision(self) -> str:

@@ -2,7 +2,7 @@
 external data file and dropped, in graph order (layer after layer).
 
 The largest transient is one tensor: its stored bytes, their FP32 (or FP16) copy, the transposed copy a MatMul
-reads, and (INT8/INT4) its quantized bytes. Nothing holds a second weight.
+reads (INT8/INT4: a chunk of its columns at a time), and its quantized bytes. Nothing holds a second weight.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ _ALIGN, _ALIGN_FROM = 65536, 1 << 20  # large tensors start on a page multiple, 
 
 class MatMulWeights(Protocol):
     """How each MatMul by a weight is written in an integer form (``builder.quantize.weight_only``'s): the nodes
-    that replace it and the tensors they read, from the weight [K, N] as float."""
+    that replace it and the tensors they read, from the weight [K, N] as float (often a transposed view, not contiguous)."""
 
     precision: str  # int8 | int4
     opset: int  # the least ONNX opset its nodes need
@@ -156,10 +156,11 @@ def _write_weights(graph: StampedGraph, tensors: CheckpointTensors, external: Ex
     initializers: list[onnx.TensorProto] = []
 
     def weight(name: str) -> np.ndarray:
-        """The weight (or, for a Transpose output, the weight transposed) as a float array."""
+        """The weight (or, for a Transpose output, a transposed view of it) as a float array: whoever writes it makes
+        it contiguous, the integer forms a column chunk at a time (a 131k-token lm_head is 2 GB in FP32)."""
         source = transposed.get(name, name)
         array = tensors.read(graph.weights[source]).to(float_type).numpy()
-        return np.ascontiguousarray(array.T) if name in transposed else array
+        return array.T if name in transposed else array
 
     for node in graph.nodes:
         if node.op_type == "Transpose" and node.output[0] in transposed:
