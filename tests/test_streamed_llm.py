@@ -3,6 +3,7 @@ checkpoints written by transformers' own classes."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -154,3 +155,29 @@ def test_a_weight_over_protobufs_limit_is_quantized_in_column_chunks(bits: int) 
     assert [str(n) for n in chunked_nodes] == [str(n) for n in whole_nodes]
     assert [(t.name, t.dims, numpy_helper.to_array(t).tobytes()) for t in chunked] == \
            [(t.name, t.dims, numpy_helper.to_array(t).tobytes()) for t in whole]
+
+
+def test_a_sliding_window_shorter_than_the_context(tmp_path: Path) -> None:
+    """Mistral's ``sliding_window`` (4096 in its config) below the build's context: the wrapper masks the window over a
+    cache that keeps every position (a prefill, then decode steps past a window of 4, equal HF's own forward of the
+    whole sequence), and the streamed graph equals the wrapper on samples 8-10 positions long."""
+    checkpoint = write_mistral3_checkpoint(tmp_path / "checkpoint")
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["text_config"]["sliding_window"] = 4
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    source = load_checkpoint(checkpoint, "float32")
+    (recipe,) = family_for(checkpoint).recipes(source, LIMITS, ["llm"])
+    text = source.model.config.text_config
+    ids = torch.randint(0, text.vocab_size, (1, 11), generator=torch.Generator().manual_seed(0))
+    past = [torch.zeros(1, text.num_key_value_heads, 0, text.head_dim) for _ in range(2 * text.num_hidden_layers)]
+    with torch.no_grad():
+        expected = source.model(input_ids=ids).logits[0]
+        for start, end in [(0, 7), (7, 8), (8, 9), (9, 10), (10, 11)]:
+            width = end - start
+            logits, *past = recipe.module(ids[:, start:end], torch.zeros(1, width, text.hidden_size),
+                                          torch.zeros(1, width, dtype=torch.bool), torch.ones(1, end, dtype=torch.long),
+                                          torch.arange(start, end)[None], *past)
+            torch.testing.assert_close(logits[0], expected[end - 1], atol=ATOL, rtol=RTOL)
+            assert past[0].shape[2] == end  # present = past + new: nothing cropped
+    written = write_streamed_llm(checkpoint, tmp_path / "graph", "float32", limits=LIMITS)
+    check_parity(llm_recipe_of(checkpoint, "float32"), written.path, 3, ATOL, RTOL)

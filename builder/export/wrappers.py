@@ -41,9 +41,17 @@ class LanguageModel(nn.Module):
     ) -> tuple[torch.Tensor, ...]:
         embeds = self.embed_tokens(input_ids)
         embeds = torch.where(multimodal_mask.unsqueeze(-1), multimodal_embeds.to(embeds.dtype), embeds)
-        cache = DynamicCache(config=self.config)
-        for layer in range(self.num_layers):
-            cache.update(past[2 * layer], past[2 * layer + 1], layer)
+        window = getattr(self.config, "sliding_window", None)
+        if window is None:
+            cache = DynamicCache(config=self.config)
+            for layer in range(self.num_layers):
+                cache.update(past[2 * layer], past[2 * layer + 1], layer)
+        else:
+            # Every layer slides (Mistral's sliding_window): the window is applied by a mask built here, over a cache
+            # that keeps every position; with the config the cache would crop each past to the window, and the
+            # present would no longer be past + new, which is what serving appends.
+            cache = DynamicCache(ddp_cache_data=[(past[2 * layer], past[2 * layer + 1]) for layer in range(self.num_layers)])
+            attention_mask = sliding_window_mask(attention_mask, input_ids.shape[1], window, embeds.dtype)
         with attention_implementation(self.config, GROUPED_ATTENTION):
             out = self.decoder(
                 inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
@@ -54,3 +62,13 @@ class LanguageModel(nn.Module):
         for layer in range(self.num_layers):
             present += [out.past_key_values.layers[layer].keys, out.past_key_values.layers[layer].values]
         return (logits, *present)
+
+
+def sliding_window_mask(attention_mask: torch.Tensor, seq: int, window: int, dtype: torch.dtype) -> torch.Tensor:
+    """The additive mask [B, 1, S, past + S] of causal attention over the last ``window`` positions (HF's sliding
+    window: a query sees a key at most ``window - 1`` positions back), padding (``attention_mask`` 0) blocked."""
+    total = attention_mask.shape[1]
+    query = torch.arange(seq, device=attention_mask.device) + (total - seq)  # each query's position in the cache
+    key = torch.arange(total, device=attention_mask.device)
+    allowed = ((key[None, :] <= query[:, None]) & (key[None, :] > query[:, None] - window))[None] & attention_mask[:, None, :].bool()
+    return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)[:, None]
