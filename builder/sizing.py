@@ -12,14 +12,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder.errors import BuildError
-from builder.source.preflight import numel, safetensors_header
+from builder.source.preflight import component_of, numel, safetensors_header
 
 GIB = 1024**3
 KV_COPIES = 3  # per position at a decode step: the sequence's cache, the batch's past, its present
-BLOCK = 32  # weight-only quantization: weights per FP16 scale
+BLOCK = 32  # weight-only quantization: weights per scale
+# A scale has the graph's activation type, FP32 (MatMulNBits' T, DequantizeLinear's output): the 6B INT4 graph's
+# bytes equal this count (benchmarks/results/streamed_llm_6b/).
+SCALE_BYTES = 4
 RUNTIME_ALLOWANCE = 2 * GIB  # CUDA context, cuBLAS workspaces, activations of a step
 USABLE = 0.92  # of the GPU's memory: what the driver and fragmentation leave
-BYTES_PER_WEIGHT = {"fp16": 2.0, "int8": 1.0 + 2 / BLOCK, "int4": 0.5 + 2 / BLOCK}
+BYTES_PER_WEIGHT = {"fp16": 2.0, "int8": 1.0 + SCALE_BYTES / BLOCK, "int4": 0.5 + SCALE_BYTES / BLOCK}
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,7 @@ def read_size(checkpoint: Path) -> ModelSize:
     counts: dict[str, int] = {"llm": 0, "embedding": 0, "vision_encoder": 0, "audio_encoder": 0}
     for shard in shards:
         for name, entry in safetensors_header(shard).items():
-            counts[_component(name)] += numel(entry)
+            counts[component_of(name)] += numel(entry)
     heads = text["num_attention_heads"]
     return ModelSize(
         llm_parameters=counts["llm"] + counts["embedding"], embedding_parameters=counts["embedding"],
@@ -95,16 +98,6 @@ def read_size(checkpoint: Path) -> ModelSize:
 
 def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
-
-
-def _component(tensor: str) -> str:
-    """Which component a tensor belongs to, by the names HF multimodal checkpoints use."""
-    if ("vision_tower" in tensor or "multi_modal_projector" in tensor or "vision_model" in tensor
-            or tensor.startswith(("visual.", "thinker.visual."))):  # Qwen2.5-Omni's vision tower and merger
-        return "vision_encoder"
-    if "audio_tower" in tensor or "audio_projector" in tensor:
-        return "audio_encoder"
-    return "embedding" if tensor.endswith("embed_tokens.weight") else "llm"
 
 
 @dataclass(frozen=True)

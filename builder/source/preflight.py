@@ -1,11 +1,12 @@
 """Before loading a checkpoint: will the build fit this machine? Estimated from safetensors headers alone.
 
-The export loads the model in the LLM's export dtype (FP32, or FP16 for an FP16 build) and
-torch.onnx holds about a second copy while it writes the graph: a 680M-parameter Mistral-3
-(2.7 GB in FP32) peaked at 5.9 GB, 2.2x its loaded bytes. In FP16 the parity check's ONNX Runtime
-session on the CPU also widens the weights it computes with to FP32: a 1.2B-parameter checkpoint
-(2.35 GB in FP16, benchmarks/big_checkpoint.py) peaked at 8.2 GB, 2.8x. Disk: each exported graph
-in that dtype, once more for a quantized copy.
+The build loads the checkpoint with the text decoder's layers left in the shards (each is read while it runs,
+``layers_on_demand``): the encoders, the embedding table and the lm_head are what it holds, in the load dtype. The
+LLM graph is written from the shards a tensor at a time. What peaks is ONNX Runtime holding that graph: the
+parity check's session, and for a quantized LLM the gates' sessions of the float reference and the candidate side
+by side. On the CPU ONNX Runtime computes in FP32, so the session holds about 4 bytes per LLM parameter whether
+the graph is FP32 or FP16 (measured: a 1.34B-parameter FP32 build peaked at 6.3 GB, an FP16 one of 1.18B at
+6.0 GB). Disk: each exported graph in that dtype, once more for a quantized copy.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from pathlib import Path
 
 from builder.errors import BuildError
 
-PEAK_RAM_PER_LOADED_BYTE = {"float32": 2.2, "float16": 3.0}  # measured (see above), FP16 rounded up
+SESSION_BYTES_PER_LLM_PARAMETER = 4.0  # ONNX Runtime on the CPU holds the LLM's weights in FP32 (see above)
+QUANTIZED_SESSION_BYTES_PER_LLM_PARAMETER = 1.1  # the gated candidate beside it (INT8's bytes; INT4's fewer)
 BASE_RAM = 1_500_000_000  # Python, torch, transformers and onnxruntime themselves
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                 "F8_E4M3": 1, "F8_E5M2": 1}
@@ -71,19 +73,34 @@ def tensor_bytes(path: Path) -> tuple[int, int]:
 
 def estimate(weight_files: list[Path], cache_dir: Path, dtype: str, extra_copy: bool) -> Preflight:
     """``dtype``: what the weights load as (float32, float16); ``extra_copy``: some component is quantized,
-    so its graph is written twice."""
-    parameters = stored = 0
+    so its graph is written twice and gated beside its float reference."""
+    parameters = stored = decoder_layers = llm = 0
     for path in weight_files:
-        count, size = tensor_bytes(path)
-        parameters, stored = parameters + count, stored + size
-    loaded = parameters * {"float32": 4, "float16": 2}[dtype]
+        for name, entry in safetensors_header(path).items():
+            count = numel(entry)
+            parameters, stored = parameters + count, stored + count * _DTYPE_BYTES.get(entry["dtype"], 4)
+            if component_of(name) in ("llm", "embedding"):
+                llm += count
+                decoder_layers += count if ".layers." in name else 0
+    per_parameter = {"float32": 4, "float16": 2}[dtype]
+    resident = (parameters - decoder_layers) * per_parameter  # loaded; the decoder's layers stay in the shards
+    session = llm * (SESSION_BYTES_PER_LLM_PARAMETER + (QUANTIZED_SESSION_BYTES_PER_LLM_PARAMETER if extra_copy else 0))
     existing = cache_dir if cache_dir.exists() else cache_dir.resolve().parent
     return Preflight(
-        parameters=parameters, checkpoint_bytes=stored,
-        peak_ram=int(PEAK_RAM_PER_LOADED_BYTE[dtype] * loaded + BASE_RAM),
-        disk=loaded * (2 if extra_copy else 1),
+        parameters=parameters, checkpoint_bytes=stored, peak_ram=int(BASE_RAM + resident + session),
+        disk=parameters * per_parameter * (2 if extra_copy else 1),
         available_ram=_available_ram(), free_disk=shutil.disk_usage(existing).free,
     )
+
+
+def component_of(tensor: str) -> str:
+    """Which component a tensor belongs to, by the names HF multimodal checkpoints use."""
+    if ("vision_tower" in tensor or "multi_modal_projector" in tensor or "vision_model" in tensor
+            or tensor.startswith(("visual.", "thinker.visual."))):  # Qwen2.5-Omni's vision tower and merger
+        return "vision_encoder"
+    if "audio_tower" in tensor or "audio_projector" in tensor:
+        return "audio_encoder"
+    return "embedding" if tensor.endswith("embed_tokens.weight") else "llm"
 
 
 def _available_ram() -> int:
