@@ -3,6 +3,7 @@ checkpoints written by transformers' own classes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from builder.compare import run_onnxruntime
 from builder.export.graph import graph_signature
 from builder.export.parity import check_parity
 from builder.export.recipes import ExportRecipe
-from builder.export.streamed.writer import StreamedLlm, write_streamed_llm
+from builder.export.streamed.writer import LinearWeight, StreamedLlm, write_streamed_llm
 from builder.families import FAMILIES, family_for
 from builder.families.base import SourceModel
 from builder.quantize.weight_only import NbitsWeights, QdqWeights, quantize_weights_nbits, quantize_weights_qdq
@@ -144,17 +145,19 @@ def _layer_prefix(source: SourceModel) -> str:
     return next(name for name, module in source.model.named_modules() if module is layers) + "."
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_a_weight_over_protobufs_limit_is_quantized_in_column_chunks(bits: int) -> None:
-    """A 131k-token lm_head in FP32 is over 2 GB, more than ORT's quantizer can read from one graph: quantized a few
-    columns at a time, it gives the bytes of the whole weight quantized at once."""
-    weight = np.random.default_rng(0).standard_normal((64, 40)).astype(np.float32)
-    node = onnx.helper.make_node("MatMul", ["x", "w"], ["y"], name="lm_head")
-    whole_nodes, whole = NbitsWeights(bits, 32).matmul(node, weight)
-    chunked_nodes, chunked = NbitsWeights(bits, 32, chunk_bytes=64 * 4 * 7).matmul(node, weight)  # 7 columns a chunk
-    assert [str(n) for n in chunked_nodes] == [str(n) for n in whole_nodes]
-    assert [(t.name, t.dims, numpy_helper.to_array(t).tobytes()) for t in chunked] == \
-           [(t.name, t.dims, numpy_helper.to_array(t).tobytes()) for t in whole]
+@pytest.mark.parametrize("form", [NbitsWeights(4, 32), NbitsWeights(8, 32), QdqWeights(4, 32), QdqWeights(8, None)],
+                         ids=["int4-matmulnbits", "int8-matmulnbits", "int4-qdq", "int8-qdq-per-channel"])
+def test_a_large_weight_is_quantized_in_column_chunks(form: NbitsWeights | QdqWeights) -> None:
+    """A 131k-token lm_head is 2 GB in FP32 (over protobuf's limit, which ORT's quantizer reads a weight through):
+    each form converts and quantizes a few columns at a time, and gives the bytes of the whole weight at once."""
+    stored = torch.randn(40, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)  # a Linear's [N, K]
+
+    def written(chunk_bytes: int) -> tuple[list[str], list[tuple]]:
+        node = onnx.helper.make_node("MatMul", ["x", "w"], ["y"], name="lm_head")
+        nodes, tensors = dataclasses.replace(form, chunk_bytes=chunk_bytes).matmul(node, LinearWeight(stored))
+        return [str(n) for n in nodes], [(t.name, list(t.dims), t.raw_data or numpy_helper.to_array(t).tobytes()) for t in tensors]
+
+    assert written(64 * 4 * 7) == written(1 << 30)  # 7 columns a chunk; all at once
 
 
 def test_a_sliding_window_shorter_than_the_context(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from builder.export.streamed.writer import half_lookup, matmul_of_gemm
+from builder.export.streamed.writer import LinearWeight, half_lookup, matmul_of_gemm
 from builder.onnx_files import load_onnx, save_onnx
 
 if TYPE_CHECKING:
@@ -105,7 +105,11 @@ def dequantized_weight(name: str, weight: np.ndarray, block_size: int | None, bi
                        ) -> tuple[list[onnx.TensorProto], onnx.NodeProto]:
     """One float weight [K, N] as int8 / int4 values + scales and the DequantizeLinear node giving it back
     (output ``<name>_dequantized``), in the layout :func:`quantize_weights_qdq` documents."""
-    values, scales = _blockwise(weight, block_size or weight.shape[0], bits)
+    return _dequantize_linear(name, *_blockwise(weight, block_size or weight.shape[0], bits), block_size, bits)
+
+
+def _dequantize_linear(name: str, values: np.ndarray, scales: np.ndarray, block_size: int | None, bits: int
+                       ) -> tuple[list[onnx.TensorProto], onnx.NodeProto]:
     layout = {"axis": 0, "block_size": block_size} if block_size else {"axis": 1}
     quantized = f"{name}_int{bits}"
     tensors = [_integer_tensor(quantized, values, bits), numpy_helper.from_array(scales if block_size else scales[0], f"{name}_scale")]
@@ -157,15 +161,15 @@ class NbitsWeights:
     def precision(self) -> str:
         return f"int{self.bits}"
 
-    def matmul(self, node: onnx.NodeProto, weight: np.ndarray) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    def matmul(self, node: onnx.NodeProto, weight: LinearWeight) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
         from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantizer
 
         quantizer = DefaultWeightOnlyQuantizer(nbits_config(self.block_size, self.accuracy_level, self.bits))
         rows, columns = weight.shape
-        step = max(1, self.chunk_bytes // (rows * weight.itemsize))
+        step = max(1, self.chunk_bytes // (rows * 4))
         chunks: list[list[onnx.TensorProto]] = []
         for start in range(0, columns, step):
-            part = np.ascontiguousarray(weight[:, start:start + step])
+            part = weight.columns(start, start + step)
             scratch = onnx.GraphProto(initializer=[numpy_helper.from_array(part, node.input[1])])
             del part  # the scratch graph holds the copy ORT's quantizer reads
             nodes = quantizer.quantize(node, [scratch])
@@ -191,12 +195,19 @@ class QdqWeights:
     block_size: int | None
     opset: int = 21  # blocked and int4 DequantizeLinear
     domains: tuple[str, ...] = ()
+    chunk_bytes: int = 1 << 28  # of FP32 columns converted at a time (blocks run along K: columns are independent)
 
     @property
     def precision(self) -> str:
         return f"int{self.bits}"
 
-    def matmul(self, node: onnx.NodeProto, weight: np.ndarray) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-        produced, dequantize = dequantized_weight(node.input[1], weight, self.block_size, self.bits)
+    def matmul(self, node: onnx.NodeProto, weight: LinearWeight) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+        rows, columns = weight.shape
+        step = max(1, self.chunk_bytes // (rows * 4))
+        parts = [_blockwise(weight.columns(start, start + step), self.block_size or rows, self.bits)
+                 for start in range(0, columns, step)]
+        values, scales = (np.concatenate(part, axis=1) for part in zip(*parts, strict=True))
+        del parts
+        produced, dequantize = _dequantize_linear(node.input[1], values, scales, self.block_size, self.bits)
         node.input[1] = dequantize.output[0]
         return [dequantize, node], produced

@@ -2,7 +2,7 @@
 external data file and dropped, in graph order (layer after layer).
 
 The largest transient is one tensor: its stored bytes, their FP32 (or FP16) copy, the transposed copy a MatMul
-reads (INT8/INT4: a chunk of its columns at a time), and its quantized bytes. Nothing holds a second weight.
+reads (INT8/INT4: a chunk of its columns at a time, from the stored bytes), and its quantized bytes. Nothing holds a second weight.
 """
 
 from __future__ import annotations
@@ -27,15 +27,34 @@ from builder.spec import LimitsSpec
 _ALIGN, _ALIGN_FROM = 65536, 1 << 20  # large tensors start on a page multiple, so ONNX Runtime can map them
 
 
+@dataclass(frozen=True)
+class LinearWeight:
+    """A MatMul's weight as the checkpoint stores the Linear's: ``stored`` [N, K] in the checkpoint's dtype. The
+    MatMul multiplies by its transpose [K, N]; :meth:`columns` gives a slice of that in FP32, so an integer form
+    converts a chunk at a time and no FP32 copy of a whole weight (2 GB for a 131k-token lm_head) is made."""
+
+    stored: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The MatMul's [K, N]."""
+        rows, columns = self.stored.shape
+        return columns, rows
+
+    def columns(self, start: int, end: int) -> np.ndarray:
+        """Columns ``start:end`` of the MatMul's [K, N] weight, FP32, contiguous."""
+        return np.ascontiguousarray(self.stored[start:end].to(torch.float32).numpy().T)
+
+
 class MatMulWeights(Protocol):
     """How each MatMul by a weight is written in an integer form (``builder.quantize.weight_only``'s): the nodes
-    that replace it and the tensors they read, from the weight [K, N] as float (often a transposed view, not contiguous)."""
+    that replace it and the tensors they read."""
 
     precision: str  # int8 | int4
     opset: int  # the least ONNX opset its nodes need
     domains: tuple[str, ...]  # the operator sets beyond ONNX's its nodes use
 
-    def matmul(self, node: onnx.NodeProto, weight: np.ndarray) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]: ...
+    def matmul(self, node: onnx.NodeProto, weight: LinearWeight) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]: ...
 
 
 def matmul_of_gemm(node: onnx.NodeProto) -> onnx.NodeProto | None:
@@ -156,11 +175,10 @@ def _write_weights(graph: StampedGraph, tensors: CheckpointTensors, external: Ex
     initializers: list[onnx.TensorProto] = []
 
     def weight(name: str) -> np.ndarray:
-        """The weight (or, for a Transpose output, a transposed view of it) as a float array: whoever writes it makes
-        it contiguous, the integer forms a column chunk at a time (a 131k-token lm_head is 2 GB in FP32)."""
+        """The weight (or, for a Transpose output, the weight transposed) as a float array."""
         source = transposed.get(name, name)
         array = tensors.read(graph.weights[source]).to(float_type).numpy()
-        return array.T if name in transposed else array
+        return np.ascontiguousarray(array.T) if name in transposed else array
 
     for node in graph.nodes:
         if node.op_type == "Transpose" and node.output[0] in transposed:
@@ -171,7 +189,9 @@ def _write_weights(graph: StampedGraph, tensors: CheckpointTensors, external: Ex
                 transposed[matmul.input[1]] = node.input[1]
                 node = matmul
         if weights is not None and node.op_type == "MatMul" and node.input[1] in transposed:
-            replaced, produced = weights.matmul(node, weight(node.input[1]))
+            stored = LinearWeight(tensors.read(graph.weights[transposed[node.input[1]]]))
+            replaced, produced = weights.matmul(node, stored)
+            del stored
             nodes += replaced
             initializers += [external.moved(t) for t in produced]
             continue
