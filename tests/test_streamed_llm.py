@@ -137,6 +137,13 @@ def test_layers_on_demand_compute_what_the_whole_model_computes(family: str, tmp
                 torch.testing.assert_close(g, w, atol=0, rtol=0)
     layers = streamed.model.get_decoder().layers
     assert all(p.is_meta for p in layers.parameters())
+    # as from_pretrained leaves them (torch.export of an encoder specialized its batch on requires_grad=False)
+    buffers = dict(whole.model.named_buffers())
+    for name, buffer in streamed.model.named_buffers():
+        assert buffer.dtype == buffers[name].dtype and torch.equal(buffer, buffers[name]), name
+    parameters = dict(whole.model.named_parameters(remove_duplicate=False))
+    assert all(p.requires_grad == parameters[n].requires_grad
+               for n, p in streamed.model.named_parameters(remove_duplicate=False) if not p.is_meta)
     assert not any(p.is_meta for n, p in streamed.model.named_parameters() if not n.startswith(_layer_prefix(streamed)))
 
 

@@ -106,12 +106,16 @@ def fake_parameters(mode: FakeTensorMode | None, dtype: torch.dtype | None) -> I
         nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
-def empty_model(cls: type[nn.Module], config: Any, mode: FakeTensorMode | None, dtype: torch.dtype | None) -> nn.Module:
-    """``cls`` on ``config`` with parameters that hold no bytes (see :func:`fake_parameters`)."""
+def empty_model(cls: type[nn.Module], config: Any, mode: FakeTensorMode | None, dtype: torch.dtype | None,
+                load_dtype: torch.dtype | None = None) -> nn.Module:
+    """``cls`` on ``config`` with parameters that hold no bytes (see :func:`fake_parameters`); given ``load_dtype``,
+    built as ``from_pretrained(dtype=load_dtype)`` builds it: its attention implementation (SDPA, not eager, in
+    every sub-model) and buffers in that dtype."""
     # no_init_weights: initializers (SigLIP's truncated normal) would read the empty parameters
     with fake_parameters(mode, dtype), no_init_weights(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return cls(config).eval()
+        model = cls(config) if load_dtype is None else cls._from_config(config, dtype=load_dtype)
+        return model.eval()
 
 
 def load_layers_on_demand(cls: type[nn.Module], directory: Path, config: Any, dtype: str,
@@ -119,12 +123,12 @@ def load_layers_on_demand(cls: type[nn.Module], directory: Path, config: Any, dt
     """``cls`` on ``config`` with every weight read from the shards in ``dtype`` except the text decoder's layers,
     each of which is read when it runs and dropped after: a forward holds the encoders, the embeddings, the lm_head
     and one decoder layer. Every weight's presence and shape is checked first, as ``from_pretrained`` would."""
-    model = empty_model(cls, config, None, None)
+    load_dtype = getattr(torch, dtype)
+    model = empty_model(cls, config, None, None, load_dtype)
     tensors = CheckpointTensors(directory, model)
     kept_fp32 = {name for module in model.modules()
                  for name in [*(getattr(module, "_keep_in_fp32_modules", None) or []),
                               *(getattr(module, "_keep_in_fp32_modules_strict", None) or [])]}
-    load_dtype = getattr(torch, dtype)
     layers = list(model.get_decoder().layers)
     in_layer = {id(p) for layer in layers for p in layer.parameters()}
     aliases: dict[int, tuple[str, ...]] = {}  # tied weights: one parameter, several names
@@ -150,7 +154,8 @@ def load_layers_on_demand(cls: type[nn.Module], directory: Path, config: Any, dt
         return tensor.to(torch.float32 if keep else load_dtype)
 
     def read(names: tuple[str, ...]) -> nn.Parameter:
-        return nn.Parameter(cast(names[0], tensors.read(names)), requires_grad=False)
+        # requires_grad as from_pretrained leaves it: torch.export specializes a dynamic batch of an encoder otherwise
+        return nn.Parameter(cast(names[0], tensors.read(names)))
 
     for names in aliases.values():
         first = model.get_parameter(names[0])
