@@ -153,8 +153,8 @@ class NbitsWeights:
     opset: int = 0
     domains: tuple[str, ...] = ("com.microsoft",)
     # ORT's quantizer reads a weight from a protobuf graph, which holds under 2 GB, and copies it a few times: a
-    # large one (a 131k-token lm_head is 2 GB in FP32) is quantized this many bytes of columns at a time, the
-    # columns' blocks being independent (a decoder layer's matrices, under it, in one piece).
+    # large one (a 131k-token lm_head) is quantized this many bytes of FP32 columns at a time (a decoder layer's
+    # matrices, under it, in one piece).
     chunk_bytes: int = 1 << 28
 
     @property
@@ -165,11 +165,8 @@ class NbitsWeights:
         from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantizer
 
         quantizer = DefaultWeightOnlyQuantizer(nbits_config(self.block_size, self.accuracy_level, self.bits))
-        rows, columns = weight.shape
-        step = max(1, self.chunk_bytes // (rows * 4))
         chunks: list[list[onnx.TensorProto]] = []
-        for start in range(0, columns, step):
-            part = weight.columns(start, start + step)
+        for part in weight.chunks(self.chunk_bytes):
             scratch = onnx.GraphProto(initializer=[numpy_helper.from_array(part, node.input[1])])
             del part  # the scratch graph holds the copy ORT's quantizer reads
             nodes = quantizer.quantize(node, [scratch])
@@ -182,7 +179,7 @@ class NbitsWeights:
         for made in nodes:
             for attribute in made.attribute:
                 if made.op_type == "MatMulNBits" and attribute.name == "N":
-                    attribute.i = columns
+                    attribute.i = weight.shape[1]
         return nodes, merged
 
 
@@ -195,17 +192,14 @@ class QdqWeights:
     block_size: int | None
     opset: int = 21  # blocked and int4 DequantizeLinear
     domains: tuple[str, ...] = ()
-    chunk_bytes: int = 1 << 28  # of FP32 columns converted at a time (blocks run along K: columns are independent)
+    chunk_bytes: int = 1 << 28  # of FP32 columns converted at a time
 
     @property
     def precision(self) -> str:
         return f"int{self.bits}"
 
     def matmul(self, node: onnx.NodeProto, weight: LinearWeight) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-        rows, columns = weight.shape
-        step = max(1, self.chunk_bytes // (rows * 4))
-        parts = [_blockwise(weight.columns(start, start + step), self.block_size or rows, self.bits)
-                 for start in range(0, columns, step)]
+        parts = [_blockwise(part, self.block_size or weight.shape[0], self.bits) for part in weight.chunks(self.chunk_bytes)]
         values, scales = (np.concatenate(part, axis=1) for part in zip(*parts, strict=True))
         del parts
         produced, dequantize = _dequantize_linear(node.input[1], values, scales, self.block_size, self.bits)

@@ -8,6 +8,7 @@ reads (INT8/INT4: a chunk of its columns at a time, from the stored bytes), and 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -30,8 +31,9 @@ _ALIGN, _ALIGN_FROM = 65536, 1 << 20  # large tensors start on a page multiple, 
 @dataclass(frozen=True)
 class LinearWeight:
     """A MatMul's weight as the checkpoint stores the Linear's: ``stored`` [N, K] in the checkpoint's dtype. The
-    MatMul multiplies by its transpose [K, N]; :meth:`columns` gives a slice of that in FP32, so an integer form
-    converts a chunk at a time and no FP32 copy of a whole weight (2 GB for a 131k-token lm_head) is made."""
+    MatMul multiplies by its transpose [K, N]; :meth:`chunks` gives that in FP32 a few columns at a time, so an
+    integer form converts a chunk at a time and no FP32 copy of a whole weight (2 GB for a 131k-token lm_head) is
+    made. Blocks of weights run along K, so columns are quantized independently."""
 
     stored: torch.Tensor
 
@@ -41,9 +43,11 @@ class LinearWeight:
         rows, columns = self.stored.shape
         return columns, rows
 
-    def columns(self, start: int, end: int) -> np.ndarray:
-        """Columns ``start:end`` of the MatMul's [K, N] weight, FP32, contiguous."""
-        return np.ascontiguousarray(self.stored[start:end].to(torch.float32).numpy().T)
+    def chunks(self, max_bytes: int) -> Iterator[np.ndarray]:
+        """The MatMul's [K, N] weight in FP32, contiguous, ``max_bytes`` of columns at a time, left to right."""
+        step = max(1, max_bytes // (self.stored.shape[1] * 4))
+        for start in range(0, self.stored.shape[0], step):
+            yield np.ascontiguousarray(self.stored[start:start + step].to(torch.float32).numpy().T)
 
 
 class MatMulWeights(Protocol):
