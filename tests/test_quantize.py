@@ -12,11 +12,12 @@ import pytest
 from builder.build import build
 from builder.compare import onnxruntime_session
 from builder.errors import BuildError, SpecError
-from builder.quantize.agreement import fuse_prompt
-from builder.quantize.calibration_data import calibration_files, load_samples, server_preprocessor
+from builder.quantize.agreement import POSITIONS, RunnerScorer, fuse_prompt, score_all
+from builder.quantize.calibration_data import calibration_files, fixed_continuations, load_samples, server_preprocessor
 from builder.cache import StageCache
 from builder.quantize.ladder import LlmJob, LlmSource, qdq_weight_rungs, settle_llm
-from builder.quantize.pipeline import PipelineFigures, held_out_requests, measure_pipeline
+from builder.quantize.reference import TorchScorer
+from builder.quantize.pipeline import PipelineFigures, PipelineGate, held_out_requests
 from builder.runtime.model_facts import ModelFacts
 from builder.source.resolve import resolve_source
 from builder.spec import BuildSpec, load_spec, parse_spec
@@ -42,9 +43,16 @@ def pipeline_figures(reference: Path, candidate: Path) -> PipelineFigures:
     spec = load_spec(INT8_SPEC)
     facts = ModelFacts.load(reference / "preprocess" / "1" / "model_facts.json")
     preprocess = server_preprocessor(spec, facts, reference / "preprocess" / "1" / "tokenizer.json")
-    requests = held_out_requests(calibration_files(spec, with_images=True, with_audio=True), preprocess, facts)
-    return measure_pipeline(served_graphs(reference), served_graphs(candidate), requests, facts, spec.quantize.pipeline_gate,
-                            TARGETS[spec.target].llm.gate_runner)
+    files = calibration_files(spec, with_images=True, with_audio=True)
+    requests = held_out_requests(files, preprocess, facts)
+    continuations = fixed_continuations(files, preprocess.tokenizer, len(requests), POSITIONS)
+    runner = TARGETS[spec.target].llm.gate_runner
+    encoders = ("vision_encoder", "audio_encoder")
+    gate = PipelineGate({c: served_graphs(reference)[c] for c in encoders},
+                        lambda: RunnerScorer(runner(served_graphs(reference)["llm"], facts)), requests, continuations, facts,
+                        spec.quantize.pipeline_gate)
+    return gate.measure({c: served_graphs(candidate)[c] for c in encoders},
+                        RunnerScorer(runner(served_graphs(candidate)["llm"], facts)))
 
 
 def build_int8(output: Path, **overrides: object) -> Path:
@@ -203,14 +211,20 @@ def test_tensorrt_integer_llm_graph_is_dequantize_feeding_matmul(built_repositor
 
 @pytest.fixture(scope="module")
 def llm_job(built_repository: Path) -> LlmJob:
-    """The tiny LLM's FP32 graph and its held-out prompts, fused as the server fuses them: what the LLM gate judges."""
+    """The tiny LLM's held-out prompts, fused as the server fuses them, and the checkpoint's logits on them in
+    PyTorch: what the LLM gate judges."""
     spec = load_spec(INT8_SPEC)
     facts = ModelFacts.load(built_repository / "preprocess" / "1" / "model_facts.json")
-    preprocess = server_preprocessor(spec, facts, built_repository / "preprocess" / "1" / "tokenizer.json")
+    tokenizer = built_repository / "preprocess" / "1" / "tokenizer.json"
+    preprocess = server_preprocessor(spec, facts, tokenizer)
     graphs = served_graphs(built_repository)
     encoders = {name: onnxruntime_session(graphs[name]) for name in ("vision_encoder", "audio_encoder")}
-    held_out = load_samples(calibration_files(spec, with_images=True, with_audio=True), preprocess).prompts
-    return LlmJob(graphs["llm"], facts, tuple(fuse_prompt(p, encoders, facts) for p in held_out), tiny_llm_source(spec))
+    files = calibration_files(spec, with_images=True, with_audio=True)
+    prompts = tuple(fuse_prompt(p, encoders, facts) for p in load_samples(files, preprocess).prompts)
+    continuations = fixed_continuations(files, preprocess.tokenizer, len(prompts), POSITIONS)
+    source = tiny_llm_source(spec)
+    reference = score_all(TorchScorer.load(source.checkpoint, tokenizer, spec.limits), prompts, continuations)
+    return LlmJob(facts, prompts, continuations, reference, source)
 
 
 def tiny_llm_source(spec: BuildSpec) -> LlmSource:

@@ -20,8 +20,12 @@ from builder.export.recipes import ExportRecipe
 from builder.export.streamed.writer import LinearWeight, StreamedLlm, write_streamed_llm
 from builder.families import FAMILIES, family_for
 from builder.families.base import SourceModel
+from builder.quantize.agreement import FusedPrompt, RunnerScorer
+from builder.quantize.reference import TorchScorer
 from builder.quantize.weight_only import NbitsWeights, QdqWeights, quantize_weights_nbits, quantize_weights_qdq
+from builder.runtime.generation import LanguageModelRunner
 from builder.source.checkpoint import check_checkpoint, load_checkpoint
+from builder.source.tokenizer_files import serving_tokenizer
 from builder.spec import LimitsSpec
 from tests.hf_checkpoints import write_mistral3_checkpoint, write_qwen2_audio_checkpoint, write_voxtral_checkpoint
 from tests.hf_gemma3 import write_gemma3_checkpoint
@@ -191,3 +195,32 @@ def test_a_sliding_window_shorter_than_the_context(tmp_path: Path) -> None:
             assert past[0].shape[2] == end  # present = past + new: nothing cropped
     written = write_streamed_llm(checkpoint, tmp_path / "graph", "float32", limits=LIMITS)
     check_parity(llm_recipe_of(checkpoint, "float32"), written.path, 3, ATOL, RTOL)
+
+
+@pytest.mark.parametrize("family", sorted(WRITERS))
+def test_the_gates_pytorch_reference_is_hfs_forward_and_the_served_graphs(family: str, tmp_path: Path) -> None:
+    """The reference a quantized LLM is gated against (builder.quantize.reference: the layers-on-demand load, one
+    forward over prompt + continuation): on text alone its logits are HF's own forward's at every position; with media
+    embeddings (and M-RoPE positions that an image shifts) they are what the streamed FP32 graph gives when served,
+    prefill then one decode step per continuation token."""
+    checkpoint = WRITERS[family](tmp_path / "checkpoint")
+    found = check_checkpoint(checkpoint)
+    facts = found.read_facts()
+    scorer = TorchScorer.load(checkpoint, serving_tokenizer(checkpoint), LIMITS)
+    rng = np.random.default_rng(0)
+    length = 9
+    ids, continuation = (rng.integers(0, facts.vocab_size, n).astype(np.int64) for n in (length, 6))
+    text = FusedPrompt(ids, np.zeros((length, facts.hidden_size), np.float32), np.zeros(length, bool))
+    with torch.no_grad():
+        hf = found.load("float32").model(input_ids=torch.from_numpy(np.concatenate([ids, continuation]))[None]).logits[0]
+    np.testing.assert_allclose(scorer.score(text, continuation), hf[length - 1:].numpy(), atol=ATOL, rtol=RTOL)
+
+    mask = np.zeros(length, bool)
+    mask[2:5] = True  # one image of 3 tokens
+    positions = None
+    if facts.position_rows == 3:  # the image spans 2 positions in time, 2 x 2 in height and width
+        positions = np.array([[0, 1, 2, 2, 2, 4, 5, 6, 7], [0, 1, 2, 3, 3, 4, 5, 6, 7], [0, 1, 2, 2, 3, 4, 5, 6, 7]])
+    media = FusedPrompt(ids, rng.standard_normal((length, facts.hidden_size)).astype(np.float32), mask, positions)
+    written = write_streamed_llm(checkpoint, tmp_path / "graph", "float32", limits=LIMITS)
+    served = RunnerScorer(LanguageModelRunner(str(written.path), facts)).score(media, continuation)
+    np.testing.assert_allclose(scorer.score(media, continuation), served, atol=ATOL, rtol=RTOL)

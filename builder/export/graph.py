@@ -6,6 +6,7 @@ Light on purpose (onnx only, no torch): every later stage and the no-op build re
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,11 +42,15 @@ class TensorSig:
 
 @dataclass(frozen=True)
 class ExportedGraph:
+    """``path`` and ``parity`` are None for an LLM served in INT8 or INT4: its FP32 graph is never written (a 24B
+    model's is 96 GB); the quantize stage writes each candidate from the checkpoint's shards and gates it against
+    the checkpoint in PyTorch, which is its parity check."""
+
     component: str
-    path: Path
+    path: Path | None
     inputs: tuple[TensorSig, ...]
     outputs: tuple[TensorSig, ...]
-    parity: ParityResult
+    parity: ParityResult | None
 
     def output(self, name: str) -> TensorSig:
         return next(sig for sig in self.outputs if sig.name == name)
@@ -53,23 +58,27 @@ class ExportedGraph:
 
 def graph_signature(path: Path) -> tuple[tuple[TensorSig, ...], tuple[TensorSig, ...]]:
     model = onnx.load(str(path), load_external_data=False)
+    return signature(model.graph.input, model.graph.output)
 
+
+def signature(inputs: Iterable[onnx.ValueInfoProto], outputs: Iterable[onnx.ValueInfoProto]) -> tuple[tuple[TensorSig, ...], tuple[TensorSig, ...]]:
     def sig(value: onnx.ValueInfoProto) -> TensorSig:
         tensor = value.type.tensor_type
         dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim)
         return TensorSig(value.name, _ELEM_TYPES.get(tensor.elem_type, f"onnx:{tensor.elem_type}"), dims)
 
-    return tuple(map(sig, model.graph.input)), tuple(map(sig, model.graph.output))
+    return tuple(map(sig, inputs)), tuple(map(sig, outputs))
 
 
 def load_exported(directory: Path) -> ExportedGraph:
     raw = json.loads((directory / "export.json").read_text())
+    path = directory / "model.onnx"
     return ExportedGraph(
         component=raw["component"],
-        path=directory / "model.onnx",
+        path=path if path.exists() else None,
         inputs=tuple(TensorSig(s["name"], s["data_type"], tuple(s["dims"])) for s in raw["inputs"]),
         outputs=tuple(TensorSig(s["name"], s["data_type"], tuple(s["dims"])) for s in raw["outputs"]),
-        parity=ParityResult(**raw["parity"]),
+        parity=ParityResult(**raw["parity"]) if raw["parity"] else None,
     )
 
 

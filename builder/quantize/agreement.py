@@ -1,13 +1,17 @@
-"""Teacher-forced agreement of two LLM pipelines: at each of the first positions, fed the reference's
-prefix, does the candidate pick the same next token, and how close are its logits?
+"""Teacher-forced agreement of two LLMs: fed the same prompt and the same fixed continuation, at each of the first
+positions, does the candidate pick the token the reference picks, and how close are its logits?
 
-Free-running token equality is not the measure: one early flip changes every token after it.
+Free-running token equality is not the measure: one early flip changes every token after it. The continuation is
+fixed text (held-out prompts' tokens), not the reference's own greedy tokens: then the reference scores a prompt in
+one forward pass, which reads each of its layers once (a 24B checkpoint is read from disk layer by layer; decoding 32
+tokens greedily would read it 32 times).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -41,6 +45,32 @@ class Agreement:
                 f"logits cos >= {self.logits.cosine:.5f}")
 
 
+class LogitScorer(Protocol):
+    """An LLM as the gates see it."""
+
+    def score(self, prompt: FusedPrompt, continuation: np.ndarray) -> np.ndarray:
+        """[len(continuation) + 1, vocab] FP32: the next token's logits after the prompt, then after each token of
+        ``continuation`` fed in turn."""
+        ...
+
+
+class RunnerScorer:
+    """A graph as serving runs it: the prompt prefilled, each continuation token one decode step."""
+
+    def __init__(self, runner: SequenceRunner) -> None:
+        self.runner = runner
+
+    def score(self, prompt: FusedPrompt, continuation: np.ndarray) -> np.ndarray:
+        sequence = self.runner.start(prompt.input_ids, prompt.embeds, prompt.mask,
+                                     SamplingParams(max_tokens=len(continuation) + 1), position_ids=prompt.position_ids)
+        rows = [sequence.logits.copy()]
+        for token in continuation:
+            sequence.tokens.append(int(token))
+            self.runner.decode([sequence])
+            rows.append(sequence.logits.copy())
+        return np.stack(rows)
+
+
 def fuse_prompt(inputs: ModelInputs, encoders: Mapping[str, ort.InferenceSession], facts: ModelFacts) -> FusedPrompt:
     """What the ensemble does before the LLM: encode the images and audio, place them at their tokens.
     ``encoders`` maps ``vision_encoder`` / ``audio_encoder`` to a session."""
@@ -48,28 +78,14 @@ def fuse_prompt(inputs: ModelInputs, encoders: Mapping[str, ort.InferenceSession
     return FusedPrompt(inputs.input_ids, embeds, mask, inputs.position_ids)
 
 
-def teacher_forced(
-    reference: SequenceRunner, candidate: SequenceRunner,
-    prompts: Sequence[tuple[FusedPrompt, FusedPrompt]], positions: int = POSITIONS,
-) -> Agreement:
-    """``prompts`` pairs each prompt as the reference pipeline fused it with the candidate's fusion
-    (its own encoders); the LLMs then follow the reference's greedy tokens."""
-    params = SamplingParams(max_tokens=positions)
-    same, candidate_logits, reference_logits = 0, [], []
-    for ref_prompt, cand_prompt in prompts:
-        ref = reference.start(ref_prompt.input_ids, ref_prompt.embeds, ref_prompt.mask, params,
-                              position_ids=ref_prompt.position_ids)
-        cand = candidate.start(cand_prompt.input_ids, cand_prompt.embeds, cand_prompt.mask, params,
-                               position_ids=cand_prompt.position_ids)
-        for position in range(positions):
-            token = int(np.argmax(ref.logits))
-            same += int(np.argmax(cand.logits)) == token
-            candidate_logits.append({"logits": cand.logits.copy()})
-            reference_logits.append({"logits": ref.logits.copy()})
-            if position + 1 < positions:
-                ref.tokens.append(token)
-                cand.tokens.append(token)
-                reference.decode([ref])
-                candidate.decode([cand])
-    (logits,) = figures(candidate_logits, reference_logits, ["logits"])
-    return Agreement(len(prompts), positions, same / (len(prompts) * positions), logits)
+def score_all(scorer: LogitScorer, prompts: Sequence[FusedPrompt], continuations: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
+    return tuple(scorer.score(p, c) for p, c in zip(prompts, continuations, strict=True))
+
+
+def agreement(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> Agreement:
+    """Each prompt's [positions, vocab] logits of the reference and of the candidate (:meth:`LogitScorer.score`)."""
+    same = sum(int(np.sum(np.argmax(r, axis=-1) == np.argmax(c, axis=-1))) for r, c in zip(reference, candidate, strict=True))
+    positions = reference[0].shape[0]
+    (logits,) = figures([{"logits": row} for c in candidate for row in c], [{"logits": row} for r in reference for row in r],
+                        ["logits"])
+    return Agreement(len(reference), positions, same / (len(reference) * positions), logits)

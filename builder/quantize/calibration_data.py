@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from builder.errors import BuildError
 from builder.runtime.chat import ChatPrompt
@@ -89,6 +90,14 @@ def calibration_files(spec: BuildSpec, with_images: bool, with_audio: bool) -> C
     audio = listed("audio", "audio", (".wav",)) if with_audio else ()
     images = listed("images", "images", _IMAGE_SUFFIXES) if with_images else ()
     return CalibrationFiles(images, audio, prompts[:needed], cal.samples, cal.holdout)
+
+
+def fixed_continuations(files: CalibrationFiles, tokenizer: Tokenizer, count: int, positions: int) -> tuple[np.ndarray, ...]:
+    """What the gates feed after each of ``count`` held-out prompts (:mod:`builder.quantize.agreement`): ``positions - 1``
+    tokens each, cut in turn from the calibration prompts' text (never a held-out one), repeated when it runs short."""
+    tokens = tokenizer.encode(" ".join(files.prompts[:files.samples]), add_special_tokens=False).ids or [0]
+    stream = np.resize(np.asarray(tokens, dtype=np.int64), count * (positions - 1))
+    return tuple(stream[i * (positions - 1):(i + 1) * (positions - 1)] for i in range(count))
 
 
 def server_preprocessor(spec: BuildSpec, facts: ModelFacts, tokenizer_path: Path) -> Preprocessor:

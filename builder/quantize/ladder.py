@@ -6,7 +6,9 @@ Entropy, Percentile), then the best of them with the most sensitive nodes kept i
 LLM (weight-only round to nearest, no calibration): the spec's block size with int8 then float compute, then
 blocks of 16 (target ``tensorrt``: int8 Q/DQ per output channel, then blocks of the spec's size, then 16), then
 FP16 / FP32. An INT4 LLM walks the same rungs in 4-bit first, then INT8's.
-An FP16 component: FP16, then FP32. FP32 is the reference, so it always passes.
+An FP16 component: FP16, then FP32. An encoder's FP32 graph is the reference, so it always passes; an LLM's rungs,
+FP32 too, are each written from the checkpoint's shards and gated against the checkpoint in PyTorch
+(:mod:`builder.quantize.reference`).
 
 Which rungs a component walks is its backend's choice (``builder/targets``): the functions here make
 the forms (``matmulnbits_rungs``, ``qdq_weight_rungs``, ``FP16_RUNG``) and walk what they are given.
@@ -29,7 +31,7 @@ from builder.components import LLM
 from builder.errors import BuildError
 from builder.export.streamed.writer import MatMulWeights, write_streamed_llm
 from builder.onnx_files import move_onnx, remove_onnx
-from builder.quantize.agreement import Agreement, FusedPrompt, teacher_forced
+from builder.quantize.agreement import Agreement, FusedPrompt, RunnerScorer, agreement, score_all
 from builder.quantize.fp16 import convert_fp16
 from builder.quantize.qdq import CALIBRATION_METHODS, QdqLayout, quantize_qdq, weight_nodes
 from builder.quantize.reader import SampleReader
@@ -96,7 +98,7 @@ class Settled:
         return data
 
     @classmethod
-    def from_json(cls, raw: dict, directory: Path, fp32: Path) -> "Settled":
+    def from_json(cls, raw: dict, directory: Path, fp32: Path | None) -> "Settled":
         def gate(g: dict | None) -> GateResult | None:
             return None if g is None else GateResult.from_json(g)
 
@@ -108,7 +110,8 @@ class Settled:
                     a.get("pipeline_rejected", False))
             for a in raw["attempts"]
         )
-        path = fp32 if raw["precision"] == "fp32" else directory / raw["path"]
+        # An encoder in FP32 is the export's graph; an LLM's every form is written by the quantize stage (``fp32`` None).
+        path = fp32 if raw["precision"] == "fp32" and fp32 is not None else directory / raw["path"]
         return cls(raw["component"], raw["requested"], raw["precision"], path, raw["calibration_samples"],
                    raw["holdout_samples"], attempts)
 
@@ -135,24 +138,26 @@ class LlmSource:
 
 @dataclass(frozen=True)
 class LlmJob:
-    fp32: Path  # the gates' reference
     facts: ModelFacts
     prompts: tuple[FusedPrompt, ...]  # held-out prompts, fused with the FP32 encoders
+    continuations: tuple[np.ndarray, ...]  # the fixed tokens fed after each prompt
+    reference: tuple[np.ndarray, ...]  # each prompt's reference logits (the checkpoint in PyTorch), computed once
     source: LlmSource
 
 
 @dataclass(frozen=True)
 class LlmRung:
     """One candidate form of the LLM's weights: integer MatMul weights (``weights``) in an FP32 graph, or the whole
-    graph in FP16 (``weights`` None)."""
+    graph in FP16 or FP32 (``weights`` None)."""
 
-    precision: str  # int4 | int8 | fp16
+    precision: str  # int4 | int8 | fp16 | fp32
     scheme: str
     weights: MatMulWeights | None
 
     def write(self, source: LlmSource, path: Path) -> None:
+        dtype = "float16" if self.precision == "fp16" else "float32"
         with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
-            written = write_streamed_llm(source.checkpoint, Path(scratch), "float32" if self.weights else "float16",
+            written = write_streamed_llm(source.checkpoint, Path(scratch), dtype,
                                          limits=source.limits, opset=source.opset, weights=self.weights)
             move_onnx(written.path, path)
 
@@ -183,6 +188,8 @@ def qdq_weight_rungs(requested: str, spec: QuantizeSpec) -> list[LlmRung]:
 
 
 FP16_RUNG = LlmRung("fp16", "fp16", None)  # integer weights failed: FP16 before FP32 (on a GPU)
+# The last rung: gated like the others, against the same PyTorch reference; failing it means the graph is wrong.
+FP32_RUNG = LlmRung("fp32", "fp32", None)
 
 
 class EncoderForms(Protocol):
@@ -265,18 +272,21 @@ def settle_encoder(job: EncoderJob, requested: str, forms: EncoderForms, spec: Q
 
 def settle_llm(job: LlmJob, requested: str, forms: LlmForms, spec: QuantizeSpec, directory: Path,
                rejected: int = 0) -> Settled:
-    """Walks the backend's rungs in order until one passes the LLM gate; FP32 otherwise."""
+    """Walks the backend's rungs in order, then FP32, until one passes the LLM gate against the PyTorch reference."""
     ladder = _Ladder(LLM.name, requested, spec, spec.llm_gate, directory, rejected)
-    reference = forms.gate_runner(job.fp32, job.facts)
-    for rung in forms.rungs(requested, spec):
+    for rung in [*forms.rungs(requested, spec), FP32_RUNG]:
         path = ladder.candidate()
         rung.write(job.source, path)
-        agreement = teacher_forced(reference, forms.gate_runner(path, job.facts), [(p, p) for p in job.prompts])
-        gate = judge((agreement.logits,), agreement.prompts * agreement.positions, spec.llm_gate)
-        if ladder.record(Attempt(rung.precision, rung.scheme, gate=gate, agreement=agreement)):
+        found = agreement(job.reference, score_all(RunnerScorer(forms.gate_runner(path, job.facts)), job.prompts,
+                                                   job.continuations))
+        gate = judge((found.logits,), found.prompts * found.positions, spec.llm_gate)
+        attempt = Attempt(rung.precision, rung.scheme, gate=gate, agreement=found)
+        if rung is FP32_RUNG and not attempt.passed:
+            raise BuildError(f"llm: the FP32 graph written from the checkpoint differs from PyTorch ({found.summary()}; "
+                             f"{gate.summary()})")
+        if ladder.record(attempt):
             return _settled(LLM.name, requested, ladder, 0, len(job.prompts))
-    ladder.record(Attempt("fp32", "fp32 (reference)"))
-    return _settled(LLM.name, requested, ladder, 0, len(job.prompts), fp32=job.fp32)
+    raise AssertionError("the FP32 rung passes or raises")
 
 
 def _settled(component: str, requested: str, ladder: _Ladder, calibration: int, holdout: int, fp32: Path | None = None) -> Settled:

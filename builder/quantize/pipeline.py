@@ -2,7 +2,8 @@
 
 Per-component gates can each pass while their errors add up (INT8 encoders feeding an INT8 LLM).
 So after them, held-out requests of every kind the model takes (text, +image, +audio, +both; never
-calibration samples) run through both pipelines, teacher-forced over the first 32 positions. The
+calibration samples) run through both pipelines, teacher-forced over 32 positions of a fixed continuation
+(:mod:`builder.quantize.agreement`); a quantized LLM's reference is the checkpoint in PyTorch. The
 figures depend on the CPU's INT8 kernels (AVX2, AVX-512 VNNI, AMX round differently), so the CPU is
 recorded beside them.
 """
@@ -11,15 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from builder.compare import OutputFigures, onnxruntime_session
-from builder.components import LLM
-from builder.quantize.agreement import Agreement, fuse_prompt, teacher_forced
+from builder.quantize.agreement import Agreement, LogitScorer, agreement, fuse_prompt
 from builder.quantize.calibration_data import CalibrationFiles
-from builder.runtime.generation import SequenceRunner
 from builder.runtime.model_facts import ModelFacts
 from builder.runtime.preprocess import ModelInputs, Preprocessor
 from builder.spec import PipelineGateSpec
@@ -90,27 +91,38 @@ def held_out_requests(files: CalibrationFiles, preprocess: Preprocessor, facts: 
             for i, (kind, (pictures, clips)) in enumerate(kinds.items())}
 
 
-def measure_pipeline(reference: Mapping[str, Path], candidate: Mapping[str, Path], requests: Mapping[str, ModelInputs],
-                     facts: ModelFacts, gate: PipelineGateSpec,
-                     llm_runner: Callable[[Path, ModelFacts], SequenceRunner]) -> PipelineFigures:
-    """``reference``/``candidate`` map component -> graph (vision_encoder, audio_encoder, llm); ``llm_runner``: the
-    LLM backend's gate runner."""
-    def pipeline(graphs: Mapping[str, Path]) -> tuple[dict, SequenceRunner]:
-        encoders = {name: onnxruntime_session(path) for name, path in graphs.items() if name != LLM.name}
-        return encoders, llm_runner(graphs[LLM.name], facts)
+class PipelineGate:
+    """The reference pipeline's figures on the held-out requests, computed once: the FP32 encoders (``encoders``:
+    component -> graph) and the reference LLM (``reference_llm``: made when needed, dropped after, since a quantized
+    LLM's reference is the checkpoint in PyTorch). :meth:`measure` then judges a candidate pipeline against them."""
 
-    (ref_encoders, ref_llm), (cand_encoders, cand_llm) = pipeline(reference), pipeline(candidate)
-    kinds = tuple(
-        KindFigures(kind, teacher_forced(ref_llm, cand_llm, [(fuse_prompt(inputs, ref_encoders, facts),
-                                                              fuse_prompt(inputs, cand_encoders, facts))]))
-        for kind, inputs in requests.items()
-    )
-    failures = [f"{k.kind}: agreement {k.agreement.agreement:.1%} < {gate.min_agreement:.0%}"
-                for k in kinds if k.agreement.agreement < gate.min_agreement]
-    if gate.min_cosine is not None:
-        failures += [f"{k.kind}: logits cos {k.agreement.logits.cosine:.5f} < {gate.min_cosine}"
-                     for k in kinds if k.agreement.logits.cosine < gate.min_cosine]
-    return PipelineFigures(kinds, tuple(failures))
+    def __init__(self, encoders: Mapping[str, Path], reference_llm: Callable[[], LogitScorer],
+                 requests: Mapping[str, ModelInputs], continuations: Sequence[np.ndarray], facts: ModelFacts,
+                 gate: PipelineGateSpec) -> None:
+        self.requests, self.facts, self.gate, self.reference_llm = requests, facts, gate, reference_llm
+        self.continuations = dict(zip(requests, continuations, strict=True))
+        sessions = {name: onnxruntime_session(path) for name, path in encoders.items()}
+        self.prompts = {kind: fuse_prompt(inputs, sessions, facts) for kind, inputs in requests.items()}
+        llm = reference_llm()
+        self.logits = {kind: llm.score(prompt, self.continuations[kind]) for kind, prompt in self.prompts.items()}
+
+    def measure(self, encoders: Mapping[str, Path], llm: LogitScorer | None) -> PipelineFigures:
+        """The pipeline of ``encoders`` (component -> graph) and ``llm`` (None: the reference LLM) against the
+        reference, per kind of request."""
+        sessions = {name: onnxruntime_session(path) for name, path in encoders.items()}
+        scorer = llm if llm is not None else self.reference_llm()
+        kinds = tuple(
+            KindFigures(kind, agreement([self.logits[kind]],
+                                        [scorer.score(fuse_prompt(inputs, sessions, self.facts), self.continuations[kind])]))
+            for kind, inputs in self.requests.items()
+        )
+        gate = self.gate
+        failures = [f"{k.kind}: agreement {k.agreement.agreement:.1%} < {gate.min_agreement:.0%}"
+                    for k in kinds if k.agreement.agreement < gate.min_agreement]
+        if gate.min_cosine is not None:
+            failures += [f"{k.kind}: logits cos {k.agreement.logits.cosine:.5f} < {gate.min_cosine}"
+                         for k in kinds if k.agreement.logits.cosine < gate.min_cosine]
+        return PipelineFigures(kinds, tuple(failures))
 
 
 def cpu_description() -> str:

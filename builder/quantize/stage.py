@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from tqdm import tqdm
 
 from builder.cache import Stage, StageCache
@@ -17,8 +19,14 @@ from builder.compare import onnxruntime_session
 from builder.components import COMPONENTS, LLM
 from builder.errors import BuildError
 from builder.export.graph import ExportedGraph
-from builder.quantize.agreement import fuse_prompt
-from builder.quantize.calibration_data import CalibrationFiles, CalibrationSamples, load_samples, server_preprocessor
+from builder.quantize.agreement import POSITIONS, LogitScorer, RunnerScorer, fuse_prompt, score_all
+from builder.quantize.calibration_data import (
+    CalibrationFiles,
+    CalibrationSamples,
+    fixed_continuations,
+    load_samples,
+    server_preprocessor,
+)
 from builder.quantize.ladder import (
     EncoderForms,
     EncoderJob,
@@ -29,11 +37,12 @@ from builder.quantize.ladder import (
     settle_encoder,
     settle_llm,
 )
-from builder.quantize.pipeline import PipelineResult, cpu_description, held_out_requests, measure_pipeline
+from builder.quantize.pipeline import PipelineFigures, PipelineGate, PipelineResult, cpu_description, held_out_requests
 from builder.quantize.qdq import calibrate
 from builder.quantize.reader import SampleReader
 from builder.runtime.model_facts import ModelFacts
 from builder.runtime.preprocess import Preprocessor
+from builder.runtime.text import load_tokenizer
 from builder.spec import BuildSpec
 
 
@@ -91,21 +100,25 @@ def _gate(stage: "_Stage", spec: BuildSpec, facts: ModelFacts, files: Calibratio
     rejected = dict.fromkeys(stage.exported, 0)
     settled = {c: stage.settle(c, 0) for c in stage.exported}
     requests = held_out_requests(files, stage.preprocessor(), facts)
-    reference = {c: g.path for c, g in stage.exported.items()}
-    gate = spec.quantize.pipeline_gate
+    encoders = {c: _done_path(g) for c, g in stage.exported.items() if c != LLM.name}
+    gate = PipelineGate(encoders, stage.reference_llm, requests, stage.continuations(len(requests)), facts,
+                        spec.quantize.pipeline_gate)
     steps: list[str] = []
+
+    def measure(current: dict[str, Settled], reference: str | None = None) -> PipelineFigures:
+        """The pipeline of ``current``, with component ``reference`` swapped back to its reference."""
+        pipeline_encoders = {c: encoders[c] if c == reference else s.path for c, s in current.items() if c != LLM.name}
+        return gate.measure(pipeline_encoders, None if reference == LLM.name else stage.llm_scorer(current[LLM.name]))
+
     while True:
-        current = {c: s.path for c, s in settled.items()}
-        figures = measure_pipeline(reference, current, requests, facts, gate, stage.forms[1].gate_runner)
-        quantized = [c for c, s in settled.items() if s.path != reference[c]]
+        figures = measure(settled)
+        quantized = [c for c, s in settled.items() if is_quantized(s.precision)]
         if figures.passed or not quantized:
             break
         if not spec.quantize.fallback:
             raise BuildError(f"the quantized pipeline failed the pipeline gate ({figures.summary()}) and quantize.fallback is false")
-        # Swap each quantized component back to FP32 in turn: the one whose swap helps most costs most.
-        swapped = {c: measure_pipeline(reference, {**current, c: reference[c]}, requests, facts, gate,
-                                       stage.forms[1].gate_runner).worst_agreement
-                   for c in quantized}
+        # Swap each quantized component back to its reference in turn: the one whose swap helps most costs most.
+        swapped = {c: measure(settled, c).worst_agreement for c in quantized}
         costliest = max(swapped, key=swapped.__getitem__)
         rejected[costliest] += 1
         steps.append(f"worst agreement {figures.worst_agreement:.1%} ({'; '.join(figures.failures)}); {costliest} costs most "
@@ -115,6 +128,11 @@ def _gate(stage: "_Stage", spec: BuildSpec, facts: ModelFacts, files: Calibratio
     result = PipelineResult(figures, {c: s.precision for c, s in settled.items()}, tuple(steps), cpu_description(),
                             {c: n for c, n in rejected.items() if n})
     return settled, result
+
+
+def _done_path(graph: ExportedGraph) -> Path:
+    assert graph.path is not None, "only an integer LLM's export has no graph"
+    return graph.path
 
 
 class _Stage:
@@ -131,6 +149,23 @@ class _Stage:
     def preprocessor(self) -> Preprocessor:
         return server_preprocessor(self.spec, self.facts, self.tokenizer)
 
+    def continuations(self, count: int) -> tuple[np.ndarray, ...]:
+        assert self.files is not None
+        return fixed_continuations(self.files, load_tokenizer(str(self.tokenizer)), count, POSITIONS)
+
+    def reference_llm(self) -> LogitScorer:
+        """The LLM the gates compare with: a quantized one's is the checkpoint in PyTorch (its FP32 graph is never
+        written), an FP32 or FP16 one's is its exported graph."""
+        graph = self.exported[LLM.name]
+        if graph.path is None:
+            from builder.quantize.reference import TorchScorer  # torch: only a build that quantizes the LLM loads it
+
+            return TorchScorer.load(self.source.checkpoint, self.tokenizer, self.spec.limits)
+        return RunnerScorer(self.forms[1].gate_runner(graph.path, self.facts))
+
+    def llm_scorer(self, settled: Settled) -> LogitScorer:
+        return RunnerScorer(self.forms[1].gate_runner(settled.path, self.facts))
+
     def samples(self) -> CalibrationSamples:
         if self._samples is None:
             assert self.files is not None
@@ -141,7 +176,7 @@ class _Stage:
         """``rejected``: passing rungs the pipeline gate turned down; each count is its own cache entry."""
         spec, graph, precision = self.spec, self.exported[component], self.precisions[component]
         if not is_quantized(precision):
-            return Settled(component, precision, precision, graph.path, 0, 0, ())
+            return Settled(component, precision, precision, _done_path(graph), 0, 0, ())
         files, export_key = self.files, self.export_keys[component]
         assert files is not None
         key = quantize_key(spec, export_key, precision, files)
@@ -149,8 +184,7 @@ class _Stage:
         calibration_key = CALIBRATION.key(export_key, files.digest, spec.section("calibration"))
 
         def settle_into(tmp: Path) -> None:  # writes quantize.json beside the graph it settled on
-            _settle(spec, self.source, self.facts, component, graph, precision, self.exported, self.samples(), self.forms,
-                    self.cache, calibration_key, tmp, self.progress, rejected)
+            _settle(self, component, graph, precision, calibration_key, tmp, rejected)
 
         entry = QUANTIZE.run(self.cache, component, key, settle_into)
         settled = Settled.from_json(json.loads((entry / "quantize.json").read_text()), entry, graph.path)
@@ -158,16 +192,18 @@ class _Stage:
         return settled
 
 
-def _settle(
-    spec: BuildSpec, source: LlmSource, facts: ModelFacts, component: str, graph: ExportedGraph, precision: str,
-    exported: dict[str, ExportedGraph], samples: CalibrationSamples, forms: tuple[EncoderForms, LlmForms], cache: StageCache,
-    calibration_key: str, directory: Path, progress: bool, rejected: int,
-) -> Settled:
-    encoder_forms, llm_forms = forms
+def _settle(stage: _Stage, component: str, graph: ExportedGraph, precision: str, calibration_key: str, directory: Path,
+            rejected: int) -> Settled:
+    spec, samples, progress = stage.spec, stage.samples(), stage.progress
+    encoder_forms, llm_forms = stage.forms
     if component == LLM.name:
-        encoders = {name: onnxruntime_session(g.path) for name, g in exported.items() if name != LLM.name}
-        prompts = tuple(fuse_prompt(p, encoders, facts) for p in samples.prompts)
-        return settle_llm(LlmJob(graph.path, facts, prompts, source), precision, llm_forms, spec.quantize, directory, rejected)
+        encoders = {name: onnxruntime_session(_done_path(g)) for name, g in stage.exported.items() if name != LLM.name}
+        prompts = tuple(fuse_prompt(p, encoders, stage.facts) for p in samples.prompts)
+        continuations = stage.continuations(len(prompts))
+        reference = score_all(stage.reference_llm(), prompts, continuations)  # the PyTorch model is dropped after
+        job = LlmJob(stage.facts, prompts, continuations, reference, stage.source)
+        return settle_llm(job, precision, llm_forms, spec.quantize, directory, rejected)
+    fp32 = _done_path(graph)
     input_name = COMPONENTS[component].graph_input
     assert input_name is not None
     split = getattr(samples, input_name)
@@ -178,10 +214,10 @@ def _settle(
 
     def ranges(method: str) -> Path:
         def calibrate_into(tmp: Path) -> None:
-            calibrate(graph.path, SampleReader(calibration, f"{component}: calibrate ({method})", progress), method,
+            calibrate(fp32, SampleReader(calibration, f"{component}: calibrate ({method})", progress), method,
                       tmp / "ranges.json")
 
-        return CALIBRATION.run(cache, component, CALIBRATION.key(calibration_key, method), calibrate_into) / "ranges.json"
+        return CALIBRATION.run(stage.cache, component, CALIBRATION.key(calibration_key, method), calibrate_into) / "ranges.json"
 
-    job = EncoderJob(component, graph.path, tuple(o.name for o in graph.outputs), calibration, holdout, ranges)
+    job = EncoderJob(component, fp32, tuple(o.name for o in graph.outputs), calibration, holdout, ranges)
     return settle_encoder(job, precision, encoder_forms, spec.quantize, directory, progress, rejected)

@@ -16,8 +16,9 @@ def write_report(path: Path, spec: BuildSpec, limits: str, compiled: Mapping[str
     """``limits``: the request limits as the build describes them (builder.source.limits.describe)."""
     lines = [
         f"# Build report: {spec.name}", "",
-        f"Target `{spec.target}`. Quantized graphs are compared with the FP32 graph on held-out inputs "
-        "(calibration samples are never among them); a graph below the gate is never published.", "",
+        f"Target `{spec.target}`. Quantized graphs are compared on held-out inputs (calibration samples are never "
+        "among them) with the FP32 graph, or, for the LLM, with the checkpoint itself run in PyTorch (every form of it, "
+        "FP32 too, is written from the shards and gated); a graph below the gate is never published.", "",
         f"Request {limits}.", "",
         "| component | precision | file | size | scheme | calibration samples | held-out | gate (worst output) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",

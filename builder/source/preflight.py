@@ -95,6 +95,16 @@ def estimate(weight_files: list[Path], cache_dir: Path, dtype: str, extra_copy: 
     )
 
 
+def stored_dtype(weight_files: list[Path]) -> str:
+    """The torch dtype name the checkpoint's embedding table is stored in (its weights' dtype: float32, bfloat16...)."""
+    names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+    for path in weight_files:
+        for name, entry in safetensors_header(path).items():
+            if component_of(name) == "embedding" and entry["dtype"] in names:
+                return names[entry["dtype"]]
+    return "float32"
+
+
 def component_of(tensor: str) -> str:
     """Which component a tensor belongs to, by the names HF multimodal checkpoints use."""
     if ("vision_tower" in tensor or "multi_modal_projector" in tensor or "vision_model" in tensor

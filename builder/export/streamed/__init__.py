@@ -1,16 +1,24 @@
 """The LLM graph written from the checkpoint's safetensors shards one weight at a time, never the whole model in
 memory: one decoder layer of each kind exported without weights (:mod:`.template`), stamped once per layer
 (:mod:`.stamp`), each layer's tensors read, converted or quantized and appended to the external data (:mod:`.writer`).
+
+An FP32 or FP16 LLM is written here and checked against PyTorch; an INT8 or INT4 one only has its signature recorded
+here (:func:`record_quantized_llm`): the quantize stage writes its forms.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from builder.export.graph import ExportedGraph
+import json
+
+from builder.components import LLM
+from builder.export.graph import ExportedGraph, signature, to_json
 from builder.export.onnx_export import checked_graph
 from builder.export.precision import ExportDtype, cast_weights
 from builder.export.recipes import ExportRecipe
+from builder.export.streamed.stamp import stamp
+from builder.export.streamed.template import export_template
 from builder.export.streamed.writer import write_streamed_llm
 from builder.spec import ExportSpec, LimitsSpec
 
@@ -22,3 +30,14 @@ def export_streamed_llm(recipe: ExportRecipe, checkpoint: Path, directory: Path,
     cast_weights(recipe.module, dtype)
     written = write_streamed_llm(checkpoint, directory, dtype, limits=limits, opset=spec.opset)
     return checked_graph(recipe, written.path, spec, dtype)
+
+
+def record_quantized_llm(checkpoint: Path, directory: Path, spec: ExportSpec, limits: LimitsSpec) -> ExportedGraph:
+    """An LLM served in INT8 or INT4: its graph's inputs and outputs in ``directory/export.json``, no graph. The
+    quantize stage writes each candidate from the shards and gates it against the checkpoint in PyTorch; an FP32
+    graph here would cost 4 bytes per parameter on disk and in ONNX Runtime (96 GB at 24B)."""
+    graph = stamp(export_template(checkpoint, "float32", limits, spec.opset))
+    inputs, outputs = signature(graph.inputs, graph.outputs)
+    recorded = ExportedGraph(LLM.name, None, inputs, outputs, None)
+    (directory / "export.json").write_text(json.dumps(to_json(recorded), indent=2))
+    return recorded
