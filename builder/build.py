@@ -40,7 +40,7 @@ from builder.serve.tritonserver import NGC_IMAGE, TRITON_VERSION
 from builder.source.chat_files import read_chat_prompt
 from builder.source.checkpoint import Checkpoint, SourceModel, check_checkpoint
 from builder.source.limits import checkpoint_limits, describe
-from builder.source.preflight import Preflight, estimate, stored_dtype
+from builder.source.preflight import Preflight, estimate
 from builder.source.resolve import ResolvedSource, resolve_source
 from builder.source.tokenizer_files import serving_tokenizer
 from builder.spec import BuildSpec
@@ -153,14 +153,15 @@ def build(spec: BuildSpec, output: Path, cache_dir: Path, progress: bool = True)
         tqdm.write(describe(spec.limits, facts))
     if any(EXPORT.lookup(cache, i.name, i.export_key) is None for i in items):  # the checkpoint will be loaded
         llm = next(i for i in items if i.component is LLM)
-        preflight = estimate(list(ctx.checkpoint.weight_files), cache_dir, llm.dtype, extra_copy=quantized)
+        preflight = estimate(list(ctx.checkpoint.weight_files), cache_dir, llm.precision, quantized)
         preflight.check()
         if progress:
             tqdm.write(f"pre-flight: {preflight.summary()}")
     for index, item in enumerate(tqdm(items, desc="export + parity", unit="graph", disable=not progress)):
         reads_model = not (item.component is LLM and is_quantized(item.precision))  # see _export
         if EXPORT.lookup(cache, item.name, item.export_key) is None and loaded is None and reads_model:
-            loaded = ctx.checkpoint.load(_load_dtype(ctx, items), ctx.tokenizer, layers_on_demand=True)
+            llm_dtype = next(i.dtype for i in items if i.component is LLM)  # an FP16 build's encoders load in FP16
+            loaded = ctx.checkpoint.load(llm_dtype, ctx.tokenizer, layers_on_demand=True)
         entry = EXPORT.run(cache, item.name, item.export_key, lambda tmp, item=item: _export(ctx, loaded, item, tmp))
         items[index] = dataclasses.replace(item, graph=load_exported(entry))
     del loaded  # the encoders and embeddings: the later stages read the graphs alone
@@ -189,13 +190,6 @@ def _item(ctx: BuildContext, component: Component, files: CalibrationFiles | Non
     limits = {k: getattr(ctx.spec.limits, k) for k in component.export_limits}
     export_key = EXPORT.key(ctx.source.fingerprint, component.name, dtype, ctx.spec.section("export"), limits)
     return ComponentItem(component, precision, dtype, export_key, quantize_key(ctx.spec, export_key, precision, files))
-
-
-def _load_dtype(ctx: BuildContext, items: list[ComponentItem]) -> str:
-    """The LLM's export dtype (its embeddings and lm_head are nearly all the weights the load holds); the stored
-    dtype when the LLM is quantized (the export never reads them then), so they are not widened for nothing."""
-    llm = next(i for i in items if i.component is LLM)
-    return stored_dtype(list(ctx.checkpoint.weight_files)) if is_quantized(llm.precision) else llm.dtype
 
 
 def _compiled(ctx: BuildContext, item: ComponentItem) -> ComponentItem:

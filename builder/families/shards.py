@@ -120,17 +120,19 @@ def empty_model(cls: type[nn.Module], config: Any, mode: FakeTensorMode | None, 
 
 def load_layers_on_demand(cls: type[nn.Module], directory: Path, config: Any, dtype: str,
                           may_be_missing: tuple[str, ...] = ()) -> nn.Module:
-    """``cls`` on ``config`` with every weight read from the shards in ``dtype`` except the text decoder's layers,
-    each of which is read when it runs and dropped after: a forward holds the encoders, the embeddings, the lm_head
-    and one decoder layer. Every weight's presence and shape is checked first, as ``from_pretrained`` would."""
+    """``cls`` on ``config`` with the encoders' weights read from the shards in ``dtype``, and the text decoder's
+    layers, its embedding table and its lm_head each read when it runs and dropped after: a forward holds the
+    encoders and one of those (a 131k x 5120 embedding table is 2.7 GB in FP32: the gates' PyTorch reference runs in
+    FP32). Every weight's presence and shape is checked first, as ``from_pretrained`` would."""
     load_dtype = getattr(torch, dtype)
     model = empty_model(cls, config, None, None, load_dtype)
     tensors = CheckpointTensors(directory, model)
     kept_fp32 = {name for module in model.modules()
                  for name in [*(getattr(module, "_keep_in_fp32_modules", None) or []),
                               *(getattr(module, "_keep_in_fp32_modules_strict", None) or [])]}
-    layers = list(model.get_decoder().layers)
-    in_layer = {id(p) for layer in layers for p in layer.parameters()}
+    on_demand = [*model.get_decoder().layers, model.get_input_embeddings(), model.get_output_embeddings()]
+    on_demand = [module for module in on_demand if module is not None]
+    in_layer = {id(p) for module in on_demand for p in module.parameters()}
     aliases: dict[int, tuple[str, ...]] = {}  # tied weights: one parameter, several names
     for name, param in model.named_parameters(remove_duplicate=False):
         aliases[id(param)] = (*aliases.get(id(param), ()), name)
@@ -164,9 +166,9 @@ def load_layers_on_demand(cls: type[nn.Module], directory: Path, config: Any, dt
         loaded = read(names)
         for name in names:
             _set_parameter(model, name, loaded)
-    for layer in layers:
-        prefix = next(name for name, module in model.named_modules() if module is layer)
-        _read_on_demand(layer, {local: (f"{prefix}.{local}",) for local, _ in layer.named_parameters()}, read)
+    for part in on_demand:
+        prefix = next(name for name, module in model.named_modules() if module is part)
+        _read_on_demand(part, {local: (f"{prefix}.{local}",) for local, _ in part.named_parameters()}, read)
     return model
 
 
@@ -176,7 +178,8 @@ def _set_parameter(root: nn.Module, name: str, value: nn.Parameter) -> None:
 
 
 def _read_on_demand(layer: nn.Module, names: dict[str, tuple[str, ...]], read: Any) -> None:
-    """``layer``'s parameters read before each of its forwards and put back to meta after it."""
+    """``layer``'s parameters read before each of its forwards and put back to meta after it (the lm_head: after the
+    wrapper's one call on the last position, or the reference's on the positions it scores)."""
     empty = {local: layer.get_parameter(local) for local in names}
 
     def load(module: nn.Module, args: Any) -> None:

@@ -1,9 +1,9 @@
 """The gates' reference for a quantized LLM: the checkpoint's own model in PyTorch, never an FP32 graph (a 24B
 model's is 96 GB, and ONNX Runtime would hold it whole).
 
-The model is loaded with its decoder layers left in the shards (:func:`builder.families.shards.load_layers_on_demand`):
-a forward holds the embeddings, the lm_head and one layer, widened to FP32 as it is read, so the reference computes
-in FP32 whatever dtype the checkpoint stores. It runs the recipe's own LLM module (the graph's inputs, the family's
+The model is loaded with its decoder's weights left in the shards (:func:`builder.families.shards.load_layers_on_demand`):
+a forward holds the encoders and one decoder layer, or the embedding table, or the lm_head, widened to FP32 as it is
+read, so the reference computes in FP32 whatever dtype the checkpoint stores. It runs the recipe's own LLM module (the graph's inputs, the family's
 masks and positions), so it computes what the graph is meant to compute.
 """
 

@@ -1,12 +1,19 @@
 """Before loading a checkpoint: will the build fit this machine? Estimated from safetensors headers alone.
 
-The build loads the checkpoint with the text decoder's layers left in the shards (each is read while it runs,
-``layers_on_demand``): the encoders, the embedding table and the lm_head are what it holds, in the load dtype. The
-LLM graph is written from the shards a tensor at a time. What peaks is ONNX Runtime holding that graph: the
-parity check's session, and for a quantized LLM the gates' sessions of the float reference and the candidate side
-by side. On the CPU ONNX Runtime computes in FP32, so the session holds about 4 bytes per LLM parameter whether
-the graph is FP32 or FP16 (measured: a 1.34B-parameter FP32 build peaked at 6.3 GB, an FP16 one of 1.18B at
-6.0 GB); a quantized LLM's gates hold about 3 bytes per parameter more. Disk: each exported graph in that dtype, once more for a quantized copy.
+The build loads the checkpoint with the text decoder's weights left in the shards (its layers, embedding table and
+lm_head are each read while they run, ``layers_on_demand``): the encoders are what it holds, in the load dtype. The
+LLM graph is written from the shards a tensor at a time. What peaks then depends on the LLM's precision:
+
+- FP32 / FP16: ONNX Runtime holding the LLM graph for the parity check and the gates. On the CPU it computes in FP32,
+  so about 4 bytes per LLM parameter whether the graph is FP32 or FP16 (measured: a 1.34B-parameter FP32 build
+  peaked at 6.3 GB, an FP16 one of 1.18B at 6.0 GB).
+- INT8 / INT4: no FP32 graph exists; the gates compare each candidate, as ONNX Runtime holds it (its weight bytes,
+  ``builder.sizing``'s count), with the checkpoint in PyTorch, which holds the encoders and one decoder part at a
+  time in FP32. The larger of those two phases, each beside the encoders' FP32 graphs (the pipeline gate). A ladder
+  that falls back to a wider rung holds that rung's bytes instead (FP32 last: the line above).
+
+Disk: each exported graph in that dtype (the LLM's integer graph alone when it is quantized), once more for a
+quantized encoder.
 """
 
 from __future__ import annotations
@@ -22,9 +29,6 @@ from pathlib import Path
 from builder.errors import BuildError
 
 SESSION_BYTES_PER_LLM_PARAMETER = 4.0  # ONNX Runtime on the CPU holds the LLM's weights in FP32 (see above)
-# A quantized LLM's gates hold more beside it: the candidate, and the pipeline gate's float and quantized pipelines
-# (measured: 6.8 bytes per LLM parameter in all at 1.34B in INT8, 10.9 GB).
-QUANTIZED_SESSION_BYTES_PER_LLM_PARAMETER = 3.0
 BASE_RAM = 1_500_000_000  # Python, torch, transformers and onnxruntime themselves
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                 "F8_E4M3": 1, "F8_E5M2": 1}
@@ -73,36 +77,42 @@ def tensor_bytes(path: Path) -> tuple[int, int]:
             sum(numel(e) * _DTYPE_BYTES.get(e["dtype"], 4) for e in header.values()))
 
 
-def estimate(weight_files: list[Path], cache_dir: Path, dtype: str, extra_copy: bool) -> Preflight:
-    """``dtype``: what the weights load as (float32, float16); ``extra_copy``: some component is quantized,
-    so its graph is written twice and gated beside its float reference."""
-    parameters = stored = decoder_layers = llm = 0
+def estimate(weight_files: list[Path], cache_dir: Path, llm_precision: str, quantized: bool) -> Preflight:
+    """``llm_precision``: fp32 | fp16 | int8 | int4; ``quantized``: some component is (its graph is written twice)."""
+    from builder.sizing import BYTES_PER_WEIGHT  # sizing reads headers with this module's helpers
+
+    parameters = stored = decoder_layers = llm = embedding = 0
     for path in weight_files:
         for name, entry in safetensors_header(path).items():
             count = numel(entry)
             parameters, stored = parameters + count, stored + count * _DTYPE_BYTES.get(entry["dtype"], 4)
-            if component_of(name) in ("llm", "embedding"):
+            kind = component_of(name)
+            if kind in ("llm", "embedding"):
                 llm += count
                 decoder_layers += count if ".layers." in name else 0
-    per_parameter = {"float32": 4, "float16": 2}[dtype]
-    resident = (parameters - decoder_layers) * per_parameter  # loaded; the decoder's layers stay in the shards
-    session = llm * (SESSION_BYTES_PER_LLM_PARAMETER + (QUANTIZED_SESSION_BYTES_PER_LLM_PARAMETER if extra_copy else 0))
+                embedding += count if kind == "embedding" else 0
+    encoders = parameters - llm
+    if llm_precision in BYTES_PER_WEIGHT and llm_precision != "fp16":  # integer weights: see the module's docstring
+        graph = (llm - embedding) * BYTES_PER_WEIGHT[llm_precision] + embedding * 2
+        largest_part = max(embedding, (llm - decoder_layers - embedding), decoder_layers // max(1, _layers(weight_files)))
+        held = 4 * encoders + max(graph, 4 * largest_part)
+        disk = graph + 4 * encoders * (2 if quantized else 1)
+    else:
+        per_parameter = {"fp32": 4, "fp16": 2}[llm_precision]
+        held = encoders * per_parameter + llm * SESSION_BYTES_PER_LLM_PARAMETER
+        disk = parameters * per_parameter * (2 if quantized else 1)
     existing = cache_dir if cache_dir.exists() else cache_dir.resolve().parent
     return Preflight(
-        parameters=parameters, checkpoint_bytes=stored, peak_ram=int(BASE_RAM + resident + session),
-        disk=parameters * per_parameter * (2 if extra_copy else 1),
+        parameters=parameters, checkpoint_bytes=stored, peak_ram=int(BASE_RAM + held), disk=int(disk),
         available_ram=_available_ram(), free_disk=shutil.disk_usage(existing).free,
     )
 
 
-def stored_dtype(weight_files: list[Path]) -> str:
-    """The torch dtype name the checkpoint's embedding table is stored in (its weights' dtype: float32, bfloat16...)."""
-    names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
-    for path in weight_files:
-        for name, entry in safetensors_header(path).items():
-            if component_of(name) == "embedding" and entry["dtype"] in names:
-                return names[entry["dtype"]]
-    return "float32"
+def _layers(weight_files: list[Path]) -> int:
+    """The decoder's layer count, from its tensor names (``...layers.N...``)."""
+    found = {name.split(".layers.")[1].split(".")[0] for path in weight_files for name in safetensors_header(path)
+             if ".layers." in name and component_of(name) == "llm"}
+    return len(found)
 
 
 def component_of(tensor: str) -> str:
