@@ -144,10 +144,11 @@ class LlmGateSpec(GateSpec):
 
 @dataclass(frozen=True)
 class PipelineGateSpec:
-    """The whole quantized pipeline (encoders + LLM) against the FP32 one, teacher-forced over the first
-    32 positions of held-out requests of every kind the model takes; each kind must meet these."""
+    """The whole quantized pipeline (encoders + LLM) against the FP32 one (a quantized LLM's: the checkpoint in
+    PyTorch), teacher-forced over 32 positions of a fixed continuation of held-out requests of every kind the model
+    takes; each kind must meet these."""
 
-    min_agreement: float = 0.90  # share of positions where both pick the same next token
+    min_agreement: float = 0.90  # share of positions where both pick the same next token; 0: reported, not gated
     min_cosine: float | None = None  # of the logits, worst position; unset: reported, not gated
 
 
@@ -322,7 +323,7 @@ def _check(spec: BuildSpec) -> None:
             if getattr(gate, bound) is not None and getattr(gate, bound) <= 0:
                 raise SpecError(f"quantize.{key}.{bound}: must be greater than 0")
     pipeline = spec.quantize.pipeline_gate
-    if not 0 < pipeline.min_agreement <= 1 or (pipeline.min_cosine is not None and not 0 < pipeline.min_cosine <= 1):
-        raise SpecError("quantize.pipeline_gate: min_agreement and min_cosine must be in (0, 1]")
+    if not 0 <= pipeline.min_agreement <= 1 or (pipeline.min_cosine is not None and not 0 < pipeline.min_cosine <= 1):
+        raise SpecError("quantize.pipeline_gate: min_agreement must be in [0, 1] and min_cosine in (0, 1]")
     if spec.quantize.exclude_nodes < 1 or spec.quantize.llm_block_size < 16:
         raise SpecError("quantize.exclude_nodes must be at least 1 and quantize.llm_block_size at least 16")
