@@ -18,7 +18,7 @@ prompts are real text while the model predicts over all 32768 ids. Weight-only I
 calibrated, so every prompt is held out. Batch 1 decodes one prompt; batch 8 decodes 8 prompts of
 different lengths in one ``decode`` call per step, left-padded as the server batches them (ms/token
 there: a step's time / 8). Agreement and logit cosine (the lowest over all positions) are teacher-forced
-over the first 32 positions (builder.quantize.agreement, as the build's LLM gate).
+over 32 positions of a fixed continuation, the next prompt's text (builder.quantize.agreement, as the build's LLM gate).
 
     python benchmarks/int8_llm.py            # full: 128 steps per batch size (minutes; keep the machine quiet)
     python benchmarks/int8_llm.py --quick    # smoke run: a small 2-layer decoder, few steps, little training
@@ -46,7 +46,7 @@ from builder.bench.bounds import read_bandwidth
 from builder.bench.report import machine
 from builder.export.onnx_export import export_graph
 from builder.export.recipes import llm_recipe
-from builder.quantize.agreement import FusedPrompt, teacher_forced
+from builder.quantize.agreement import POSITIONS, FusedPrompt, RunnerScorer, agreement, score_all
 from builder.quantize.weight_only import quantize_weights_nbits
 from builder.runtime.generation import LanguageModelRunner, SamplingParams
 from builder.runtime.model_facts import ModelFacts
@@ -161,13 +161,16 @@ def measure(source: SourceModel, directory: Path, prompts: list[FusedPrompt], st
     fp32 = export_graph(llm_recipe(source, LimitsSpec(max_context=512)), directory, ExportSpec(parity_samples=1, atol=1e-3, rtol=1e-2)).path
     reference = LanguageModelRunner(str(fp32), source.facts)
     warmup = max(2, steps // 16)
+    # Each prompt followed by the next one's text (the build's gates feed a fixed continuation the same way).
+    continuations = [np.resize(prompts[(i + 1) % len(prompts)].input_ids[2:-1], POSITIONS - 1) for i in range(len(prompts))]
     variants = [("fp32", fp32, reference, 1.0, 1.0)]
     for label, bits, level in (("int8, int8 compute", 8, 4), ("int8, float compute", 8, 0), ("4-bit, int8 compute", 4, 4)):
         path = directory / f"int{bits}-level{level}.onnx"
         quantize_weights_nbits(fp32, path, QuantizeSpec().llm_block_size, accuracy_level=level, bits=bits)
         runner = LanguageModelRunner(str(path), source.facts)
-        agreement = teacher_forced(reference, runner, [(p, p) for p in prompts])
-        variants.append((label, path, runner, agreement.logits.cosine, agreement.agreement))
+        found = agreement(score_all(RunnerScorer(reference), prompts, continuations),
+                          score_all(RunnerScorer(runner), prompts, continuations))
+        variants.append((label, path, runner, found.logits.cosine, found.agreement))
     return [Row(variant, path.stat().st_size / 1e6, decode_ms(runner, prompts[:1], steps, warmup),
                 decode_ms(runner, prompts[:BATCH], steps, warmup) / BATCH, cos, agree)
             for variant, path, runner, cos, agree in variants]

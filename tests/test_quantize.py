@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import numpy_helper
 import pytest
@@ -12,7 +14,8 @@ import pytest
 from builder.build import build
 from builder.compare import onnxruntime_session
 from builder.errors import BuildError, SpecError
-from builder.quantize.agreement import POSITIONS, RunnerScorer, fuse_prompt, score_all
+from builder.quantize.agreement import POSITIONS, FusedPrompt, RunnerScorer, fuse_prompt, score_all
+from builder.quantize.awq import search_scales
 from builder.quantize.calibration_data import calibration_files, fixed_continuations, load_samples, server_preprocessor
 from builder.cache import StageCache
 from builder.quantize.ladder import LlmJob, LlmSource, qdq_weight_rungs, settle_llm
@@ -224,7 +227,16 @@ def llm_job(built_repository: Path) -> LlmJob:
     continuations = fixed_continuations(files, preprocess.tokenizer, len(prompts), POSITIONS)
     source = tiny_llm_source(spec)
     reference = score_all(TorchScorer.load(source.checkpoint, tokenizer, spec.limits), prompts, continuations)
-    return LlmJob(facts, prompts, continuations, reference, source)
+    scales_directory = Path(tempfile.mkdtemp(prefix="awq-"))
+
+    def awq_scales(bits: int, block_size: int) -> Path:  # on the calibration prompts, text alone, as the stage does
+        calibration = [preprocess(text, [], []) for text in files.calibration_prompts]
+        return search_scales(TorchScorer.load(source.checkpoint, tokenizer, spec.limits),
+                             [FusedPrompt(c.input_ids, np.zeros((c.input_ids.size, facts.hidden_size), np.float32),
+                                          np.zeros(c.input_ids.size, bool)) for c in calibration],
+                             bits, block_size, scales_directory / f"awq-{bits}-{block_size}.npz")
+
+    return LlmJob(facts, prompts, continuations, reference, source, awq_scales)
 
 
 def tiny_llm_source(spec: BuildSpec) -> LlmSource:
@@ -258,6 +270,9 @@ def test_int4_llm_walks_4_bit_rungs_then_int8_and_says_so(llm_job: LlmJob, tmp_p
     assert first.precision == "int4" and first.scheme == f"weight-only block {spec.quantize.llm_block_size}, int8 compute"
     precisions = [a.precision for a in settled.attempts]
     assert precisions == sorted(precisions, key=["int4", "int8", "fp32"].index)  # never back up the ladder
+    schemes = [a.scheme for a in settled.attempts]
+    if len(schemes) > 3:  # the three round-to-nearest 4-bit rungs failed: the calibrated one came next
+        assert schemes[3] == f"weight-only block {spec.quantize.llm_block_size}, AWQ scales, int8 compute"
     final = settled.final
     assert final.gate is None or (final.gate.passed and final.agreement.logits.cosine >= spec.quantize.llm_gate.min_cosine)
     if settled.precision == "int4":

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 import torch
 from onnx import numpy_helper
@@ -19,9 +20,11 @@ from builder.export.parity import check_parity
 from builder.export.recipes import ExportRecipe
 from builder.export.streamed.writer import LinearWeight, StreamedLlm, write_streamed_llm
 from builder.families import FAMILIES, family_for
+from builder.errors import BuildError
 from builder.quantize.agreement import FusedPrompt, RunnerScorer
+from builder.quantize.awq import best_scales
 from builder.quantize.reference import TorchScorer
-from builder.quantize.weight_only import NbitsWeights, QdqWeights, quantize_weights_nbits, quantize_weights_qdq
+from builder.quantize.weight_only import NbitsWeights, QdqWeights, ScaledWeights, quantize_weights_nbits, quantize_weights_qdq
 from builder.runtime.generation import LanguageModelRunner
 from builder.source.checkpoint import check_checkpoint, load_checkpoint
 from builder.source.tokenizer_files import serving_tokenizer
@@ -220,3 +223,37 @@ def test_the_gates_pytorch_reference_is_hfs_forward_and_the_served_graphs(family
     written = write_streamed_llm(checkpoint, tmp_path / "graph", "float32", limits=LIMITS)
     served = RunnerScorer(LanguageModelRunner(str(written.path), facts)).score(media, continuation)
     np.testing.assert_allclose(scorer.score(media, continuation), served, atol=ATOL, rtol=RTOL)
+
+
+def test_awq_scales_cut_the_4_bit_error_where_activations_have_outlier_channels(tmp_path: Path) -> None:
+    """A Linear whose inputs carry a few channels 30x larger than the rest (as LLM activations do): the searched
+    scales (builder.quantize.awq) written as ScaledWeights (a Mul by 1/s, then MatMulNBits of W * s) reproduce its
+    outputs under ONNX Runtime better than round to nearest of W; a decoder weight without scales is an error."""
+    rng = np.random.default_rng(0)
+    weight = torch.from_numpy(rng.standard_normal((64, 256)).astype(np.float32))  # [N, K] as a Linear stores it
+    inputs = rng.standard_normal((300, 256)).astype(np.float32)
+    inputs[:, [3, 77, 200]] *= 30
+    scales = best_scales(weight, torch.from_numpy(inputs), 4, 32)
+    assert not np.allclose(scales, 1.0)  # the search chose to scale
+    name = "model.language_model.layers.0.mlp.down_proj.weight"
+    np.savez(tmp_path / "awq.npz", **{name: scales})
+    want = inputs @ weight.numpy().T
+
+    def error(form: NbitsWeights | ScaledWeights, names: tuple[str, ...]) -> float:
+        node = onnx.helper.make_node("MatMul", ["x", "w"], ["y"], name="down_proj")
+        nodes, tensors = form.matmul(node, LinearWeight(weight, names))
+        x, y = (onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [None, size])
+                for n, size in (("x", 256), ("y", 64)))
+        graph = onnx.helper.make_graph(nodes, "g", [x], [y], tensors)
+        model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 20),
+                                                             onnx.helper.make_opsetid("com.microsoft", 1)])
+        session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        (got,) = session.run(["y"], {"x": inputs})
+        return float(np.mean((got - want) ** 2))
+
+    plain = NbitsWeights(4, 32)
+    scaled, rounded = error(ScaledWeights(plain, tmp_path / "awq.npz"), (name,)), error(plain, (name,))
+    print(f"4-bit output MSE: AWQ scales {scaled:.4g}, round to nearest {rounded:.4g}")
+    assert scaled < 0.8 * rounded
+    with pytest.raises(BuildError, match="no AWQ scales for model.language_model.layers.1"):
+        error(ScaledWeights(plain, tmp_path / "awq.npz"), ("model.language_model.layers.1.mlp.down_proj.weight",))

@@ -38,6 +38,11 @@ class CalibrationFiles:
     holdout: int
 
     @property
+    def calibration_prompts(self) -> tuple[str, ...]:
+        """The prompts calibration reads (the held-out ones after them never)."""
+        return self.prompts[:self.samples]
+
+    @property
     def digest(self) -> str:
         """Hash of every byte the stage reads, so the cache notices an edited or replaced file."""
         digest = hashlib.sha256(f"{self.samples}/{self.holdout}".encode())
@@ -95,7 +100,7 @@ def calibration_files(spec: BuildSpec, with_images: bool, with_audio: bool) -> C
 def fixed_continuations(files: CalibrationFiles, tokenizer: Tokenizer, count: int, positions: int) -> tuple[np.ndarray, ...]:
     """What the gates feed after each of ``count`` held-out prompts (:mod:`builder.quantize.agreement`): ``positions - 1``
     tokens each, cut in turn from the calibration prompts' text (never a held-out one), repeated when it runs short."""
-    tokens = tokenizer.encode(" ".join(files.prompts[:files.samples]), add_special_tokens=False).ids or [0]
+    tokens = tokenizer.encode(" ".join(files.calibration_prompts), add_special_tokens=False).ids or [0]
     stream = np.resize(np.asarray(tokens, dtype=np.int64), count * (positions - 1))
     return tuple(stream[i * (positions - 1):(i + 1) * (positions - 1)] for i in range(count))
 

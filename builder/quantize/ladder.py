@@ -5,7 +5,8 @@ Entropy, Percentile), then the best of them with the most sensitive nodes kept i
 (target ``tensorrt`` only: ONNX Runtime on CPU runs FP16 slower than FP32), then FP32. For the INT8
 LLM (weight-only round to nearest, no calibration): the spec's block size with int8 then float compute, then
 blocks of 16 (target ``tensorrt``: int8 Q/DQ per output channel, then blocks of the spec's size, then 16), then
-FP16 / FP32. An INT4 LLM walks the same rungs in 4-bit first, then INT8's.
+FP16 / FP32. An INT4 LLM walks the same rungs in 4-bit first, then the calibrated 4-bit rung (AWQ's activation-aware
+scales, searched on the calibration prompts: :mod:`builder.quantize.awq`), then INT8's.
 An FP16 component: FP16, then FP32. An encoder's FP32 graph is the reference, so it always passes; an LLM's rungs,
 FP32 too, are each written from the checkpoint's shards and gated against the checkpoint in PyTorch
 (:mod:`builder.quantize.reference`).
@@ -36,7 +37,7 @@ from builder.quantize.fp16 import convert_fp16
 from builder.quantize.qdq import CALIBRATION_METHODS, QdqLayout, quantize_qdq, weight_nodes
 from builder.quantize.reader import SampleReader
 from builder.quantize.sensitivity import most_sensitive_nodes
-from builder.quantize.weight_only import NbitsWeights, QdqWeights
+from builder.quantize.weight_only import NbitsWeights, QdqWeights, ScaledWeights
 from builder.runtime.generation import SequenceRunner
 from builder.runtime.model_facts import ModelFacts
 from builder.spec import GateSpec, LimitsSpec, QuantizeSpec
@@ -143,6 +144,7 @@ class LlmJob:
     continuations: tuple[np.ndarray, ...]  # the fixed tokens fed after each prompt
     reference: tuple[np.ndarray, ...]  # each prompt's reference logits (the checkpoint in PyTorch), computed once
     source: LlmSource
+    awq_scales: Callable[[int, int], Path]  # (bits, block size) -> the AWQ search's scales (searched once, cached)
 
 
 @dataclass(frozen=True)
@@ -152,13 +154,18 @@ class LlmRung:
 
     precision: str  # int4 | int8 | fp16 | fp32
     scheme: str
-    weights: MatMulWeights | None
+    weights: NbitsWeights | QdqWeights | None
+    awq: bool = False  # ``weights`` after AWQ's activation-aware scaling (builder.quantize.awq)
 
-    def write(self, source: LlmSource, path: Path) -> None:
+    def write(self, source: LlmSource, path: Path, awq_scales: Callable[[int, int], Path]) -> None:
         dtype = "float16" if self.precision == "fp16" else "float32"
+        weights: MatMulWeights | None = self.weights
+        if self.awq:
+            assert self.weights is not None and self.weights.block_size is not None, "AWQ scales blocked weights"
+            weights = ScaledWeights(self.weights, awq_scales(self.weights.bits, self.weights.block_size))
         with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
             written = write_streamed_llm(source.checkpoint, Path(scratch), dtype,
-                                         limits=source.limits, opset=source.opset, weights=self.weights)
+                                         limits=source.limits, opset=source.opset, weights=weights)
             move_onnx(written.path, path)
 
 
@@ -168,23 +175,30 @@ def _weight_bits(requested: str) -> tuple[int, ...]:
 
 
 def matmulnbits_rungs(requested: str, spec: QuantizeSpec) -> list[LlmRung]:
-    """ONNX Runtime's ``MatMulNBits``, fastest first: integer compute, float compute of the same weights, smaller blocks."""
-    return [
-        LlmRung(f"int{bits}", f"weight-only block {block}, {'int8' if level == 4 else 'float'} compute",
-                NbitsWeights(bits, block, level))
-        for bits in _weight_bits(requested)
-        for block, level in dict.fromkeys(((spec.llm_block_size, 4), (spec.llm_block_size, 0), (16, 0)))
-    ]
+    """ONNX Runtime's ``MatMulNBits``, fastest first: integer compute, float compute of the same weights, smaller
+    blocks; in 4-bit then the calibrated rung (AWQ scales, integer compute)."""
+    rungs = []
+    for bits in _weight_bits(requested):
+        rungs += [LlmRung(f"int{bits}", f"weight-only block {block}, {'int8' if level == 4 else 'float'} compute",
+                          NbitsWeights(bits, block, level))
+                  for block, level in dict.fromkeys(((spec.llm_block_size, 4), (spec.llm_block_size, 0), (16, 0)))]
+        if bits == 4:
+            rungs.append(LlmRung("int4", f"weight-only block {spec.llm_block_size}, AWQ scales, int8 compute",
+                                 NbitsWeights(4, spec.llm_block_size, 4), awq=True))
+    return rungs
 
 
 def qdq_weight_rungs(requested: str, spec: QuantizeSpec) -> list[LlmRung]:
     """Weight-only Q/DQ (what TensorRT parses; it cannot parse MatMulNBits): per output channel first, the
-    granularity TensorRT documents for INT8 weights, then the finer blocks."""
-    return [
-        LlmRung(f"int{bits}", f"weight-only Q/DQ {f'block {block}' if block else 'per channel'}", QdqWeights(bits, block))
-        for bits in _weight_bits(requested)
-        for block in dict.fromkeys((None, spec.llm_block_size, 16))
-    ]
+    granularity TensorRT documents for INT8 weights, then the finer blocks; in 4-bit then AWQ scales."""
+    rungs = []
+    for bits in _weight_bits(requested):
+        rungs += [LlmRung(f"int{bits}", f"weight-only Q/DQ {f'block {block}' if block else 'per channel'}", QdqWeights(bits, block))
+                  for block in dict.fromkeys((None, spec.llm_block_size, 16))]
+        if bits == 4:
+            rungs.append(LlmRung("int4", f"weight-only Q/DQ block {spec.llm_block_size}, AWQ scales",
+                                 QdqWeights(4, spec.llm_block_size), awq=True))
+    return rungs
 
 
 FP16_RUNG = LlmRung("fp16", "fp16", None)  # integer weights failed: FP16 before FP32 (on a GPU)
@@ -276,7 +290,7 @@ def settle_llm(job: LlmJob, requested: str, forms: LlmForms, spec: QuantizeSpec,
     ladder = _Ladder(LLM.name, requested, spec, spec.llm_gate, directory, rejected)
     for rung in [*forms.rungs(requested, spec), FP32_RUNG]:
         path = ladder.candidate()
-        rung.write(job.source, path)
+        rung.write(job.source, path, job.awq_scales)
         found = agreement(job.reference, score_all(RunnerScorer(forms.gate_runner(path, job.facts)), job.prompts,
                                                    job.continuations))
         gate = judge((found.logits,), found.prompts * found.positions, spec.llm_gate)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from builder.components import LLM
 from builder.export.wrappers import LanguageModel
@@ -26,8 +27,9 @@ class TorchScorer:
     """A :class:`~builder.quantize.agreement.LogitScorer` over the PyTorch model: the prompt and its continuation in
     one forward pass (each layer read once), the logits of the positions the gates compare."""
 
-    def __init__(self, module: LanguageModel, facts: ModelFacts) -> None:
+    def __init__(self, module: LanguageModel, facts: ModelFacts, weight_names: dict[int, str]) -> None:
         self.module, self.facts = module, facts
+        self.weight_names = weight_names  # id of each Linear -> the HF model's name of its weight
 
     @classmethod
     def load(cls, checkpoint: Path, tokenizer: Path, limits: LimitsSpec) -> "TorchScorer":
@@ -35,7 +37,8 @@ class TorchScorer:
         found = check_checkpoint(checkpoint)
         source = found.load("float32", tokenizer, layers_on_demand=True)
         (recipe,) = found.family.recipes(source, limits, [LLM.name])
-        return cls(recipe.module, source.facts)  # the encoders' modules go with ``source``
+        names = {id(m): f"{name}.weight" for name, m in source.model.named_modules() if isinstance(m, nn.Linear)}
+        return cls(recipe.module, source.facts, names)  # the encoders' modules go with ``source``
 
     def score(self, prompt: FusedPrompt, continuation: np.ndarray) -> np.ndarray:
         facts, length = self.facts, prompt.input_ids.size

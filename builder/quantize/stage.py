@@ -19,7 +19,7 @@ from builder.compare import onnxruntime_session
 from builder.components import COMPONENTS, LLM
 from builder.errors import BuildError
 from builder.export.graph import ExportedGraph
-from builder.quantize.agreement import POSITIONS, LogitScorer, RunnerScorer, fuse_prompt, score_all
+from builder.quantize.agreement import POSITIONS, FusedPrompt, LogitScorer, RunnerScorer, fuse_prompt, score_all
 from builder.quantize.calibration_data import (
     CalibrationFiles,
     CalibrationSamples,
@@ -201,7 +201,23 @@ def _settle(stage: _Stage, component: str, graph: ExportedGraph, precision: str,
         prompts = tuple(fuse_prompt(p, encoders, stage.facts) for p in samples.prompts)
         continuations = stage.continuations(len(prompts))
         reference = score_all(stage.reference_llm(), prompts, continuations)  # the PyTorch model is dropped after
-        job = LlmJob(stage.facts, prompts, continuations, reference, stage.source)
+
+        def awq_scales(bits: int, block_size: int) -> Path:
+            def search_into(tmp: Path) -> None:
+                from builder.quantize.awq import search_scales
+                from builder.quantize.reference import TorchScorer
+
+                scorer = TorchScorer.load(stage.source.checkpoint, stage.tokenizer, spec.limits)
+                assert stage.files is not None
+                texts = [stage.preprocessor()(text, [], []) for text in stage.files.calibration_prompts]
+                search_scales(scorer, [FusedPrompt(t.input_ids, np.zeros((t.input_ids.size, stage.facts.hidden_size),
+                                                                          np.float32), np.zeros(t.input_ids.size, bool))
+                                       for t in texts], bits, block_size, tmp / "awq.npz")
+
+            key = CALIBRATION.key(calibration_key, "awq", bits, block_size)
+            return CALIBRATION.run(stage.cache, component, key, search_into) / "awq.npz"
+
+        job = LlmJob(stage.facts, prompts, continuations, reference, stage.source, awq_scales)
         return settle_llm(job, precision, llm_forms, spec.quantize, directory, rejected)
     fp32 = _done_path(graph)
     input_name = COMPONENTS[component].graph_input

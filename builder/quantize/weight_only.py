@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from builder.errors import BuildError
 from builder.export.streamed.writer import LinearWeight, half_lookup, matmul_of_gemm
 from builder.onnx_files import load_onnx, save_onnx
 
@@ -205,3 +207,48 @@ class QdqWeights:
         produced, dequantize = _dequantize_linear(node.input[1], values, scales, self.block_size, self.bits)
         node.input[1] = dequantize.output[0]
         return [dequantize, node], produced
+
+
+@dataclass(frozen=True)
+class ScaledWeights:
+    """AWQ's form (:mod:`builder.quantize.awq`): each decoder MatMul's weight scaled per input channel by its searched
+    ``s`` before ``inner`` quantizes it, and its input divided by ``s`` (a Mul before the MatMul), so the product is
+    the checkpoint's while the channels the activations use most round finest. The lm_head has no scales: ``inner``
+    alone. ``scales``: the search's .npz, HF weight name -> ``s`` [K]."""
+
+    inner: NbitsWeights | QdqWeights
+    scales: Path
+
+    @property
+    def precision(self) -> str:
+        return self.inner.precision
+
+    @property
+    def opset(self) -> int:
+        return self.inner.opset
+
+    @property
+    def domains(self) -> tuple[str, ...]:
+        return self.inner.domains
+
+    @cached_property
+    def _found(self) -> dict[str, np.ndarray]:
+        with np.load(self.scales) as archive:
+            return {name: archive[name] for name in archive.files}
+
+    def matmul(self, node: onnx.NodeProto, weight: LinearWeight) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+        import torch
+
+        name = next((n for n in weight.names if n in self._found), None)
+        if name is None:
+            if any(".layers." in n for n in weight.names):
+                raise BuildError(f"llm: no AWQ scales for {weight.names[0]} in {self.scales}")
+            return self.inner.matmul(node, weight)  # the lm_head
+        scales = self._found[name]
+        scaled = LinearWeight(weight.stored.to(torch.float32) * torch.from_numpy(scales)[None, :], weight.names)
+        inverse = numpy_helper.from_array((1 / scales).astype(np.float32), f"{node.input[1]}_awq_inverse")
+        divided = helper.make_node("Mul", [node.input[0], inverse.name], [f"{node.input[1]}_awq_input"],
+                                   name=f"{node.name}_awq")
+        node.input[0] = divided.output[0]
+        nodes, tensors = self.inner.matmul(node, scaled)
+        return [divided, *nodes], [inverse, *tensors]

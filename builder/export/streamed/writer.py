@@ -36,6 +36,7 @@ class LinearWeight:
     made. Blocks of weights run along K, so columns are quantized independently."""
 
     stored: torch.Tensor
+    names: tuple[str, ...] = ()  # the HF model's names of it (tied weights: several)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -193,7 +194,8 @@ def _write_weights(graph: StampedGraph, tensors: CheckpointTensors, external: Ex
                 transposed[matmul.input[1]] = node.input[1]
                 node = matmul
         if weights is not None and node.op_type == "MatMul" and node.input[1] in transposed:
-            stored = LinearWeight(tensors.read(graph.weights[transposed[node.input[1]]]))
+            names = graph.weights[transposed[node.input[1]]]
+            stored = LinearWeight(tensors.read(names), names)
             replaced, produced = weights.matmul(node, stored)
             del stored
             nodes += replaced
