@@ -271,6 +271,7 @@ def test_int4_llm_walks_4_bit_rungs_then_int8_and_says_so(llm_job: LlmJob, tmp_p
     precisions = [a.precision for a in settled.attempts]
     assert precisions == sorted(precisions, key=["int4", "int8", "fp32"].index)  # never back up the ladder
     schemes = [a.scheme for a in settled.attempts]
+    print(settled.summary())
     if len(schemes) > 3:  # the three round-to-nearest 4-bit rungs failed: the calibrated one came next
         assert schemes[3] == f"weight-only block {spec.quantize.llm_block_size}, AWQ scales, int8 compute"
     final = settled.final
