@@ -14,7 +14,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from builder.compare import run_onnxruntime
+from builder.compare import figures, run_onnxruntime
 from builder.export.graph import graph_signature
 from builder.export.parity import check_parity
 from builder.export.recipes import ExportRecipe
@@ -22,13 +22,13 @@ from builder.export.streamed.writer import LinearWeight, StreamedLlm, write_stre
 from builder.families import FAMILIES, family_for
 from builder.errors import BuildError
 from builder.quantize.agreement import FusedPrompt, RunnerScorer
-from builder.quantize.awq import best_scales
+from builder.quantize.awq import best_scales, search_scales
 from builder.quantize.reference import TorchScorer
 from builder.quantize.weight_only import NbitsWeights, QdqWeights, ScaledWeights, quantize_weights_nbits, quantize_weights_qdq
 from builder.runtime.generation import LanguageModelRunner
 from builder.source.checkpoint import check_checkpoint, load_checkpoint
 from builder.source.tokenizer_files import serving_tokenizer
-from builder.spec import LimitsSpec
+from builder.spec import LimitsSpec, LlmGateSpec
 from tests.hf_checkpoints import write_mistral3_checkpoint, write_qwen2_audio_checkpoint, write_voxtral_checkpoint
 from tests.hf_gemma3 import write_gemma3_checkpoint
 from tests.hf_qwen25_omni import write_qwen25_omni_checkpoint
@@ -257,3 +257,24 @@ def test_awq_scales_cut_the_4_bit_error_where_activations_have_outlier_channels(
     assert scaled < 0.8 * rounded
     with pytest.raises(BuildError, match="no AWQ scales for model.language_model.layers.1"):
         error(ScaledWeights(plain, tmp_path / "awq.npz"), ("model.language_model.layers.1.mlp.down_proj.weight",))
+
+
+@pytest.mark.parametrize("family", sorted(WRITERS))
+def test_awq_scales_are_searched_and_written_for_every_family(family: str, tmp_path: Path) -> None:
+    """The search (in the PyTorch reference's forward) finds every decoder Linear of each family by the names the
+    streamed writer gives its weights: the AWQ graph is written (a weight without scales would stop it), scales as
+    Muls before the MatMuls, and in INT8 its logits pass the LLM gate's cosine against the checkpoint's."""
+    checkpoint = WRITERS[family](tmp_path / "checkpoint")
+    facts = check_checkpoint(checkpoint).read_facts()
+    scorer = TorchScorer.load(checkpoint, serving_tokenizer(checkpoint), LIMITS)
+    ids = np.random.default_rng(1).integers(0, facts.vocab_size, 24).astype(np.int64)
+    prompt = FusedPrompt(ids, np.zeros((ids.size, facts.hidden_size), np.float32), np.zeros(ids.size, bool))
+    scales = search_scales(scorer, [prompt], 8, 32, tmp_path / "awq.npz")
+    written = write_streamed_llm(checkpoint, tmp_path / "graph", limits=LIMITS,
+                                 weights=ScaledWeights(NbitsWeights(8, 32), scales))
+    muls = [n for n in onnx.load(str(written.path), load_external_data=False).graph.node if n.name.endswith("_awq")]
+    assert len(muls) == len(np.load(scales).files) > 0
+    continuation = ids[:5]
+    served = RunnerScorer(LanguageModelRunner(str(written.path), facts)).score(prompt, continuation)
+    (found,) = figures([{"logits": served}], [{"logits": scorer.score(prompt, continuation)}], ["logits"])
+    assert found.cosine >= LlmGateSpec().min_cosine
