@@ -44,3 +44,18 @@ def test_a_machine_too_small_is_refused_with_the_numbers(tmp_path: Path) -> None
         dataclasses.replace(found, available_ram=found.peak_ram - 1).check()
     with pytest.raises(BuildError, match=r"not enough disk for the build cache"):
         dataclasses.replace(found, free_disk=found.disk - 1).check()
+
+
+def test_a_ladder_that_falls_to_a_float_graph_it_cannot_hold_stops_with_the_numbers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pre-flight counted on the requested INT4; when every integer rung fails, the FP32 graph would need 4 bytes
+    a parameter: on a machine without them the build stops naming the rungs and the RAM, before writing it."""
+    from builder.quantize.ladder import FP32_RUNG, _check_float_fits
+    from tests.hf_checkpoints import write_mistral3_checkpoint
+
+    checkpoint = write_mistral3_checkpoint(tmp_path / "checkpoint")
+    _check_float_fits(checkpoint, FP32_RUNG, [])  # a tiny model fits this machine
+    needed = estimate(sorted(checkpoint.glob("*.safetensors")), checkpoint, "fp32", quantized=True).peak_ram
+    monkeypatch.setattr("builder.source.preflight._available_ram", lambda: needed - 1)
+    with pytest.raises(BuildError, match=r"every integer rung failed the LLM gate .* fp32 graph needs about .* GB of RAM"):
+        _check_float_fits(checkpoint, FP32_RUNG, [])

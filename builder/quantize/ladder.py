@@ -40,6 +40,7 @@ from builder.quantize.sensitivity import most_sensitive_nodes
 from builder.quantize.weight_only import NbitsWeights, QdqWeights, ScaledWeights
 from builder.runtime.generation import SequenceRunner
 from builder.runtime.model_facts import ModelFacts
+from builder.source.preflight import estimate
 from builder.spec import GateSpec, LimitsSpec, QuantizeSpec
 
 
@@ -289,6 +290,8 @@ def settle_llm(job: LlmJob, requested: str, forms: LlmForms, spec: QuantizeSpec,
     """Walks the backend's rungs in order, then FP32, until one passes the LLM gate against the PyTorch reference."""
     ladder = _Ladder(LLM.name, requested, spec, spec.llm_gate, directory, rejected)
     for rung in [*forms.rungs(requested, spec), FP32_RUNG]:
+        if rung.weights is None:  # a float rung: ONNX Runtime holds it in FP32, 4 bytes a parameter
+            _check_float_fits(job.source.checkpoint, rung, ladder.attempts)
         path = ladder.candidate()
         rung.write(job.source, path, job.awq_scales)
         found = agreement(job.reference, score_all(RunnerScorer(forms.gate_runner(path, job.facts)), job.prompts,
@@ -301,6 +304,17 @@ def settle_llm(job: LlmJob, requested: str, forms: LlmForms, spec: QuantizeSpec,
         if ladder.record(attempt):
             return _settled(LLM.name, requested, ladder, 0, len(job.prompts))
     raise AssertionError("the FP32 rung passes or raises")
+
+
+def _check_float_fits(checkpoint: Path, rung: LlmRung, attempts: Sequence[Attempt]) -> None:
+    """Stops the build with the numbers, rather than the machine running out of memory, when the integer rungs failed
+    and the float one does not fit (the pre-flight counted on the requested precision)."""
+    needed = estimate(sorted(checkpoint.glob("*.safetensors")), checkpoint, rung.precision, quantized=True)
+    if needed.peak_ram > needed.available_ram:
+        tried = "; ".join(f"{a.label()}: {a.agreement.summary() if a.agreement else 'failed'}" for a in attempts)
+        raise BuildError(f"llm: every integer rung failed the LLM gate ({tried}), and its {rung.precision} graph needs "
+                         f"about {needed.peak_ram / 1e9:.1f} GB of RAM to gate, {needed.available_ram / 1e9:.1f} GB "
+                         "available: build on a larger machine, or set quantize.llm_gate to what this checkpoint reaches")
 
 
 def _settled(component: str, requested: str, ladder: _Ladder, calibration: int, holdout: int, fp32: Path | None = None) -> Settled:
