@@ -27,13 +27,18 @@ its repeats of each run's median step. In FP32 the greedy tokens of every sequen
 (they should be identical: same weights, same arithmetic up to rounding order); in INT4 the two quantizers' output
 need not agree and the share of identical tokens is shown for information only.
 
-    python benchmarks/genai_compare.py            # full: 154M decoder, 5 repeats x 32 steps per cell (~15 min on 2 cores)
-    python benchmarks/genai_compare.py --quick    # smoke run: a 2-layer 256-wide decoder, 2 repeats x 8 steps (< 3 min)
+    python benchmarks/genai_compare.py              # full: 154M decoder, 5 repeats x 32 steps per cell (~8 min on 2 cores)
+    python benchmarks/genai_compare.py --threads 1  # the same on one intra-op thread each
+    python benchmarks/genai_compare.py --quick      # smoke run: a 2-layer 256-wide decoder, 2 repeats x 8 steps (< 1 min)
+
+``--threads`` defaults to every core of the machine. If anything else keeps a core busy, a step on every core waits
+for the thread that shares it, and both sides' times grow and scatter (the 1-minute load average after each cell
+is in the CSV): ``--threads 1`` then measures the graphs rather than the contention.
 
 Numbers: ``ms/step`` is one decode step of the whole batch; ``tok/s/seq`` is tokens per second per sequence
 (1000 / ms/step; the batch's throughput is that x batch); ``project/genai`` is genai's ms/step over the project's:
-above 1 the project decodes faster, below 1 genai does. Writes genai_compare.csv into
-benchmarks/results/genai_compare/ (or --output) and prints a markdown table.
+above 1 the project decodes faster, below 1 genai does. Writes genai_compare.csv (genai_compare_threadsN.csv for
+another thread count) into benchmarks/results/genai_compare/ (or --output) and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -70,9 +75,9 @@ def write_checkpoints(work: Path, quick: bool) -> tuple[Path, Path, int]:
     config = tiny_config()
     del config.audio_config  # vision + text, as published Mistral-3 checkpoints are
     text = config.text_config
-    for key, value in dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, head_dim=64,
-                           num_key_value_heads=kv_heads, intermediate_size=intermediate, vocab_size=vocab,
-                           max_position_embeddings=2048, sliding_window=None, tie_word_embeddings=False).items():
+    for key, value in {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads, "head_dim": 64,
+                       "num_key_value_heads": kv_heads, "intermediate_size": intermediate, "vocab_size": vocab,
+                       "max_position_embeddings": 2048, "sliding_window": None, "tie_word_embeddings": False}.items():
         setattr(text, key, value)
     config.tie_word_embeddings = False
     torch.manual_seed(0)
@@ -247,13 +252,14 @@ def main() -> None:
                         word = word if word and share == 1.0 else said
                     p_ms, g_ms = statistics.median(project_ms), statistics.median(genai_ms)
                     rows.append({
-                        "precision": precision, "context": context, "batch": batch,
+                        "precision": precision, "context": context, "batch": batch, "threads": args.threads,
                         "project_ms_per_step": round(p_ms, 2), "genai_ms_per_step": round(g_ms, 2),
                         "project_tok_s_per_seq": round(1000 / p_ms, 1), "genai_tok_s_per_seq": round(1000 / g_ms, 1),
                         "project_over_genai_speed": round(g_ms / p_ms, 3),
                         "project_runs_ms": " ".join(f"{v:.1f}" for v in project_ms),
                         "genai_runs_ms": " ".join(f"{v:.1f}" for v in genai_ms),
                         "greedy_tokens": word, "same_token_share": round(min(agreement), 4),
+                        "load_avg_1m": round(os.getloadavg()[0], 2),  # other jobs on the machine (this one adds ~threads)
                     })
                     print({k: rows[-1][k] for k in ("precision", "context", "batch", "project_ms_per_step",
                                                     "genai_ms_per_step", "project_over_genai_speed", "greedy_tokens")},
@@ -264,7 +270,8 @@ def main() -> None:
                 subprocess.run(["rm", "-rf", str(leftover)], check=False)  # disk: one precision's graphs at a time
 
     args.output.mkdir(parents=True, exist_ok=True)
-    with (args.output / "genai_compare.csv").open("w", newline="") as handle:
+    name = "genai_compare.csv" if args.threads == len(os.sched_getaffinity(0)) else f"genai_compare_threads{args.threads}.csv"
+    with (args.output / name).open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -272,7 +279,8 @@ def main() -> None:
           f"({facts.num_layers} layers, hidden {facts.hidden_size}, vocab {facts.vocab_size}); ONNX Runtime "
           f"{onnxruntime.__version__}, onnxruntime-genai {og.__version__}, {args.threads} intra-op threads each; "
           f"per cell {repeats} alternated runs of each x median of {steps} steps (after {args.warmup}); "
-          f"{time.perf_counter() - started:.0f} s in all")
+          f"{time.perf_counter() - started:.0f} s in all; 1-minute load average {min(r['load_avg_1m'] for r in rows)}"
+          f"-{max(r['load_avg_1m'] for r in rows)} after the cells")
     for note in notes:
         print(note)
     fp32 = [r for r in rows if r["precision"] == "fp32"]
