@@ -35,7 +35,7 @@ from transformers import Mistral3ForConditionalGeneration
 
 from builder.bench.report import machine
 from builder.onnx_files import data_files
-from builder.source.preflight import tensor_bytes
+from builder.source.headers import tensor_bytes
 from builder.source.tiny import tiny_config, write_tokenizer_and_processor
 
 ROOT = Path(__file__).resolve().parents[1]

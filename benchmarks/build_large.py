@@ -127,7 +127,7 @@ def _bytes_under(directory: Path) -> int:
 
 
 def main() -> None:
-    from builder.source.preflight import tensor_bytes
+    from builder.source.headers import tensor_bytes
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path, help="a Hugging Face checkpoint directory (write_large_checkpoint.py)")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder.errors import BuildError
-from builder.source.preflight import component_of, numel, safetensors_header
+from builder.source.headers import component_of, numel, safetensors_header
 
 GIB = 1024**3
 KV_COPIES = 3  # per position at a decode step: the sequence's cache, the batch's past, its present

@@ -9,7 +9,8 @@ import pytest
 from safetensors.torch import load_file
 
 from builder.errors import BuildError
-from builder.source.preflight import BASE_RAM, SESSION_BYTES_PER_LLM_PARAMETER, component_of, estimate
+from builder.source.headers import component_of
+from builder.source.preflight import BASE_RAM, SESSION_BYTES_PER_LLM_PARAMETER, estimate
 
 
 def test_estimate_counts_every_tensor_from_the_headers(tmp_path: Path) -> None:

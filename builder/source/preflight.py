@@ -18,20 +18,17 @@ quantized encoder.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import shutil
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 from builder.errors import BuildError
+from builder.sizing import BYTES_PER_WEIGHT
+from builder.source.headers import DTYPE_BYTES, component_of, numel, safetensors_header
 
 SESSION_BYTES_PER_LLM_PARAMETER = 4.0  # ONNX Runtime on the CPU holds the LLM's weights in FP32 (see above)
 BASE_RAM = 1_500_000_000  # Python, torch, transformers and onnxruntime themselves
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-                "F8_E4M3": 1, "F8_E5M2": 1}
 
 GB = 1e9
 
@@ -57,35 +54,13 @@ class Preflight:
             raise BuildError(f"not enough disk for the build cache: {self.summary()}; free space or set --cache")
 
 
-def safetensors_header(path: Path) -> dict[str, dict]:
-    """Tensor name -> its header entry (``dtype``, ``shape``, offsets), read without reading a tensor."""
-    with path.open("rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
-    header.pop("__metadata__", None)
-    return header
-
-
-def numel(entry: dict) -> int:
-    return math.prod(entry["shape"])
-
-
-def tensor_bytes(path: Path) -> tuple[int, int]:
-    """(parameters, bytes) of one safetensors file, from its JSON header (no tensor is read)."""
-    header = safetensors_header(path)
-    return (sum(numel(e) for e in header.values()),
-            sum(numel(e) * _DTYPE_BYTES.get(e["dtype"], 4) for e in header.values()))
-
-
 def estimate(weight_files: list[Path], cache_dir: Path, llm_precision: str, quantized: bool) -> Preflight:
     """``llm_precision``: fp32 | fp16 | int8 | int4; ``quantized``: some component is (its graph is written twice)."""
-    from builder.sizing import BYTES_PER_WEIGHT  # sizing reads headers with this module's helpers
-
     parameters = stored = decoder_layers = llm = embedding = 0
     for path in weight_files:
         for name, entry in safetensors_header(path).items():
             count = numel(entry)
-            parameters, stored = parameters + count, stored + count * _DTYPE_BYTES.get(entry["dtype"], 4)
+            parameters, stored = parameters + count, stored + count * DTYPE_BYTES.get(entry["dtype"], 4)
             kind = component_of(name)
             if kind in ("llm", "embedding"):
                 llm += count
@@ -113,16 +88,6 @@ def _layers(weight_files: list[Path]) -> int:
     found = {name.split(".layers.")[1].split(".")[0] for path in weight_files for name in safetensors_header(path)
              if ".layers." in name and component_of(name) == "llm"}
     return len(found)
-
-
-def component_of(tensor: str) -> str:
-    """Which component a tensor belongs to, by the names HF multimodal checkpoints use."""
-    if ("vision_tower" in tensor or "multi_modal_projector" in tensor or "vision_model" in tensor
-            or tensor.startswith(("visual.", "thinker.visual."))):  # Qwen2.5-Omni's vision tower and merger
-        return "vision_encoder"
-    if "audio_tower" in tensor or "audio_projector" in tensor:
-        return "audio_encoder"
-    return "embedding" if tensor.endswith("embed_tokens.weight") else "llm"
 
 
 def _available_ram() -> int:
