@@ -181,17 +181,19 @@ def dequantized_matmuls(graph: onnx.GraphProto, bits: int = 8) -> list[onnx.Node
     return found
 
 
-@pytest.mark.parametrize(("block", "bits"), [(None, 8), (32, 8), (32, 4)])
-def test_tensorrt_integer_llm_graph_is_dequantize_feeding_matmul(built_repository: Path, tmp_path: Path, block: int | None,
-                                                                bits: int) -> None:
+@pytest.mark.parametrize(("block", "bits", "awq"), [(None, 8, False), (32, 8, False), (32, 4, False), (32, 4, True)])
+def test_tensorrt_integer_llm_graph_is_dequantize_feeding_matmul(built_repository: Path, llm_job: LlmJob, tmp_path: Path,
+                                                                block: int | None, bits: int, awq: bool) -> None:
     """TensorRT cannot parse MatMulNBits: its INT8 / INT4 LLM is standard ONNX, int8 / int4 weights -> DequantizeLinear
-    (opset 21, blocked) -> MatMul, written from the checkpoint's shards as the ladder writes it."""
+    (opset 21, blocked) -> MatMul, written from the checkpoint's shards as the ladder writes it (AWQ's rung: a Mul by
+    1/s before each decoder MatMul, a standard op too)."""
     fp32 = served_graphs(built_repository)["llm"]
     output = tmp_path / "llm-qdq.onnx"
     (rung,) = [r for r in qdq_weight_rungs(f"int{bits}", load_spec(INT8_SPEC).quantize)
-               if r.weights.bits == bits and r.weights.block_size == block]
-    rung.write(tiny_llm_source(load_spec(INT8_SPEC)), output)
+               if r.weights.bits == bits and r.weights.block_size == block and r.awq == awq]
+    rung.write(tiny_llm_source(load_spec(INT8_SPEC)), output, llm_job.awq_scales)
     model = load_onnx(output)
+    assert awq == any(n.op_type == "Mul" and n.name.endswith("_awq") for n in model.graph.node)
     onnx.checker.check_model(model)
     assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"} and next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 21
     ops = {node.op_type for node in model.graph.node}
