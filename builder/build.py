@@ -109,6 +109,12 @@ class ComponentItem:
     def name(self) -> str:
         return self.component.name
 
+    @property
+    def written_by_quantize(self) -> bool:
+        """An INT8 / INT4 LLM: the quantize stage writes its every graph from the shards; the export records its
+        signature alone, and reads no model for it."""
+        return self.component is LLM and is_quantized(self.precision)
+
 
 def resolve(spec: BuildSpec, output: Path, cache_dir: Path) -> BuildContext:
     """The target, the source and its facts; stops at the first thing this machine or checkpoint cannot do."""
@@ -158,8 +164,7 @@ def build(spec: BuildSpec, output: Path, cache_dir: Path, progress: bool = True)
         if progress:
             tqdm.write(f"pre-flight: {preflight.summary()}")
     for index, item in enumerate(tqdm(items, desc="export + parity", unit="graph", disable=not progress)):
-        reads_model = not (item.component is LLM and is_quantized(item.precision))  # see _export
-        if EXPORT.lookup(cache, item.name, item.export_key) is None and loaded is None and reads_model:
+        if EXPORT.lookup(cache, item.name, item.export_key) is None and loaded is None and not item.written_by_quantize:
             llm_dtype = next(i.dtype for i in items if i.component is LLM)  # an FP16 build's encoders load in FP16
             loaded = ctx.checkpoint.load(llm_dtype, ctx.tokenizer, layers_on_demand=True)
         entry = EXPORT.run(cache, item.name, item.export_key, lambda tmp, item=item: _export(ctx, loaded, item, tmp))
@@ -227,7 +232,7 @@ def _export(ctx: BuildContext, source: SourceModel | None, item: ComponentItem, 
     from builder.export.onnx_export import export_graph
     from builder.export.streamed import export_streamed_llm, record_quantized_llm
 
-    if item.component is LLM and is_quantized(item.precision):
+    if item.written_by_quantize:
         record_quantized_llm(ctx.checkpoint.directory, directory, ctx.spec.export, ctx.spec.limits)
         return
     assert source is not None, "the checkpoint is loaded before any export runs"

@@ -209,7 +209,8 @@ def _settle(stage: _Stage, component: str, graph: ExportedGraph, precision: str,
 
                 scorer = TorchScorer.load(stage.source.checkpoint, stage.tokenizer, spec.limits)
                 assert stage.files is not None
-                texts = [stage.preprocessor()(text, [], []) for text in stage.files.calibration_prompts]
+                preprocess = stage.preprocessor()
+                texts = [preprocess(text, [], []) for text in stage.files.calibration_prompts]
                 search_scales(scorer, [FusedPrompt(t.input_ids, np.zeros((t.input_ids.size, stage.facts.hidden_size),
                                                                           np.float32), np.zeros(t.input_ids.size, bool))
                                        for t in texts], bits, block_size, tmp / "awq.npz")
