@@ -2,7 +2,7 @@
 positions, does the candidate pick the token the reference picks, and how close are its logits?
 
 Free-running token equality is not the measure: one early flip changes every token after it. The continuation is
-fixed text (held-out prompts' tokens), not the reference's own greedy tokens: then the reference scores a prompt in
+fixed text (the calibration prompts' tokens), not the reference's own greedy tokens: then the reference scores a prompt in
 one forward pass, which reads each of its layers once (a 24B checkpoint is read from disk layer by layer; decoding 32
 tokens greedily would read it 32 times).
 """

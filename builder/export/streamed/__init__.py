@@ -8,9 +8,8 @@ here (:func:`record_quantized_llm`): the quantize stage writes its forms.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import json
+from pathlib import Path
 
 from builder.components import LLM
 from builder.export.graph import ExportedGraph, signature, to_json
