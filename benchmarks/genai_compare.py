@@ -27,18 +27,22 @@ its repeats of each run's median step. In FP32 the greedy tokens of every sequen
 (they should be identical: same weights, same arithmetic up to rounding order); in INT4 the two quantizers' output
 need not agree and the share of identical tokens is shown for information only.
 
-    python benchmarks/genai_compare.py              # full: 154M decoder, 5 repeats x 32 steps per cell (~8 min on 2 cores)
+    python benchmarks/genai_compare.py              # full: 154M decoder, 5 repeats x 32 steps per cell (6-8 min on 2 cores)
     python benchmarks/genai_compare.py --threads 1  # the same on one intra-op thread each
     python benchmarks/genai_compare.py --quick      # smoke run: a 2-layer 256-wide decoder, 2 repeats x 8 steps (< 1 min)
 
 ``--threads`` defaults to every core of the machine. If anything else keeps a core busy, a step on every core waits
 for the thread that shares it, and both sides' times grow and scatter (the 1-minute load average after each cell
-is in the CSV): ``--threads 1`` then measures the graphs rather than the contention.
+is in the CSV): ``--threads 1`` is then less exposed to it.
 
 Numbers: ``ms/step`` is one decode step of the whole batch; ``tok/s/seq`` is tokens per second per sequence
 (1000 / ms/step; the batch's throughput is that x batch); ``project/genai`` is genai's ms/step over the project's:
-above 1 the project decodes faster, below 1 genai does. Writes genai_compare.csv (genai_compare_threadsN.csv for
-another thread count) into benchmarks/results/genai_compare/ (or --output) and prints a markdown table.
+above 1 the project decodes faster, below 1 genai does; ``paired`` is the median of the runs' pairwise ratios (genai
+run k over project run k, run back to back), which other jobs starting or stopping between pairs move less; ``p10``
+is the 10th percentile of every timed step of all the cell's runs, and its ratio: other jobs only ever add time to a
+step, so on a busy machine this is the closer figure for the graphs themselves. Writes genai_compare.csv
+(genai_compare_threadsN.csv for another thread count) into benchmarks/results/genai_compare/ (or --output) and prints
+a markdown table; the .log files beside them are the printed output of the runs recorded there.
 """
 
 from __future__ import annotations
@@ -242,20 +246,29 @@ def main() -> None:
                 for batch in args.batches:
                     batch_prompts = prompts[context][:batch]
                     project_ms, genai_ms, agreement, word = [], [], [], ""
+                    project_steps, genai_steps = [], []  # every timed step of every run, ms
                     for _ in range(repeats):
                         times, project_tokens = project_run(runner, facts.hidden_size, batch_prompts, args.warmup, steps)
                         project_ms.append(1000 * statistics.median(times))
+                        project_steps += [1000 * t for t in times]
                         times, genai_tokens = genai_run(model, batch_prompts, args.warmup, steps)
                         genai_ms.append(1000 * statistics.median(times))
+                        genai_steps += [1000 * t for t in times]
                         share, said = compare_tokens(project_tokens, genai_tokens)
                         agreement.append(share)
                         word = word if word and share == 1.0 else said
                     p_ms, g_ms = statistics.median(project_ms), statistics.median(genai_ms)
+                    p_fast, g_fast = float(np.percentile(project_steps, 10)), float(np.percentile(genai_steps, 10))
                     rows.append({
                         "precision": precision, "context": context, "batch": batch, "threads": args.threads,
                         "project_ms_per_step": round(p_ms, 2), "genai_ms_per_step": round(g_ms, 2),
                         "project_tok_s_per_seq": round(1000 / p_ms, 1), "genai_tok_s_per_seq": round(1000 / g_ms, 1),
                         "project_over_genai_speed": round(g_ms / p_ms, 3),
+                        # the median of each alternated pair's ratio: steadier when other jobs come and go between pairs
+                        "paired_speed_median": round(statistics.median(g / p for p, g in zip(project_ms, genai_ms)), 3),
+                        # the 10th percentile of all steps: what each decodes at when nothing else takes its cores
+                        "project_p10_ms": round(p_fast, 2), "genai_p10_ms": round(g_fast, 2),
+                        "p10_speed": round(g_fast / p_fast, 3),
                         "project_runs_ms": " ".join(f"{v:.1f}" for v in project_ms),
                         "genai_runs_ms": " ".join(f"{v:.1f}" for v in genai_ms),
                         "greedy_tokens": word, "same_token_share": round(min(agreement), 4),
@@ -288,11 +301,12 @@ def main() -> None:
         matched = all(r["same_token_share"] == 1.0 for r in fp32)
         print(f"FP32 greedy tokens, project vs genai, every run of every cell: {'IDENTICAL' if matched else 'NOT identical'}")
     print("\n| precision | context | batch | project ms/step | genai ms/step | project tok/s/seq | genai tok/s/seq "
-          "| project/genai speed | greedy tokens |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| project/genai speed | paired | p10 ms project / genai | p10 speed | greedy tokens |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['precision']} | {r['context']} | {r['batch']} | {r['project_ms_per_step']:.1f} | {r['genai_ms_per_step']:.1f} "
               f"| {r['project_tok_s_per_seq']:.1f} | {r['genai_tok_s_per_seq']:.1f} | {r['project_over_genai_speed']:.2f}x "
+              f"| {r['paired_speed_median']:.2f}x | {r['project_p10_ms']:.1f} / {r['genai_p10_ms']:.1f} | {r['p10_speed']:.2f}x "
               f"| {r['greedy_tokens']} |")
 
 
