@@ -151,13 +151,13 @@ def build(spec: BuildSpec, output: Path, cache_dir: Path, progress: bool = True)
     rebuilt = [
         i.name for i in items
         if EXPORT.lookup(cache, i.name, i.export_key) is None
-        or (i.precision != "fp32" and QUANTIZE.lookup(cache, i.name, i.quantize_key) is None)
+        or (is_quantized(i.precision) and QUANTIZE.lookup(cache, i.name, i.quantize_key) is None)
     ]
     loaded: SourceModel | None = None
     preflight = None
     if progress:
         tqdm.write(describe(spec.limits, facts))
-    if any(EXPORT.lookup(cache, i.name, i.export_key) is None for i in items):  # the checkpoint will be loaded
+    if rebuilt:  # an export or a quantize stage will run: the checkpoint is read, graphs are held
         llm = next(i for i in items if i.component is LLM)
         preflight = estimate(list(ctx.checkpoint.weight_files), cache_dir, llm.precision, quantized)
         preflight.check()
