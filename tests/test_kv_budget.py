@@ -102,9 +102,14 @@ def test_a_cancelled_sequence_stops_at_the_next_step_and_gives_back_its_reservat
         return DecodeJob(np.arange(16, 36), np.zeros((20, hidden), np.float32), np.zeros(20, bool), SamplingParams(80),
                          frozenset(), on_token, on_finish, lambda exc: pytest.fail(str(exc)), is_cancelled=is_cancelled)
 
-    def abandon_after_three(token: int) -> None:  # the client goes away after its third token
+    cancelled_at: list[int] = []
+
+    def abandon_after_three(token: int) -> None:
+        """The client goes away after its third token, once the other sequence decodes beside it (so both hold their
+        reservation at once even when a loaded machine admits the second late)."""
         abandoned.append(token)
-        if len(abandoned) == 3:
+        if len(abandoned) >= 3 and kept and not gone.is_set():
+            cancelled_at.append(len(abandoned))
             gone.set()
 
     scheduler.submit(job(abandon_after_three, lambda: pytest.fail("a cancelled job finished"), gone.is_set))
@@ -112,7 +117,7 @@ def test_a_cancelled_sequence_stops_at_the_next_step_and_gives_back_its_reservat
     scheduler.submit(job(kept.append, done.set, lambda: True))  # gone before it was admitted
     assert done.wait(60)
     scheduler.close()
-    assert len(abandoned) == 3 and len(kept) == 80  # not one token after the cancel; the other answered in full
+    assert len(abandoned) == cancelled_at[0] >= 3 and len(kept) == 80  # not one token after the cancel; the other in full
     assert max(counting.reserved) == 200 and counting.reserved[-1] == 100 and scheduler.reserved == 0
     assert (scheduler.stats.cancelled, scheduler.stats.finished, scheduler.stats.failed) == (2, 1, 0)
     assert not scheduler.active and not scheduler.waiting
