@@ -82,7 +82,7 @@ def build_source(quick: bool, directory: Path, train_steps: int) -> SourceModel:
     torch.manual_seed(0)
     model = Mistral3ForConditionalGeneration(config)
     train_on_text(model, train_steps)
-    config.save_pretrained(directory)
+    model.save_pretrained(directory)  # the facts are read as from any checkpoint, which has its weights
     tiny_tokenizer().save_pretrained(directory)
     return SourceModel(directory, model, read_facts(directory))  # the preset's own tokenizer.json
 
