@@ -17,6 +17,8 @@ import onnxruntime as ort
 from .contract import (
     ATTENTION_MASK,
     INPUT_IDS,
+    KV_IN_PLACE,
+    KV_LAYOUT_KEY,
     LOGITS,
     MULTIMODAL_EMBEDS,
     MULTIMODAL_MASK,
@@ -25,6 +27,7 @@ from .contract import (
     PRESENT_PREFIX,
 )
 from .errors import RequestError
+from .kv_slots import KvSlots
 from .model_facts import ModelFacts
 from .prefix_cache import PrefixCache, PrefixKey
 
@@ -79,7 +82,7 @@ class Sequence:
     params: SamplingParams
     stop_ids: frozenset[int]
     rng: np.random.Generator
-    past: Any  # the runner's cache: per KV tensor [kv_heads, length, head_dim] (ONNX Runtime) or device memory
+    past: Any  # the runner's cache: per KV tensor [kv_heads, length, head_dim], device memory, or None (held by the runner)
     length: int  # positions in the cache
     logits: np.ndarray  # [vocab] for the next token
     tokens: list[int] = field(default_factory=list)
@@ -147,12 +150,22 @@ class GenerateOne:
 class LanguageModelRunner(GenerateOne):
     """Drives the LLM graph: ``start`` prefills one prompt, ``decode`` advances any number of sequences.
 
-    Sequences of different lengths decode together: their caches are left-padded to the longest
-    and masked out, as HF does for a left-padded batch. A batch of one has no padding at all.
+    Two graph layouts, told apart by the graph's metadata (``contract.KV_LAYOUT_KEY``):
+
+    - in place (ONNX Runtime's, ``builder.compile.fused_attention``): every sequence's cache lives in one buffer
+      per KV tensor (:class:`~.kv_slots.KvSlots`), bound to the graph as both past and present, so a step writes
+      the new positions and copies nothing; the attention mask is right-padded (each row's own length).
+    - appended (the exported graph, TensorRT's form): a step's present is past + new, returned as new tensors; the
+      caches of sequences of different lengths are left-padded to the longest and masked, as HF does for a
+      left-padded batch. A batch of one has no padding at all.
+
+    ``max_context`` / ``max_batch``: the most positions and sequences the in-place cache will hold, allocated up
+    front (pages are committed as they are written); without them it grows as needed.
     """
 
     def __init__(self, onnx_path: str, facts: ModelFacts, intra_op_threads: int = 0,
-                 prefix_cache: PrefixCache | None = None, profile_prefix: str | None = None) -> None:
+                 prefix_cache: PrefixCache | None = None, profile_prefix: str | None = None,
+                 max_context: int | None = None, max_batch: int | None = None) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         if profile_prefix is not None:  # ONNX Runtime's profiler (the bench takes a decode step apart with it)
@@ -165,8 +178,11 @@ class LanguageModelRunner(GenerateOne):
         self.kv_dtype = np.float16 if kv and kv[0].type == "tensor(float16)" else np.float32
         self.prefix_cache = prefix_cache  # None: every prompt is prefilled whole
         self.kv_outputs = [o.name for o in self.session.get_outputs() if o.name.startswith(f"{PRESENT_PREFIX}.")]
-        # The last decode step's sequences and its present KV: [B, kv_heads, longest, head_dim] each, left-padded
-        # as the next step's past would be. Holds at most one batch's cache beyond its sequences' own.
+        self.in_place = self.session.get_modelmeta().custom_metadata_map.get(KV_LAYOUT_KEY) == KV_IN_PLACE
+        self.slots = (KvSlots(self.kv_inputs, facts.num_kv_heads, facts.head_dim, self.kv_dtype, max_batch or 1,
+                              max_context or 256) if self.in_place else None)
+        # Appended layout: the last decode step's sequences and its present KV: [B, kv_heads, longest, head_dim]
+        # each, left-padded as the next step's past would be. Holds at most one batch's cache beyond its sequences'.
         self._last_batch: tuple[list[Sequence], dict[str, np.ndarray]] | None = None
 
     def start(
@@ -187,33 +203,51 @@ class LanguageModelRunner(GenerateOne):
             key = PrefixKey.of_prompt(input_ids, multimodal_embeds, multimodal_mask, position_ids)
             hit = self.prefix_cache.lookup(key)
         reused = hit.length if hit else 0  # positions whose KV comes from an earlier sequence
-        empty_kv = np.zeros((1, facts.num_kv_heads, 0, facts.head_dim), dtype=self.kv_dtype)
-        past = [kv[None] for kv in hit.past] if hit else [empty_kv] * len(self.kv_inputs)
         feeds = {
             INPUT_IDS: input_ids[None, reused:].astype(np.int64),
             MULTIMODAL_EMBEDS: multimodal_embeds[None, reused:].astype(np.float32),
             MULTIMODAL_MASK: multimodal_mask[None, reused:].astype(bool),
             ATTENTION_MASK: np.ones((1, length), dtype=np.int64),
             POSITION_IDS: self._positions(np.ascontiguousarray(position_ids[:, None, reused:], dtype=np.int64)),
-            **dict(zip(self.kv_inputs, past)),
         }
-        logits, *present = self.session.run([LOGITS, *self.kv_outputs], feeds)
-        cache = [p[0] for p in present]
-        if key is not None:
-            self.prefix_cache.store(key, cache)
         # The next position follows the prompt's largest (M-RoPE: an image spans fewer positions than tokens).
         offset = int(position_ids.max()) + 1 - length if length else 0
-        return Sequence(params, stop_ids, np.random.default_rng(params.seed), cache, length, logits[0], position_offset=offset,
-                        prompt_key=key)
+        seq = Sequence(params, stop_ids, np.random.default_rng(params.seed), None, length, np.empty(0),
+                       position_offset=offset, prompt_key=key)
+        if self.slots is not None:
+            row = self.slots.claim(seq, length)
+            if hit:
+                self.slots.write(row, hit.past)
+            (logits,) = self._run_in_place(feeds, row, 1)
+            self.slots.lengths[row] = length
+        else:
+            empty_kv = np.zeros((1, facts.num_kv_heads, 0, facts.head_dim), dtype=self.kv_dtype)
+            past = [kv[None] for kv in hit.past] if hit else [empty_kv] * len(self.kv_inputs)
+            logits, *present = self.session.run([LOGITS, *self.kv_outputs], {**feeds, **dict(zip(self.kv_inputs, past))})
+            seq.past = [p[0] for p in present]
+        seq.logits = logits[0]
+        if key is not None:
+            self.prefix_cache.store(key, self.cache_of(seq))
+        return seq
+
+    def cache_of(self, sequence: Sequence) -> list[np.ndarray]:
+        """The sequence's cache, per KV tensor [kv_heads, length, head_dim] (in place: a copy out of its row)."""
+        if self.slots is None:
+            return sequence.past
+        row = self.slots.row_of(sequence)
+        assert row is not None, "a sequence holds its row until it is retired"
+        return self.slots.read(row, sequence.length)
 
     def retire(self, sequence: Sequence) -> None:
         """Keeps the finished sequence's prompt + answer: a conversation's next turn starts with them. The cache holds
-        every token fed so far (all of the answer but a last one that no step has fed: one that hit max_tokens)."""
+        every token fed so far (all of the answer but a last one that no step has fed: one that hit max_tokens).
+        In place, its row is free after this (a sequence dropped without ``retire`` frees it when it is collected)."""
         key = sequence.prompt_key
-        if key is None:
-            return
-        fed = sequence.tokens[:sequence.length - key.length]
-        self.prefix_cache.store(key.extended(fed, key.length + sequence.position_offset), sequence.past)
+        if key is not None:
+            fed = sequence.tokens[:sequence.length - key.length]
+            self.prefix_cache.store(key.extended(fed, key.length + sequence.position_offset), self.cache_of(sequence))
+        if self.slots is not None:
+            self.slots.release(sequence)
 
     def _positions(self, rows: np.ndarray) -> np.ndarray:
         """[rows, B, S] positions as the graph takes them: [B, S] for plain positions, [3, B, S] for M-RoPE."""
@@ -223,19 +257,29 @@ class LanguageModelRunner(GenerateOne):
         """Feeds each sequence its last token; updates its cache and next-token logits."""
         facts = self.facts
         batch, longest = len(sequences), max(s.length for s in sequences)
-        attention = np.zeros((batch, longest + 1), dtype=np.int64)
-        for row, seq in enumerate(sequences):
-            attention[row, longest - seq.length:] = 1
         feeds = {
             INPUT_IDS: np.array([[s.tokens[-1]] for s in sequences], dtype=np.int64),
             MULTIMODAL_EMBEDS: np.zeros((batch, 1, facts.hidden_size), dtype=np.float32),
             MULTIMODAL_MASK: np.zeros((batch, 1), dtype=bool),
-            ATTENTION_MASK: attention,
             POSITION_IDS: self._positions(np.broadcast_to(
                 np.array([[s.length + s.position_offset] for s in sequences], dtype=np.int64),
                 (facts.position_rows, batch, 1)).copy()),
-            **self._batched_past(sequences, longest),
         }
+        attention = np.zeros((batch, longest + 1), dtype=np.int64)
+        if self.slots is not None:
+            for row, seq in enumerate(sequences):
+                attention[row, :seq.length + 1] = 1
+            self.slots.reserve(longest + 1)
+            self.slots.arrange(sequences)
+            (logits,) = self._run_in_place({**feeds, ATTENTION_MASK: attention}, 0, batch)
+            for row, seq in enumerate(sequences):
+                seq.length += 1
+                seq.logits = logits[row]
+                self.slots.lengths[row] = seq.length
+            return
+        for row, seq in enumerate(sequences):
+            attention[row, longest - seq.length:] = 1
+        feeds.update({ATTENTION_MASK: attention, **self._batched_past(sequences, longest)})
         logits, *present = self.session.run([LOGITS, *self.kv_outputs], feeds)
         self._last_batch = (list(sequences), dict(zip(self.kv_inputs, present)))
         for row, seq in enumerate(sequences):
@@ -243,6 +287,21 @@ class LanguageModelRunner(GenerateOne):
             seq.past = [p[row, :, pad:] for p in present]
             seq.length += 1
             seq.logits = logits[row]
+
+    def _run_in_place(self, feeds: dict[str, np.ndarray], first_row: int, rows: int) -> list[np.ndarray]:
+        """Runs the graph on ``feeds`` with every past and present bound to rows ``[first_row, first_row + rows)``
+        of the cache's buffers; returns the logits (the presents are the buffers themselves)."""
+        assert self.slots is not None
+        binding = self.session.io_binding()
+        binding.bind_output(LOGITS)
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name, view in self.slots.rows_view(first_row, rows).items():
+            present = name.replace(f"{PAST_PREFIX}.", f"{PRESENT_PREFIX}.", 1)
+            binding.bind_input(name, "cpu", 0, self.kv_dtype, list(view.shape), view.ctypes.data)
+            binding.bind_output(present, "cpu", 0, self.kv_dtype, list(view.shape), view.ctypes.data)
+        self.session.run_with_iobinding(binding)
+        return [binding.get_outputs()[0].numpy()]
 
     def _batched_past(self, sequences: list[Sequence], longest: int) -> dict[str, np.ndarray]:
         """Each KV input as [B, kv_heads, longest, head_dim], every sequence's cache left-padded. The same batch as

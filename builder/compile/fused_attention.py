@@ -1,0 +1,209 @@
+"""The LLM graph as ONNX Runtime serves it: each layer's attention one ``com.microsoft.GroupQueryAttention`` node
+whose past and present are one buffer, so a decode step writes its new key and value into the cache in place.
+
+The exported graph (every family's, FP32 / FP16 / INT8 / INT4 alike) appends a step's keys and values to the past
+with ``Concat``: a copy of the whole cache per layer per step, which at a 512-token context and batch 8 was a fifth
+of a step, and three copies of it alive at once. Here each layer's ``Concat(past, new) -> present`` pair, the
+grouped-query ``MatMul``s (:func:`builder.export.attention.grouped_query_attention`), the additive mask and the
+softmax become GroupQueryAttention, which reads the cache up to each row's own length (``seqlens_k``) and applies the
+causal mask and the sliding window itself. The graph keeps its inputs and outputs: ``attention_mask`` then means
+"row b holds its first ``sum(mask[b])`` positions" (right-padded), the past and present are the cache's buffer of a
+fixed capacity, and the runner binds each layer's past and present to the same memory
+(:mod:`builder.runtime.kv_slots`). The graph says so in its metadata (:data:`KV_LAYOUT_KEY`).
+
+The anchors are the graph's own contract (``present.{i}.key`` made by a ``Concat`` of ``past_key_values.{i}.key``)
+and the two attention ``MatMul``s that read each present; everything between them that nothing else reads any more
+is dropped. A graph whose attention has another shape is refused with the node that did not match.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from builder.errors import BuildError
+from builder.export.streamed.writer import _topological
+from builder.onnx_files import data_files
+from builder.runtime.contract import ATTENTION_MASK, KV_IN_PLACE, KV_LAYOUT_KEY, PAST_PREFIX, PRESENT_PREFIX
+
+_MS = "com.microsoft"
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """What the graph does not say about its attention: the query heads (the KV heads are in the cache's shape) and
+    each layer's sliding window (positions a query sees, itself included; 0: every earlier position)."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    windows: tuple[int, ...]
+
+
+def fuse_attention(model: onnx.ModelProto, layout: AttentionLayout) -> onnx.ModelProto:
+    """``model`` (its weights may stay external) with every layer's attention fused; changed in place and returned."""
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+    constants = {t.name: t for t in graph.initializer}
+    presents = [o.name for o in graph.output if o.name.startswith(f"{PRESENT_PREFIX}.") and o.name.endswith(".key")]
+    if len(presents) != len(layout.windows):
+        raise BuildError(f"llm: the graph has {len(presents)} present keys, the checkpoint {len(layout.windows)} layers")
+    added: list[onnx.NodeProto] = [*_sequence_lengths()]
+    initializers = [
+        numpy_helper.from_array(np.array([0, 0, -1], dtype=np.int64), "gqa/to_bsd"),
+        numpy_helper.from_array(np.array([0, 0, layout.num_heads, layout.head_dim], dtype=np.int64), "gqa/to_bshd"),
+        numpy_helper.from_array(np.array([0, layout.num_kv_heads, -1, layout.head_dim], dtype=np.int64), "gqa/to_grouped"),
+    ]
+    replaced: set[int] = set()
+    for present_key in presents:
+        layer = int(present_key.split(".")[1])
+        present_value = f"{PRESENT_PREFIX}.{layer}.value"
+        key_concat, value_concat = _concat(producer, present_key, layer), _concat(producer, present_value, layer)
+        scores = _single(consumers, producer, present_key, "Transpose", "MatMul", layer)
+        weighted = next((n for n in consumers[present_value] if n.op_type == "MatMul" and n.input[1] == present_value), None)
+        grouped_query = producer.get(scores.input[0])
+        if weighted is None or grouped_query is None or grouped_query.op_type != "Reshape":
+            raise BuildError(f"llm: layer {layer}'s attention is not the grouped-query MatMuls this fusion knows")
+        scale = _scale(consumers[scores.output[0]], constants, producer, layer)
+        window = layout.windows[layer]
+        prefix = f"gqa/{layer}"
+
+        def to_bsd(name: str, what: str) -> str:
+            """[B, heads, S, d] -> [B, S, heads * d]"""
+            added.append(helper.make_node("Transpose", [name], [f"{prefix}/{what}_bshd"], perm=[0, 2, 1, 3]))
+            added.append(helper.make_node("Reshape", [f"{prefix}/{what}_bshd", "gqa/to_bsd"], [f"{prefix}/{what}"]))
+            return f"{prefix}/{what}"
+
+        query, key, value = (to_bsd(grouped_query.input[0], "query"), to_bsd(key_concat.input[1], "key"),
+                             to_bsd(value_concat.input[1], "value"))
+        added.append(helper.make_node(
+            "GroupQueryAttention",
+            [query, key, value, key_concat.input[0], value_concat.input[0], "gqa/seqlens_k", "gqa/total_sequence_length"],
+            [f"{prefix}/output", present_key, present_value], name=f"{prefix}/GroupQueryAttention", domain=_MS,
+            num_heads=layout.num_heads, kv_num_heads=layout.num_kv_heads, scale=scale,
+            # HF's window: a query sees itself and window - 1 earlier positions; ORT's local_window_size counts the earlier ones
+            local_window_size=window - 1 if window else -1,
+        ))
+        # the grouped layout the rest of the layer reads: [B, S, heads * d] -> [B, kv_heads, groups * S, d]
+        added.append(helper.make_node("Reshape", [f"{prefix}/output", "gqa/to_bshd"], [f"{prefix}/output_bshd"]))
+        added.append(helper.make_node("Transpose", [f"{prefix}/output_bshd"], [f"{prefix}/output_bhsd"], perm=[0, 2, 1, 3]))
+        added.append(helper.make_node("Reshape", [f"{prefix}/output_bhsd", "gqa/to_grouped"], [weighted.output[0]]))
+        replaced.update(id(n) for n in (key_concat, value_concat, weighted))
+    nodes = [n for n in graph.node if id(n) not in replaced] + added
+    nodes = _live(nodes, [o.name for o in graph.output])
+    available = {i.name for i in graph.input} | {t.name for t in [*graph.initializer, *initializers]}
+    ordered = _topological(nodes, available)
+    used = {name for node in ordered for name in node.input}
+    kept = [t for t in [*graph.initializer, *initializers] if t.name in used]
+    del graph.node[:]
+    graph.node.extend(ordered)
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    del graph.value_info[:]  # shapes of values that may be gone; ONNX Runtime infers its own
+    if not any(o.domain == _MS for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(_MS, 1))
+    helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, KV_LAYOUT_KEY: KV_IN_PLACE})
+    return model
+
+
+def write_fused(source: Path, directory: Path, layout: AttentionLayout) -> Path:
+    """``source``'s graph fused into ``directory/model.onnx``; its weight files linked (copied across file systems)
+    beside it under their own names, so the external-data locations hold."""
+    model = onnx.load(str(source), load_external_data=False)
+    fuse_attention(model, layout)
+    directory.mkdir(parents=True, exist_ok=True)
+    for data in data_files(source):
+        target = directory / data.name
+        target.unlink(missing_ok=True)
+        try:
+            os.link(data, target)
+        except OSError:
+            shutil.copyfile(data, target)
+    path = directory / "model.onnx"
+    onnx.save_model(model, str(path))
+    return path
+
+
+def _sequence_lengths() -> list[onnx.NodeProto]:
+    """GroupQueryAttention's ``seqlens_k`` (each row's positions - 1) and ``total_sequence_length`` (the longest
+    row's), both int32, from the right-padded attention mask."""
+    return [
+        helper.make_node("Constant", [], ["gqa/axis1"], value=numpy_helper.from_array(np.array([1], dtype=np.int64))),
+        helper.make_node("ReduceSum", [ATTENTION_MASK, "gqa/axis1"], ["gqa/lengths"], keepdims=0),
+        helper.make_node("Cast", ["gqa/lengths"], ["gqa/lengths_i32"], to=onnx.TensorProto.INT32),
+        helper.make_node("Constant", [], ["gqa/one"], value=numpy_helper.from_array(np.array(1, dtype=np.int32))),
+        helper.make_node("Sub", ["gqa/lengths_i32", "gqa/one"], ["gqa/seqlens_k"]),
+        helper.make_node("Shape", [ATTENTION_MASK], ["gqa/mask_shape"], start=1, end=2),
+        helper.make_node("Cast", ["gqa/mask_shape"], ["gqa/total_1"], to=onnx.TensorProto.INT32),
+        helper.make_node("Constant", [], ["gqa/scalar"], value=numpy_helper.from_array(np.array([], dtype=np.int64))),
+        helper.make_node("Reshape", ["gqa/total_1", "gqa/scalar"], ["gqa/total_sequence_length"]),
+    ]
+
+
+def _concat(producer: dict[str, onnx.NodeProto], present: str, layer: int) -> onnx.NodeProto:
+    node = producer.get(present)
+    kind = present.rsplit(".", 1)[1]
+    axis = next((a.i for a in node.attribute if a.name == "axis"), None) if node is not None else None
+    if node is None or node.op_type != "Concat" or len(node.input) != 2 or axis not in (2, -2) \
+            or node.input[0] != f"{PAST_PREFIX}.{layer}.{kind}":
+        raise BuildError(f"llm: {present} is not Concat({PAST_PREFIX}.{layer}.{kind}, new) along the sequence")
+    return node
+
+
+def _single(consumers: dict[str, list[onnx.NodeProto]], producer: dict[str, onnx.NodeProto], present: str,
+            first: str, then: str, layer: int) -> onnx.NodeProto:
+    """The ``then`` node reading ``present`` through one ``first`` node (the keys' Transpose before the scores)."""
+    for node in consumers[present]:
+        if node.op_type == first:
+            found = [n for n in consumers[node.output[0]] if n.op_type == then and n.input[1] == node.output[0]]
+            if len(found) == 1:
+                return found[0]
+    raise BuildError(f"llm: layer {layer}'s keys do not reach a {then} through a {first}")
+
+
+def _scale(readers: list[onnx.NodeProto], constants: dict[str, onnx.TensorProto], producer: dict[str, onnx.NodeProto],
+           layer: int) -> float:
+    """The factor the scores are multiplied by right after their MatMul."""
+    for node in readers:
+        if node.op_type == "Mul":
+            for name in node.input:
+                value = _constant(name, constants, producer)
+                if value is not None and value.size == 1:
+                    return float(value.reshape(()))
+    raise BuildError(f"llm: layer {layer}'s attention scores are not scaled by a constant")
+
+
+def _constant(name: str, constants: dict[str, onnx.TensorProto], producer: dict[str, onnx.NodeProto]) -> np.ndarray | None:
+    if name in constants:
+        return numpy_helper.to_array(constants[name])
+    node = producer.get(name)
+    if node is not None and node.op_type == "Constant":
+        return numpy_helper.to_array(node.attribute[0].t)
+    return None
+
+
+def _live(nodes: list[onnx.NodeProto], outputs: list[str]) -> list[onnx.NodeProto]:
+    """The nodes some graph output depends on."""
+    producer = {out: node for node in nodes for out in node.output}
+    needed, stack, live = set(outputs), list(outputs), set()
+    while stack:
+        node = producer.get(stack.pop())
+        if node is None or id(node) in live:
+            continue
+        live.add(id(node))
+        for name in node.input:
+            if name and name not in needed:
+                needed.add(name)
+                stack.append(name)
+    return [n for n in nodes if id(n) in live]
