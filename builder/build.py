@@ -130,7 +130,7 @@ def resolve(spec: BuildSpec, output: Path, cache_dir: Path) -> BuildContext:
     if reasons:
         raise BuildError("; ".join(reasons))
     spec = checkpoint_limits(spec, facts)
-    return BuildContext(spec, target, dataclasses.replace(compiling, spec=spec, image=facts.image), cache, source,
+    return BuildContext(spec, target, dataclasses.replace(compiling, spec=spec, facts=facts), cache, source,
                         checkpoint, tokenizer, facts, components)
 
 

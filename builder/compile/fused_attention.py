@@ -29,22 +29,14 @@ import onnx
 from onnx import helper, numpy_helper
 
 from builder.errors import BuildError
+from builder.export.graph import AttentionLayout
 from builder.export.streamed.writer import _topological
 from builder.onnx_files import data_files
 from builder.runtime.contract import ATTENTION_MASK, KV_IN_PLACE, KV_LAYOUT_KEY, PAST_PREFIX, PRESENT_PREFIX
+from builder.runtime.generation import LanguageModelRunner, SamplingParams
+from builder.runtime.model_facts import ModelFacts
 
 _MS = "com.microsoft"
-
-
-@dataclass(frozen=True)
-class AttentionLayout:
-    """What the graph does not say about its attention: the query heads (the KV heads are in the cache's shape) and
-    each layer's sliding window (positions a query sees, itself included; 0: every earlier position)."""
-
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    windows: tuple[int, ...]
 
 
 def fuse_attention(model: onnx.ModelProto, layout: AttentionLayout) -> onnx.ModelProto:
@@ -207,3 +199,56 @@ def _live(nodes: list[onnx.NodeProto], outputs: list[str]) -> list[onnx.NodeProt
                 needed.add(name)
                 stack.append(name)
     return [n for n in nodes if id(n) in live]
+
+
+@dataclass(frozen=True)
+class FusedCheck:
+    """The fused graph's logits against the graph it was made from, over prefills and ragged decode steps."""
+
+    steps: int
+    max_abs_error: float
+    min_cosine: float
+    failure: str | None  # None: passed
+
+    def summary(self) -> str:
+        verdict = "pass" if self.failure is None else f"FAIL: {self.failure}"
+        return f"in-place KV vs appended: max|err| {self.max_abs_error:.2e}, cos >= {self.min_cosine:.6f} over {self.steps} steps: {verdict}"
+
+
+def check_fused(reference: Path, fused: Path, facts: ModelFacts, atol: float, rtol: float,
+                min_cosine: float | None) -> FusedCheck:
+    """Both graphs through the server's runner (one at a time: a large model's weights are held once): two prompts
+    of different lengths prefilled, then decoded together for a few steps on the same tokens. ``min_cosine`` (FP16
+    graphs) gates by cosine; otherwise every logit must be ``allclose(atol, rtol)``."""
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, facts.vocab_size, n) for n in (5, 11)]
+    fed = rng.integers(0, facts.vocab_size, (_DECODE_STEPS, len(prompts)))
+    runs = [_logits(path, facts, prompts, fed) for path in (reference, fused)]
+    worst, cosine, failure = 0.0, 1.0, None
+    for expected, got in zip(*runs):
+        error = float(np.abs(got - expected).max())
+        similarity = float(np.dot(got.ravel(), expected.ravel()) /
+                           max(np.linalg.norm(got) * np.linalg.norm(expected), 1e-30))
+        worst, cosine = max(worst, error), min(cosine, similarity)
+        if failure is None and min_cosine is None and not np.allclose(got, expected, atol=atol, rtol=rtol):
+            failure = f"logits differ beyond atol {atol:g} / rtol {rtol:g} (max|err| {error:.2e})"
+        if failure is None and min_cosine is not None and similarity < min_cosine:
+            failure = f"logits' cosine {similarity:.6f} < {min_cosine}"
+    return FusedCheck(len(runs[0]), worst, cosine, failure)
+
+
+_DECODE_STEPS = 3
+
+
+def _logits(path: Path, facts: ModelFacts, prompts: list[np.ndarray], fed: np.ndarray) -> list[np.ndarray]:
+    runner = LanguageModelRunner(str(path), facts)
+    params = SamplingParams(max_tokens=_DECODE_STEPS + 1)
+    sequences = [runner.start(p, np.zeros((p.size, facts.hidden_size), np.float32), np.zeros(p.size, bool), params)
+                 for p in prompts]
+    out = [s.logits.copy() for s in sequences]
+    for tokens in fed:
+        for seq, token in zip(sequences, tokens):
+            seq.tokens.append(int(token))
+        runner.decode(sequences)
+        out.append(np.stack([s.logits for s in sequences]))
+    return out

@@ -25,13 +25,14 @@ from builder.compile.profiles import Profile, check_profiles, check_request_fits
 from builder.components import LLM
 from builder.errors import BuildError
 from builder.export.graph import ExportedGraph
-from builder.onnx_files import graph_sha256
+from builder.onnx_files import graph_files, graph_sha256
 from builder.runtime.contract import LOGITS
-from builder.runtime.model_facts import ImageFacts
+from builder.runtime.model_facts import ModelFacts
 from builder.spec import BuildSpec
 
 
 TENSORRT = Stage("tensorrt", ("compile",))  # a plan for one GPU architecture
+IN_PLACE_LLM = Stage("in_place_llm", ("compile", "runtime"))  # the LLM graph with its attention fused, for ONNX Runtime
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class CompileContext:
     cache: StageCache
     output: Path  # the repository being (re)built: other GPUs' plans are carried over from it
     device: Device | None = None  # a target that compiles for a GPU: the one this build runs on
-    image: ImageFacts | None = None  # the checkpoint's image processing: the vision plan's height/width ranges
+    facts: ModelFacts | None = None  # the checkpoint's: the vision plan's height/width ranges, the LLM's cache shape
 
     @property
     def fingerprint(self) -> dict[str, Any]:
@@ -55,6 +56,28 @@ def as_exported(graph: ExportedGraph, precision: str) -> CompiledModel:
     return CompiledModel(graph.component, graph.path, precision, graph)
 
 
+def in_place_llm(context: CompileContext, graph: ExportedGraph, precision: str) -> CompiledModel:
+    """The LLM graph with its KV cache updated in place (:mod:`builder.compile.fused_attention`), checked against the
+    graph it was made from through the server's runner and cached; its weight files are the graph's, linked."""
+    from builder.compile.fused_attention import check_fused, write_fused
+
+    assert graph.path is not None and graph.attention is not None and context.facts is not None
+    source, layout, facts, export = graph.path, graph.attention, context.facts, context.spec.export
+    identity = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in graph_files(source)]  # cache entries: immutable
+    key = IN_PLACE_LLM.key(identity, dataclasses.asdict(layout), precision, context.spec.section("export"))
+
+    def fuse_into(tmp: Path) -> None:
+        fused = write_fused(source, tmp, layout)
+        check = check_fused(source, fused, facts, export.atol, export.rtol,
+                            export.fp16_min_cosine if precision == "fp16" else None)
+        if check.failure is not None:
+            raise BuildError(f"{graph.component}: {check.summary()}")
+        (tmp / "check.json").write_text(json.dumps(dataclasses.asdict(check)))
+
+    entry = IN_PLACE_LLM.run(context.cache, graph.component, key, fuse_into)
+    return CompiledModel(graph.component, entry / "model.onnx", precision, graph)
+
+
 def compile_plan(context: CompileContext, graph: ExportedGraph, precision: str, served_by: str) -> CompiledModel:
     """A TensorRT plan for this GPU, built strongly typed with the spec's profiles, checked against ONNX Runtime
     and cached; ``served_by``: the Triton model that loads it, whose plans for other GPUs are carried over."""
@@ -62,7 +85,7 @@ def compile_plan(context: CompileContext, graph: ExportedGraph, precision: str, 
 
     assert context.device is not None, "compile_plan needs the device Target.prepare found"
     component, spec, device = graph.component, context.spec, context.device
-    profiles = profiles_for(component, spec, context.image)
+    profiles = profiles_for(component, spec, context.facts.image if context.facts else None)
     check_profiles(component, profiles, spec.triton.max_batch_size)  # llm: max_decode_batch
     check_request_fits(component, profiles, request_ranges(component, spec))
     onnx_sha256 = graph_sha256(graph.path)  # its weights too

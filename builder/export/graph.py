@@ -41,6 +41,18 @@ class TensorSig:
 
 
 @dataclass(frozen=True)
+class AttentionLayout:
+    """How an LLM graph's layers attend, beyond what its signature says: what fusing each layer's attention into
+    ONNX Runtime's GroupQueryAttention needs (``builder.compile.fused_attention``). ``windows``: per layer, the
+    positions a query sees (itself included) when the layer slides, 0 when it sees every earlier one."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    windows: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class ExportedGraph:
     """``path`` and ``parity`` are None for an LLM served in INT8 or INT4: its FP32 graph is never written (a 24B
     model's is 96 GB); the quantize stage writes each candidate from the checkpoint's shards and gates it against
@@ -51,6 +63,9 @@ class ExportedGraph:
     inputs: tuple[TensorSig, ...]
     outputs: tuple[TensorSig, ...]
     parity: ParityResult | None
+    # the LLM's, when its attention is causal self-attention over the cache, plus a sliding window at most (None:
+    # an encoder, or a decoder that attends otherwise, e.g. Gemma 3's image tokens both ways)
+    attention: AttentionLayout | None = None
 
     def output(self, name: str) -> TensorSig:
         return next(sig for sig in self.outputs if sig.name == name)
@@ -79,6 +94,8 @@ def load_exported(directory: Path) -> ExportedGraph:
         inputs=tuple(TensorSig(s["name"], s["data_type"], tuple(s["dims"])) for s in raw["inputs"]),
         outputs=tuple(TensorSig(s["name"], s["data_type"], tuple(s["dims"])) for s in raw["outputs"]),
         parity=ParityResult(**raw["parity"]) if raw["parity"] else None,
+        attention=(AttentionLayout(**{**raw["attention"], "windows": tuple(raw["attention"]["windows"])})
+                   if raw.get("attention") else None),
     )
 
 

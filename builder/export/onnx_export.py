@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from builder.errors import BuildError
-from builder.export.graph import ExportedGraph, graph_signature, to_json
+from builder.export.graph import AttentionLayout, ExportedGraph, graph_signature, to_json
 from builder.export.parity import check_parity
 from builder.export.precision import ExportDtype, cast_weights
 from builder.export.recipes import ExportRecipe
@@ -43,13 +43,14 @@ def export_graph(recipe: ExportRecipe, directory: Path, spec: ExportSpec, dtype:
     return checked_graph(recipe, path, spec, dtype)
 
 
-def checked_graph(recipe: ExportRecipe, path: Path, spec: ExportSpec, dtype: ExportDtype) -> ExportedGraph:
+def checked_graph(recipe: ExportRecipe, path: Path, spec: ExportSpec, dtype: ExportDtype,
+                  attention: AttentionLayout | None = None) -> ExportedGraph:
     """``path`` against ``recipe``'s module on fresh inputs (FP32: the tolerances, FP16: the cosine), recorded in
-    ``export.json`` beside it."""
+    ``export.json`` beside it (with the LLM's ``attention``)."""
     cosine_gate = spec.fp16_min_cosine if dtype == "float16" else None
     parity = check_parity(recipe, path, spec.parity_samples, spec.atol, spec.rtol, cosine_gate=cosine_gate)
     inputs, outputs = graph_signature(path)
-    exported = ExportedGraph(recipe.component, path, inputs, outputs, parity)
+    exported = ExportedGraph(recipe.component, path, inputs, outputs, parity, attention)
     (path.parent / "export.json").write_text(json.dumps(to_json(exported), indent=2))
     return exported
 

@@ -12,6 +12,7 @@ from torch import nn
 from transformers import DynamicCache, Mistral3ForConditionalGeneration
 
 from builder.export.attention import GROUPED_ATTENTION, attention_implementation
+from builder.export.graph import AttentionLayout
 
 
 class LanguageModel(nn.Module):
@@ -29,6 +30,15 @@ class LanguageModel(nn.Module):
         self.lm_head = model.lm_head
         self.config = model.config.text_config
         self.num_layers = self.config.num_hidden_layers
+
+    def attention_layout(self, num_layers: int) -> AttentionLayout | None:
+        """Causal attention over the cache in every layer, through the window when the config slides (as
+        :meth:`forward` masks it); a wrapper that attends otherwise says None."""
+        config = self.config
+        heads = int(config.num_attention_heads)
+        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+        window = int(getattr(config, "sliding_window", None) or 0)
+        return AttentionLayout(heads, int(config.num_key_value_heads), head_dim, (window,) * num_layers)
 
     def forward(
         self,

@@ -1,11 +1,13 @@
-"""The LLM backend of the ONNX Runtime targets: the exported graph, its weights as ``MatMulNBits`` when quantized,
-run by the decode model (``llm``, a Python model) with ONNX Runtime."""
+"""The LLM backend of the ONNX Runtime targets: the exported graph, its weights as ``MatMulNBits`` when quantized and
+its attention fused (the KV cache updated in place), run by the decode model (``llm``, a Python model) with ONNX Runtime."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from builder.compile.artifacts import CompiledModel
+from builder.compile.stage import CompileContext, as_exported, in_place_llm
+from builder.export.graph import ExportedGraph
 from builder.quantize.ladder import LlmRung, matmulnbits_rungs
 from builder.repository.plan import Contribution, Tensor, decode_model
 from builder.spec import BuildSpec, QuantizeSpec
@@ -13,6 +15,11 @@ from builder.targets.base import LlmBackend
 
 
 class OnnxRuntimeLlm(LlmBackend):
+    def compile(self, context: CompileContext, graph: ExportedGraph, precision: str) -> CompiledModel:
+        """The graph with its attention fused and the KV cache updated in place, when the decoder's attention is what
+        GroupQueryAttention computes (the export says so); otherwise the graph itself."""
+        return in_place_llm(context, graph, precision) if graph.attention is not None else as_exported(graph, precision)
+
     def rungs(self, requested: str, spec: QuantizeSpec) -> list[LlmRung]:
         return matmulnbits_rungs(requested, spec)
 

@@ -28,15 +28,16 @@ def export_streamed_llm(recipe: ExportRecipe, checkpoint: Path, directory: Path,
     :func:`builder.export.onnx_export.export_graph` checks the graphs it exports."""
     cast_weights(recipe.module, dtype)
     written = write_streamed_llm(checkpoint, directory, dtype, limits=limits, opset=spec.opset)
-    return checked_graph(recipe, written.path, spec, dtype)
+    return checked_graph(recipe, written.path, spec, dtype, recipe.module.attention_layout(written.num_layers))
 
 
 def record_quantized_llm(checkpoint: Path, directory: Path, spec: ExportSpec, limits: LimitsSpec) -> ExportedGraph:
     """An LLM served in INT8 or INT4: its graph's inputs and outputs in ``directory/export.json``, no graph. The
     quantize stage writes each candidate from the shards and gates it against the checkpoint in PyTorch; an FP32
     graph here would cost 4 bytes per parameter on disk and in ONNX Runtime (96 GB at 24B)."""
-    graph = stamp(export_template(checkpoint, "float32", limits, spec.opset))
+    template = export_template(checkpoint, "float32", limits, spec.opset)
+    graph = stamp(template)
     inputs, outputs = signature(graph.inputs, graph.outputs)
-    recorded = ExportedGraph(LLM.name, None, inputs, outputs, None)
+    recorded = ExportedGraph(LLM.name, None, inputs, outputs, None, template.attention)
     (directory / "export.json").write_text(json.dumps(to_json(recorded), indent=2))
     return recorded

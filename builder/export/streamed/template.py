@@ -26,6 +26,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from builder.errors import BuildError
+from builder.export.graph import AttentionLayout
 from builder.export.onnx_export import _dynamic_shapes_by_position
 from builder.export.precision import ExportDtype
 from builder.export.recipes import ExportRecipe
@@ -62,6 +63,7 @@ class Template:
     layer_prefixes: tuple[str, ...]  # each template layer's module path in the wrapper ("decoder.layers.0")
     model_names: dict[str, tuple[str, ...]]  # wrapper parameter name -> the HF model's names of it (tied: several)
     layer_class: str  # the decoder layer's class as the exporter's node metadata names it
+    attention: AttentionLayout | None  # of the checkpoint's layers (all of them), as the family's wrapper says
 
 
 def text_config_of(config: Any) -> Any:
@@ -117,7 +119,8 @@ def export_template(directory: Path, dtype: ExportDtype, limits: LimitsSpec, ops
     layers = recipe.module.decoder.layers
     prefixes = tuple(_module_path(recipe.module, layer) for layer in layers)
     layer_class = f"{type(layers[0]).__module__}.{type(layers[0]).__qualname__}"
-    return Template(ir.serde.serialize_model(program.model), weights, kinds, facts, prefixes, wrapper_names, layer_class)
+    return Template(ir.serde.serialize_model(program.model), weights, kinds, facts, prefixes, wrapper_names, layer_class,
+                    recipe.module.attention_layout(kinds.num_layers))
 
 
 def _module_path(root: nn.Module, module: nn.Module) -> str:

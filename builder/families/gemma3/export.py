@@ -43,6 +43,10 @@ class BidirectionalImageLanguageModel(LanguageModel):
         super().__init__(model)
         self.sliding_window = self.config.sliding_window
 
+    def attention_layout(self, num_layers: int) -> None:
+        """An image's tokens attend to each other both ways: GroupQueryAttention's masks are causal."""
+        return None
+
     def forward(
         self, input_ids: torch.Tensor, multimodal_embeds: torch.Tensor, multimodal_mask: torch.Tensor,
         attention_mask: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor,

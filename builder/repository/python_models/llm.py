@@ -56,7 +56,8 @@ class TritonPythonModel:
         else:
             cache_bytes = self.args.int("prefix_cache_bytes")
             prefix_cache = PrefixCache(cache_bytes) if cache_bytes else None
-            runner = LanguageModelRunner(self.args.file("model.onnx"), self.facts, prefix_cache=prefix_cache)
+            runner = LanguageModelRunner(self.args.file("model.onnx"), self.facts, prefix_cache=prefix_cache,
+                                         max_context=self.max_context, max_batch=self.args.int("max_decode_batch"))
         budget = KvBudget(self.args.int("kv_budget_tokens"), float(self.args.parameters["kv_queue_timeout_s"]))
         self.scheduler = DecodeScheduler(runner, max_batch=self.args.int("max_decode_batch"), budget=budget)
         self.metrics = MetricsPublisher(self.scheduler, prefix_cache, self.args.name)
