@@ -56,6 +56,17 @@ def built_repository(tiny_spec: BuildSpec) -> Path:
     return output
 
 
+@pytest.fixture(scope="session")
+def appended_llm(tiny_spec: BuildSpec, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default model's LLM graph as exported: each step's KV appended to the past and returned (the form the
+    TensorRT target compiles); the repository serves the in-place form (builder.compile.fused_attention)."""
+    from builder.export.streamed.writer import write_streamed_llm
+
+    checkpoint = resolve_source(tiny_spec.source, StageCache(CACHE)).checkpoint
+    return write_streamed_llm(checkpoint, tmp_path_factory.mktemp("appended"), limits=tiny_spec.limits,
+                              opset=tiny_spec.export.opset).path
+
+
 @pytest.fixture()
 def published(built_repository, tmp_path) -> Path:
     """A copy of the default repository in a place the test may break."""

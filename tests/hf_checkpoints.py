@@ -275,7 +275,7 @@ def write_voxtral_checkpoint(directory: Path, seed: int = 5) -> Path:
                       "num_attention_heads": 2, "max_source_positions": 1500},
         text_config={"model_type": "llama", "vocab_size": tekken["config"]["default_vocab_size"], "hidden_size": 44,
                      "intermediate_size": 76, "num_hidden_layers": 3, "num_attention_heads": 4,
-                     "num_key_value_heads": 2, "head_dim": 12, "max_position_embeddings": 4096, "rope_theta": 1e8,
+                     "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 4096, "rope_theta": 1e8,
                      "bos_token_id": SPECIALS.index("<s>"), "eos_token_id": SPECIALS.index("</s>")},
         audio_token_id=SPECIALS.index("[AUDIO]"),
     )
@@ -335,7 +335,7 @@ def write_qwen2_audio_checkpoint(directory: Path, seed: int = 7) -> Path:
                       "encoder_ffn_dim": 80, "max_source_positions": 1500},
         text_config={"model_type": "qwen2", "vocab_size": len(tokenizer) + 11, "hidden_size": 56,
                      "intermediate_size": 120, "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
-                     "max_position_embeddings": 8192, "rope_theta": 10000.0, "tie_word_embeddings": False,
+                     "head_dim": 16, "max_position_embeddings": 8192, "rope_theta": 10000.0, "tie_word_embeddings": False,
                      "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"]},
         audio_token_index=ids["<|AUDIO|>"],
     )

@@ -130,10 +130,10 @@ def test_native_configs_must_match_the_graph_exactly(tiny_spec, built_repository
         check_graph_signature(dataclasses.replace(engine, serves=dataclasses.replace(engine.serves, graph=fixed_batch)))
 
 
-def test_tensorrt_runner_bookkeeping_on_a_fake_device(built_repository, monkeypatch, tmp_path):
+def test_tensorrt_runner_bookkeeping_on_a_fake_device(built_repository, appended_llm, monkeypatch, tmp_path):
     """The TensorRT runner's cache copies, padding and buffer swaps, with numpy standing in for the GPU
-    and ONNX Runtime for the plan (tests/fake_tensorrt.py): the same tokens as LanguageModelRunner, alone
-    and continuously batched. Not a GPU test: TensorRT itself and real CUDA calls run only in make gpu-smoke."""
+    and ONNX Runtime for the plan (tests/fake_tensorrt.py, the exported graph TensorRT compiles): the same tokens as
+    LanguageModelRunner on the repository's in-place graph, alone and continuously batched. Not a GPU test: TensorRT itself and real CUDA calls run only in make gpu-smoke."""
     import importlib
 
     import numpy as np
@@ -153,7 +153,7 @@ def test_tensorrt_runner_bookkeeping_on_a_fake_device(built_repository, monkeypa
     facts = ModelFacts.load(directory / "model_facts.json")
     reference = LanguageModelRunner(str(directory / "model.onnx"), facts)
     plan = tmp_path / "model.onnx"  # the fake plan is the graph's bytes: its weights inside, not beside it
-    onnx.save(load_onnx(directory / "model.onnx"), str(plan))
+    onnx.save(load_onnx(appended_llm), str(plan))
     runner = trt_generation.TensorRTLanguageModelRunner(plan, facts, max_context=256)
     rng = np.random.default_rng(5)
     prompts = [rng.integers(16, 272, n).astype(np.int64) for n in (5, 31, 12, 60, 2, 19)]

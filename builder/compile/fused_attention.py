@@ -39,8 +39,18 @@ from builder.runtime.model_facts import ModelFacts
 _MS = "com.microsoft"
 
 
+def unfusable(layout: AttentionLayout) -> str | None:
+    """Why ONNX Runtime's GroupQueryAttention cannot compute this attention (None: it can)."""
+    if layout.head_dim % 8:
+        return f"head_dim {layout.head_dim} is not a multiple of 8 (ONNX Runtime's GroupQueryAttention needs one)"
+    return None
+
+
 def fuse_attention(model: onnx.ModelProto, layout: AttentionLayout) -> onnx.ModelProto:
     """``model`` (its weights may stay external) with every layer's attention fused; changed in place and returned."""
+    reason = unfusable(layout)
+    if reason is not None:
+        raise BuildError(f"llm: the KV cache cannot be updated in place: {reason}")
     graph = model.graph
     producer = {out: node for node in graph.node for out in node.output}
     consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
@@ -84,8 +94,8 @@ def fuse_attention(model: onnx.ModelProto, layout: AttentionLayout) -> onnx.Mode
             [query, key, value, key_concat.input[0], value_concat.input[0], "gqa/seqlens_k", "gqa/total_sequence_length"],
             [f"{prefix}/output", present_key, present_value], name=f"{prefix}/GroupQueryAttention", domain=_MS,
             num_heads=layout.num_heads, kv_num_heads=layout.num_kv_heads, scale=scale,
-            # HF's window: a query sees itself and window - 1 earlier positions; ORT's local_window_size counts the earlier ones
-            local_window_size=window - 1 if window else -1,
+            # both count the query's own position: HF's sliding_window 4 is local_window_size 4 (tests/test_in_place_kv.py)
+            local_window_size=window or -1,
         ))
         # the grouped layout the rest of the layer reads: [B, S, heads * d] -> [B, kv_heads, groups * S, d]
         added.append(helper.make_node("Reshape", [f"{prefix}/output", "gqa/to_bshd"], [f"{prefix}/output_bshd"]))

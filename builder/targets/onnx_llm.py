@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from builder.compile.artifacts import CompiledModel
+from builder.compile.fused_attention import unfusable
 from builder.compile.stage import CompileContext, as_exported, in_place_llm
 from builder.export.graph import ExportedGraph
 from builder.quantize.ladder import LlmRung, matmulnbits_rungs
@@ -17,8 +18,11 @@ from builder.targets.base import LlmBackend
 class OnnxRuntimeLlm(LlmBackend):
     def compile(self, context: CompileContext, graph: ExportedGraph, precision: str) -> CompiledModel:
         """The graph with its attention fused and the KV cache updated in place, when the decoder's attention is what
-        GroupQueryAttention computes (the export says so); otherwise the graph itself."""
-        return in_place_llm(context, graph, precision) if graph.attention is not None else as_exported(graph, precision)
+        GroupQueryAttention computes (the export says so, and :func:`unfusable` finds nothing against it); otherwise
+        the graph itself, its cache appended each step."""
+        if graph.attention is None or unfusable(graph.attention) is not None:
+            return as_exported(graph, precision)
+        return in_place_llm(context, graph, precision)
 
     def rungs(self, requested: str, spec: QuantizeSpec) -> list[LlmRung]:
         return matmulnbits_rungs(requested, spec)
