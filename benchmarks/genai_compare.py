@@ -9,8 +9,10 @@ and tokenizer, FP32 safetensors) and as the text-only ``MistralForCausalLM`` dir
 builder takes (the state dict copied across: ``model.language_model`` -> ``model``, ``lm_head``). Then, per
 precision:
 
-- project: ``write_streamed_llm`` (FP32, or INT4 ``MatMulNBits`` block 32, accuracy level 4: int8 compute), run by
-  the server's ``LanguageModelRunner`` (the KV cache goes in and out of the graph as tensors every step);
+- project: ``write_streamed_llm`` (FP32, or INT4 ``MatMulNBits`` block 32, accuracy level 4: int8 compute) with its
+  attention fused as the ONNX Runtime targets serve it (``builder.compile.fused_attention``: ``GroupQueryAttention``,
+  the cache in one buffer per KV tensor updated in place), run by the server's ``LanguageModelRunner``; ``--appended``
+  runs the exported graph instead (each step's KV appended with ``Concat``, the form the TensorRT target compiles);
 - genai: ``python -m onnxruntime_genai.models.builder -p fp32|int4 -e cpu`` (its INT4 defaults are the same: block
   32, symmetric, accuracy level 4), run by ``og.Generator`` (``GroupQueryAttention``, the cache in a buffer of
   ``max_length`` updated in place); its ``genai_config.json`` gets the same ``intra_op_num_threads``.
@@ -109,7 +111,8 @@ def write_checkpoints(work: Path, quick: bool) -> tuple[Path, Path, int]:
     return project_dir, genai_dir, params
 
 
-def build_project(checkpoint: Path, output: Path, precision: str, max_context: int) -> Path:
+def build_project(checkpoint: Path, output: Path, precision: str, max_context: int, appended: bool) -> Path:
+    from builder.compile.fused_attention import write_fused
     from builder.export.streamed.writer import write_streamed_llm
     from builder.quantize.weight_only import NbitsWeights
     from builder.spec import LimitsSpec
@@ -119,7 +122,7 @@ def build_project(checkpoint: Path, output: Path, precision: str, max_context: i
         written = write_streamed_llm(checkpoint, output, limits=limits, weights=NbitsWeights(4, 32, 4))
     else:
         written = write_streamed_llm(checkpoint, output, "float32", limits=limits)
-    return written.path
+    return written.path if appended else write_fused(written.path, output / "in_place", written.attention)
 
 
 def build_genai(checkpoint: Path, output: Path, precision: str, threads: int) -> Path:
@@ -203,6 +206,8 @@ def main() -> None:
     parser.add_argument("--contexts", nargs="+", type=int, default=[20, 512])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--appended", action="store_true",
+                        help="the project's exported graph (KV appended each step) instead of the served in-place one")
     parser.add_argument("--keep", type=Path, help="write the checkpoints and graphs here (default: a temporary directory)")
     args = parser.parse_args()
     steps = args.steps or (8 if args.quick else 32)
@@ -230,7 +235,8 @@ def main() -> None:
         rng = np.random.default_rng(0)
         prompts = {n: rng.integers(SPECIAL, facts.vocab_size, (max(args.batches), n)) for n in args.contexts}
         for precision in args.precisions:
-            project_path = build_project(project_ckpt, work / f"project-{precision}", precision, max_context)
+            project_path = build_project(project_ckpt, work / f"project-{precision}", precision, max_context,
+                                         args.appended)
             genai_path = build_genai(genai_ckpt, work / f"genai-{precision}", precision, args.threads)
             genai_onnx = genai_path / json.loads((genai_path / "genai_config.json").read_text())["model"]["decoder"]["filename"]
             for side, path in (("project", project_path), ("genai", genai_onnx)):
@@ -284,6 +290,7 @@ def main() -> None:
 
     args.output.mkdir(parents=True, exist_ok=True)
     name = "genai_compare.csv" if args.threads == len(os.sched_getaffinity(0)) else f"genai_compare_threads{args.threads}.csv"
+    name = name.replace(".csv", "_appended.csv") if args.appended else name
     with (args.output / name).open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -119,11 +119,60 @@ def fuse_attention(model: onnx.ModelProto, layout: AttentionLayout) -> onnx.Mode
     return model
 
 
+def fuse_rms_norms(model: onnx.ModelProto) -> int:
+    """Each RMSNorm as torch.onnx writes HF's FP32 one (``w * (x * 1 / sqrt(mean(x^2) + eps))``, seven nodes) as ONNX
+    Runtime's ``SimplifiedLayerNormalization`` (one kernel, which ONNX Runtime's own fusions do not find in this
+    form); the number fused. Norms in another form (FP16 casts, Gemma's ``1 + w``) are left as they are."""
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+    constants = {t.name: t for t in graph.initializer}
+
+    def only(name: str, op: str) -> onnx.NodeProto | None:
+        found = consumers.get(name, [])
+        return found[0] if len(found) == 1 and found[0].op_type == op else None
+
+    def const(name: str) -> np.ndarray | None:
+        return _constant(name, constants, producer)
+
+    replaced: dict[int, onnx.NodeProto | None] = {}  # node -> what takes its place (None: dropped)
+    for power in [n for n in graph.node if n.op_type == "Pow"]:
+        x = power.input[0]
+        exponent = const(power.input[1])
+        mean = only(power.output[0], "ReduceMean")
+        add = only(mean.output[0], "Add") if mean is not None else None
+        sqrt = only(add.output[0], "Sqrt") if add is not None else None
+        reciprocal = only(sqrt.output[0], "Reciprocal") if sqrt is not None else None
+        scaled = only(reciprocal.output[0], "Mul") if reciprocal is not None else None
+        weighted = only(scaled.output[0], "Mul") if scaled is not None else None
+        if exponent is None or float(exponent.reshape(-1)[0]) != 2.0 or weighted is None or x not in scaled.input:
+            continue
+        axes = const(mean.input[1]) if len(mean.input) > 1 else next(
+            (np.array(a.ints) for a in mean.attribute if a.name == "axes"), None)
+        epsilon = const(next(i for i in add.input if i != mean.output[0]))
+        if axes is None or axes.reshape(-1).tolist() != [-1] or epsilon is None or epsilon.size != 1:
+            continue
+        weight = next(i for i in weighted.input if i != scaled.output[0])
+        norm = helper.make_node("SimplifiedLayerNormalization", [x, weight], [weighted.output[0]],
+                                name=f"{weighted.name or weighted.output[0]}/rms_norm", axis=-1,
+                                epsilon=float(epsilon.reshape(())), stash_type=1)
+        replaced.update({id(n): None for n in (power, mean, add, sqrt, reciprocal, scaled)})
+        replaced[id(weighted)] = norm
+    nodes = [replaced.get(id(n), n) for n in graph.node]
+    del graph.node[:]
+    graph.node.extend(n for n in nodes if n is not None)
+    return sum(1 for n in replaced.values() if n is not None)
+
+
 def write_fused(source: Path, directory: Path, layout: AttentionLayout) -> Path:
-    """``source``'s graph fused into ``directory/model.onnx``; its weight files linked (copied across file systems)
-    beside it under their own names, so the external-data locations hold."""
+    """``source``'s graph fused into ``directory/model.onnx`` (attention, RMSNorms); its weight files linked (copied
+    across file systems) beside it under their own names, so the external-data locations hold."""
     model = onnx.load(str(source), load_external_data=False)
     fuse_attention(model, layout)
+    fuse_rms_norms(model)
     directory.mkdir(parents=True, exist_ok=True)
     for data in data_files(source):
         target = directory / data.name

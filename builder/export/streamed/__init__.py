@@ -28,7 +28,7 @@ def export_streamed_llm(recipe: ExportRecipe, checkpoint: Path, directory: Path,
     :func:`builder.export.onnx_export.export_graph` checks the graphs it exports."""
     cast_weights(recipe.module, dtype)
     written = write_streamed_llm(checkpoint, directory, dtype, limits=limits, opset=spec.opset)
-    return checked_graph(recipe, written.path, spec, dtype, recipe.module.attention_layout(written.num_layers))
+    return checked_graph(recipe, written.path, spec, dtype, written.attention)
 
 
 def record_quantized_llm(checkpoint: Path, directory: Path, spec: ExportSpec, limits: LimitsSpec) -> ExportedGraph:

@@ -19,6 +19,7 @@ import torch
 from onnx import helper, numpy_helper
 
 from builder.errors import BuildError
+from builder.export.graph import AttentionLayout
 from builder.export.precision import ExportDtype
 from builder.export.streamed.stamp import StampedGraph, stamp
 from builder.export.streamed.template import export_template
@@ -91,6 +92,7 @@ class StreamedLlm:
     num_layers: int
     data_bytes: int
     seconds: float
+    attention: AttentionLayout | None = None  # the family's wrapper's word on how its layers attend
 
     @property
     def data_path(self) -> Path:
@@ -159,7 +161,8 @@ def write_streamed_llm(checkpoint: Path, output: Path, dtype: ExportDtype = "flo
                               producer_name="builder.export.streamed")
     onnx.save_model(model, str(path))
     precision = weights.precision if weights else {"float32": "fp32", "float16": "fp16"}[dtype]
-    return StreamedLlm(path, precision, template.facts.num_layers, data_bytes, time.perf_counter() - started)
+    return StreamedLlm(path, precision, template.facts.num_layers, data_bytes, time.perf_counter() - started,
+                       template.attention)
 
 
 def _write_weights(graph: StampedGraph, tensors: CheckpointTensors, external: ExternalData, dtype: ExportDtype,
