@@ -122,7 +122,7 @@ def build_project(checkpoint: Path, output: Path, precision: str, max_context: i
         written = write_streamed_llm(checkpoint, output, limits=limits, weights=NbitsWeights(4, 32, 4))
     else:
         written = write_streamed_llm(checkpoint, output, "float32", limits=limits)
-    return written.path if appended else write_fused(written.path, output / "in_place", written.attention)
+    return written.path if appended else write_fused(written.path, output / "in_place", written.attention, max_context)
 
 
 def build_genai(checkpoint: Path, output: Path, precision: str, threads: int) -> Path:

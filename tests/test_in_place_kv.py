@@ -68,10 +68,12 @@ def test_the_in_place_graph_serves_what_the_checkpoint_computes(family: str, tmp
     checkpoint = WRITERS[family](tmp_path / "checkpoint")
     facts = check_checkpoint(checkpoint).read_facts()
     written = write_streamed_llm(checkpoint, tmp_path / "graph", "float32", limits=LIMITS)
-    fused = write_fused(written.path, tmp_path / "fused", layout_of(checkpoint, tmp_path))
+    fused = write_fused(written.path, tmp_path / "fused", layout_of(checkpoint, tmp_path), LIMITS.max_context)
     check = check_fused(written.path, fused, facts, ATOL, RTOL, None)
     assert check.failure is None, check.summary()
-    assert {n.op_type for n in onnx.load(str(fused), load_external_data=False).graph.node} >= {"GroupQueryAttention"}
+    ops = {n.op_type for n in onnx.load(str(fused), load_external_data=False).graph.node}
+    assert {"GroupQueryAttention", "SimplifiedLayerNormalization"} <= ops and "Pow" not in ops
+    assert ("RotaryEmbedding" in ops) == (facts.position_rows == 1)  # M-RoPE's three position rows keep theirs
 
     rng = np.random.default_rng(0)
     length = 9
@@ -101,10 +103,11 @@ def test_a_sliding_window_is_groupqueryattentions_local_window(tmp_path: Path) -
     layout = layout_of(checkpoint, tmp_path)
     assert set(layout.windows) == {4}
     written = write_streamed_llm(checkpoint, tmp_path / "graph", "float32", limits=LIMITS)
-    fused = write_fused(written.path, tmp_path / "fused", layout)
+    fused = write_fused(written.path, tmp_path / "fused", layout, LIMITS.max_context)
     check = check_fused(written.path, fused, facts, ATOL, RTOL, None)
     assert check.failure is None, check.summary()
-    wider = write_fused(written.path, tmp_path / "wider", type(layout)(**{**layout.__dict__, "windows": (5,) * len(layout.windows)}))
+    wider = write_fused(written.path, tmp_path / "wider", type(layout)(**{**layout.__dict__, "windows": (5,) * len(layout.windows)}),
+                        LIMITS.max_context)
     assert check_fused(written.path, wider, facts, ATOL, RTOL, None).failure is not None
 
 
@@ -114,12 +117,12 @@ def test_fp16_and_4_bit_graphs_fuse(tmp_path: Path) -> None:
     facts = check_checkpoint(checkpoint).read_facts()
     layout = layout_of(checkpoint, tmp_path)
     half = write_streamed_llm(checkpoint, tmp_path / "fp16", "float16", limits=LIMITS)
-    check = check_fused(half.path, write_fused(half.path, tmp_path / "fp16-fused", layout), facts, ATOL, RTOL,
+    check = check_fused(half.path, write_fused(half.path, tmp_path / "fp16-fused", layout, LIMITS.max_context), facts, ATOL, RTOL,
                         ExportSpec().fp16_min_cosine)
     assert check.failure is None, check.summary()
     assert LanguageModelRunner(str(tmp_path / "fp16-fused" / "model.onnx"), facts).kv_dtype == np.float16
     int4 = write_streamed_llm(checkpoint, tmp_path / "int4", limits=LIMITS, weights=NbitsWeights(4, 32))
-    check = check_fused(int4.path, write_fused(int4.path, tmp_path / "int4-fused", layout), facts, ATOL, RTOL, None)
+    check = check_fused(int4.path, write_fused(int4.path, tmp_path / "int4-fused", layout, LIMITS.max_context), facts, ATOL, RTOL, None)
     assert check.failure is None, check.summary()
 
 

@@ -32,7 +32,14 @@ from builder.errors import BuildError
 from builder.export.graph import AttentionLayout
 from builder.export.streamed.writer import _topological
 from builder.onnx_files import data_files
-from builder.runtime.contract import ATTENTION_MASK, KV_IN_PLACE, KV_LAYOUT_KEY, PAST_PREFIX, PRESENT_PREFIX
+from builder.runtime.contract import (
+    ATTENTION_MASK,
+    KV_IN_PLACE,
+    KV_LAYOUT_KEY,
+    PAST_PREFIX,
+    POSITION_IDS,
+    PRESENT_PREFIX,
+)
 from builder.runtime.generation import LanguageModelRunner, SamplingParams
 from builder.runtime.model_facts import ModelFacts
 
@@ -89,32 +96,26 @@ def fuse_attention(model: onnx.ModelProto, layout: AttentionLayout) -> onnx.Mode
 
         query, key, value = (to_bsd(grouped_query.input[0], "query"), to_bsd(key_concat.input[1], "key"),
                              to_bsd(value_concat.input[1], "value"))
+        # The exported heads go back to [B, S, heads * d] (Reshape, Transpose, Reshape) before o_proj: GroupQueryAttention's
+        # output is that tensor already. Another tail gets the grouped layout back instead.
+        tail = _heads_to_hidden(consumers, weighted.output[0])
+        output = tail[-1].output[0] if tail else f"{prefix}/output"
         added.append(helper.make_node(
             "GroupQueryAttention",
             [query, key, value, key_concat.input[0], value_concat.input[0], "gqa/seqlens_k", "gqa/total_sequence_length"],
-            [f"{prefix}/output", present_key, present_value], name=f"{prefix}/GroupQueryAttention", domain=_MS,
+            [output, present_key, present_value], name=f"{prefix}/GroupQueryAttention", domain=_MS,
             num_heads=layout.num_heads, kv_num_heads=layout.num_kv_heads, scale=scale,
             # both count the query's own position: HF's sliding_window 4 is local_window_size 4 (tests/test_in_place_kv.py)
             local_window_size=window or -1,
         ))
-        # the grouped layout the rest of the layer reads: [B, S, heads * d] -> [B, kv_heads, groups * S, d]
-        added.append(helper.make_node("Reshape", [f"{prefix}/output", "gqa/to_bshd"], [f"{prefix}/output_bshd"]))
-        added.append(helper.make_node("Transpose", [f"{prefix}/output_bshd"], [f"{prefix}/output_bhsd"], perm=[0, 2, 1, 3]))
-        added.append(helper.make_node("Reshape", [f"{prefix}/output_bhsd", "gqa/to_grouped"], [weighted.output[0]]))
+        if tail:
+            replaced.update(id(n) for n in tail)
+        else:  # the grouped layout the rest of the layer reads: [B, S, heads * d] -> [B, kv_heads, groups * S, d]
+            added.append(helper.make_node("Reshape", [output, "gqa/to_bshd"], [f"{prefix}/output_bshd"]))
+            added.append(helper.make_node("Transpose", [f"{prefix}/output_bshd"], [f"{prefix}/output_bhsd"], perm=[0, 2, 1, 3]))
+            added.append(helper.make_node("Reshape", [f"{prefix}/output_bhsd", "gqa/to_grouped"], [weighted.output[0]]))
         replaced.update(id(n) for n in (key_concat, value_concat, weighted))
-    nodes = [n for n in graph.node if id(n) not in replaced] + added
-    nodes = _live(nodes, [o.name for o in graph.output])
-    available = {i.name for i in graph.input} | {t.name for t in [*graph.initializer, *initializers]}
-    ordered = _topological(nodes, available)
-    used = {name for node in ordered for name in node.input}
-    kept = [t for t in [*graph.initializer, *initializers] if t.name in used]
-    del graph.node[:]
-    graph.node.extend(ordered)
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    del graph.value_info[:]  # shapes of values that may be gone; ONNX Runtime infers its own
-    if not any(o.domain == _MS for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(_MS, 1))
+    _rebuild(model, [n for n in graph.node if id(n) not in replaced] + added, initializers)
     helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, KV_LAYOUT_KEY: KV_IN_PLACE})
     return model
 
@@ -167,11 +168,121 @@ def fuse_rms_norms(model: onnx.ModelProto) -> int:
     return sum(1 for n in replaced.values() if n is not None)
 
 
-def write_fused(source: Path, directory: Path, layout: AttentionLayout) -> Path:
-    """``source``'s graph fused into ``directory/model.onnx`` (attention, RMSNorms); its weight files linked (copied
-    across file systems) beside it under their own names, so the external-data locations hold."""
+def fuse_rotary(model: onnx.ModelProto, max_positions: int) -> int:
+    """Each rotary embedding as torch.onnx writes HF's (``x * cos + rotate_half(x) * sin``, seven nodes on a
+    [B, heads, S, d] query or key) as one ``com.microsoft.RotaryEmbedding`` reading the graph's own ``position_ids``
+    and cos / sin tables of ``max_positions`` rows, which are the graph's own cos and sin computed once here for
+    positions 0, 1, 2...; the number fused. Not for M-RoPE's [3, B, S] positions, nor when the tables depend on more
+    than the positions (or their halves differ: not HF's ``cat(freqs, freqs)``): those are left as they are."""
+    graph = model.graph
+    positions = next((i for i in graph.input if i.name == POSITION_IDS), None)
+    if positions is None or len(positions.type.tensor_type.shape.dim) != 2:
+        return 0
+    producer = {out: node for node in graph.node for out in node.output}
+    tables: dict[tuple[str, str], tuple[str, str] | None] = {}
+    initializers: list[onnx.TensorProto] = []
+    replaced: dict[int, onnx.NodeProto] = {}
+    for add in [n for n in graph.node if n.op_type == "Add"]:
+        found = _rotary(add, producer)
+        if found is None:
+            continue
+        x, cos, sin = found
+        if (cos, sin) not in tables:
+            computed = _tables(model, cos, sin, max_positions)
+            tables[(cos, sin)] = None
+            if computed is not None:
+                names = (f"rotary/{len(tables)}/cos_cache", f"rotary/{len(tables)}/sin_cache")
+                initializers += [numpy_helper.from_array(t, n) for t, n in zip(computed, names)]
+                tables[(cos, sin)] = names
+        if tables[(cos, sin)] is None:
+            continue
+        cos_cache, sin_cache = tables[(cos, sin)]
+        replaced[id(add)] = helper.make_node("RotaryEmbedding", [x, POSITION_IDS, cos_cache, sin_cache], list(add.output),
+                                             name=f"{add.name or add.output[0]}/rotary", domain=_MS, interleaved=0)
+    if replaced:
+        _rebuild(model, [replaced.get(id(n), n) for n in graph.node], initializers)
+    return len(replaced)
+
+
+def _rotary(add: onnx.NodeProto, producer: dict[str, onnx.NodeProto]) -> tuple[str, str, str] | None:
+    """(x, cos, sin) when ``add`` is ``x * cos + cat(-x[..., d/2:], x[..., :d/2]) * sin`` (either operand order)."""
+    muls = [producer.get(name) for name in add.input]
+    if len(muls) != 2 or any(m is None or m.op_type != "Mul" for m in muls):
+        return None
+    for direct, rotated in (muls, muls[::-1]):
+        concat_index = next((i for i, name in enumerate(rotated.input)
+                             if producer.get(name) is not None and producer[name].op_type == "Concat"), None)
+        if concat_index is None:
+            continue
+        concat = producer[rotated.input[concat_index]]
+        sin = rotated.input[1 - concat_index]
+        if len(concat.input) != 2:
+            continue
+        neg, low = producer.get(concat.input[0]), producer.get(concat.input[1])
+        high = producer.get(neg.input[0]) if neg is not None and neg.op_type == "Neg" else None
+        if high is None or low is None or high.op_type != "Slice" or low.op_type != "Slice" or high.input[0] != low.input[0]:
+            continue
+        x = high.input[0]
+        if x not in direct.input:
+            continue
+        return x, direct.input[1 - list(direct.input).index(x)], sin
+    return None
+
+
+def _tables(model: onnx.ModelProto, cos: str, sin: str, max_positions: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The graph's cos and sin for positions 0..max_positions - 1 as RotaryEmbedding's [positions, d / 2] caches;
+    None when they read more than ``position_ids`` and inline constants, or their two halves differ."""
+    import onnxruntime as ort
+
+    graph = model.graph
+    nodes = _live(list(graph.node), [cos, sin])
+    produced = {out for node in nodes for out in node.output}
+    constants = {t.name: t for t in graph.initializer}
+    read = {name for node in nodes for name in node.input if name and name not in produced}
+    if read - set(constants) != {POSITION_IDS} or any(constants[n].data_location == onnx.TensorProto.EXTERNAL
+                                                       for n in read & set(constants)):
+        return None
+    inputs = [i for i in graph.input if i.name == POSITION_IDS]
+    outputs = [onnx.ValueInfoProto(name=name) for name in (cos, sin)]  # types inferred
+    sub = helper.make_model(helper.make_graph(nodes, "rotary_tables", inputs, outputs, [constants[n] for n in read - {POSITION_IDS}]),
+                            opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    session = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"])
+    values = session.run(None, {POSITION_IDS: np.arange(max_positions, dtype=np.int64)[None]})
+    caches = []
+    for value in values:
+        table = value.reshape(max_positions, -1)  # [1, 1, P, d] (or [1, P, d]): one row per position
+        half = table.shape[1] // 2
+        if not np.array_equal(table[:, :half], table[:, half:]):
+            return None
+        caches.append(np.ascontiguousarray(table[:, :half]))
+    return caches[0], caches[1]
+
+
+def _rebuild(model: onnx.ModelProto, nodes: list[onnx.NodeProto], initializers: list[onnx.TensorProto]) -> None:
+    """``model``'s graph as ``nodes`` (those no output needs dropped, the rest in dependency order), with the
+    initializers that are still read, ``initializers`` added."""
+    graph = model.graph
+    nodes = _live(nodes, [o.name for o in graph.output])
+    available = {i.name for i in graph.input} | {t.name for t in [*graph.initializer, *initializers]}
+    ordered = _topological(nodes, available)
+    used = {name for node in ordered for name in node.input}
+    kept = [t for t in [*graph.initializer, *initializers] if t.name in used]
+    del graph.node[:]
+    graph.node.extend(ordered)
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    del graph.value_info[:]  # shapes of values that may be gone; ONNX Runtime infers its own
+    if not any(o.domain == _MS for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(_MS, 1))
+
+
+def write_fused(source: Path, directory: Path, layout: AttentionLayout, max_positions: int) -> Path:
+    """``source``'s graph fused into ``directory/model.onnx`` (attention, rotary embeddings up to ``max_positions``,
+    RMSNorms); its weight files linked (copied across file systems) beside it under their own names, so the
+    external-data locations hold."""
     model = onnx.load(str(source), load_external_data=False)
     fuse_attention(model, layout)
+    fuse_rotary(model, max_positions)
     fuse_rms_norms(model)
     directory.mkdir(parents=True, exist_ok=True)
     for data in data_files(source):
@@ -242,6 +353,21 @@ def _constant(name: str, constants: dict[str, onnx.TensorProto], producer: dict[
     if node is not None and node.op_type == "Constant":
         return numpy_helper.to_array(node.attribute[0].t)
     return None
+
+
+def _heads_to_hidden(consumers: dict[str, list[onnx.NodeProto]], grouped: str) -> list[onnx.NodeProto]:
+    """The Reshape -> Transpose(0, 2, 1, 3) -> Reshape that alone reads the attention's grouped output and makes
+    [B, S, heads * d] of it (:func:`builder.export.attention.grouped_query_attention`, then HF's reshape); [] if not."""
+    chain, name = [], grouped
+    for op in ("Reshape", "Transpose", "Reshape"):
+        readers = consumers.get(name, [])
+        if len(readers) != 1 or readers[0].op_type != op:
+            return []
+        if op == "Transpose" and [list(a.ints) for a in readers[0].attribute if a.name == "perm"] != [[0, 2, 1, 3]]:
+            return []
+        chain.append(readers[0])
+        name = readers[0].output[0]
+    return chain
 
 
 def _live(nodes: list[onnx.NodeProto], outputs: list[str]) -> list[onnx.NodeProto]:

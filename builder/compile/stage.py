@@ -64,10 +64,11 @@ def in_place_llm(context: CompileContext, graph: ExportedGraph, precision: str) 
     assert graph.path is not None and graph.attention is not None and context.facts is not None
     source, layout, facts, export = graph.path, graph.attention, context.facts, context.spec.export
     identity = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in graph_files(source)]  # cache entries: immutable
-    key = IN_PLACE_LLM.key(identity, dataclasses.asdict(layout), precision, context.spec.section("export"))
+    key = IN_PLACE_LLM.key(identity, dataclasses.asdict(layout), precision, context.spec.section("export"),
+                           context.spec.limits.max_context)
 
     def fuse_into(tmp: Path) -> None:
-        fused = write_fused(source, tmp, layout)
+        fused = write_fused(source, tmp, layout, context.spec.limits.max_context)
         check = check_fused(source, fused, facts, export.atol, export.rtol,
                             export.fp16_min_cosine if precision == "fp16" else None)
         if check.failure is not None:
