@@ -184,6 +184,7 @@ class LanguageModelRunner(GenerateOne):
         # Appended layout: the last decode step's sequences and its present KV: [B, kv_heads, longest, head_dim]
         # each, left-padded as the next step's past would be. Holds at most one batch's cache beyond its sequences'.
         self._last_batch: tuple[list[Sequence], dict[str, np.ndarray]] | None = None
+        self._binding: tuple[tuple[int, int, int], ort.IOBinding] | None = None  # in place: the cache's, while it holds
 
     def start(
         self,
@@ -290,18 +291,25 @@ class LanguageModelRunner(GenerateOne):
 
     def _run_in_place(self, feeds: dict[str, np.ndarray], first_row: int, rows: int) -> list[np.ndarray]:
         """Runs the graph on ``feeds`` with every past and present bound to rows ``[first_row, first_row + rows)``
-        of the cache's buffers; returns the logits (the presents are the buffers themselves)."""
+        of the cache's buffers; returns the logits (the presents are the buffers themselves). The binding of the
+        cache is kept while those rows and buffers stay the same (every step of an unchanged batch): a step binds
+        its few small inputs and a fresh logits array only."""
         assert self.slots is not None
-        binding = self.session.io_binding()
-        binding.bind_output(LOGITS)
+        key = (first_row, rows, self.slots.generation)
+        if self._binding is None or self._binding[0] != key:
+            binding = self.session.io_binding()
+            for name, view in self.slots.rows_view(first_row, rows).items():
+                present = name.replace(f"{PAST_PREFIX}.", f"{PRESENT_PREFIX}.", 1)
+                binding.bind_input(name, "cpu", 0, self.kv_dtype, list(view.shape), view.ctypes.data)
+                binding.bind_output(present, "cpu", 0, self.kv_dtype, list(view.shape), view.ctypes.data)
+            self._binding = (key, binding)
+        binding = self._binding[1]
         for name, value in feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        for name, view in self.slots.rows_view(first_row, rows).items():
-            present = name.replace(f"{PAST_PREFIX}.", f"{PRESENT_PREFIX}.", 1)
-            binding.bind_input(name, "cpu", 0, self.kv_dtype, list(view.shape), view.ctypes.data)
-            binding.bind_output(present, "cpu", 0, self.kv_dtype, list(view.shape), view.ctypes.data)
+        logits = np.empty((rows, self.facts.vocab_size), dtype=np.float32)
+        binding.bind_output(LOGITS, "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         self.session.run_with_iobinding(binding)
-        return [binding.get_outputs()[0].numpy()]
+        return [logits]
 
     def _batched_past(self, sequences: list[Sequence], longest: int) -> dict[str, np.ndarray]:
         """Each KV input as [B, kv_heads, longest, head_dim], every sequence's cache left-padded. The same batch as

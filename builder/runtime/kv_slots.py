@@ -27,6 +27,7 @@ class KvSlots:
         self.buffers = {name: np.zeros((rows, kv_heads, capacity, head_dim), dtype=dtype) for name in names}
         self.owners: list[weakref.ref[Any] | None] = [None] * rows
         self.lengths = [0] * rows  # positions of each row that hold a sequence's cache (what a move copies)
+        self.generation = 0  # counts reallocations: memory bound to a graph before one is gone
 
     @property
     def rows(self) -> int:
@@ -102,5 +103,6 @@ class KvSlots:
                     grown[row, :, :length] = old[row, :, :length]
             self.buffers[name] = grown
             del old
+        self.generation += 1
         self.owners += [None] * (rows - len(self.owners))
         self.lengths += [0] * (rows - len(self.lengths))
