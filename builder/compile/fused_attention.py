@@ -89,7 +89,18 @@ def fuse_attention(model: onnx.ModelProto, layout: AttentionLayout) -> onnx.Mode
         prefix = f"gqa/{layer}"
 
         def to_bsd(name: str, what: str) -> str:
-            """[B, heads, S, d] -> [B, S, heads * d]"""
+            """[B, heads, S, d] -> [B, S, heads * d]: the projection's own output when ``name`` is its
+            ``view(B, S, heads, d).transpose(1, 2)`` (rotated by a RotaryEmbedding or not), else a transpose of it."""
+            node = producer.get(name)
+            rotary = node if node is not None and node.op_type == "RotaryEmbedding" and node.domain == _MS else None
+            projection = _projection_of(producer, rotary.input[0] if rotary is not None else name)
+            if projection is not None and rotary is not None:  # the same rotation on [B, S, heads * d]
+                added.append(helper.make_node("RotaryEmbedding", [projection, *rotary.input[1:]], [f"{prefix}/{what}"],
+                                              domain=_MS, interleaved=0, num_heads=layout.num_heads if what == "query"
+                                              else layout.num_kv_heads, rotary_embedding_dim=layout.head_dim))
+                return f"{prefix}/{what}"
+            if projection is not None:
+                return projection
             added.append(helper.make_node("Transpose", [name], [f"{prefix}/{what}_bshd"], perm=[0, 2, 1, 3]))
             added.append(helper.make_node("Reshape", [f"{prefix}/{what}_bshd", "gqa/to_bsd"], [f"{prefix}/{what}"]))
             return f"{prefix}/{what}"
@@ -123,7 +134,8 @@ def fuse_attention(model: onnx.ModelProto, layout: AttentionLayout) -> onnx.Mode
 def fuse_rms_norms(model: onnx.ModelProto) -> int:
     """Each RMSNorm as torch.onnx writes HF's FP32 one (``w * (x * 1 / sqrt(mean(x^2) + eps))``, seven nodes) as ONNX
     Runtime's ``SimplifiedLayerNormalization`` (one kernel, which ONNX Runtime's own fusions do not find in this
-    form); the number fused. Norms in another form (FP16 casts, Gemma's ``1 + w``) are left as they are."""
+    form), and with the residual Add before it as ``SkipSimplifiedLayerNormalization``; the number of norms fused.
+    Norms in another form (FP16 casts, Gemma's ``1 + w``) are left as they are."""
     graph = model.graph
     producer = {out: node for node in graph.node for out in node.output}
     consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
@@ -162,10 +174,30 @@ def fuse_rms_norms(model: onnx.ModelProto) -> int:
                                 epsilon=float(epsilon.reshape(())), stash_type=1)
         replaced.update({id(n): None for n in (power, mean, add, sqrt, reciprocal, scaled)})
         replaced[id(weighted)] = norm
-    nodes = [replaced.get(id(n), n) for n in graph.node]
+    nodes = [n for n in (replaced.get(id(n), n) for n in graph.node) if n is not None]
     del graph.node[:]
-    graph.node.extend(n for n in nodes if n is not None)
+    graph.node.extend(_with_skips(nodes, constants))
     return sum(1 for n in replaced.values() if n is not None)
+
+
+def _with_skips(nodes: list[onnx.NodeProto], constants: dict[str, onnx.TensorProto]) -> list[onnx.NodeProto]:
+    """``nodes`` with each residual ``Add(a, b)`` that a SimplifiedLayerNormalization reads as
+    ``com.microsoft.SkipSimplifiedLayerNormalization(a, b)``, which gives the norm and the sum (for the next residual)
+    in one kernel. An Add of a constant (a bias, which might broadcast) is left alone."""
+    producer = {out: node for node in nodes for out in node.output}
+    produced_by_nodes = {out for node in nodes for out in node.output}
+    replaced: dict[int, onnx.NodeProto | None] = {}
+    for norm in [n for n in nodes if n.op_type == "SimplifiedLayerNormalization" and n.domain == ""]:
+        add = producer.get(norm.input[0])
+        if add is None or add.op_type != "Add" or id(add) in replaced or \
+                any(i in constants or i not in produced_by_nodes for i in add.input):
+            continue
+        epsilon = next(a.f for a in norm.attribute if a.name == "epsilon")
+        replaced[id(add)] = None
+        replaced[id(norm)] = helper.make_node(
+            "SkipSimplifiedLayerNormalization", [add.input[0], add.input[1], norm.input[1]],
+            [norm.output[0], "", "", add.output[0]], name=f"{norm.name}/skip", domain=_MS, epsilon=epsilon)
+    return [n for n in (replaced.get(id(n), n) for n in nodes) if n is not None]
 
 
 def fuse_rotary(model: onnx.ModelProto, max_positions: int) -> int:
@@ -281,8 +313,8 @@ def write_fused(source: Path, directory: Path, layout: AttentionLayout, max_posi
     RMSNorms); its weight files linked (copied across file systems) beside it under their own names, so the
     external-data locations hold."""
     model = onnx.load(str(source), load_external_data=False)
+    fuse_rotary(model, max_positions)  # first: the attention then rotates [B, S, heads * d] where the graph does
     fuse_attention(model, layout)
-    fuse_rotary(model, max_positions)
     fuse_rms_norms(model)
     directory.mkdir(parents=True, exist_ok=True)
     for data in data_files(source):
@@ -353,6 +385,21 @@ def _constant(name: str, constants: dict[str, onnx.TensorProto], producer: dict[
     if node is not None and node.op_type == "Constant":
         return numpy_helper.to_array(node.attribute[0].t)
     return None
+
+
+def _projection_of(producer: dict[str, onnx.NodeProto], heads: str) -> str | None:
+    """``p`` when ``heads`` is ``Transpose(Reshape(p), perm=(0, 2, 1, 3))`` and ``p`` comes straight from a
+    projection (a MatMul, its bias Add): HF's ``proj(x).view(B, S, heads, d).transpose(1, 2)``, so ``p`` is
+    [B, S, heads * d]. None otherwise (a per-head norm between the view and the transpose, say)."""
+    transpose = producer.get(heads)
+    if transpose is None or transpose.op_type != "Transpose" or \
+            [list(a.ints) for a in transpose.attribute if a.name == "perm"] != [[0, 2, 1, 3]]:
+        return None
+    view = producer.get(transpose.input[0])
+    if view is None or view.op_type != "Reshape":
+        return None
+    source = producer.get(view.input[0])
+    return view.input[0] if source is not None and source.op_type in ("MatMul", "MatMulNBits", "Add") else None
 
 
 def _heads_to_hidden(consumers: dict[str, list[onnx.NodeProto]], grouped: str) -> list[onnx.NodeProto]:
