@@ -30,7 +30,7 @@ from onnx import helper, numpy_helper
 
 from builder.errors import BuildError
 from builder.export.graph import AttentionLayout
-from builder.export.streamed.writer import _topological
+from builder.export.streamed.writer import topological
 from builder.onnx_files import data_files
 from builder.runtime.contract import (
     ATTENTION_MASK,
@@ -296,7 +296,7 @@ def _rebuild(model: onnx.ModelProto, nodes: list[onnx.NodeProto], initializers: 
     graph = model.graph
     nodes = _live(nodes, [o.name for o in graph.output])
     available = {i.name for i in graph.input} | {t.name for t in [*graph.initializer, *initializers]}
-    ordered = _topological(nodes, available)
+    ordered = topological(nodes, available)
     used = {name for node in ordered for name in node.input}
     kept = [t for t in [*graph.initializer, *initializers] if t.name in used]
     del graph.node[:]

@@ -155,7 +155,7 @@ def write_streamed_llm(checkpoint: Path, output: Path, dtype: ExportDtype = "flo
         data_bytes = external.offset
     opsets = [*template.model.opset_import, *(helper.make_opsetid(d, 1) for d in (weights.domains if weights else ()))]
     constants = [*graph.constants, *initializers]
-    nodes = _topological(nodes, {v.name for v in graph.inputs} | {t.name for t in constants})
+    nodes = topological(nodes, {v.name for v in graph.inputs} | {t.name for t in constants})
     body = helper.make_graph(nodes, "llm", graph.inputs, graph.outputs, constants)
     model = helper.make_model(body, opset_imports=opsets, ir_version=template.model.ir_version,
                               producer_name="builder.export.streamed")
@@ -221,7 +221,7 @@ def _write_weights(graph: StampedGraph, tensors: CheckpointTensors, external: Ex
     return nodes, initializers
 
 
-def _topological(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
+def topological(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
     """``nodes`` each after the nodes making its inputs (ONNX requires it; TensorRT's parser relies on it), otherwise
     in their order: stamping hoists a layer's shared nodes ahead of the setup that feeds them."""
     available = set(available) | {""}  # an omitted optional input
