@@ -71,9 +71,12 @@ def test_the_in_place_graph_serves_what_the_checkpoint_computes(family: str, tmp
     fused = write_fused(written.path, tmp_path / "fused", layout_of(checkpoint, tmp_path), LIMITS.max_context)
     check = check_fused(written.path, fused, facts, ATOL, RTOL, None)
     assert check.failure is None, check.summary()
-    ops = {n.op_type for n in onnx.load(str(fused), load_external_data=False).graph.node}
+    nodes = onnx.load(str(fused), load_external_data=False).graph.node
+    ops = {n.op_type for n in nodes}
     assert {"GroupQueryAttention", "SimplifiedLayerNormalization"} <= ops and "Pow" not in ops
-    assert ("RotaryEmbedding" in ops) == (facts.position_rows == 1)  # M-RoPE's three position rows keep theirs
+    rotary = {onnx.helper.get_attribute_value(a) for n in nodes if n.op_type == "GroupQueryAttention"
+              for a in n.attribute if a.name == "do_rotary"}
+    assert rotary == {int(facts.position_rows == 1)}  # M-RoPE's three position rows keep the graph's own rotation
 
     rng = np.random.default_rng(0)
     length = 9

@@ -105,17 +105,23 @@ def fuse_attention(model: onnx.ModelProto, layout: AttentionLayout) -> onnx.Mode
             added.append(helper.make_node("Reshape", [f"{prefix}/{what}_bshd", "gqa/to_bsd"], [f"{prefix}/{what}"]))
             return f"{prefix}/{what}"
 
-        query, key, value = (to_bsd(grouped_query.input[0], "query"), to_bsd(key_concat.input[1], "key"),
-                             to_bsd(value_concat.input[1], "value"))
+        rotated = _rotated_projections(producer, grouped_query.input[0], key_concat.input[1], value_concat.input[1])
+        if rotated is not None:  # GroupQueryAttention rotates the query and key itself, from the same tables
+            (query, key, value), tables = rotated
+        else:
+            query, key, value = (to_bsd(grouped_query.input[0], "query"), to_bsd(key_concat.input[1], "key"),
+                                 to_bsd(value_concat.input[1], "value"))
+            tables = []
         # The exported heads go back to [B, S, heads * d] (Reshape, Transpose, Reshape) before o_proj: GroupQueryAttention's
         # output is that tensor already. Another tail gets the grouped layout back instead.
         tail = _heads_to_hidden(consumers, weighted.output[0])
         output = tail[-1].output[0] if tail else f"{prefix}/output"
         added.append(helper.make_node(
             "GroupQueryAttention",
-            [query, key, value, key_concat.input[0], value_concat.input[0], "gqa/seqlens_k", "gqa/total_sequence_length"],
+            [query, key, value, key_concat.input[0], value_concat.input[0], "gqa/seqlens_k", "gqa/total_sequence_length",
+             *tables],
             [output, present_key, present_value], name=f"{prefix}/GroupQueryAttention", domain=_MS,
-            num_heads=layout.num_heads, kv_num_heads=layout.num_kv_heads, scale=scale,
+            num_heads=layout.num_heads, kv_num_heads=layout.num_kv_heads, scale=scale, do_rotary=int(bool(tables)),
             # both count the query's own position: HF's sliding_window 4 is local_window_size 4 (tests/test_in_place_kv.py)
             local_window_size=window or -1,
         ))
@@ -385,6 +391,22 @@ def _constant(name: str, constants: dict[str, onnx.TensorProto], producer: dict[
     if node is not None and node.op_type == "Constant":
         return numpy_helper.to_array(node.attribute[0].t)
     return None
+
+
+def _rotated_projections(producer: dict[str, onnx.NodeProto], query: str, key: str, value: str
+                         ) -> tuple[tuple[str, str, str], list[str]] | None:
+    """The three projections' [B, S, heads * d] outputs, and GroupQueryAttention's rotary inputs (cos and sin tables,
+    positions), when the query and key are each one RotaryEmbedding (:func:`fuse_rotary`) of the same tables over
+    their projection's heads and the value is its projection's heads; None otherwise."""
+    rotaries = [producer.get(name) for name in (query, key)]
+    if any(r is None or r.op_type != "RotaryEmbedding" or r.domain != _MS for r in rotaries) or \
+            rotaries[0].input[1:] != rotaries[1].input[1:]:
+        return None
+    projections = [_projection_of(producer, r.input[0]) for r in rotaries] + [_projection_of(producer, value)]
+    if any(p is None for p in projections):
+        return None
+    position_ids, cos_cache, sin_cache = rotaries[0].input[1:]
+    return (projections[0], projections[1], projections[2]), [cos_cache, sin_cache, position_ids]
 
 
 def _projection_of(producer: dict[str, onnx.NodeProto], heads: str) -> str | None:
