@@ -10,7 +10,7 @@ builder takes (the state dict copied across: ``model.language_model`` -> ``model
 precision:
 
 - project: ``write_streamed_llm`` (FP32, or INT4 ``MatMulNBits`` block 32, accuracy level 4: int8 compute) with its
-  attention fused as the ONNX Runtime targets serve it (``builder.compile.fused_attention``: ``GroupQueryAttention``,
+  attention fused as the ONNX Runtime targets serve it (``builder.compile.ort_llm_graph``: ``GroupQueryAttention``,
   the cache in one buffer per KV tensor updated in place), run by the server's ``LanguageModelRunner``; ``--appended``
   runs the exported graph instead (each step's KV appended with ``Concat``, the form the TensorRT target compiles);
 - genai: ``python -m onnxruntime_genai.models.builder -p fp32|int4 -e cpu`` (its INT4 defaults are the same: block
@@ -112,7 +112,7 @@ def write_checkpoints(work: Path, quick: bool) -> tuple[Path, Path, int]:
 
 
 def build_project(checkpoint: Path, output: Path, precision: str, max_context: int, appended: bool) -> Path:
-    from builder.compile.fused_attention import write_fused
+    from builder.compile.ort_llm_graph import write_fused
     from builder.export.streamed.writer import write_streamed_llm
     from builder.quantize.weight_only import NbitsWeights
     from builder.spec import LimitsSpec

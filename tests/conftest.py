@@ -59,7 +59,7 @@ def built_repository(tiny_spec: BuildSpec) -> Path:
 @pytest.fixture(scope="session")
 def appended_llm(tiny_spec: BuildSpec, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default model's LLM graph as exported: each step's KV appended to the past and returned (the form the
-    TensorRT target compiles); the repository serves the in-place form (builder.compile.fused_attention)."""
+    TensorRT target compiles); the repository serves the in-place form (builder.compile.ort_llm_graph)."""
     from builder.export.streamed.writer import write_streamed_llm
 
     checkpoint = resolve_source(tiny_spec.source, StageCache(CACHE)).checkpoint

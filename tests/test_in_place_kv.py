@@ -1,5 +1,5 @@
 """The KV cache held once and written in place: the LLM graph's attention fused into ONNX Runtime's
-GroupQueryAttention (builder.compile.fused_attention) and the runner's one buffer per KV tensor (runtime.kv_slots),
+GroupQueryAttention (builder.compile.ort_llm_graph) and the runner's one buffer per KV tensor (runtime.kv_slots),
 on checkpoints written by transformers' own classes."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 
-from builder.compile.fused_attention import check_fused, fuse_attention, unfusable, write_fused
+from builder.compile.ort_llm_graph import check_fused, fuse_attention, unfusable, write_fused
 from builder.errors import BuildError
 from builder.export.graph import load_exported
 from builder.export.streamed import record_quantized_llm

@@ -57,9 +57,9 @@ def as_exported(graph: ExportedGraph, precision: str) -> CompiledModel:
 
 
 def in_place_llm(context: CompileContext, graph: ExportedGraph, precision: str) -> CompiledModel:
-    """The LLM graph with its KV cache updated in place (:mod:`builder.compile.fused_attention`), checked against the
+    """The LLM graph with its KV cache updated in place (:mod:`builder.compile.ort_llm_graph`), checked against the
     graph it was made from through the server's runner and cached; its weight files are the graph's, linked."""
-    from builder.compile.fused_attention import check_fused, write_fused
+    from builder.compile.ort_llm_graph import check_fused, write_fused
 
     assert graph.path is not None and graph.attention is not None and context.facts is not None
     source, layout, facts, export = graph.path, graph.attention, context.facts, context.spec.export

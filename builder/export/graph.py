@@ -43,7 +43,7 @@ class TensorSig:
 @dataclass(frozen=True)
 class AttentionLayout:
     """How an LLM graph's layers attend, beyond what its signature says: what fusing each layer's attention into
-    ONNX Runtime's GroupQueryAttention needs (``builder.compile.fused_attention``). ``windows``: per layer, the
+    ONNX Runtime's GroupQueryAttention needs (``builder.compile.ort_llm_graph``). ``windows``: per layer, the
     positions a query sees (itself included) when the layer slides, 0 when it sees every earlier one."""
 
     num_heads: int

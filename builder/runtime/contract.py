@@ -94,7 +94,7 @@ POSITION_IDS = "position_ids"
 LOGITS = "logits"
 PAST_PREFIX = "past_key_values"
 PRESENT_PREFIX = "present"
-# An LLM graph whose attention updates the KV cache in place (builder.compile.fused_attention) says so in its metadata:
+# An LLM graph whose attention updates the KV cache in place (builder.compile.ort_llm_graph) says so in its metadata:
 # its past and present are one buffer per layer of a fixed capacity, and its attention mask is right-padded.
 KV_LAYOUT_KEY = "kv_cache"
 KV_IN_PLACE = "in_place"

@@ -152,7 +152,7 @@ class LanguageModelRunner(GenerateOne):
 
     Two graph layouts, told apart by the graph's metadata (``contract.KV_LAYOUT_KEY``):
 
-    - in place (ONNX Runtime's, ``builder.compile.fused_attention``): every sequence's cache lives in one buffer
+    - in place (ONNX Runtime's, ``builder.compile.ort_llm_graph``): every sequence's cache lives in one buffer
       per KV tensor (:class:`~.kv_slots.KvSlots`), bound to the graph as both past and present, so a step writes
       the new positions and copies nothing; the attention mask is right-padded (each row's own length).
     - appended (the exported graph, TensorRT's form): a step's present is past + new, returned as new tensors; the

@@ -1,7 +1,7 @@
 """The KV cache of every sequence being decoded, held once and written in place by the LLM graph.
 
 One buffer per KV tensor, ``[rows, kv_heads, capacity, head_dim]``; a sequence owns a row from its prefill to its
-end, its positions from 0 up. A graph whose attention updates the cache in place (``builder.compile.fused_attention``)
+end, its positions from 0 up. A graph whose attention updates the cache in place (``builder.compile.ort_llm_graph``)
 is bound to rows ``[0, n)`` of every buffer as both its past and its present: a step writes each sequence's new key
 and value after its own length and copies nothing else. A step over sequences that are not in rows ``0..n-1`` in
 that order first moves them there (a swap of two rows' used positions): that happens when a sequence arrives or

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from builder.compile.artifacts import CompiledModel
-from builder.compile.fused_attention import unfusable
+from builder.compile.ort_llm_graph import unfusable
 from builder.compile.stage import CompileContext, as_exported, in_place_llm
 from builder.export.graph import ExportedGraph
 from builder.quantize.ladder import LlmRung, matmulnbits_rungs

@@ -1,19 +1,25 @@
-"""The LLM graph as ONNX Runtime serves it: each layer's attention one ``com.microsoft.GroupQueryAttention`` node
-whose past and present are one buffer, so a decode step writes its new key and value into the cache in place.
+"""The LLM graph as ONNX Runtime serves it: the KV cache written in place, the rest in ONNX Runtime's fused kernels.
 
 The exported graph (every family's, FP32 / FP16 / INT8 / INT4 alike) appends a step's keys and values to the past
 with ``Concat``: a copy of the whole cache per layer per step, which at a 512-token context and batch 8 was a fifth
-of a step, and three copies of it alive at once. Here each layer's ``Concat(past, new) -> present`` pair, the
-grouped-query ``MatMul``s (:func:`builder.export.attention.grouped_query_attention`), the additive mask and the
-softmax become GroupQueryAttention, which reads the cache up to each row's own length (``seqlens_k``) and applies the
-causal mask and the sliding window itself. The graph keeps its inputs and outputs: ``attention_mask`` then means
-"row b holds its first ``sum(mask[b])`` positions" (right-padded), the past and present are the cache's buffer of a
-fixed capacity, and the runner binds each layer's past and present to the same memory
-(:mod:`builder.runtime.kv_slots`). The graph says so in its metadata (:data:`KV_LAYOUT_KEY`).
+of a step, and three copies of it alive at once. Here (:func:`write_fused`):
 
-The anchors are the graph's own contract (``present.{i}.key`` made by a ``Concat`` of ``past_key_values.{i}.key``)
-and the two attention ``MatMul``s that read each present; everything between them that nothing else reads any more
-is dropped. A graph whose attention has another shape is refused with the node that did not match.
+- :func:`fuse_attention`: each layer's ``Concat(past, new) -> present`` pair, the grouped-query ``MatMul``s
+  (:func:`builder.export.attention.grouped_query_attention`), the additive mask and the softmax become one
+  ``com.microsoft.GroupQueryAttention``, which reads the cache up to each row's own length (``seqlens_k``) and applies
+  the causal mask and the sliding window itself; its past and present are one buffer the runner binds to both
+  (:mod:`builder.runtime.kv_slots`). The projections feed it without the exporter's view/transpose pairs, and it
+  rotates the query and key itself when :func:`fuse_rotary` found their rotation.
+- :func:`fuse_rotary`: HF's rotary embedding as ``RotaryEmbedding`` over the graph's own cos/sin tables.
+- :func:`fuse_rms_norms`: HF's RMSNorm as ``SimplifiedLayerNormalization``, with the residual Add before it as
+  ``SkipSimplifiedLayerNormalization``.
+
+The graph keeps its inputs and outputs: ``attention_mask`` then means "row b holds its first ``sum(mask[b])``
+positions" (right-padded), and the past and present are the cache's buffer of a fixed capacity. The graph says so in
+its metadata (:data:`KV_LAYOUT_KEY`). The anchors are the graph's own contract (``present.{i}.key`` made by a
+``Concat`` of ``past_key_values.{i}.key``) and the two attention ``MatMul``s that read each present; everything
+between them that nothing else reads any more is dropped. A graph whose attention has another shape is refused with
+the node that did not match; a rotation or norm in another form is left as it is.
 """
 
 from __future__ import annotations
