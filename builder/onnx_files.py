@@ -56,11 +56,9 @@ def load_onnx(path: Path) -> onnx.ModelProto:
 def data_files(path: Path) -> list[Path]:
     """The external data files ``path`` refers to (none for a self-contained graph)."""
     path = Path(path)
-    data = path.with_name(path.name + ".data")
-    if data.exists():  # how save_onnx and torch.onnx name it
-        return [data]
     if path.stat().st_size > EXTERNAL_DATA_THRESHOLD // 4:  # the weights are inside: only small graphs have data
         return []
+    # the graph alone is read: its weights' bytes stay in their files
     return [path.parent / name for name in sorted(_locations(onnx.load(str(path), load_external_data=False)))]
 
 

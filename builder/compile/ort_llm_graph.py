@@ -36,7 +36,7 @@ from onnx import helper, numpy_helper
 
 from builder.errors import BuildError
 from builder.export.graph import AttentionLayout
-from builder.export.streamed.writer import topological
+from builder.export.streamed.writer import ExternalData, topological
 from builder.onnx_files import data_files
 from builder.runtime.contract import (
     ATTENTION_MASK,
@@ -320,15 +320,85 @@ def _rebuild(model: onnx.ModelProto, nodes: list[onnx.NodeProto], initializers: 
         model.opset_import.append(helper.make_opsetid(_MS, 1))
 
 
+PACKED_DATA = "model.onnx.qkv.data"  # the packed projections' weights, beside the source graph's own data file
+
+
+def pack_qkv(model: onnx.ModelProto, weights_from: Path, data: ExternalData) -> int:
+    """Each GroupQueryAttention whose query, key and value come from three MatMuls of one input (same kind and
+    settings: plain MatMuls or ``MatMulNBits``, no bias) fed by one MatMul of their weights side by side, as
+    GroupQueryAttention's packed input: one kernel where there were three, which at batch 1 is most of what a
+    small projection costs. The packed weights go to ``data``; the three originals stay unread in their file (the
+    share of the weights a model's q, k and v are: 6% for Mistral Small's layout). ``weights_from``: the directory
+    the graph's external data locations are relative to. The number of layers packed."""
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+    constants = {t.name: t for t in graph.initializer}
+    replaced: dict[int, onnx.NodeProto | None] = {}
+    packed: list[onnx.TensorProto] = []
+    for attention in [n for n in graph.node if n.op_type == "GroupQueryAttention" and n.domain == _MS]:
+        projections = [producer.get(name) for name in attention.input[:3]]
+        if any(p is None or p.op_type not in ("MatMul", "MatMulNBits") or len(consumers[p.output[0]]) != 1
+               or p.op_type == "MatMulNBits" and len(p.input) > 4 and p.input[4] for p in projections):  # g_idx: per K
+            continue
+        first = projections[0]
+        settings = [{a.name: helper.get_attribute_value(a) for a in p.attribute if a.name != "N"} for p in projections]
+        if any(p.op_type != first.op_type or p.domain != first.domain or p.input[0] != first.input[0] or
+               len(p.input) != len(first.input) or any(i not in constants for i in p.input[1:] if i)
+               for p in projections) or any(s != settings[0] for s in settings):
+            continue
+        name = f"{first.output[0]}/qkv"
+        inputs = [first.input[0]]
+        for index in range(1, len(first.input)):
+            if not first.input[index]:
+                inputs.append("")
+                continue
+            parts = [_weight(constants[p.input[index]], weights_from) for p in projections]
+            axis = 1 if first.op_type == "MatMul" else 0  # MatMul: [K, N]; MatMulNBits: N first in every input
+            packed.append(data.array(f"{name}/{index}", np.concatenate(parts, axis=axis)))
+            inputs.append(packed[-1].name)
+            del parts
+        node = helper.make_node(first.op_type, inputs, [name], name=name, domain=first.domain, **settings[0])
+        if first.op_type == "MatMulNBits":
+            node.attribute.append(helper.make_attribute(
+                "N", sum(next(a.i for a in p.attribute if a.name == "N") for p in projections)))
+        replaced.update({id(projections[0]): node, id(projections[1]): None, id(projections[2]): None})
+        attention.input[0], attention.input[1], attention.input[2] = name, "", ""
+    if replaced:
+        graph.initializer.extend(packed)
+        _rebuild(model, [n for n in (replaced.get(id(n), n) for n in graph.node) if n is not None], [])
+    return sum(1 for n in replaced.values() if n is not None)
+
+
+def _weight(tensor: onnx.TensorProto, directory: Path) -> np.ndarray:
+    """An initializer's values, read from its external file when it has one (onnx's own reader refuses a file with
+    several hard links, which the build's cache entries are)."""
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(tensor)
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    count = int(np.prod(tensor.dims, dtype=np.int64))
+    with (directory / info["location"]).open("rb") as handle:
+        handle.seek(int(info.get("offset", 0)))
+        return np.fromfile(handle, dtype=dtype, count=count).reshape(tuple(tensor.dims))
+
+
 def write_fused(source: Path, directory: Path, layout: AttentionLayout, max_positions: int) -> Path:
     """``source``'s graph fused into ``directory/model.onnx`` (attention, rotary embeddings up to ``max_positions``,
-    RMSNorms); its weight files linked (copied across file systems) beside it under their own names, so the
-    external-data locations hold."""
+    RMSNorms, packed projections); its weight files linked (copied across file systems) beside it under their own
+    names, so the external-data locations hold, and the packed weights in :data:`PACKED_DATA`."""
     model = onnx.load(str(source), load_external_data=False)
     fuse_rotary(model, max_positions)  # first: the attention then rotates [B, S, heads * d] where the graph does
     fuse_attention(model, layout)
     fuse_rms_norms(model)
     directory.mkdir(parents=True, exist_ok=True)
+    with (directory / PACKED_DATA).open("wb") as handle:
+        pack_qkv(model, source.parent, ExternalData(handle, PACKED_DATA))
+    if not (directory / PACKED_DATA).stat().st_size:
+        (directory / PACKED_DATA).unlink()
     for data in data_files(source):
         target = directory / data.name
         target.unlink(missing_ok=True)
