@@ -77,6 +77,9 @@ def test_the_in_place_graph_serves_what_the_checkpoint_computes(family: str, tmp
     rotary = {onnx.helper.get_attribute_value(a) for n in nodes if n.op_type == "GroupQueryAttention"
               for a in n.attribute if a.name == "do_rotary"}
     assert rotary == {int(facts.position_rows == 1)}  # M-RoPE's three position rows keep the graph's own rotation
+    packed = {not n.input[1] for n in nodes if n.op_type == "GroupQueryAttention"}  # key and value in the query's input
+    assert packed == {family not in ("qwen2_audio", "qwen2_5_omni_thinker")}  # Qwen's q, k, v have biases: not packed
+    assert (fused.parent / "model.onnx.qkv.data").exists() == (True in packed)
 
     rng = np.random.default_rng(0)
     length = 9

@@ -24,8 +24,6 @@ the node that did not match; a rotation or norm in another form is left as it is
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +35,7 @@ from onnx import helper, numpy_helper
 from builder.errors import BuildError
 from builder.export.graph import AttentionLayout
 from builder.export.streamed.writer import ExternalData, topological
-from builder.onnx_files import data_files
+from builder.onnx_files import data_files, link_or_copy
 from builder.runtime.contract import (
     ATTENTION_MASK,
     KV_IN_PLACE,
@@ -402,10 +400,7 @@ def write_fused(source: Path, directory: Path, layout: AttentionLayout, max_posi
     for data in data_files(source):
         target = directory / data.name
         target.unlink(missing_ok=True)
-        try:
-            os.link(data, target)
-        except OSError:
-            shutil.copyfile(data, target)
+        link_or_copy(data, target)
     path = directory / "model.onnx"
     onnx.save_model(model, str(path))
     return path
