@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -21,9 +23,15 @@ def recipes(source_model, tiny_spec):
     return {r.component: r for r in family.recipes(source_model, tiny_spec.limits, COMPONENTS)}
 
 
+def exported(component: str, built_repository: Path, appended_llm: Path) -> Path:
+    """The graph the export stage wrote: the repository's encoders; for the LLM the exported form (the repository
+    serves it fused, its KV cache in place: tests/test_in_place_kv.py checks that one against this)."""
+    return appended_llm if component == "llm" else built_repository / component / "1" / "model.onnx"
+
+
 @pytest.mark.parametrize("component", COMPONENTS)
-def test_exported_graph_matches_pytorch(component, recipes, built_repository, tiny_spec):
-    graph = built_repository / component / "1" / "model.onnx"
+def test_exported_graph_matches_pytorch(component, recipes, built_repository, appended_llm, tiny_spec):
+    graph = exported(component, built_repository, appended_llm)
     # A seed the build did not use, and three input shapes (batch / sequence / past length vary).
     result = check_parity(recipes[component], graph, samples=3, atol=tiny_spec.export.atol, rtol=tiny_spec.export.rtol, seed=99)
     assert result.min_cosine > 0.99999
@@ -31,8 +39,8 @@ def test_exported_graph_matches_pytorch(component, recipes, built_repository, ti
 
 
 @pytest.mark.parametrize("component", ["vision_encoder", "llm"])
-def test_a_perturbed_graph_fails_the_check(component, recipes, built_repository, tmp_path):
-    model = load_onnx(built_repository / component / "1" / "model.onnx")
+def test_a_perturbed_graph_fails_the_check(component, recipes, built_repository, appended_llm, tmp_path):
+    model = load_onnx(exported(component, built_repository, appended_llm))
     largest = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
     weights = numpy_helper.to_array(largest).copy()
     weights.flat[: weights.size // 10] *= 1.05  # a 5% error in a tenth of one weight matrix

@@ -101,21 +101,22 @@ def test_the_cli_prints_the_table_and_a_spec(magistral: Path) -> None:
     assert unknown.returncode == 2 and "give --gpu-memory-gib and --gpu-bandwidth-gbs" in unknown.stderr
 
 
-def test_the_figures_equal_the_bytes_in_the_tiny_graph_and_its_cache(built_repository: Path, tiny_spec) -> None:
+def test_the_figures_equal_the_bytes_in_the_tiny_graph_and_its_cache(built_repository: Path, appended_llm: Path,
+                                                                    tiny_spec) -> None:
     from builder.cache import StageCache
     from builder.source.resolve import resolve_source
     from tests.conftest import CACHE
 
     size = read_size(resolve_source(tiny_spec.source, StageCache(CACHE)).checkpoint)
     llm = built_repository / "llm" / "1"
-    graph = load_onnx(llm / "model.onnx")
+    graph = load_onnx(appended_llm)  # the exported graph (the served one adds GroupQueryAttention's rotary tables)
     weights = sum(int(np.prod(w.dims)) for w in graph.graph.initializer if w.data_type == onnx.TensorProto.FLOAT)
     assert abs(weights - size.llm_parameters) <= 0.01 * size.llm_parameters  # the graph's FP32 weights, +- constants
     runner = LanguageModelRunner(str(llm / "model.onnx"), ModelFacts.load(llm / "model_facts.json"))
     ids = np.arange(16, 16 + 40)
     seq = runner.start(ids, np.zeros((40, runner.facts.hidden_size), np.float32), np.zeros(40, bool),
                        SamplingParams(1))
-    held = sum(kv.nbytes for kv in seq.past)  # FP32 here: twice the FP16 figure
+    held = sum(kv.nbytes for kv in runner.cache_of(seq))  # FP32 here: twice the FP16 figure
     assert held == 40 * size.kv_bytes_per_token * 2
 
 
