@@ -68,10 +68,17 @@ def test_scheduler_batches_concurrent_jobs(runner):
     batch_sizes: list[int] = []
     decode = runner.decode
 
+    submitted = threading.Event()
+
     class CountingRunner:  # the real runner, recording how many sequences each step carried
         facts = runner.facts
-        start = runner.start
         retire = runner.retire
+
+        def start(self, *args):
+            # the first prefill waits for every job to be queued: all six are then admitted before the second step,
+            # however the machine's load spaces out this thread's submissions
+            assert submitted.wait(30)
+            return runner.start(*args)
 
         def decode(self, sequences):
             batch_sizes.append(len(sequences))
@@ -83,6 +90,7 @@ def test_scheduler_batches_concurrent_jobs(runner):
     for i, p in enumerate(prompts(6)):
         scheduler.submit(DecodeJob(*text_inputs(p, hidden), SamplingParams(10), frozenset(), on_token=results[i].append,
                                    on_finish=done.release, on_error=lambda exc: pytest.fail(str(exc))))
+    submitted.set()
     for _ in range(6):
         assert done.acquire(timeout=60)
     scheduler.close()
