@@ -119,7 +119,7 @@ def test_a_sliding_window_is_groupqueryattentions_local_window(tmp_path: Path) -
 
 def test_fp16_and_4_bit_graphs_fuse(tmp_path: Path) -> None:
     """The fusion reads the graph's contract, not its weights' form: an FP16 graph and a MatMulNBits one (both by
-    cosine: the 4-bit MatMuls quantize their activations)."""
+    cosine: the 4-bit MatMuls quantize their activations; the build judges those by the LLM gate's)."""
     checkpoint = write_mistral3_checkpoint(tmp_path / "checkpoint")
     facts = check_checkpoint(checkpoint).read_facts()
     layout = layout_of(checkpoint, tmp_path)
@@ -130,7 +130,7 @@ def test_fp16_and_4_bit_graphs_fuse(tmp_path: Path) -> None:
     assert LanguageModelRunner(str(tmp_path / "fp16-fused" / "model.onnx"), facts).kv_dtype == np.float16
     int4 = write_streamed_llm(checkpoint, tmp_path / "int4", limits=LIMITS, weights=NbitsWeights(4, 32))
     check = check_fused(int4.path, write_fused(int4.path, tmp_path / "int4-fused", layout, LIMITS.max_context), facts, ATOL, RTOL,
-                        ExportSpec().fp16_min_cosine)  # as the build judges it (builder.compile.stage.in_place_llm)
+                        0.999)  # tighter than the build's (the LLM gate's 0.98) on this small checkpoint
     assert check.failure is None, check.summary()
 
 

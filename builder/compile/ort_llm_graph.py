@@ -25,6 +25,7 @@ the node that did not match; a rotation or norm in another form is left as it is
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,11 +64,7 @@ def fuse_attention(model: onnx.ModelProto, layout: AttentionLayout) -> onnx.Mode
     if reason is not None:
         raise BuildError(f"llm: the KV cache cannot be updated in place: {reason}")
     graph = model.graph
-    producer = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            consumers[name].append(node)
+    producer, consumers = _edges(graph.node)
     constants = {t.name: t for t in graph.initializer}
     presents = [o.name for o in graph.output if o.name.startswith(f"{PRESENT_PREFIX}.") and o.name.endswith(".key")]
     if len(presents) != len(layout.windows):
@@ -94,15 +91,8 @@ def fuse_attention(model: onnx.ModelProto, layout: AttentionLayout) -> onnx.Mode
 
         def to_bsd(name: str, what: str) -> str:
             """[B, heads, S, d] -> [B, S, heads * d]: the projection's own output when ``name`` is its
-            ``view(B, S, heads, d).transpose(1, 2)`` (rotated by a RotaryEmbedding or not), else a transpose of it."""
-            node = producer.get(name)
-            rotary = node if node is not None and node.op_type == "RotaryEmbedding" and node.domain == _MS else None
-            projection = _projection_of(producer, rotary.input[0] if rotary is not None else name)
-            if projection is not None and rotary is not None:  # the same rotation on [B, S, heads * d]
-                added.append(helper.make_node("RotaryEmbedding", [projection, *rotary.input[1:]], [f"{prefix}/{what}"],
-                                              domain=_MS, interleaved=0, num_heads=layout.num_heads if what == "query"
-                                              else layout.num_kv_heads, rotary_embedding_dim=layout.head_dim))
-                return f"{prefix}/{what}"
+            ``view(B, S, heads, d).transpose(1, 2)``, else a transpose of ``name``."""
+            projection = _projection_of(producer, name)
             if projection is not None:
                 return projection
             added.append(helper.make_node("Transpose", [name], [f"{prefix}/{what}_bshd"], perm=[0, 2, 1, 3]))
@@ -147,11 +137,7 @@ def fuse_rms_norms(model: onnx.ModelProto) -> int:
     form), and with the residual Add before it as ``SkipSimplifiedLayerNormalization``; the number of norms fused.
     Norms in another form (FP16 casts, Gemma's ``1 + w``) are left as they are."""
     graph = model.graph
-    producer = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            consumers[name].append(node)
+    producer, consumers = _edges(graph.node)
     constants = {t.name: t for t in graph.initializer}
 
     def only(name: str, op: str) -> onnx.NodeProto | None:
@@ -329,11 +315,7 @@ def pack_qkv(model: onnx.ModelProto, weights_from: Path, data: ExternalData) -> 
     share of the weights a model's q, k and v are: 6% for Mistral Small's layout). ``weights_from``: the directory
     the graph's external data locations are relative to. The number of layers packed."""
     graph = model.graph
-    producer = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            consumers[name].append(node)
+    producer, consumers = _edges(graph.node)
     constants = {t.name: t for t in graph.initializer}
     replaced: dict[int, onnx.NodeProto | None] = {}
     packed: list[onnx.TensorProto] = []
@@ -404,6 +386,17 @@ def write_fused(source: Path, directory: Path, layout: AttentionLayout, max_posi
     path = directory / "model.onnx"
     onnx.save_model(model, str(path))
     return path
+
+
+def _edges(nodes: Iterable[onnx.NodeProto]) -> tuple[dict[str, onnx.NodeProto], dict[str, list[onnx.NodeProto]]]:
+    """Each value's producing node, and the nodes reading it."""
+    producer: dict[str, onnx.NodeProto] = {}
+    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in nodes:
+        producer.update({out: node for out in node.output})
+        for name in node.input:
+            consumers[name].append(node)
+    return producer, consumers
 
 
 def _sequence_lengths() -> list[onnx.NodeProto]:
