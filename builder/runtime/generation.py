@@ -178,13 +178,18 @@ class LanguageModelRunner(GenerateOne):
         self.kv_dtype = np.float16 if kv and kv[0].type == "tensor(float16)" else np.float32
         self.prefix_cache = prefix_cache  # None: every prompt is prefilled whole
         self.kv_outputs = [o.name for o in self.session.get_outputs() if o.name.startswith(f"{PRESENT_PREFIX}.")]
-        self.in_place = self.session.get_modelmeta().custom_metadata_map.get(KV_LAYOUT_KEY) == KV_IN_PLACE
+        in_place = self.session.get_modelmeta().custom_metadata_map.get(KV_LAYOUT_KEY) == KV_IN_PLACE
         self.slots = (KvSlots(self.kv_inputs, facts.num_kv_heads, facts.head_dim, self.kv_dtype, max_batch or 1,
-                              max_context or 256) if self.in_place else None)
+                              max_context or 256) if in_place else None)
         # Appended layout: the last decode step's sequences and its present KV: [B, kv_heads, longest, head_dim]
         # each, left-padded as the next step's past would be. Holds at most one batch's cache beyond its sequences'.
         self._last_batch: tuple[list[Sequence], dict[str, np.ndarray]] | None = None
         self._binding: tuple[tuple[int, int, int], ort.IOBinding] | None = None  # in place: the cache's, while it holds
+
+    @property
+    def in_place(self) -> bool:
+        """The graph updates the cache in place (its metadata says so)."""
+        return self.slots is not None
 
     def start(
         self,
@@ -219,7 +224,7 @@ class LanguageModelRunner(GenerateOne):
             row = self.slots.claim(seq, length)
             if hit:
                 self.slots.write(row, hit.past)
-            (logits,) = self._run_in_place(feeds, row, 1)
+            logits = self._run_in_place(feeds, row, 1)
             self.slots.lengths[row] = length
         else:
             empty_kv = np.zeros((1, facts.num_kv_heads, 0, facts.head_dim), dtype=self.kv_dtype)
@@ -272,7 +277,7 @@ class LanguageModelRunner(GenerateOne):
                 attention[row, :seq.length + 1] = 1
             self.slots.reserve(longest + 1)
             self.slots.arrange(sequences)
-            (logits,) = self._run_in_place({**feeds, ATTENTION_MASK: attention}, 0, batch)
+            logits = self._run_in_place({**feeds, ATTENTION_MASK: attention}, 0, batch)
             for row, seq in enumerate(sequences):
                 seq.length += 1
                 seq.logits = logits[row]
@@ -289,7 +294,7 @@ class LanguageModelRunner(GenerateOne):
             seq.length += 1
             seq.logits = logits[row]
 
-    def _run_in_place(self, feeds: dict[str, np.ndarray], first_row: int, rows: int) -> list[np.ndarray]:
+    def _run_in_place(self, feeds: dict[str, np.ndarray], first_row: int, rows: int) -> np.ndarray:
         """Runs the graph on ``feeds`` with every past and present bound to rows ``[first_row, first_row + rows)``
         of the cache's buffers; returns the logits (the presents are the buffers themselves). The binding of the
         cache is kept while those rows and buffers stay the same (every step of an unchanged batch): a step binds
@@ -309,7 +314,7 @@ class LanguageModelRunner(GenerateOne):
         logits = np.empty((rows, self.facts.vocab_size), dtype=np.float32)
         binding.bind_output(LOGITS, "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         self.session.run_with_iobinding(binding)
-        return [logits]
+        return logits
 
     def _batched_past(self, sequences: list[Sequence], longest: int) -> dict[str, np.ndarray]:
         """Each KV input as [B, kv_heads, longest, head_dim], every sequence's cache left-padded. The same batch as
