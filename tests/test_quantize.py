@@ -182,12 +182,12 @@ def dequantized_matmuls(graph: onnx.GraphProto, bits: int = 8) -> list[onnx.Node
 
 
 @pytest.mark.parametrize(("block", "bits", "awq"), [(None, 8, False), (32, 8, False), (32, 4, False), (32, 4, True)])
-def test_tensorrt_integer_llm_graph_is_dequantize_feeding_matmul(built_repository: Path, llm_job: LlmJob, tmp_path: Path,
+def test_tensorrt_integer_llm_graph_is_dequantize_feeding_matmul(appended_llm: Path, llm_job: LlmJob, tmp_path: Path,
                                                                 block: int | None, bits: int, awq: bool) -> None:
     """TensorRT cannot parse MatMulNBits: its INT8 / INT4 LLM is standard ONNX, int8 / int4 weights -> DequantizeLinear
     (opset 21, blocked) -> MatMul, written from the checkpoint's shards as the ladder writes it (AWQ's rung: a Mul by
     1/s before each decoder MatMul, a standard op too)."""
-    fp32 = served_graphs(built_repository)["llm"]
+    fp32 = appended_llm  # the exported FP32 graph (the repository serves it fused for ONNX Runtime)
     output = tmp_path / "llm-qdq.onnx"
     (rung,) = [r for r in qdq_weight_rungs(f"int{bits}", load_spec(INT8_SPEC).quantize)
                if r.weights.bits == bits and r.weights.block_size == block and r.awq == awq]
