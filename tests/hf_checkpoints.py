@@ -103,8 +103,9 @@ def bpe_tokenizer(specials: list[str], vocab_size: int = 420) -> PreTrainedToken
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def write_mistral3_checkpoint(directory: Path, seed: int = 3) -> Path:
-    """A vision-only Mistral-3 checkpoint: odd sizes, 3+ BF16 shards, template with a default system prompt."""
+def write_mistral3_checkpoint(directory: Path, seed: int = 3, tie_word_embeddings: bool = True) -> Path:
+    """A vision-only Mistral-3 checkpoint: odd sizes, 3+ BF16 shards, template with a default system prompt. Its lm_head
+    is the embedding table unless ``tie_word_embeddings`` is False (as in Mistral Small's own config)."""
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = bpe_tokenizer(MISTRAL_SPECIALS)
     ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in MISTRAL_SPECIALS}
@@ -121,7 +122,7 @@ def write_mistral3_checkpoint(directory: Path, seed: int = 3) -> Path:
             "rope_theta": 10000.0,
         },
         image_token_index=ids["[IMG]"], spatial_merge_size=2, vision_feature_layer=-1,
-        projector_hidden_act="gelu", multimodal_projector_bias=False,
+        projector_hidden_act="gelu", multimodal_projector_bias=False, tie_word_embeddings=tie_word_embeddings,
     )
     torch.manual_seed(seed)
     model = Mistral3ForConditionalGeneration(config).eval()
