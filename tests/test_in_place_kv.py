@@ -144,6 +144,13 @@ def test_a_graph_whose_attention_is_not_the_known_shape_is_refused(tmp_path: Pat
         fuse_attention(model, layout_of(checkpoint, tmp_path))
 
 
+def test_the_repository_says_how_its_kv_cache_is_held(built_repository: Path) -> None:
+    """The manifest and the build report name the served form and the figures of its check against the exported one."""
+    llm = json.loads((built_repository / "manifest.json").read_text())["components"]["llm"]
+    assert llm["kv_cache"].startswith("in place (GroupQueryAttention") and llm["kv_cache"].endswith(": pass")
+    assert f"LLM KV cache: {llm['kv_cache']}." in (built_repository / "build_report.md").read_text()
+
+
 def test_the_runner_batches_any_sequences_in_any_order_like_the_appended_cache(built_repository: Path,
                                                                             appended_llm: Path) -> None:
     """Sequences arrive, leave (one dropped without retire: its row frees when it is collected) and change order

@@ -20,6 +20,7 @@ class CompiledModel:
     graph: ExportedGraph  # the ONNX graph it was compiled from: its signature and parity figures
     plans: tuple[PlanRecord, ...] = ()  # target tensorrt: this build's plan first, then other GPUs' carried plans
     quantization: Settled | None = None  # how the quantize stage got this graph: method, gate figures, fallbacks
+    kv_cache: str | None = None  # the LLM: how the served graph holds its KV cache, and why or how well (one line)
 
     @property
     def files(self) -> dict[str, Path]:
@@ -36,5 +37,6 @@ class CompiledModel:
         return cc_model_filenames(self.plans)
 
     def manifest_extra(self) -> dict[str, Any]:
-        return {"plans": [p.to_json() for p in self.plans]} if self.plans else {}
+        return {**({"plans": [p.to_json() for p in self.plans]} if self.plans else {}),
+                **({"kv_cache": self.kv_cache} if self.kv_cache else {})}
 

@@ -59,7 +59,7 @@ def as_exported(graph: ExportedGraph, precision: str) -> CompiledModel:
 def in_place_llm(context: CompileContext, graph: ExportedGraph, precision: str) -> CompiledModel:
     """The LLM graph with its KV cache updated in place (:mod:`builder.compile.ort_llm_graph`), checked against the
     graph it was made from through the server's runner and cached; its weight files are the graph's, linked."""
-    from builder.compile.ort_llm_graph import check_fused, write_fused
+    from builder.compile.ort_llm_graph import FusedCheck, check_fused, write_fused
 
     assert graph.path is not None and graph.attention is not None and context.facts is not None
     source, layout, facts, export = graph.path, graph.attention, context.facts, context.spec.export
@@ -80,7 +80,9 @@ def in_place_llm(context: CompileContext, graph: ExportedGraph, precision: str) 
         (tmp / "check.json").write_text(json.dumps(dataclasses.asdict(check)))
 
     entry = IN_PLACE_LLM.run(context.cache, graph.component, key, fuse_into)
-    return CompiledModel(graph.component, entry / "model.onnx", precision, graph)
+    check = FusedCheck(**json.loads((entry / "check.json").read_text()))
+    return CompiledModel(graph.component, entry / "model.onnx", precision, graph,
+                         kv_cache=f"in place (GroupQueryAttention, one buffer per KV tensor); {check.summary()}")
 
 
 def compile_plan(context: CompileContext, graph: ExportedGraph, precision: str, served_by: str) -> CompiledModel:

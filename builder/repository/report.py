@@ -50,6 +50,7 @@ def write_report(path: Path, spec: BuildSpec, limits: str, compiled: Mapping[str
                 details.extend(f"   - `{o.name}`: cos {o.cosine:.5f}, max|err| {o.max_abs_error:.3g}, mean|err| {o.mean_abs_error:.3g}"
                                for o in attempt.gate.outputs)
         details.append("")
+    lines += [f"\nLLM KV cache: {m.kv_cache}." for m in compiled.values() if m.kv_cache]
     if pipeline is not None:
         gate = spec.quantize.pipeline_gate
         cosine = f", logits cos >= {gate.min_cosine}" if gate.min_cosine is not None else ""

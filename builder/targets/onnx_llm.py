@@ -3,6 +3,8 @@ its attention fused (the KV cache updated in place), run by the decode model (``
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 
 from builder.compile.artifacts import CompiledModel
@@ -20,9 +22,13 @@ class OnnxRuntimeLlm(LlmBackend):
         """The graph with its attention fused and the KV cache updated in place, when the decoder's attention is what
         GroupQueryAttention computes (the export says so, and :func:`unfusable` finds nothing against it); otherwise
         the graph itself, its cache appended each step."""
-        if graph.attention is None or unfusable(graph.attention) is not None:
-            return as_exported(graph, precision)
-        return in_place_llm(context, graph, precision)
+        if graph.attention is None:
+            why = "the family's decoder attends in a way GroupQueryAttention does not compute (its wrapper says so)"
+        else:
+            why = unfusable(graph.attention)
+        if why is None:
+            return in_place_llm(context, graph, precision)
+        return dataclasses.replace(as_exported(graph, precision), kv_cache=f"appended each step (as exported): {why}")
 
     def rungs(self, requested: str, spec: QuantizeSpec) -> list[LlmRung]:
         return matmulnbits_rungs(requested, spec)

@@ -4,6 +4,8 @@ weight-only Q/DQ for the LLM; FP16 before FP32 as fallback. Verified on CPU up t
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +47,9 @@ class TensorRTLlm(LlmBackend):
         return [*qdq_weight_rungs(requested, spec), FP16_RUNG]
 
     def compile(self, context: CompileContext, graph: ExportedGraph, precision: str) -> CompiledModel:
-        return compile_plan(context, graph, precision, DECODE_MODEL)
+        return dataclasses.replace(compile_plan(context, graph, precision, DECODE_MODEL),
+                                   kv_cache="appended each step (the exported graph, standard ops): the runner holds "
+                                            "each sequence's cache and the batch's past and present")
 
     def models(self, compiled: CompiledModel, inputs: tuple[Tensor, ...], spec: BuildSpec,
                files: dict[str, Path]) -> Contribution:
