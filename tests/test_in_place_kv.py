@@ -77,9 +77,15 @@ def test_the_in_place_graph_serves_what_the_checkpoint_computes(family: str, tmp
     rotary = {onnx.helper.get_attribute_value(a) for n in nodes if n.op_type == "GroupQueryAttention"
               for a in n.attribute if a.name == "do_rotary"}
     assert rotary == {int(facts.position_rows == 1)}  # M-RoPE's three position rows keep the graph's own rotation
+    # The writer writes q, k and v as one MatMul, gate and up as another, each split back; GroupQueryAttention takes
+    # q, k and v packed straight from theirs, unless biases come between (Qwen's)
+    def packed_splits(graph_nodes) -> int:
+        return sum(n.op_type == "Split" and n.name.endswith("/packed/split") for n in graph_nodes)
+
+    assert packed_splits(onnx.load(str(written.path), load_external_data=False).graph.node) == 2 * facts.num_layers
     packed = {not n.input[1] for n in nodes if n.op_type == "GroupQueryAttention"}  # key and value in the query's input
-    assert packed == {family not in ("qwen2_audio", "qwen2_5_omni_thinker")}  # Qwen's q, k, v have biases: not packed
-    assert (fused.parent / "model.onnx.qkv.data").exists() == (True in packed)
+    assert packed == {family not in ("qwen2_audio", "qwen2_5_omni_thinker")}
+    assert packed_splits(nodes) == facts.num_layers * (2 if False in packed else 1)
 
     rng = np.random.default_rng(0)
     length = 9

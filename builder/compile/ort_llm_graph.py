@@ -35,7 +35,7 @@ from onnx import helper, numpy_helper
 
 from builder.errors import BuildError
 from builder.export.graph import AttentionLayout
-from builder.export.streamed.writer import ExternalData, topological
+from builder.export.streamed.writer import topological
 from builder.onnx_files import data_files, link_or_copy
 from builder.runtime.contract import (
     ATTENTION_MASK,
@@ -304,81 +304,35 @@ def _rebuild(model: onnx.ModelProto, nodes: list[onnx.NodeProto], initializers: 
         model.opset_import.append(helper.make_opsetid(_MS, 1))
 
 
-PACKED_DATA = "model.onnx.qkv.data"  # the packed projections' weights, beside the source graph's own data file
-
-
-def pack_qkv(model: onnx.ModelProto, weights_from: Path, data: ExternalData) -> int:
-    """Each GroupQueryAttention whose query, key and value come from three MatMuls of one input (same kind and
-    settings: plain MatMuls or ``MatMulNBits``, no bias) fed by one MatMul of their weights side by side, as
-    GroupQueryAttention's packed input: one kernel where there were three, which at batch 1 is most of what a
-    small projection costs. The packed weights go to ``data``; the three originals stay unread in their file (the
-    share of the weights a model's q, k and v are: 6% for Mistral Small's layout). ``weights_from``: the directory
-    the graph's external data locations are relative to. The number of layers packed."""
+def pack_qkv(model: onnx.ModelProto) -> int:
+    """Each GroupQueryAttention whose query, key and value are one Split of one projection (the streamed writer writes
+    Linears that read one input as one MatMul: ``builder.export.streamed.writer``) takes that projection as its packed
+    input, and the Split goes. The number of layers so fed."""
     graph = model.graph
     producer, consumers = _edges(graph.node)
-    constants = {t.name: t for t in graph.initializer}
-    replaced: dict[int, onnx.NodeProto | None] = {}
-    packed: list[onnx.TensorProto] = []
+    dropped: set[int] = set()
     for attention in [n for n in graph.node if n.op_type == "GroupQueryAttention" and n.domain == _MS]:
-        projections = [producer.get(name) for name in attention.input[:3]]
-        if any(p is None or p.op_type not in ("MatMul", "MatMulNBits") or len(consumers[p.output[0]]) != 1
-               or p.op_type == "MatMulNBits" and len(p.input) > 4 and p.input[4] for p in projections):  # g_idx: per K
+        split = producer.get(attention.input[0])
+        if split is None or split.op_type != "Split" or list(split.output) != list(attention.input[:3]) or \
+                any(len(consumers[name]) != 1 for name in split.output):
             continue
-        first = projections[0]
-        settings = [{a.name: helper.get_attribute_value(a) for a in p.attribute if a.name != "N"} for p in projections]
-        if any(p.op_type != first.op_type or p.domain != first.domain or p.input[0] != first.input[0] or
-               len(p.input) != len(first.input) or any(i not in constants for i in p.input[1:] if i)
-               for p in projections) or any(s != settings[0] for s in settings):
-            continue
-        name = f"{first.output[0]}/qkv"
-        inputs = [first.input[0]]
-        for index in range(1, len(first.input)):
-            if not first.input[index]:
-                inputs.append("")
-                continue
-            parts = [_weight(constants[p.input[index]], weights_from) for p in projections]
-            axis = 1 if first.op_type == "MatMul" else 0  # MatMul: [K, N]; MatMulNBits: N first in every input
-            packed.append(data.array(f"{name}/{index}", np.concatenate(parts, axis=axis)))
-            inputs.append(packed[-1].name)
-            del parts
-        node = helper.make_node(first.op_type, inputs, [name], name=name, domain=first.domain, **settings[0])
-        if first.op_type == "MatMulNBits":
-            node.attribute.append(helper.make_attribute(
-                "N", sum(next(a.i for a in p.attribute if a.name == "N") for p in projections)))
-        replaced.update({id(projections[0]): node, id(projections[1]): None, id(projections[2]): None})
-        attention.input[0], attention.input[1], attention.input[2] = name, "", ""
-    if replaced:
-        graph.initializer.extend(packed)
-        _rebuild(model, [n for n in (replaced.get(id(n), n) for n in graph.node) if n is not None], [])
-    return sum(1 for n in replaced.values() if n is not None)
-
-
-def _weight(tensor: onnx.TensorProto, directory: Path) -> np.ndarray:
-    """An initializer's values, read from its external file when it has one (onnx's own reader refuses a file with
-    several hard links, which the build's cache entries are)."""
-    if tensor.data_location != onnx.TensorProto.EXTERNAL:
-        return numpy_helper.to_array(tensor)
-    info = {entry.key: entry.value for entry in tensor.external_data}
-    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
-    count = int(np.prod(tensor.dims, dtype=np.int64))
-    with (directory / info["location"]).open("rb") as handle:
-        handle.seek(int(info.get("offset", 0)))
-        return np.fromfile(handle, dtype=dtype, count=count).reshape(tuple(tensor.dims))
+        attention.input[0], attention.input[1], attention.input[2] = split.input[0], "", ""
+        dropped.add(id(split))
+    if dropped:
+        _rebuild(model, [n for n in graph.node if id(n) not in dropped], [])
+    return len(dropped)
 
 
 def write_fused(source: Path, directory: Path, layout: AttentionLayout, max_positions: int) -> Path:
     """``source``'s graph fused into ``directory/model.onnx`` (attention, rotary embeddings up to ``max_positions``,
-    RMSNorms, packed projections); its weight files linked (copied across file systems) beside it under their own
-    names, so the external-data locations hold, and the packed weights in :data:`PACKED_DATA`."""
+    RMSNorms, packed q/k/v); its weight files linked (copied across file systems) beside it under their own names, so
+    the external-data locations hold."""
     model = onnx.load(str(source), load_external_data=False)
     fuse_rotary(model, max_positions)  # first: the attention then rotates [B, S, heads * d] where the graph does
     fuse_attention(model, layout)
     fuse_rms_norms(model)
+    pack_qkv(model)
     directory.mkdir(parents=True, exist_ok=True)
-    with (directory / PACKED_DATA).open("wb") as handle:
-        pack_qkv(model, source.parent, ExternalData(handle, PACKED_DATA))
-    if not (directory / PACKED_DATA).stat().st_size:
-        (directory / PACKED_DATA).unlink()
     for data in data_files(source):
         target = directory / data.name
         target.unlink(missing_ok=True)
@@ -475,7 +429,7 @@ def _rotated_projections(producer: dict[str, onnx.NodeProto], query: str, key: s
 
 def _projection_of(producer: dict[str, onnx.NodeProto], heads: str) -> str | None:
     """``p`` when ``heads`` is ``Transpose(Reshape(p), perm=(0, 2, 1, 3))`` and ``p`` comes straight from a
-    projection (a MatMul, its bias Add): HF's ``proj(x).view(B, S, heads, d).transpose(1, 2)``, so ``p`` is
+    projection (a MatMul, its bias Add, the Split of packed ones): HF's ``proj(x).view(B, S, heads, d).transpose(1, 2)``, so ``p`` is
     [B, S, heads * d]. None otherwise (a per-head norm between the view and the transpose, say)."""
     transpose = producer.get(heads)
     if transpose is None or transpose.op_type != "Transpose" or \
@@ -485,7 +439,7 @@ def _projection_of(producer: dict[str, onnx.NodeProto], heads: str) -> str | Non
     if view is None or view.op_type != "Reshape":
         return None
     source = producer.get(view.input[0])
-    return view.input[0] if source is not None and source.op_type in ("MatMul", "MatMulNBits", "Add") else None
+    return view.input[0] if source is not None and source.op_type in ("MatMul", "MatMulNBits", "Add", "Split") else None
 
 
 def _heads_to_hidden(consumers: dict[str, list[onnx.NodeProto]], grouped: str) -> list[onnx.NodeProto]:

@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import onnx
@@ -154,6 +154,7 @@ class NbitsWeights:
     accuracy_level: int = 4
     opset: int = 0
     domains: tuple[str, ...] = ("com.microsoft",)
+    packs_siblings: ClassVar[bool] = True  # columns are quantized independently: side by side is the same
     # ORT's quantizer reads a weight from a protobuf graph, which holds under 2 GB, and copies it a few times: a
     # large one (a 131k-token lm_head) is quantized this many bytes of FP32 columns at a time (a decoder layer's
     # matrices, under it, in one piece).
@@ -194,6 +195,7 @@ class QdqWeights:
     block_size: int | None
     opset: int = 21  # blocked and int4 DequantizeLinear
     domains: tuple[str, ...] = ()
+    packs_siblings: ClassVar[bool] = True
     chunk_bytes: int = 1 << 28  # of FP32 columns converted at a time
 
     @property
@@ -218,6 +220,7 @@ class ScaledWeights:
 
     inner: NbitsWeights | QdqWeights
     scales: Path
+    packs_siblings: ClassVar[bool] = False  # each Linear's input divided by its own scales
 
     @property
     def precision(self) -> str:

@@ -8,7 +8,7 @@ reads (INT8/INT4: a chunk of its columns at a time, from the stored bytes), and 
 from __future__ import annotations
 
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +60,7 @@ class MatMulWeights(Protocol):
     precision: str  # int8 | int4
     opset: int  # the least ONNX opset its nodes need
     domains: tuple[str, ...]  # the operator sets beyond ONNX's its nodes use
+    packs_siblings: bool  # Linears that read one input may be one MatMul (False: each changes its input its own way)
 
     def matmul(self, node: onnx.NodeProto, weight: LinearWeight) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]: ...
 
@@ -198,9 +199,40 @@ def _write_weights(graph: StampedGraph, tensors: CheckpointTensors, external: Ex
         array = tensors.read(graph.weights[source]).to(float_type).numpy()
         return np.ascontiguousarray(array.T) if name in transposed else array
 
+    def packed(group: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+        """One MatMul by the group's weights side by side, split back into their outputs."""
+        name = f"{group[0].output[0]}/packed"
+        stored = [graph.weights[transposed[m.input[1]]] for m in group]
+        matmul = helper.make_node("MatMul", [group[0].input[0], f"{name}/weight"], [name], name=name)
+        sizes = numpy_helper.from_array(np.array([tensors.shape(n)[0] for n in stored], np.int64), f"{name}/sizes")
+        split = helper.make_node("Split", [name, sizes.name], [m.output[0] for m in group], name=f"{name}/split", axis=-1)
+        initializers.append(sizes)
+        if weights is None:
+            initializers.append(external.array(matmul.input[1], np.concatenate([weight(m.input[1]) for m in group], axis=1)))
+            return [matmul, split]
+        whole = LinearWeight(torch.cat([tensors.read(n) for n in stored]), tuple(n for names in stored for n in names))
+        replaced, produced = weights.matmul(matmul, whole)
+        del whole
+        initializers.extend(external.moved(t) for t in produced)
+        return [*replaced, split]
+
+    # Linears that read one input (q, k and v; gate and up) are written as one: one kernel where there were two or
+    # three, which at batch 1 is much of what a projection costs; ONNX Runtime's GroupQueryAttention takes q, k and v
+    # packed so (builder.compile.ort_llm_graph). AWQ's scales change each Linear's input its own way: kept apart.
+    siblings: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    if weights is None or weights.packs_siblings:
+        for node in graph.nodes:
+            if node.op_type == "MatMul" and node.input[1] in transposed:
+                siblings[node.input[0]].append(node)
+    group_of = {id(m): group for group in siblings.values() if len(group) > 1 for m in group}
+
     for node in graph.nodes:
         if node.op_type == "Transpose" and node.output[0] in transposed:
             continue  # folded: its output is written transposed
+        if id(node) in group_of:
+            group = group_of[id(node)]
+            nodes += packed(group) if node is group[0] else []
+            continue
         if node.op_type == "Gemm" and node.input[1] in graph.weights and (weights is not None or not tied(node.input[1])):
             matmul = matmul_of_gemm(node)
             if matmul is not None:
