@@ -17,7 +17,7 @@ settled graph at a time, as the gates do: within the same bound (6B INT4: 5.68 G
 6.15 GB).
 
 Disk: each exported graph in that dtype (the LLM's integer graph alone when it is quantized), once more for a
-quantized encoder; and the in-place graph's packed q/k/v projections (``model.onnx.qkv.data``).
+quantized encoder. The in-place graph shares its weight files with the graph it was made from.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class Preflight:
 
 def estimate(weight_files: list[Path], cache_dir: Path, llm_precision: str, quantized: bool) -> Preflight:
     """``llm_precision``: fp32 | fp16 | int8 | int4; ``quantized``: some component is (its graph is written twice)."""
-    parameters = stored = decoder_layers = llm = embedding = projections = 0
+    parameters = stored = decoder_layers = llm = embedding = 0
     for path in weight_files:
         for name, entry in safetensors_header(path).items():
             count = numel(entry)
@@ -70,17 +70,16 @@ def estimate(weight_files: list[Path], cache_dir: Path, llm_precision: str, quan
                 llm += count
                 decoder_layers += count if ".layers." in name else 0
                 embedding += count if kind == "embedding" else 0
-                projections += count if kind == "llm" and any(f".{p}_proj." in name for p in "qkv") else 0
     encoders = parameters - llm
     if llm_precision in BYTES_PER_WEIGHT and llm_precision != "fp16":  # integer weights: see the module's docstring
         graph = (llm - embedding) * BYTES_PER_WEIGHT[llm_precision] + embedding * 2
         largest_part = max(embedding, (llm - decoder_layers - embedding), decoder_layers // max(1, _layers(weight_files)))
         held = 4 * encoders + max(graph, 4 * largest_part)
-        disk = graph + projections * BYTES_PER_WEIGHT[llm_precision] + 4 * encoders * (2 if quantized else 1)
+        disk = graph + 4 * encoders * (2 if quantized else 1)
     else:
         per_parameter = {"fp32": 4, "fp16": 2}[llm_precision]
         held = encoders * per_parameter + llm * SESSION_BYTES_PER_LLM_PARAMETER
-        disk = (parameters * (2 if quantized else 1) + projections) * per_parameter
+        disk = parameters * per_parameter * (2 if quantized else 1)
     existing = cache_dir if cache_dir.exists() else cache_dir.resolve().parent
     return Preflight(
         parameters=parameters, checkpoint_bytes=stored, peak_ram=int(BASE_RAM + held), disk=int(disk),
