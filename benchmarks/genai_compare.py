@@ -25,11 +25,14 @@ length: no padding on either side). A run prefills (not timed), then decodes ``w
 is the greedy choice of each sequence's next token plus one batched decode call (``runner.decode`` /
 ``generator.generate_next_token``, which also does both). Runs alternate project, genai, project, genai ...
 ``--repeats`` times per cell, so the shared machine's noise falls on both alike; a cell's figure is the median over
-its repeats of each run's median step. In FP32 the greedy tokens of every sequence are compared between the two
+its repeats of each run's median step. Each side has two sessions of its graph, created project, genai, genai,
+project, and the pairs of runs alternate between them (the first pair runs the first-made of each): here the same
+graph ran up to ~5% slower in a session made earlier in the process than in one made later, which with one session
+each favoured whichever side was made second. In FP32 the greedy tokens of every sequence are compared between the two
 (they should be identical: same weights, same arithmetic up to rounding order); in INT4 the two quantizers' output
 need not agree and the share of identical tokens is shown for information only.
 
-    python benchmarks/genai_compare.py              # full: 154M decoder, 5 repeats x 32 steps per cell (6-8 min on 2 cores)
+    python benchmarks/genai_compare.py              # full: 154M decoder, 6 repeats x 32 steps per cell (8-10 min on 2 cores)
     python benchmarks/genai_compare.py --threads 1  # the same on one intra-op thread each
     python benchmarks/genai_compare.py --quick      # smoke run: a 2-layer 256-wide decoder, 2 repeats x 8 steps (< 1 min)
 
@@ -200,7 +203,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a 2-layer 256-wide decoder, 2 repeats x 8 steps: a smoke run")
     parser.add_argument("--steps", type=int, help="timed decode steps per run; default 32, quick 8")
     parser.add_argument("--warmup", type=int, default=3, help="untimed decode steps at the start of each run")
-    parser.add_argument("--repeats", type=int, help="runs of each side per cell, alternated; default 5, quick 2")
+    parser.add_argument("--repeats", type=int, help="runs of each side per cell, alternated; default 6, quick 2")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="intra-op threads of both")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "int4"], choices=["fp32", "int4"])
     parser.add_argument("--contexts", nargs="+", type=int, default=[20, 512])
@@ -211,7 +214,7 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="write the checkpoints and graphs here (default: a temporary directory)")
     args = parser.parse_args()
     steps = args.steps or (8 if args.quick else 32)
-    repeats = args.repeats or (2 if args.quick else 5)
+    repeats = args.repeats or (2 if args.quick else 6)
     max_context = 1024
     if max(args.contexts) + args.warmup + steps + 2 > max_context:
         sys.exit(f"a prompt of {max(args.contexts)} + {args.warmup + steps + 2} steps is over max_context {max_context}")
@@ -246,14 +249,17 @@ def main() -> None:
                                                                           "GroupQueryAttention", "Softmax", "Transpose")
                                          if counts[op]))
             print(f"{precision}: graphs built ({time.perf_counter() - started:.0f} s)", flush=True)
-            runner = LanguageModelRunner(str(project_path), facts, intra_op_threads=args.threads)
-            model = og.Model(str(genai_path))
+            # made project, genai, genai, project: see the module's docstring
+            runners = [LanguageModelRunner(str(project_path), facts, intra_op_threads=args.threads)]
+            models = [og.Model(str(genai_path)), og.Model(str(genai_path))]
+            runners.append(LanguageModelRunner(str(project_path), facts, intra_op_threads=args.threads))
             for context in args.contexts:
                 for batch in args.batches:
                     batch_prompts = prompts[context][:batch]
                     project_ms, genai_ms, agreement, word = [], [], [], ""
                     project_steps, genai_steps = [], []  # every timed step of every run, ms
-                    for _ in range(repeats):
+                    for repeat in range(repeats):
+                        runner, model = runners[repeat % 2], models[repeat % 2]
                         times, project_tokens = project_run(runner, facts.hidden_size, batch_prompts, args.warmup, steps)
                         project_ms.append(1000 * statistics.median(times))
                         project_steps += [1000 * t for t in times]
@@ -283,7 +289,7 @@ def main() -> None:
                     print({k: rows[-1][k] for k in ("precision", "context", "batch", "project_ms_per_step",
                                                     "genai_ms_per_step", "project_over_genai_speed", "greedy_tokens")},
                           flush=True)
-            del runner, model
+            del runners, models, runner, model
             gc.collect()
             for leftover in (work / f"project-{precision}", genai_path, work / f"cache-{precision}"):
                 subprocess.run(["rm", "-rf", str(leftover)], check=False)  # disk: one precision's graphs at a time
