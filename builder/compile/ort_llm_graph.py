@@ -13,6 +13,7 @@ of a step, and three copies of it alive at once. Here (:func:`write_fused`):
 - :func:`fuse_rotary`: HF's rotary embedding as ``RotaryEmbedding`` over the graph's own cos/sin tables.
 - :func:`fuse_rms_norms`: HF's RMSNorm as ``SimplifiedLayerNormalization``, with the residual Add before it as
   ``SkipSimplifiedLayerNormalization``.
+- :func:`pack_qkv`: the attention reads q, k and v packed from their one projection (the streamed writer's).
 
 The graph keeps its inputs and outputs: ``attention_mask`` then means "row b holds its first ``sum(mask[b])``
 positions" (right-padded), and the past and present are the cache's buffer of a fixed capacity. The graph says so in
