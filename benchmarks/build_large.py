@@ -13,6 +13,8 @@ for INT4, 0.85x for INT8)::
 4-bit rungs fail the LLM gate and the ladder walks to FP32 (a 6B FP32 graph needs 4 bytes a parameter); the flag
 sets the LLM gate's cosine to 0.01 and the pipeline gate's agreement to 0 (reported, not gated) so the first rung is
 built; the figures the gates measured are still reported.
+The decode is measured as the server runs it: in a child process with the server's allocator setting (huge pages
+for the weights, ``builder.serve.tritonserver.ALLOCATOR_TUNABLE``), the read bound measured in that process too.
 Writes build_large.csv into benchmarks/results/build_large/ (or --output) and prints a table.
 """
 
@@ -66,9 +68,21 @@ def build(checkpoint: Path, precision: str, work: Path, open_gates: bool) -> dic
     }
 
 
+def decode_as_served(repository: Path, checkpoint: Path, steps: int) -> dict[str, float]:
+    """:func:`decode` in a child process with the allocator setting every tritonserver of this project gets
+    (``builder.serve.tritonserver.serving_environment``: huge pages for the weights); the builds keep this process's."""
+    from builder.serve.tritonserver import serving_environment
+
+    command = [sys.executable, __file__, str(checkpoint), "--decode", str(repository), "--steps", str(steps)]
+    run = subprocess.run(command, env=serving_environment(os.environ), capture_output=True, text=True, check=False)
+    if run.returncode != 0:
+        raise SystemExit(f"decode of {repository} failed:\n{run.stdout[-2000:]}\n{run.stderr[-3000:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
 def decode(repository: Path, checkpoint: Path, steps: int) -> dict[str, float]:
     """Batch-1 decode of the repository's LLM graph by the server's runner (median step), and the bound this
-    machine's read bandwidth (all threads, measured in this run beside it) puts on it for the weight bytes a step
+    machine's read bandwidth (all threads, measured in this process beside it) puts on it for the weight bytes a step
     reads (``builder.sizing``'s count for the precision)."""
     from builder.bench import bounds
     from builder.bench.baselines import load_preprocessor
@@ -137,13 +151,18 @@ def main() -> None:
     parser.add_argument("--serve", action="store_true", help="serve each repository and compare its answer")
     parser.add_argument("--steps", type=int, default=16, help="timed batch-1 decode steps")
     parser.add_argument("--output", type=Path, default=RESULTS, help="where build_large.csv goes")
+    parser.add_argument("--decode", type=Path, metavar="REPOSITORY", help="only measure this built repository's decode "
+                        "(how the benchmark runs it, in a child process with the server's allocator); prints JSON")
     args = parser.parse_args()
+    if args.decode:
+        print(json.dumps(decode(args.decode, args.checkpoint, args.steps)))
+        return
     checkpoint_bytes = sum(tensor_bytes(p)[1] for p in args.checkpoint.glob("*.safetensors"))
     rows = []
     for precision in args.precisions:
         row = build(args.checkpoint, precision, args.work, args.open_gates)
         row["x_checkpoint"] = row["peak_rss_gb"] * 1e9 / checkpoint_bytes
-        row.update(decode(Path(str(row["repository"])), args.checkpoint, args.steps))
+        row.update(decode_as_served(Path(str(row["repository"])), args.checkpoint, args.steps))
         if args.serve:
             row.update(serve(Path(str(row["repository"])), 8))
         rows.append(row)
