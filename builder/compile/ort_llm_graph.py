@@ -430,8 +430,9 @@ def _rotated_projections(producer: dict[str, onnx.NodeProto], query: str, key: s
 
 def _projection_of(producer: dict[str, onnx.NodeProto], heads: str) -> str | None:
     """``p`` when ``heads`` is ``Transpose(Reshape(p), perm=(0, 2, 1, 3))`` and ``p`` comes straight from a
-    projection (a MatMul, its bias Add, the Split of packed ones): HF's ``proj(x).view(B, S, heads, d).transpose(1, 2)``, so ``p`` is
-    [B, S, heads * d]. None otherwise (a per-head norm between the view and the transpose, say)."""
+    projection (a MatMul, its bias Add, the Split of packed ones): HF's ``proj(x).view(B, S, heads, d)
+    .transpose(1, 2)``, so ``p`` is [B, S, heads * d]. None otherwise (a per-head norm between the view and the
+    transpose, say)."""
     transpose = producer.get(heads)
     if transpose is None or transpose.op_type != "Transpose" or \
             [list(a.ints) for a in transpose.attribute if a.name == "perm"] != [[0, 2, 1, 3]]:
