@@ -4,7 +4,6 @@ its attention fused (the KV cache updated in place), run by the decode model (``
 from __future__ import annotations
 
 import dataclasses
-
 from pathlib import Path
 
 from builder.compile.artifacts import CompiledModel

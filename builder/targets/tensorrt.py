@@ -5,7 +5,6 @@ weight-only Q/DQ for the LLM; FP16 before FP32 as fallback. Verified on CPU up t
 from __future__ import annotations
 
 import dataclasses
-
 from pathlib import Path
 from typing import Any
 
