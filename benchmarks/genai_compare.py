@@ -23,12 +23,13 @@ same ONNX Runtime (1.31.1 here; ``pip install -e .[genai]`` adds onnxruntime-gen
 Cells: precision FP32 / INT4 x prompt length 20 / 512 x batch 1 / 8 (8 different random prompts of the same
 length: no padding on either side). A run prefills (not timed), then decodes ``warmup + steps`` steps; a timed step
 is the greedy choice of each sequence's next token plus one batched decode call (``runner.decode`` /
-``generator.generate_next_token``, which also does both). Runs alternate project, genai, project, genai ...
-``--repeats`` times per cell, so the shared machine's noise falls on both alike; a cell's figure is the median over
-its repeats of each run's median step. Each side has two sessions of its graph, created project, genai, genai,
-project, and the pairs of runs alternate between them (the first pair runs the first-made of each): here the same
-graph ran up to ~5% slower in a session made earlier in the process than in one made later, which with one session
-each favoured whichever side was made second. In FP32 the greedy tokens of every sequence are compared between the two
+``generator.generate_next_token``, which also does both). A cell is ``--repeats`` pairs of runs; for each pair, each
+side starts a process of its own holding one session of its graph, as a server holds its one LLM session, runs once
+and exits; which side starts (and runs) first alternates from pair to pair. On this machine the same graph decoded
+6-12% slower in the process (or the session, within one process) made first than in one made after it, whichever
+graph it held: with the order fixed, that alone would decide the comparison. Alternating pairs also spread the shared
+machine's noise over both sides alike; a cell's figure is the median over its repeats of each run's median step.
+In FP32 the greedy tokens of every sequence are compared between the two
 (they should be identical: same weights, same arithmetic up to rounding order); in INT4 the two quantizers' output
 need not agree and the share of identical tokens is shown for information only.
 
@@ -54,8 +55,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import gc
 import json
+import multiprocessing
 import os
 import statistics
 import subprocess
@@ -63,6 +66,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import numpy as np
@@ -189,6 +193,47 @@ def genai_run(model, prompts: np.ndarray, warmup: int, steps: int) -> tuple[list
     return times[warmup:], np.stack(tokens, axis=1).astype(np.int64)
 
 
+def side_worker(side: str, path: str, checkpoint: str, threads: int, pipe: Connection) -> None:
+    """One side's process: loads its one session, then answers each (prompts, warmup, steps) on ``pipe`` with
+    (step seconds, greedy tokens) until it receives None."""
+    sys.path.insert(0, str(ROOT))
+    if side == "project":
+        from builder.runtime.generation import LanguageModelRunner
+        from builder.source.checkpoint import read_facts
+
+        facts = read_facts(Path(checkpoint))
+        runner = LanguageModelRunner(path, facts, intra_op_threads=threads)
+        run = functools.partial(project_run, runner, facts.hidden_size)
+    else:
+        import onnxruntime_genai as og
+
+        run = functools.partial(genai_run, og.Model(path))
+    pipe.send("ready")
+    while (job := pipe.recv()) is not None:
+        pipe.send(run(*job))
+
+
+class Side:
+    """A side's worker process (``side_worker``), started and waited for."""
+
+    def __init__(self, side: str, path: Path, checkpoint: Path, threads: int) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.pipe, theirs = context.Pipe()
+        self.process = context.Process(target=side_worker, args=(side, str(path), str(checkpoint), threads, theirs),
+                                       name=f"genai-compare-{side}")
+        self.process.start()
+        if self.pipe.recv() != "ready":
+            sys.exit(f"the {side} worker did not start")
+
+    def run(self, prompts: np.ndarray, warmup: int, steps: int) -> tuple[list[float], np.ndarray]:
+        self.pipe.send((prompts, warmup, steps))
+        return self.pipe.recv()
+
+    def close(self) -> None:
+        self.pipe.send(None)
+        self.process.join()
+
+
 def compare_tokens(project: np.ndarray, genai: np.ndarray) -> tuple[float, str]:
     """Share of identical tokens, and a word on the first difference."""
     same = project == genai
@@ -222,7 +267,6 @@ def main() -> None:
     import onnxruntime
     import onnxruntime_genai as og
 
-    from builder.runtime.generation import LanguageModelRunner
     from builder.source.checkpoint import read_facts
 
     rows: list[dict[str, object]] = []
@@ -249,23 +293,25 @@ def main() -> None:
                                                                           "GroupQueryAttention", "Softmax", "Transpose")
                                          if counts[op]))
             print(f"{precision}: graphs built ({time.perf_counter() - started:.0f} s)", flush=True)
-            # made project, genai, genai, project: see the module's docstring
-            runners = [LanguageModelRunner(str(project_path), facts, intra_op_threads=args.threads)]
-            models = [og.Model(str(genai_path)), og.Model(str(genai_path))]
-            runners.append(LanguageModelRunner(str(project_path), facts, intra_op_threads=args.threads))
+            graphs = {"project": (project_path, project_ckpt), "genai": (genai_path, genai_ckpt)}
             for context in args.contexts:
                 for batch in args.batches:
                     batch_prompts = prompts[context][:batch]
                     project_ms, genai_ms, agreement, word = [], [], [], ""
                     project_steps, genai_steps = [], []  # every timed step of every run, ms
                     for repeat in range(repeats):
-                        runner, model = runners[repeat % 2], models[repeat % 2]
-                        times, project_tokens = project_run(runner, facts.hidden_size, batch_prompts, args.warmup, steps)
+                        # a pair: a fresh process per side, started (and run) in the order that alternates: see the
+                        # module's docstring
+                        order = ("project", "genai") if repeat % 2 == 0 else ("genai", "project")
+                        sides = {name: Side(name, *graphs[name], args.threads) for name in order}
+                        runs = {name: sides[name].run(batch_prompts, args.warmup, steps) for name in order}
+                        for side in sides.values():
+                            side.close()
+                        (times, project_tokens), (genai_times, genai_tokens) = runs["project"], runs["genai"]
                         project_ms.append(1000 * statistics.median(times))
                         project_steps += [1000 * t for t in times]
-                        times, genai_tokens = genai_run(model, batch_prompts, args.warmup, steps)
-                        genai_ms.append(1000 * statistics.median(times))
-                        genai_steps += [1000 * t for t in times]
+                        genai_ms.append(1000 * statistics.median(genai_times))
+                        genai_steps += [1000 * t for t in genai_times]
                         share, said = compare_tokens(project_tokens, genai_tokens)
                         agreement.append(share)
                         word = word if word and share == 1.0 else said
@@ -289,8 +335,6 @@ def main() -> None:
                     print({k: rows[-1][k] for k in ("precision", "context", "batch", "project_ms_per_step",
                                                     "genai_ms_per_step", "project_over_genai_speed", "greedy_tokens")},
                           flush=True)
-            del runners, models, runner, model
-            gc.collect()
             for leftover in (work / f"project-{precision}", genai_path, work / f"cache-{precision}"):
                 subprocess.run(["rm", "-rf", str(leftover)], check=False)  # disk: one precision's graphs at a time
 
