@@ -77,15 +77,20 @@ def test_the_in_place_graph_serves_what_the_checkpoint_computes(family: str, tmp
     rotary = {onnx.helper.get_attribute_value(a) for n in nodes if n.op_type == "GroupQueryAttention"
               for a in n.attribute if a.name == "do_rotary"}
     assert rotary == {int(facts.position_rows == 1)}  # M-RoPE's three position rows keep the graph's own rotation
-    # The writer writes q, k and v as one MatMul, gate and up as another, each split back; GroupQueryAttention takes
-    # q, k and v packed straight from theirs, unless biases come between (Qwen's)
-    def packed_splits(graph_nodes) -> int:
-        return sum(n.op_type == "Split" and n.name.endswith("/packed/split") for n in graph_nodes)
+    # The writer writes q, k and v as one MatMul (Qwen's biases as one Add), split back, where GroupQueryAttention
+    # rotates them itself (not M-RoPE's); it takes them packed straight from that, and no Split is left. Gate and up
+    # stay two MatMuls
+    def packed_splits(graph_nodes) -> list[onnx.NodeProto]:
+        return [n for n in graph_nodes if n.op_type == "Split" and n.name.endswith("/packed/split")]
 
-    assert packed_splits(onnx.load(str(written.path), load_external_data=False).graph.node) == 2 * facts.num_layers
-    packed = {not n.input[1] for n in nodes if n.op_type == "GroupQueryAttention"}  # key and value in the query's input
-    assert packed == {family not in ("qwen2_audio", "qwen2_5_omni_thinker")}
-    assert packed_splits(nodes) == facts.num_layers * (2 if False in packed else 1)
+    written_nodes = onnx.load(str(written.path), load_external_data=False).graph.node
+    packs = facts.position_rows == 1
+    splits = packed_splits(written_nodes)
+    assert len(splits) == packs * facts.num_layers and all(len(n.output) == 3 for n in splits)
+    assert sum(n.op_type == "Add" and n.name.endswith("/packed/bias") for n in written_nodes) == \
+        facts.num_layers * (packs and family == "qwen2_audio")
+    assert {not n.input[1] for n in nodes if n.op_type == "GroupQueryAttention"} == {packs}  # k, v in the query's input
+    assert not packed_splits(nodes)
 
     rng = np.random.default_rng(0)
     length = 9

@@ -154,7 +154,10 @@ def write_streamed_llm(checkpoint: Path, output: Path, dtype: ExportDtype = "flo
     tensors = CheckpointTensors(checkpoint, empty_model(model_class(checkpoint), config, None, None))
     with data.open("wb") as handle:
         external = ExternalData(handle, data.name)
-        nodes, initializers = _write_weights(graph, tensors, external, dtype, weights)
+        # GroupQueryAttention takes q, k and v packed when it computes the attention and rotates them itself: not
+        # with M-RoPE's three position rows (builder.compile.ort_llm_graph.fuse_rotary leaves those to the graph)
+        packs_qkv = template.attention is not None and template.facts.position_rows == 1
+        nodes, initializers = _write_weights(graph, tensors, external, dtype, weights, packs_qkv)
         data_bytes = external.offset
     opsets = [*template.model.opset_import, *(helper.make_opsetid(d, 1) for d in (weights.domains if weights else ()))]
     constants = [*graph.constants, *initializers]
@@ -169,11 +172,13 @@ def write_streamed_llm(checkpoint: Path, output: Path, dtype: ExportDtype = "flo
 
 
 def _write_weights(graph: StampedGraph, tensors: CheckpointTensors, external: ExternalData, dtype: ExportDtype,
-                   weights: MatMulWeights | None) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+                   weights: MatMulWeights | None, packs_qkv: bool,
+                   ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """The graph's nodes with each weight's Transpose folded, the lm_head's Gemm a MatMul (in float only when its
-    weight is not also the embedding table: that would store it twice) and, given ``weights``, every MatMul's weights
-    in their form and the embedding table in FP16; and the initializers (external) in the order the nodes first read
-    them."""
+    weight is not also the embedding table: that would store it twice), q, k and v one MatMul when ``packs_qkv``
+    (``builder.compile.ort_llm_graph`` will hand them to GroupQueryAttention so) and, given
+    ``weights``, every MatMul's weights in their form and the embedding table in FP16; and the initializers (external)
+    in the order the nodes first read them."""
     float_type = getattr(torch, dtype)
     transposed: dict[str, str] = {}  # Transpose output -> the weight it transposes
     for node in graph.nodes:
@@ -199,32 +204,62 @@ def _write_weights(graph: StampedGraph, tensors: CheckpointTensors, external: Ex
         array = tensors.read(graph.weights[source]).to(float_type).numpy()
         return np.ascontiguousarray(array.T) if name in transposed else array
 
+    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in graph.nodes:
+        for name in node.input:
+            readers[name].append(node)
+
+    def bias_of(matmul: onnx.NodeProto) -> onnx.NodeProto | None:
+        """The Add of a bias that alone reads the MatMul's output, itself read by one Reshape alone (Qwen's q, k, v)."""
+        adds = readers[matmul.output[0]]
+        if len(adds) != 1 or adds[0].op_type != "Add" or not any(name in graph.weights for name in adds[0].input):
+            return None
+        return adds[0] if [r.op_type for r in readers[adds[0].output[0]]] == ["Reshape"] else None
+
+    def into_heads(matmul: onnx.NodeProto) -> bool:
+        """The MatMul's output is cut straight into heads (a Reshape alone reads it, or its bias Add's)."""
+        return [r.op_type for r in readers[matmul.output[0]]] == ["Reshape"] or bias_of(matmul) is not None
+
     def packed(group: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
-        """One MatMul by the group's weights side by side, split back into their outputs."""
+        """One MatMul by the group's weights side by side (and one Add of their biases), split back into their
+        outputs (their biases' outputs)."""
         name = f"{group[0].output[0]}/packed"
         stored = [graph.weights[transposed[m.input[1]]] for m in group]
         matmul = helper.make_node("MatMul", [group[0].input[0], f"{name}/weight"], [name], name=name)
         sizes = numpy_helper.from_array(np.array([tensors.shape(n)[0] for n in stored], np.int64), f"{name}/sizes")
-        split = helper.make_node("Split", [name, sizes.name], [m.output[0] for m in group], name=f"{name}/split", axis=-1)
         initializers.append(sizes)
+        adds = [bias_of(m) for m in group]
+        added: list[onnx.NodeProto] = []
+        if all(adds):
+            biases = [next(i for i in add.input if i in graph.weights) for add in adds]
+            added = [helper.make_node("Add", [name, f"{name}/bias"], [f"{name}/biased"], name=f"{name}/bias")]
+            initializers.append(external.array(f"{name}/bias", np.concatenate([weight(b) for b in biases])))
+        outputs = [add.output[0] for add in adds] if added else [m.output[0] for m in group]
+        split_input = added[0].output[0] if added else name
+        split = helper.make_node("Split", [split_input, sizes.name], outputs, name=f"{name}/split", axis=-1)
         if weights is None:
             initializers.append(external.array(matmul.input[1], np.concatenate([weight(m.input[1]) for m in group], axis=1)))
-            return [matmul, split]
+            return [matmul, *added, split]
         whole = LinearWeight(torch.cat([tensors.read(n) for n in stored]), tuple(n for names in stored for n in names))
         replaced, produced = weights.matmul(matmul, whole)
         del whole
         initializers.extend(external.moved(t) for t in produced)
-        return [*replaced, split]
+        return [*replaced, *added, split]
 
-    # Linears that read one input (q, k and v; gate and up) are written as one: one kernel where there were two or
-    # three, which at batch 1 is much of what a projection costs; ONNX Runtime's GroupQueryAttention takes q, k and v
-    # packed so (builder.compile.ort_llm_graph). AWQ's scales change each Linear's input its own way: kept apart.
+    # q, k and v (Linears that read one input, each output cut into heads, a bias added or not) are written as one
+    # MatMul: ONNX Runtime's GroupQueryAttention takes them packed so (builder.compile.ort_llm_graph.pack_qkv), one
+    # kernel where there were three, and the Split goes. Elsewhere the Split would stay, and it copies what it cuts:
+    # at decode that cost more than the kernel it saved (gate and up as one MatMul + Split was 2-4% slower per INT4
+    # step than two MatMuls: benchmarks/genai_compare.py's 154M decoder, fresh processes alternated). AWQ's scales
+    # change each Linear's input its own way: kept apart.
     siblings: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    if weights is None or weights.packs_siblings:
+    if packs_qkv and (weights is None or weights.packs_siblings):
         for node in graph.nodes:
-            if node.op_type == "MatMul" and node.input[1] in transposed:
+            if node.op_type == "MatMul" and node.input[1] in transposed and into_heads(node):
                 siblings[node.input[0]].append(node)
-    group_of = {id(m): group for group in siblings.values() if len(group) > 1 for m in group}
+    packs = [group for group in siblings.values() if len(group) > 1 and len({bias_of(m) is None for m in group}) == 1]
+    group_of = {id(m): group for group in packs for m in group}
+    absorbed = {id(add) for group in packs for add in map(bias_of, group) if add is not None}
 
     for node in graph.nodes:
         if node.op_type == "Transpose" and node.output[0] in transposed:
@@ -233,6 +268,8 @@ def _write_weights(graph: StampedGraph, tensors: CheckpointTensors, external: Ex
             group = group_of[id(node)]
             nodes += packed(group) if node is group[0] else []
             continue
+        if id(node) in absorbed:
+            continue  # a bias added by its packed group's one Add
         if node.op_type == "Gemm" and node.input[1] in graph.weights and (weights is not None or not tied(node.input[1])):
             matmul = matmul_of_gemm(node)
             if matmul is not None:
