@@ -202,8 +202,8 @@ def test_tensorrt_integer_llm_graph_is_dequantize_feeding_matmul(appended_llm: P
     matrices = {i.name for i in reference.initializer if len(i.dims) == 2}
     float_weights = [n for n in reference.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in matrices]
     dequantize = dequantized_matmuls(model.graph, bits)
-    # every weight-carrying MatMul, the lm_head too; the exported graph writes Linears that read one input as one
-    # MatMul (split back), which AWQ's rung keeps apart (each its own scales)
+    # every weight-carrying MatMul, the lm_head too; the exported graph writes q, k and v as one MatMul (split back),
+    # which AWQ's rung keeps apart (each its own scales)
     splits = {n.input[0]: len(n.output) for n in reference.node if n.op_type == "Split" and n.name.endswith("/packed/split")}
     linears = sum(splits.get(n.output[0], 1) for n in float_weights)
     assert float_weights and len(dequantize) == (linears if awq else len(float_weights)) and linears > len(float_weights)
