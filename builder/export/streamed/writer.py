@@ -176,9 +176,9 @@ def _write_weights(graph: StampedGraph, tensors: CheckpointTensors, external: Ex
                    ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """The graph's nodes with each weight's Transpose folded, the lm_head's Gemm a MatMul (in float only when its
     weight is not also the embedding table: that would store it twice), q, k and v one MatMul when ``packs_qkv``
-    (``builder.compile.ort_llm_graph`` will hand them to GroupQueryAttention so) and, given
-    ``weights``, every MatMul's weights in their form and the embedding table in FP16; and the initializers (external)
-    in the order the nodes first read them."""
+    (``builder.compile.ort_llm_graph`` will hand them to GroupQueryAttention so) and, given ``weights``, every
+    MatMul's weights in their form and the embedding table in FP16; and the initializers (external) in the order the
+    nodes first read them."""
     float_type = getattr(torch, dtype)
     transposed: dict[str, str] = {}  # Transpose output -> the weight it transposes
     for node in graph.nodes:
@@ -209,16 +209,16 @@ def _write_weights(graph: StampedGraph, tensors: CheckpointTensors, external: Ex
         for name in node.input:
             readers[name].append(node)
 
+    def cut_into_heads(value: str) -> bool:
+        """A Reshape alone reads ``value``."""
+        return [r.op_type for r in readers[value]] == ["Reshape"]
+
     def bias_of(matmul: onnx.NodeProto) -> onnx.NodeProto | None:
-        """The Add of a bias that alone reads the MatMul's output, itself read by one Reshape alone (Qwen's q, k, v)."""
+        """The Add of a bias that alone reads the MatMul's output, itself cut into heads (Qwen's q, k, v)."""
         adds = readers[matmul.output[0]]
         if len(adds) != 1 or adds[0].op_type != "Add" or not any(name in graph.weights for name in adds[0].input):
             return None
-        return adds[0] if [r.op_type for r in readers[adds[0].output[0]]] == ["Reshape"] else None
-
-    def into_heads(matmul: onnx.NodeProto) -> bool:
-        """The MatMul's output is cut straight into heads (a Reshape alone reads it, or its bias Add's)."""
-        return [r.op_type for r in readers[matmul.output[0]]] == ["Reshape"] or bias_of(matmul) is not None
+        return adds[0] if cut_into_heads(adds[0].output[0]) else None
 
     def packed(group: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
         """One MatMul by the group's weights side by side (and one Add of their biases), split back into their
@@ -255,7 +255,8 @@ def _write_weights(graph: StampedGraph, tensors: CheckpointTensors, external: Ex
     siblings: dict[str, list[onnx.NodeProto]] = defaultdict(list)
     if packs_qkv and (weights is None or weights.packs_siblings):
         for node in graph.nodes:
-            if node.op_type == "MatMul" and node.input[1] in transposed and into_heads(node):
+            if node.op_type == "MatMul" and node.input[1] in transposed and \
+                    (cut_into_heads(node.output[0]) or bias_of(node) is not None):
                 siblings[node.input[0]].append(node)
     packs = [group for group in siblings.values() if len(group) > 1 and len({bias_of(m) is None for m in group}) == 1]
     group_of = {id(m): group for group in packs for m in group}
